@@ -1,0 +1,207 @@
+"""The algorithm contract: a few hooks on the engine's single round loop.
+
+The engine owns the loop (sample cohort -> :meth:`Algorithm.plan_round` -> :meth:`Algorithm.downlink`
+-> clients run :meth:`Algorithm.local_update` -> :meth:`Algorithm.aggregate` -> evaluate -> log).
+The base class implements FedAvg (McMahan et al., 2017, Algorithm 1); other algorithms override the
+hook that differs: FedProx only :meth:`Algorithm.local_loss`, FedPart the plan, FedMA the plan and
+the aggregation. Round plans and client results are frozen dataclasses with typed fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from fedsim import params as P
+from fedsim.config import ExperimentConfig, RunConfig
+
+if TYPE_CHECKING:
+    from fedsim.models.base import FedModel
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What every client of one communication round is asked to do.
+
+    Attributes:
+        round: 0-based communication round index.
+        cohort: sampled client ids, ascending.
+        phase: label logged in rounds.parquet (``"full"`` for whole-network rounds).
+        layer: index of the layer or layer group a partial round works on, else None.
+        trainable: state_dict keys clients train; None trains every parameter.
+        upload: state_dict keys clients send back; None sends the whole state_dict.
+        local_epochs: passes over the client's data.
+        lr, momentum, weight_decay: optimiser settings for this round.
+    """
+
+    round: int
+    cohort: tuple[int, ...]
+    local_epochs: int
+    lr: float
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    phase: str = "full"
+    layer: int | None = None
+    trainable: tuple[str, ...] | None = None
+    upload: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class ClientTask:
+    """One client's work in one round. ``attempt`` counts retries after a worker failure."""
+
+    run_id: str
+    round: int
+    client_id: int
+    plan: RoundPlan
+    attempt: int = 0
+
+
+@dataclass(frozen=True)
+class ClientResult:
+    """What a client sends back, plus the engine's accounting of it.
+
+    Attributes:
+        upload: the tensors the client uploads, name -> numpy array.
+        n_examples: training examples the client holds (FedAvg's weight n_j).
+        train_loss: mean cross-entropy over every example of every local epoch (nats).
+        bytes_up / bytes_down: bytes the client sent / received this round (numel x element size).
+        seconds: wall seconds of the client's local work on its worker.
+        worker: id of the worker that ran it; attempt: 0 unless retried.
+        state: the client's new persistent state (stateful algorithms only), else None.
+    """
+
+    client_id: int
+    round: int
+    upload: dict[str, Any]
+    n_examples: int
+    train_loss: float
+    bytes_up: int
+    bytes_down: int
+    seconds: float
+    worker: str = ""
+    attempt: int = 0
+    state: Any = None
+
+
+@dataclass
+class ServerState:
+    """The server's state between rounds: the global model plus algorithm-specific extras."""
+
+    params: P.Params
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ClientContext:
+    """Everything :meth:`Algorithm.local_update` may use on the worker.
+
+    Attributes:
+        model: the worker's model, already holding the downloaded weights.
+        received: the downloaded tensors (a frozen copy; FedProx's w_global).
+        x: the client's inputs, ``(n, *input_shape)``; y: ``(n,)`` int64 labels.
+        plan: this round's plan. generator: the (seed, "shuffle", round, client) torch generator.
+        augment: callable applied to each input batch (identity when the dataset has none).
+        optimizer: the worker's optimizer, reset for this client, over the trainable tensors.
+        state: the client's persistent state from the store (stateful algorithms), else None.
+        new_state: set by a stateful algorithm's local update; the engine stores it for the client.
+    """
+
+    model: "FedModel"
+    received: P.Params
+    x: torch.Tensor
+    y: torch.Tensor
+    plan: RoundPlan
+    generator: torch.Generator
+    augment: Any
+    optimizer: torch.optim.Optimizer
+    state: Any = None
+    new_state: Any = None
+
+
+class Algorithm:
+    """FedAvg, and the hooks every other algorithm overrides.
+
+    Class attributes: ``name`` (the ``algorithm:`` value), ``Config`` (its run-config class),
+    ``stateful`` (True when clients keep state between rounds through the engine's store).
+    """
+
+    name: ClassVar[str] = "fedavg"
+    Config: ClassVar[type[RunConfig]] = RunConfig
+    stateful: ClassVar[bool] = False
+
+    def __init__(self, cfg: RunConfig, experiment: ExperimentConfig):
+        self.cfg = cfg
+        self.experiment = experiment
+
+    # ---- server side -------------------------------------------------------------------------
+    def num_rounds(self) -> int:
+        """Communication rounds this run takes."""
+        return self.cfg.rounds
+
+    def init_state(self, params: P.Params) -> ServerState:
+        """Server state before round 0, from the initial global weights."""
+        return ServerState(params=P.clone(params))
+
+    def plan_round(self, state: ServerState, round: int, cohort: tuple[int, ...]) -> RoundPlan:
+        """The plan of ``round`` for the engine-sampled ``cohort`` (same cohort for every algorithm)."""
+        c = self.cfg
+        return RoundPlan(round=round, cohort=cohort, local_epochs=c.local_epochs, lr=c.lr,
+                         momentum=c.momentum, weight_decay=c.weight_decay)
+
+    def downlink(self, state: ServerState, plan: RoundPlan) -> P.Params:
+        """Tensors broadcast to every cohort client (put in the object store once per round)."""
+        return state.params
+
+    def aggregate(self, state: ServerState, plan: RoundPlan, results: list[ClientResult]) -> ServerState:
+        """Replace the uploaded tensors by their example-weighted mean
+        w = sum_j (n_j / sum n) w_j (McMahan et al. 2017, Algorithm 1).
+
+        ``results`` are in cohort order, so the sum's order never depends on arrival order.
+        """
+        uploads = [P.from_numpy(r.upload) for r in results]
+        mean = P.weighted_mean(uploads, [r.n_examples for r in results])
+        return ServerState(params={**state.params, **mean}, extra=state.extra)
+
+    def global_params(self, state: ServerState) -> P.Params:
+        """The global model evaluated after the round."""
+        return state.params
+
+    # ---- client side -------------------------------------------------------------------------
+    def local_loss(self, ctx: ClientContext, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(objective to minimise, cross-entropy) for one batch. FedAvg: both are the mean CE.
+
+        Args:
+            logits: ``(B, num_classes)`` float32; y: ``(B,)`` int64.
+        """
+        ce = F.cross_entropy(logits, y)
+        return ce, ce
+
+    def local_update(self, ctx: ClientContext) -> tuple[P.Params, float]:
+        """E local epochs of minibatch training on the client's data; returns (upload, mean CE).
+
+        Batches come from a fresh permutation per epoch drawn from ``ctx.generator``; the last
+        batch of an epoch may be smaller. Parameters outside ``plan.trainable`` get no gradient.
+        """
+        model, plan, opt = ctx.model, ctx.plan, ctx.optimizer
+        n = ctx.y.shape[0]
+        bs = self.cfg.batch_size
+        model.train()
+        loss_sum, seen = 0.0, 0
+        for _ in range(plan.local_epochs):
+            order = torch.randperm(n, generator=ctx.generator)
+            for start in range(0, n, bs):
+                idx = order[start:start + bs]
+                xb, yb = ctx.augment(ctx.x[idx]), ctx.y[idx]
+                opt.zero_grad(set_to_none=True)
+                objective, ce = self.local_loss(ctx, model(xb), yb)
+                objective.backward()
+                opt.step()
+                loss_sum += float(ce.detach()) * len(idx)
+                seen += len(idx)
+        state = model.state_dict()
+        keys = plan.upload if plan.upload is not None else tuple(state)
+        return {k: state[k].detach() for k in keys}, loss_sum / max(seen, 1)

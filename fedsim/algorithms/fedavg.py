@@ -1,0 +1,13 @@
+"""FedAvg (McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized
+Data", AISTATS 2017): local SGD from the global weights, example-weighted averaging.
+
+All of FedAvg's behaviour is the :class:`~fedsim.algorithms.base.Algorithm` default.
+"""
+
+from fedsim.algorithms.base import Algorithm
+
+
+class FedAvg(Algorithm):
+    """Federated averaging: w <- sum_j (n_j / n) w_j over the round's cohort."""
+
+    name = "fedavg"

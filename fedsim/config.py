@@ -1,0 +1,290 @@
+"""Typed, frozen experiment configuration with strict YAML loading.
+
+One file is one experiment: several runs (algorithms) that share data, partition, model and seed,
+so they are compared on identical clients and identical cohorts. Unknown keys and wrong types are
+errors that name the key (nanoGPT-style strict overrides). Each algorithm declares its own run
+config class (a subclass of :class:`RunConfig`) holding its specific keys, e.g. ``mu`` for FedProx,
+so a key that does not apply to an algorithm is rejected instead of silently ignored.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fedsim.errors import FedsimError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class DataConfig(_Strict):
+    """``data:`` section. Sizes are in examples."""
+
+    dataset: str = "digits"
+    partition: Literal["iid", "dirichlet", "natural"] = "dirichlet"
+    alpha: float = Field(0.5, description="Dirichlet concentration (partition: dirichlet)")
+    num_clients: int = 10
+    data_dir: str | None = None
+    download: bool = False
+    train_fraction: float = 0.8
+    min_samples: int | None = None
+    examples_per_client: int | None = None
+
+
+class ModelConfig(_Strict):
+    """``model:`` section; ``widths`` overrides hidden-layer unit counts."""
+
+    name: str = "digits_cnn"
+    widths: dict[str, int] | None = None
+
+
+class EngineConfig(_Strict):
+    """``engine:`` section: how client work is scheduled.
+
+    ``cpus_per_worker`` and ``gpus_per_worker`` are Ray resource requests of one ClientWorker
+    actor (``gpus_per_worker: 0.25`` puts four workers on a GPU); ``num_workers: auto`` sizes the
+    pool from the cluster's resources, capped at ``clients_per_round``.
+    """
+
+    backend: Literal["ray", "sequential"] = "ray"
+    clients_per_round: int = 10
+    num_workers: Literal["auto"] | int = "auto"
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    eval_every: int = 1
+    eval_batch_size: int = 1024
+    ray_address: str | None = None
+
+
+class RunConfig(_Strict):
+    """One entry of ``runs:``: an algorithm with its local-training hyper-parameters.
+
+    Units: ``rounds`` communication rounds, ``local_epochs`` passes over a client's data,
+    ``batch_size`` examples. Subclasses add algorithm-specific keys.
+    """
+
+    algorithm: str
+    name: str | None = None
+    rounds: int = 20
+    local_epochs: int = 1
+    lr: float = 0.05
+    batch_size: int = 32
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+    @property
+    def label(self) -> str:
+        """The run's id within its experiment: ``name`` or the algorithm's name."""
+        return self.name or self.algorithm
+
+    def check(self, where: str, experiment: "ExperimentConfig") -> None:
+        """Algorithm-specific range checks; ``where`` is the run's key path, e.g. ``runs.1``.
+
+        Raises:
+            FedsimError: a value is out of range (subclasses override).
+        """
+
+
+class ExperimentConfig(_Strict):
+    """A whole experiment file, resolved (defaults filled in)."""
+
+    name: str = "digits"
+    seed: int = 0
+    output_dir: str = "runs"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    engine: EngineConfig = EngineConfig()
+    runs: tuple[RunConfig, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-serialisable dict with every run's algorithm-specific keys."""
+        d = self.model_dump(mode="json", exclude={"runs"})
+        d["runs"] = [r.model_dump(mode="json") for r in self.runs]
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+DEFAULT_EXPERIMENT: dict[str, Any] = {
+    "name": "digits",
+    "seed": 0,
+    "data": {"dataset": "digits", "partition": "dirichlet", "alpha": 0.5, "num_clients": 10},
+    "model": {"name": "digits_cnn"},
+    "engine": {"backend": "ray", "clients_per_round": 10},
+    "runs": [
+        {"algorithm": "fedavg", "rounds": 30, "local_epochs": 2, "lr": 0.05, "batch_size": 16},
+        {"algorithm": "fedprox", "rounds": 30, "local_epochs": 2, "lr": 0.05, "batch_size": 16,
+         "mu": 0.01},
+    ],
+}
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    # pydantic puts union-member tags such as "literal['auto']" in locations: drop them.
+    parts = [str(p) for p in loc if isinstance(p, int) or re.fullmatch(r"[A-Za-z_][\w]*", str(p))]
+    return ".".join(parts)
+
+
+def _raise_from(err: ValidationError, prefix: str, raw: Any) -> None:
+    e = err.errors()[0]
+    key = ".".join(p for p in (prefix, _loc(e["loc"])) if p)
+    if e["type"] == "extra_forbidden":
+        raise FedsimError(f"unknown config key '{key}'; remove it or check its spelling "
+                          "(see the README's config reference)") from None
+    got = e.get("input")
+    shown = json.dumps(got) if isinstance(got, (str, int, float, bool, type(None))) else type(got).__name__
+    raise FedsimError(f"config key '{key}': {e['msg'].rstrip('.')} (got {shown}); "
+                      "fix it in the YAML file or with --set") from None
+
+
+def _check_mapping(x: Any, what: str) -> dict[str, Any]:
+    if not isinstance(x, dict):
+        raise FedsimError(f"{what} must be a YAML mapping of keys to values (got {type(x).__name__}); "
+                          "see jobs/digits.yaml for the layout")
+    return x
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides (values parsed as YAML) to a raw config dict.
+
+    ``runs.0.rounds=3`` indexes lists by position. Returns a new dict.
+
+    Raises:
+        FedsimError: an override is not ``key=value``, or indexes past a list's end.
+    """
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise FedsimError(f"--set expects key=value (got {item!r}); e.g. --set data.num_clients=50")
+        path, _, text = item.partition("=")
+        value = yaml.safe_load(text) if text.strip() else None
+        keys = path.strip().split(".")
+        node: Any = raw
+        for i, k in enumerate(keys):
+            last = i == len(keys) - 1
+            if isinstance(node, list):
+                if not k.isdigit() or int(k) >= len(node):
+                    raise FedsimError(f"--set {path}: '{'.'.join(keys[:i])}' has {len(node)} entries; "
+                                      f"use an index from 0 to {len(node) - 1}")
+                k = int(k)
+            elif not isinstance(node, dict):
+                raise FedsimError(f"--set {path}: '{'.'.join(keys[:i])}' is not a section; check the key path")
+            if last:
+                node[k] = value
+            else:
+                if isinstance(node, dict) and k not in node:
+                    node[k] = {}
+                node = node[k]
+    return raw
+
+
+def parse(raw: Any, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Validate a raw experiment mapping into an :class:`ExperimentConfig`.
+
+    Raises:
+        FedsimError: not a mapping, unknown key, wrong type, unknown algorithm, no runs,
+            duplicate run names, or a value out of range; the message names the key.
+    """
+    from fedsim.algorithms import ALGORITHMS
+
+    raw = _check_mapping(raw, "the experiment file")
+    raw = apply_overrides(raw, overrides or [])
+    runs_raw = raw.get("runs")
+    if runs_raw is None or (isinstance(runs_raw, list) and not runs_raw):
+        raise FedsimError("the experiment has no runs; add a 'runs:' list such as "
+                          "[{algorithm: fedavg, rounds: 20}]")
+    if not isinstance(runs_raw, list):
+        raise FedsimError(f"config key 'runs' must be a list of run mappings (got {type(runs_raw).__name__})")
+    try:
+        top = ExperimentConfig.model_validate({k: v for k, v in raw.items() if k != "runs"})
+    except ValidationError as err:
+        _raise_from(err, "", raw)
+    runs = []
+    for i, r in enumerate(runs_raw):
+        r = _check_mapping(r, f"runs.{i}")
+        algo = r.get("algorithm")
+        if algo not in ALGORITHMS:
+            raise FedsimError(f"config key 'runs.{i}.algorithm': unknown algorithm {algo!r}; "
+                              f"choose one of {', '.join(sorted(ALGORITHMS))}")
+        try:
+            runs.append(ALGORITHMS[algo].Config.model_validate(r))
+        except ValidationError as err:
+            _raise_from(err, f"runs.{i}", r)
+    cfg = top.model_copy(update={"runs": tuple(runs)})
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Range checks that need more than one key (types are checked by pydantic).
+
+    Raises:
+        FedsimError: the first problem found, naming the key and the fix.
+    """
+    d, e = cfg.data, cfg.engine
+    if d.partition == "dirichlet" and not d.alpha > 0:
+        raise FedsimError(f"data.alpha must be > 0 (got {d.alpha}); use a positive Dirichlet alpha such as 0.5")
+    if d.num_clients < 1:
+        raise FedsimError(f"data.num_clients must be >= 1 (got {d.num_clients})")
+    if not 0 < d.train_fraction < 1:
+        raise FedsimError(f"data.train_fraction must be between 0 and 1 (got {d.train_fraction})")
+    if e.clients_per_round < 1:
+        raise FedsimError(f"engine.clients_per_round must be >= 1 (got {e.clients_per_round})")
+    if e.clients_per_round > d.num_clients:
+        raise FedsimError(f"engine.clients_per_round ({e.clients_per_round}) is larger than data.num_clients "
+                          f"({d.num_clients}); lower clients_per_round or add clients")
+    if e.num_workers != "auto" and e.num_workers < 1:
+        raise FedsimError(f"engine.num_workers must be 'auto' or >= 1 (got {e.num_workers})")
+    if not e.cpus_per_worker > 0:
+        raise FedsimError(f"engine.cpus_per_worker must be > 0 (got {e.cpus_per_worker})")
+    if e.gpus_per_worker < 0:
+        raise FedsimError(f"engine.gpus_per_worker must be >= 0 (got {e.gpus_per_worker})")
+    if e.gpus_per_worker > 1 and e.gpus_per_worker != int(e.gpus_per_worker):
+        raise FedsimError(f"engine.gpus_per_worker above 1 must be a whole number (got {e.gpus_per_worker})")
+    if e.eval_every < 1:
+        raise FedsimError(f"engine.eval_every must be >= 1 (got {e.eval_every})")
+    labels = [r.label for r in cfg.runs]
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise FedsimError(f"two runs are both named {dup[0]!r}; give each run a distinct 'name:'")
+    for i, r in enumerate(cfg.runs):
+        for key in ("rounds", "local_epochs", "batch_size"):
+            if getattr(r, key) < 1:
+                raise FedsimError(f"config key 'runs.{i}.{key}' must be >= 1 (got {getattr(r, key)})")
+        if not r.lr > 0:
+            raise FedsimError(f"config key 'runs.{i}.lr' must be > 0 (got {r.lr})")
+        r.check(f"runs.{i}", cfg)
+
+
+def load(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load an experiment from a YAML file, or the built-in default when ``path`` is None.
+
+    Raises:
+        FedsimError: the file is missing, unreadable, not YAML, or fails :func:`parse`.
+    """
+    if path is None:
+        return parse(copy.deepcopy(DEFAULT_EXPERIMENT), overrides)
+    p = Path(path)
+    if not p.is_file():
+        raise FedsimError(f"config file {str(p)!r} does not exist; pass the path of an experiment YAML "
+                          "such as jobs/digits.yaml")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except (OSError, UnicodeDecodeError) as err:
+        raise FedsimError(f"cannot read config file {str(p)!r} ({err.__class__.__name__}); check its "
+                          "permissions and encoding") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise FedsimError(f"config file {str(p)!r} is not valid YAML{where}; fix the syntax") from None
+    return parse(raw, overrides)

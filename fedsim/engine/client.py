@@ -1,0 +1,130 @@
+"""Client work: the code a ClientWorker actor (or the sequential backend) runs for each task.
+
+A :class:`ClientRunner` lives as long as its worker. It keeps one model per architecture and one
+optimizer per model and trainable set, and reuses them for every client it serves: weights are
+loaded in place (``load_state_dict`` copies into the existing tensors) and optimizer state is
+cleared, so no client pays for model construction or a DataLoader (issue: worker efficiency).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from fedsim import params as P
+from fedsim.algorithms import ALGORITHMS, Algorithm, ClientContext, ClientResult, ClientTask
+from fedsim.config import ExperimentConfig, RunConfig
+from fedsim.data.base import FederatedDataset
+from fedsim.engine.augment import augmenter
+from fedsim.models import build_model
+from fedsim.rng import seed_for, torch_rng
+
+
+def make_algorithm(run: RunConfig, experiment: ExperimentConfig) -> Algorithm:
+    """The algorithm object of one run (built on the driver and on every worker)."""
+    return ALGORITHMS[run.algorithm](run, experiment)
+
+
+def set_threads(cpus: float) -> int:
+    """Set torch's intra-op threads to a worker's CPU share (at least 1); returns the count."""
+    n = max(1, int(cpus))
+    torch.set_num_threads(n)
+    return n
+
+
+class ClientRunner:
+    """Runs client tasks against one dataset, reusing models and optimizers across clients.
+
+    Args:
+        experiment: the resolved experiment (model name, seed, engine settings).
+        dataset: the federated dataset (numpy arrays; zero-copy from Ray's object store).
+        device: torch device string for local training, e.g. ``"cpu"`` or ``"cuda"``.
+        worker_id: label recorded in clients.parquet.
+    """
+
+    def __init__(self, experiment: ExperimentConfig, dataset: FederatedDataset, device: str = "cpu",
+                 worker_id: str = "local"):
+        self.experiment = experiment
+        self.dataset = dataset
+        self.device = torch.device(device)
+        self.worker_id = worker_id
+        self._models: dict[tuple, torch.nn.Module] = {}
+        self._optimizers: dict[tuple, torch.optim.Optimizer] = {}
+        self._algorithms: dict[str, Algorithm] = {}
+
+    def model(self, widths: dict[str, int] | None = None):
+        """The cached model for ``widths`` (built once per architecture)."""
+        key = tuple(sorted((widths or {}).items()))
+        if key not in self._models:
+            m = build_model(self.experiment.model.name, num_classes=self.dataset.num_classes,
+                            input_shape=self.dataset.input_shape, widths=widths or self.experiment.model.widths)
+            self._models[key] = m.to(self.device)
+        return self._models[key]
+
+    def optimizer(self, model: torch.nn.Module, run: RunConfig, names: tuple[str, ...], plan) -> torch.optim.Optimizer:
+        """The cached optimizer over ``names`` of ``model``, state cleared and settings from ``plan``."""
+        key = (id(model), run.optimizer, names)
+        opt = self._optimizers.get(key)
+        if opt is None:
+            named = dict(model.named_parameters())
+            tensors = [named[k] for k in names]
+            if run.optimizer == "adam":
+                opt = torch.optim.Adam(tensors, lr=plan.lr, weight_decay=plan.weight_decay)
+            else:
+                opt = torch.optim.SGD(tensors, lr=plan.lr, momentum=plan.momentum, weight_decay=plan.weight_decay)
+            self._optimizers[key] = opt
+        opt.state.clear()
+        for group in opt.param_groups:
+            group["lr"], group["weight_decay"] = plan.lr, plan.weight_decay
+            if "momentum" in group:
+                group["momentum"] = plan.momentum
+        return opt
+
+    def algorithm(self, run: RunConfig) -> Algorithm:
+        if run.label not in self._algorithms:
+            self._algorithms[run.label] = make_algorithm(run, self.experiment)
+        return self._algorithms[run.label]
+
+    def run(self, run: RunConfig, task: ClientTask, received: dict[str, np.ndarray], state: Any = None) -> ClientResult:
+        """Train client ``task.client_id`` from the ``received`` tensors and return its upload.
+
+        Args:
+            run: the run's config; task: the client task; received: name -> numpy array sent down
+                (the global model, or the part of it the plan sends); state: the client's stored
+                state for stateful algorithms.
+
+        Returns:
+            A :class:`ClientResult` whose bytes are the exact sizes of ``received`` and the upload.
+        """
+        t0 = time.perf_counter()
+        algo = self.algorithm(run)
+        plan = task.plan
+        model = self.model()
+        down = {k: v.to(self.device) for k, v in P.from_numpy(received).items()}
+        model.load_state_dict(down, strict=False)  # in-place copy into the cached model
+        names = tuple(k for k, _ in model.named_parameters())
+        trainable = names if plan.trainable is None else tuple(k for k in names if k in set(plan.trainable))
+        for k, w in model.named_parameters():
+            w.requires_grad_(k in trainable)
+        idx = self.dataset.client_indices[task.client_id]
+        x = torch.from_numpy(self.dataset.train.inputs(idx)).to(self.device)
+        y = torch.from_numpy(self.dataset.train.y[idx]).to(self.device)
+        ctx = ClientContext(
+            model=model, received=down, x=x, y=y, plan=plan,
+            generator=torch_rng(self.experiment.seed, "shuffle", task.round, task.client_id),
+            augment=augmenter(self.dataset.augment, torch_rng(self.experiment.seed, "augment", task.round, task.client_id)),
+            optimizer=self.optimizer(model, run, trainable, plan), state=state)
+        # Dropout draws from torch's global generator (it takes no generator argument): seed it
+        # from (seed, "dropout", round, client) inside fork_rng so nothing outside is disturbed.
+        gpus = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=gpus):
+            torch.manual_seed(seed_for(self.experiment.seed, "dropout", task.round, task.client_id))
+            upload, train_loss = algo.local_update(ctx)
+        upload_np = P.to_numpy(upload)
+        return ClientResult(
+            client_id=task.client_id, round=task.round, upload=upload_np, n_examples=int(len(idx)),
+            train_loss=float(train_loss), bytes_up=P.nbytes(upload_np), bytes_down=P.nbytes(received),
+            seconds=time.perf_counter() - t0, worker=self.worker_id, attempt=task.attempt,
+            state=ctx.new_state)

@@ -1,0 +1,145 @@
+"""The only round loop in fedsim (DESIGN.md, "Data flow of one run").
+
+For each run of an experiment and each communication round: sample the cohort (a pure function of
+(seed, round), identical for every algorithm) -> ``plan_round`` -> ``downlink`` (stored once) ->
+clients on the backend -> ``aggregate`` (in cohort order) -> evaluate the global model on the
+global test set -> append Parquet rows and flush them atomically -> yield a progress event.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import fedsim
+from fedsim import params as P
+from fedsim.algorithms import Algorithm, ClientTask
+from fedsim.config import ExperimentConfig, RunConfig
+from fedsim.data.base import FederatedDataset, Split
+from fedsim.engine.client import make_algorithm
+from fedsim.io.runlog import RunLog
+from fedsim.models import build_model
+from fedsim.rng import numpy_rng, torch_rng
+
+
+def sample_cohort(seed: int, round: int, num_clients: int, size: int) -> tuple[int, ...]:
+    """``size`` distinct client ids drawn uniformly without replacement from the
+    (seed, "cohort", round) stream, ascending. All clients when ``size == num_clients``."""
+    if size >= num_clients:
+        return tuple(range(num_clients))
+    ids = numpy_rng(seed, "cohort", round).choice(num_clients, size=size, replace=False)
+    return tuple(int(i) for i in np.sort(ids))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, split: Split, batch_size: int = 1024) -> tuple[float, float]:
+    """(accuracy in [0, 1], mean cross-entropy in nats) of ``model`` over every example of ``split``."""
+    model.eval()
+    device = next(model.parameters()).device
+    correct, loss, n = 0, 0.0, len(split)
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, min(start + batch_size, n))
+        x = torch.from_numpy(split.inputs(idx)).to(device)
+        y = torch.from_numpy(split.y[idx]).to(device)
+        logits = model(x)
+        loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+    return correct / max(n, 1), loss / max(n, 1)
+
+
+def versions() -> dict[str, str]:
+    """Versions recorded with every run."""
+    import ray
+
+    return {"fedsim": fedsim.__version__, "torch": torch.__version__, "ray": ray.__version__,
+            "numpy": np.__version__, "python": platform.python_version()}
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _param_count(model: torch.nn.Module, names: tuple[str, ...] | None = None) -> int:
+    return sum(w.numel() for k, w in model.named_parameters() if names is None or k in names)
+
+
+def run_experiment(cfg: ExperimentConfig, dataset: FederatedDataset, run_dir: str, backend: Any) -> Iterator[dict]:
+    """Run every run of ``cfg`` on ``backend``, writing Parquet rows to ``run_dir``.
+
+    Yields progress events (dicts): ``{"kind": "start", "run", "rounds"}``, one
+    ``{"kind": "round", ...the rounds.parquet row}`` per round, and
+    ``{"kind": "end", "run", "status", "message"}``.
+    """
+    log = RunLog(run_dir)
+    for run in cfg.runs:
+        yield from _run_one(cfg, run, dataset, backend, log)
+
+
+def _run_one(cfg: ExperimentConfig, run: RunConfig, dataset: FederatedDataset, backend: Any, log: RunLog) -> Iterator[dict]:
+    algo: Algorithm = make_algorithm(run, cfg)
+    model = build_model(cfg.model.name, num_classes=dataset.num_classes, input_shape=dataset.input_shape,
+                        widths=cfg.model.widths, generator=torch_rng(cfg.seed, "init"))
+    state = algo.init_state(P.clone(model.state_dict()))
+    rounds = algo.num_rounds()
+    log.add("runs", {"run_id": run.label, "experiment": cfg.name, "algorithm": run.algorithm,
+                     "config_json": json.dumps({**cfg.to_dict(), "runs": [run.model_dump(mode="json")]}, sort_keys=True),
+                     "seed": cfg.seed, "fedsim_version": fedsim.__version__,
+                     "versions_json": json.dumps(versions(), sort_keys=True), "status": "running",
+                     "started_at": _now()})
+    log.flush()
+    yield {"kind": "start", "run": run.label, "rounds": rounds}
+    cum_up = cum_down = 0
+    store: dict[int, Any] = {}  # client id -> backend handle of its state (stateful algorithms only)
+    status, message = "finished", ""
+    for r in range(rounds):
+        t0 = time.perf_counter()
+        cohort = sample_cohort(cfg.seed, r, dataset.num_clients, cfg.engine.clients_per_round)
+        plan = algo.plan_round(state, r, cohort)
+        handle = backend.broadcast(P.to_numpy(algo.downlink(state, plan)))
+        tasks = [ClientTask(run_id=run.label, round=r, client_id=c, plan=plan) for c in plan.cohort]
+        states = [store.get(c) if algo.stateful else None for c in plan.cohort]
+        results = backend.run_round(run, tasks, handle, states)
+        if algo.stateful:
+            store.update({x.client_id: backend.put_state(x.state) for x in results})
+        state = algo.aggregate(state, plan, results)
+        global_params = algo.global_params(state)
+        up, down = sum(x.bytes_up for x in results), sum(x.bytes_down for x in results)
+        cum_up, cum_down = cum_up + up, cum_down + down
+        weights = np.array([x.n_examples for x in results], dtype=np.float64)
+        train_loss = float(np.dot(weights, [x.train_loss for x in results]) / weights.sum())
+        finite = P.all_finite(global_params) and np.isfinite(train_loss)
+        acc = loss = None
+        if finite and ((r + 1) % cfg.engine.eval_every == 0 or r == rounds - 1):
+            model.load_state_dict(global_params)
+            acc, loss = evaluate(model, dataset.test, cfg.engine.eval_batch_size)
+            finite = np.isfinite(loss)
+        row = {"run_id": run.label, "algorithm": run.algorithm, "round": r, "phase": plan.phase,
+               "layer": plan.layer, "test_accuracy": acc, "test_loss": loss, "train_loss": train_loss,
+               "bytes_up": up, "bytes_down": down, "cum_bytes_up": cum_up, "cum_bytes_down": cum_down,
+               "cum_bytes": cum_up + cum_down, "global_params": _param_count(model),
+               "trainable_params": _param_count(model, plan.trainable), "clients": len(results),
+               "wall_seconds": time.perf_counter() - t0}
+        if not finite:
+            status = "diverged"
+            message = (f"round {r}: the loss or the global weights became NaN/Inf; lower runs.lr "
+                       "or check the data; rounds before it are kept")
+            break
+        for x in results:
+            log.add("clients", {"run_id": run.label, "round": r, "client_id": x.client_id,
+                                "n_examples": x.n_examples, "train_loss": x.train_loss, "bytes_up": x.bytes_up,
+                                "bytes_down": x.bytes_down, "seconds": x.seconds, "worker": x.worker,
+                                "attempt": x.attempt})
+        log.add("rounds", row)
+        log.flush()
+        yield {"kind": "round", **row, "rounds": rounds}
+    log.update_run(run.label, status=status, message=message, finished_at=_now())
+    log.flush()
+    yield {"kind": "end", "run": run.label, "status": status, "message": message}

@@ -1,0 +1,94 @@
+"""LeNet for MNIST as used by FedMA (Wang et al., ICLR 2020, section 4; authors' ``LeNet``).
+
+Architecture (default widths): conv1 1->20 5x5, ReLU, maxpool 2, conv2 20->50 5x5, ReLU,
+maxpool 2, channel-major flatten 50*4*4 = 800, fc1 800->500, ReLU, fc2 500->num_classes;
+431,080 parameters for 10 classes. The authors' code applies no ReLU between fc1 and fc2 (and
+pools before the ReLU, which is equivalent); fedsim keeps the ReLU after fc1, the usual LeNet.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedsim.models._common import (
+    check_num_classes,
+    generator_or_default,
+    global_rng_untouched,
+    init_torch_default,
+    resolve_widths,
+    weight_bias_groups,
+)
+from fedsim.models.base import FedModel, LayerGroup, MatchLayer
+
+
+class LeNet(FedModel):
+    """LeNet-5 variant of FedMA's MNIST experiments.
+
+    Input ``(B, 1, 28, 28)`` float32; output ``(B, num_classes)`` float32 logits.
+
+    Args:
+        num_classes: output classes (>= 2).
+        widths: overrides of ``{"conv1": 20, "conv2": 50, "fc1": 500}`` (any subset).
+        generator: CPU generator every parameter is drawn from (PyTorch's default
+            distributions); None uses a generator seeded with 0. The global RNG is never touched.
+
+    Raises:
+        FedsimError: bad ``num_classes``, ``widths`` or ``generator``.
+    """
+
+    NAME = "lenet"
+    INPUT_SHAPE = (1, 28, 28)
+    input_dtype = torch.float32
+    DEFAULT_WIDTHS = {"conv1": 20, "conv2": 50, "fc1": 500}
+    _SPATIAL_AFTER_CONV2 = 4 * 4  # 28 -conv5-> 24 -pool-> 12 -conv5-> 8 -pool-> 4
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        widths: dict[str, int] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_classes = check_num_classes(self.NAME, num_classes)
+        self.widths = resolve_widths(self.NAME, self.DEFAULT_WIDTHS, widths)
+        w = self.widths
+        with global_rng_untouched():
+            self.conv1 = nn.Conv2d(1, w["conv1"], 5)
+            self.conv2 = nn.Conv2d(w["conv1"], w["conv2"], 5)
+            self.fc1 = nn.Linear(w["conv2"] * self._SPATIAL_AFTER_CONV2, w["fc1"])
+            self.fc2 = nn.Linear(w["fc1"], self.num_classes)
+        init_torch_default(self, generator_or_default(generator))
+
+    @classmethod
+    def fits(cls, input_shape: tuple[int, ...]) -> bool:
+        """Whether examples of shape ``input_shape`` can be fed to this model."""
+        return tuple(input_shape) == cls.INPUT_SHAPE
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, 1, 28, 28) float32 -> logits (B, num_classes) float32."""
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # (B, conv1, 12, 12)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # (B, conv2, 4, 4)
+        x = x.flatten(1)  # (B, conv2*16), channel-major
+        x = F.relu(self.fc1(x))  # (B, fc1)
+        return self.fc2(x)
+
+    def layer_groups(self) -> list[LayerGroup]:
+        """conv1, conv2, fc1, fc2: each the layer's weight and bias."""
+        return weight_bias_groups(("conv1", "conv2", "fc1", "fc2"))
+
+    def match_layers(self) -> list[MatchLayer]:
+        """conv1 -> conv2 (block 1), conv2 -> fc1 (block 16 = 4x4 map), fc1 -> fc2 (block 1)."""
+        return [
+            MatchLayer("conv1", "conv2d", "conv1.weight", "conv1.bias", "conv2.weight", 1),
+            MatchLayer(
+                "conv2", "conv2d", "conv2.weight", "conv2.bias", "fc1.weight",
+                self._SPATIAL_AFTER_CONV2,
+            ),
+            MatchLayer("fc1", "linear", "fc1.weight", "fc1.bias", "fc2.weight", 1),
+        ]
+
+    def classifier(self) -> tuple[str, str]:
+        """``("fc2.weight", "fc2.bias")``."""
+        return ("fc2.weight", "fc2.bias")

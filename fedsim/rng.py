@@ -1,0 +1,43 @@
+"""Randomness as a pure function of (seed, stream, round, client) (DESIGN.md decision 4).
+
+No code in fedsim calls a global seeding function. Every random draw comes from a generator built
+here, so cohorts, initialisation, shuffling, augmentation and matching sweeps do not depend on call
+order, on which worker ran a client, or on which algorithm is running.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import torch
+
+STREAMS = ("partition", "init", "cohort", "shuffle", "augment", "dropout", "matching", "data")
+
+
+def _stream_id(stream: str) -> int:
+    if stream not in STREAMS:
+        raise ValueError(f"unknown random stream {stream!r}; known streams: {', '.join(STREAMS)}")
+    return zlib.crc32(stream.encode())
+
+
+def seed_for(seed: int, stream: str, round: int = 0, client: int = 0) -> int:
+    """A 63-bit integer seed derived from (seed, stream, round, client) by numpy's SeedSequence.
+
+    Raises:
+        ValueError: ``stream`` is not one of :data:`STREAMS`.
+    """
+    ss = np.random.SeedSequence([int(seed), _stream_id(stream), int(round), int(client)])
+    return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def numpy_rng(seed: int, stream: str, round: int = 0, client: int = 0) -> np.random.Generator:
+    """A numpy Generator (PCG64) for one (seed, stream, round, client)."""
+    return np.random.default_rng(seed_for(seed, stream, round, client))
+
+
+def torch_rng(seed: int, stream: str, round: int = 0, client: int = 0) -> torch.Generator:
+    """A CPU torch.Generator for one (seed, stream, round, client)."""
+    g = torch.Generator()
+    g.manual_seed(seed_for(seed, stream, round, client))
+    return g

@@ -1,0 +1,101 @@
+"""Invariants of FedAvg and FedProx (STYLE.md): one SGD step, mu = 0, the proximal gradient."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from fedsim import config
+from fedsim import params as P
+from fedsim.algorithms import ClientTask, FedAvg, FedProx
+from fedsim.algorithms.fedprox import proximal_term
+from fedsim.data.base import FederatedDataset, Split
+from fedsim.engine.backends import SequentialBackend
+from fedsim.engine.loop import run_experiment
+from fedsim.models import build_model
+from fedsim.rng import torch_rng
+from tests.conftest import tiny_experiment
+
+
+def toy_dataset(n_clients=2, per_client=20, seed=0) -> FederatedDataset:
+    """Random 8x8 'images' with 10 classes, split into equal contiguous clients."""
+    rng = np.random.default_rng(seed)
+    n = n_clients * per_client
+    train = Split(x=rng.normal(size=(n, 1, 8, 8)).astype(np.float32), y=rng.integers(0, 10, n).astype(np.int64))
+    test = Split(x=rng.normal(size=(30, 1, 8, 8)).astype(np.float32), y=rng.integers(0, 10, 30).astype(np.int64))
+    idx = [np.arange(i * per_client, (i + 1) * per_client) for i in range(n_clients)]
+    counts = np.stack([np.bincount(train.y[i], minlength=10) for i in idx])
+    return FederatedDataset("toy", train, test, 10, (1, 8, 8), idx, counts)
+
+
+def test_proximal_term_is_squared_norm_with_gradient_mu_times_difference():
+    g = torch.Generator().manual_seed(1)
+    w = {"a": torch.randn(3, 4, generator=g, requires_grad=True), "b": torch.randn(5, generator=g, requires_grad=True)}
+    anchor = {"a": torch.randn(3, 4, generator=g), "b": torch.randn(5, generator=g)}
+    mu = 0.37
+    term = proximal_term(w.items(), anchor, mu)
+    diff2 = sum(float(((w[k].detach() - anchor[k]) ** 2).sum()) for k in w)
+    assert abs(float(term.detach()) - mu / 2 * diff2) < 1e-5
+    term.backward()
+    for k in w:
+        torch.testing.assert_close(w[k].grad, mu * (w[k].detach() - anchor[k]))
+
+
+def test_fedavg_with_one_client_and_one_step_is_one_sgd_step():
+    ds = toy_dataset(n_clients=1, per_client=20)
+    raw = tiny_experiment(data={"dataset": "digits", "num_clients": 1}, engine={"backend": "sequential", "clients_per_round": 1},
+                          runs=[{"algorithm": "fedavg", "rounds": 1, "local_epochs": 1, "lr": 0.1, "batch_size": 64}])
+    cfg = config.parse(raw)
+    run = cfg.runs[0]
+    model = build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8), generator=torch_rng(0, "init"))
+    w0 = P.clone(model.state_dict())
+    algo = FedAvg(run, cfg)
+    state = algo.init_state(w0)
+    plan = algo.plan_round(state, 0, (0,))
+    results = SequentialBackend(cfg, ds).run_round(run, [ClientTask("fedavg", 0, 0, plan)], P.to_numpy(w0), [None])
+    new = algo.aggregate(state, plan, results).params
+    # Independent reference: one full-batch gradient step on a fresh copy of the same weights.
+    ref = build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8))
+    ref.load_state_dict(w0)
+    loss = F.cross_entropy(ref(torch.from_numpy(ds.train.x)), torch.from_numpy(ds.train.y))
+    loss.backward()
+    for k, w in ref.named_parameters():
+        torch.testing.assert_close(new[k], w.detach() - 0.1 * w.grad, rtol=1e-5, atol=1e-6)
+
+
+def _run(raw, tmp_path, name):
+    cfg = config.parse(raw)
+    ds = toy_dataset(n_clients=4, per_client=25)
+    out = tmp_path / name
+    list(run_experiment(cfg, ds, str(out), SequentialBackend(cfg, ds)))
+    return pd.read_parquet(out / "rounds.parquet"), pd.read_parquet(out / "clients.parquet")
+
+
+def test_fedprox_with_mu_zero_equals_fedavg_exactly(tmp_path):
+    common = {"rounds": 3, "local_epochs": 2, "lr": 0.05, "batch_size": 8}
+    eng = {"backend": "sequential", "clients_per_round": 3}
+    data = {"dataset": "digits", "num_clients": 4}
+    a, ca = _run(tiny_experiment(engine=eng, data=data, runs=[{"algorithm": "fedavg", **common}]), tmp_path, "a")
+    b, cb = _run(tiny_experiment(engine=eng, data=data, runs=[{"algorithm": "fedprox", "mu": 0.0, **common}]), tmp_path, "b")
+    for col in ("test_accuracy", "test_loss", "train_loss", "bytes_up", "bytes_down"):
+        assert a[col].tolist() == b[col].tolist(), col
+    assert ca["train_loss"].tolist() == cb["train_loss"].tolist()
+
+
+def test_fedprox_with_large_mu_keeps_local_weights_closer_to_global():
+    ds = toy_dataset(n_clients=1, per_client=40)
+    dist = {}
+    for algo_cls, extra in ((FedAvg, {}), (FedProx, {"mu": 10.0})):
+        raw = tiny_experiment(data={"dataset": "digits", "num_clients": 1},
+                              engine={"backend": "sequential", "clients_per_round": 1},
+                              runs=[{"algorithm": algo_cls.name, "rounds": 1, "local_epochs": 5, "lr": 0.05,
+                                     "batch_size": 8, **extra}])
+        cfg = config.parse(raw)
+        w0 = build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8), generator=torch_rng(0, "init")).state_dict()
+        algo = algo_cls(cfg.runs[0], cfg)
+        plan = algo.plan_round(algo.init_state(w0), 0, (0,))
+        res = SequentialBackend(cfg, ds).run_round(cfg.runs[0], [ClientTask("r", 0, 0, plan)], P.to_numpy(w0), [None])[0]
+        dist[algo_cls.name] = sum(float(((torch.from_numpy(res.upload[k]) - w0[k]) ** 2).sum()) for k in w0)
+    assert dist["fedprox"] < 0.5 * dist["fedavg"]

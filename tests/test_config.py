@@ -1,0 +1,77 @@
+"""Strict config loading: unknown keys and wrong types name the key; overrides; defaults."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from fedsim import config
+from fedsim.errors import FedsimError
+from tests.conftest import tiny_experiment
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_job_file_digits_is_the_builtin_default():
+    assert config.load(ROOT / "jobs" / "digits.yaml") == config.load(None)
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("data.foo=1", "unknown config key 'data.foo'"),
+    ("engine.num_workers=many", "config key 'engine.num_workers'"),
+    ("data.num_clients=ten", "config key 'data.num_clients'"),
+    ("runs.0.lr=fast", "config key 'runs.0.lr'"),
+    ("runs.0.mu=0.1", "unknown config key 'runs.0.mu'"),  # mu is FedProx's, not FedAvg's
+    ("runs.0.rounds=true", "config key 'runs.0.rounds'"),  # a bool is not an int
+    ("bogus=1", "unknown config key 'bogus'"),
+])
+def test_bad_key_or_type_names_the_key(override, needle):
+    with pytest.raises(FedsimError, match=re.escape(needle)):
+        config.parse(tiny_experiment(), [override])
+
+
+def test_set_overrides_index_lists_and_parse_values_as_yaml():
+    cfg = config.parse(tiny_experiment(), ["data.num_clients=5", "runs.0.rounds=7", "runs.0.lr=0.5",
+                                           "engine.num_workers=2"])
+    assert (cfg.data.num_clients, cfg.runs[0].rounds, cfg.runs[0].lr, cfg.engine.num_workers) == (5, 7, 0.5, 2)
+
+
+def test_set_past_the_end_of_runs_is_an_error():
+    with pytest.raises(FedsimError, match="has 1 entries"):
+        config.parse(tiny_experiment(), ["runs.3.rounds=2"])
+
+
+def test_fedprox_takes_mu_and_rejects_negative():
+    raw = tiny_experiment(runs=[{"algorithm": "fedprox", "mu": 0.1}])
+    assert config.parse(raw).runs[0].mu == 0.1
+    with pytest.raises(FedsimError, match=r"runs\.0\.mu"):
+        config.parse(tiny_experiment(runs=[{"algorithm": "fedprox", "mu": -1.0}]))
+
+
+@pytest.mark.parametrize("over,needle", [
+    ({"data": {"dataset": "digits", "alpha": 0.0}}, "data.alpha must be > 0"),
+    ({"data": {"dataset": "digits", "alpha": -2.0}}, "data.alpha must be > 0"),
+    ({"engine": {"clients_per_round": 20}}, "clients_per_round"),
+    ({"runs": [{"algorithm": "fedsgd"}]}, "unknown algorithm 'fedsgd'"),
+    ({"runs": []}, "no runs"),
+    ({"runs": [{"algorithm": "fedavg"}, {"algorithm": "fedavg"}]}, "distinct 'name:'"),
+    ({"runs": [{"algorithm": "fedavg", "lr": 0.0}]}, r"runs\.0\.lr"),
+])
+def test_out_of_range_values_are_rejected(over, needle):
+    with pytest.raises(FedsimError, match=needle):
+        config.parse(tiny_experiment(**over))
+
+
+def test_yaml_that_is_not_a_mapping_is_rejected(tmp_path):
+    p = tmp_path / "x.yaml"
+    p.write_text("- just\n- a list\n")
+    with pytest.raises(FedsimError, match="must be a YAML mapping"):
+        config.load(p)
+
+
+def test_resolved_config_round_trips_through_json_dict():
+    cfg = config.parse(tiny_experiment(runs=[{"algorithm": "fedprox", "mu": 0.5}]))
+    again = config.parse(cfg.to_dict())
+    assert again == cfg and again.runs[0].mu == 0.5

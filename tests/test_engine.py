@@ -1,0 +1,120 @@
+"""The engine: Ray == sequential, determinism, shared cohorts, exact bytes, Parquet schema."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from fedsim import config
+from fedsim.engine import api
+from fedsim.engine.backends import pool_size
+from fedsim.engine.loop import sample_cohort
+from fedsim.io.runlog import CLIENTS_SCHEMA, ROUNDS_SCHEMA, RUNS_SCHEMA
+from fedsim.models import build_model
+from tests.conftest import tiny_experiment
+
+TWO_RUNS = [
+    {"algorithm": "fedavg", "rounds": 3, "local_epochs": 1, "lr": 0.05, "batch_size": 16},
+    {"algorithm": "fedprox", "rounds": 3, "local_epochs": 1, "lr": 0.05, "batch_size": 16, "mu": 0.01},
+]
+
+
+def run_tables(raw, out: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, Path]:
+    cfg = config.parse(raw)
+    ds = api.prepare(cfg)
+    run_dir = api.new_run_dir(out, cfg.name)
+    events = list(api.execute(cfg, ds, run_dir))
+    assert [e["kind"] for e in events].count("end") == len(cfg.runs)
+    return (pd.read_parquet(run_dir / "runs.parquet"), pd.read_parquet(run_dir / "rounds.parquet"),
+            pd.read_parquet(run_dir / "clients.parquet"), run_dir)
+
+
+VOLATILE = {"wall_seconds", "seconds", "worker"}
+
+
+def _stable(df: pd.DataFrame) -> pd.DataFrame:
+    return df[[c for c in df.columns if c not in VOLATILE]].reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def sequential_run(tmp_path_factory):
+    return run_tables(tiny_experiment(runs=TWO_RUNS), tmp_path_factory.mktemp("seq"))
+
+
+def test_ray_backend_equals_sequential_backend(sequential_run, ray_local, tmp_path):
+    _, rounds_s, clients_s, _ = sequential_run
+    raw = tiny_experiment(runs=TWO_RUNS, engine={"backend": "ray", "clients_per_round": 3, "num_workers": 2})
+    _, rounds_r, clients_r, _ = run_tables(raw, tmp_path)
+    pd.testing.assert_frame_equal(_stable(rounds_s), _stable(rounds_r))
+    pd.testing.assert_frame_equal(_stable(clients_s), _stable(clients_r))
+    assert set(clients_r["worker"]) <= {"worker-0", "worker-1"}
+
+
+def test_two_runs_of_the_same_config_are_identical(sequential_run, tmp_path):
+    _, rounds_a, clients_a, _ = sequential_run
+    _, rounds_b, clients_b, _ = run_tables(tiny_experiment(runs=TWO_RUNS), tmp_path)
+    pd.testing.assert_frame_equal(_stable(rounds_a), _stable(rounds_b))
+    pd.testing.assert_frame_equal(_stable(clients_a), _stable(clients_b))
+
+
+def test_every_algorithm_sees_the_same_cohorts(sequential_run):
+    clients = sequential_run[2]
+    by_run = {r: sorted(map(tuple, g[["round", "client_id"]].to_numpy())) for r, g in clients.groupby("run_id")}
+    assert by_run["fedavg"] == by_run["fedprox"]
+    assert len(by_run["fedavg"]) == 3 * 3
+
+
+def test_cohort_is_a_pure_function_of_seed_and_round():
+    a = [sample_cohort(7, r, 100, 10) for r in range(5)]
+    assert a == [sample_cohort(7, r, 100, 10) for r in range(5)]
+    assert all(len(set(c)) == 10 and list(c) == sorted(c) for c in a)
+    assert len(set(a)) > 1 and sample_cohort(8, 0, 100, 10) != a[0]
+
+
+def test_bytes_are_numel_times_element_size_per_direction(sequential_run):
+    _, rounds, clients, _ = sequential_run
+    model = build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8))
+    model_bytes = 4 * sum(p.numel() for p in model.parameters())  # float32, no buffers
+    assert (clients["bytes_down"] == model_bytes).all() and (clients["bytes_up"] == model_bytes).all()
+    per_round = clients.groupby(["run_id", "round"])[["bytes_up", "bytes_down"]].sum().reset_index()
+    merged = rounds.merge(per_round, on=["run_id", "round"], suffixes=("", "_clients"))
+    assert (merged["bytes_up"] == merged["bytes_up_clients"]).all()
+    assert (merged["bytes_down"] == merged["bytes_down_clients"]).all()
+    for _, g in rounds.groupby("run_id"):
+        assert g["cum_bytes"].tolist() == (g["bytes_up"] + g["bytes_down"]).cumsum().tolist()
+        assert (g["global_params"] == model_bytes // 4).all()
+
+
+def test_parquet_files_have_the_fixed_schema_and_no_temporaries(sequential_run):
+    runs, rounds, clients, run_dir = sequential_run
+    for name, schema in (("runs", RUNS_SCHEMA), ("rounds", ROUNDS_SCHEMA), ("clients", CLIENTS_SCHEMA)):
+        assert pq.read_schema(run_dir / f"{name}.parquet").names == schema.names
+    assert sorted(p.name for p in run_dir.iterdir()) == ["clients.parquet", "config.yaml", "rounds.parquet", "runs.parquet"]
+    assert runs["status"].tolist() == ["finished", "finished"]
+    assert rounds.groupby("run_id")["round"].apply(list).tolist() == [[0, 1, 2], [0, 1, 2]]
+    assert rounds["test_accuracy"].between(0, 1).all()
+    assert config.parse(__import__("json").loads(runs["config_json"][0])).runs[0].algorithm == "fedavg"
+
+
+def test_nan_weights_stop_the_run_as_diverged_and_keep_other_runs(tmp_path):
+    runs_cfg = [{"algorithm": "fedavg", "name": "boom", "rounds": 3, "lr": 1e38, "batch_size": 16},
+                {"algorithm": "fedavg", "name": "fine", "rounds": 2, "lr": 0.05, "batch_size": 16}]
+    runs, rounds, _, _ = run_tables(tiny_experiment(runs=runs_cfg), tmp_path)
+    status = dict(zip(runs["run_id"], runs["status"]))
+    assert status == {"boom": "diverged", "fine": "finished"}
+    assert "NaN" in runs.set_index("run_id").loc["boom", "message"]
+    assert rounds[rounds.run_id == "fine"]["round"].tolist() == [0, 1]
+    assert np.isfinite(rounds[rounds.run_id == "boom"]["train_loss"]).all()
+
+
+def test_pool_size_follows_resources_and_cohort():
+    cfg = config.parse(tiny_experiment(engine={"clients_per_round": 3, "cpus_per_worker": 1.0}))
+    assert pool_size(cfg, {"CPU": 2.0}) == 2
+    assert pool_size(cfg, {"CPU": 16.0}) == 3  # never more workers than the cohort
+    gpu = config.parse(tiny_experiment(data={"dataset": "digits", "num_clients": 6},
+                                       engine={"clients_per_round": 6, "cpus_per_worker": 1.0, "gpus_per_worker": 0.25}))
+    assert pool_size(gpu, {"CPU": 16.0, "GPU": 1.0}) == 4  # four workers share one GPU
