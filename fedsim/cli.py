@@ -49,20 +49,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedsim import config
     from fedsim.engine import api
 
-    cfg = config.load(args.config, args.set)
-    dataset = api.prepare(cfg)
-    if cfg.engine.backend == "ray":
-        api.start_ray(cfg)
+    if args.resume:
+        if args.out:
+            raise FedsimError("--out and --resume cannot be combined: a resumed run continues in its own directory")
+        run_dir, cfg = api.open_for_resume(args.resume, args.config, args.set)
     else:
-        api.check_sequential(cfg)
-    run_dir = api.new_run_dir(args.out or cfg.output_dir, cfg.name)
+        cfg = config.load(args.config, args.set)
+    dataset = api.prepare(cfg)
+    api.check_gpus(cfg)
+    if not args.resume:
+        run_dir = api.new_run_dir(args.out or cfg.output_dir, cfg.name)
+    if cfg.engine.backend == "ray":
+        try:
+            api.start_ray(cfg)
+        except FedsimError:
+            if not args.resume:
+                api.remove_if_empty(run_dir)
+            raise
     print(f"fedsim: experiment {cfg.name!r}: {len(cfg.runs)} run(s), {dataset.num_clients} clients of "
           f"{dataset.name}, {cfg.engine.clients_per_round} per round, backend {cfg.engine.backend}; "
-          f"writing {run_dir}", file=sys.stderr)
+          f"{'resuming' if args.resume else 'writing'} {run_dir}", file=sys.stderr)
     events: list[dict] = []
     bar = None
     try:
-        for e in api.execute(cfg, dataset, run_dir):
+        for e in api.execute(cfg, dataset, run_dir, resume=bool(args.resume)):
             events.append(e)
             if e["kind"] == "start":
                 bar = tqdm(total=e["rounds"], desc=e["run"], unit="round", disable=args.no_progress,
@@ -85,6 +95,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if all(table["status"] == "finished") else 1
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from analysis import report
+    from analysis.errors import AnalysisError
+
+    try:
+        report.run(args.run_dirs, args.out)
+    except AnalysisError as err:
+        raise FedsimError(str(err)) from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedsim", description="Federated-learning simulation on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -92,9 +113,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", nargs="?", help="experiment YAML, e.g. jobs/digits.yaml")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. --set data.num_clients=50 --set runs.0.rounds=3")
-    run.add_argument("--out", help="directory under which the run directory is created (default: output_dir)")
+    run.add_argument("--out", help="directory or URI (s3://bucket/prefix, file:///path) under which the run "
+                                   "directory is created (default: output_dir)")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    run.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue an interrupted experiment in RUN_DIR from its last checkpoint")
     run.set_defaults(func=cmd_run)
+    from fedsim import submit
+
+    sbm = sub.add_parser("submit", help="run an experiment as a Ray job on a cluster and follow it")
+    submit.add_arguments(sbm)
+    sbm.set_defaults(func=submit.cmd_submit)
+    rep = sub.add_parser("report", help="plots and a Markdown summary of experiment directories")
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="experiment directories (or pyarrow URIs)")
+    rep.add_argument("--out", help="report directory (default: the first RUN_DIR/report)")
+    rep.set_defaults(func=cmd_report)
     return parser
 
 

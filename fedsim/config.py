@@ -29,7 +29,7 @@ class DataConfig(_Strict):
     """``data:`` section. Sizes are in examples."""
 
     dataset: str = "digits"
-    partition: Literal["iid", "dirichlet", "natural"] = "dirichlet"
+    partition: Literal["iid", "dirichlet", "natural", "bias"] = "dirichlet"
     alpha: float = Field(0.5, description="Dirichlet concentration (partition: dirichlet)")
     num_clients: int = 10
     data_dir: str | None = None
@@ -37,6 +37,8 @@ class DataConfig(_Strict):
     train_fraction: float = 0.8
     min_samples: int | None = None
     examples_per_client: int | None = None
+    synthetic_alpha: float = Field(1.0, description="synthetic: std of the per-client model shift u_k")
+    synthetic_beta: float = Field(1.0, description="synthetic: std of the per-client feature shift B_k")
 
 
 class ModelConfig(_Strict):
@@ -62,6 +64,13 @@ class EngineConfig(_Strict):
     eval_every: int = 1
     eval_batch_size: int = 1024
     ray_address: str | None = None
+    max_attempts: int = 3
+    round_timeout_s: float | None = None
+    timeout_policy: Literal["wait", "drop", "fail"] = "drop"
+    checkpoint_every: int = 1
+    worker_resources: dict[str, float] | None = Field(
+        None, description="extra Ray resources each ClientWorker requests, e.g. {fedsim_worker: 0.001} "
+                          "to place workers only on nodes that advertise fedsim_worker (ray_cluster.yaml)")
 
 
 class RunConfig(_Strict):
@@ -253,6 +262,16 @@ def validate(cfg: ExperimentConfig) -> None:
         raise FedsimError(f"engine.gpus_per_worker above 1 must be a whole number (got {e.gpus_per_worker})")
     if e.eval_every < 1:
         raise FedsimError(f"engine.eval_every must be >= 1 (got {e.eval_every})")
+    if e.max_attempts < 1:
+        raise FedsimError(f"engine.max_attempts must be >= 1 (got {e.max_attempts})")
+    if e.round_timeout_s is not None and not e.round_timeout_s > 0:
+        raise FedsimError(f"engine.round_timeout_s must be > 0 seconds or null (got {e.round_timeout_s})")
+    if e.checkpoint_every < 1:
+        raise FedsimError(f"engine.checkpoint_every must be >= 1 (got {e.checkpoint_every})")
+    for key, amount in (e.worker_resources or {}).items():
+        if key in ("CPU", "GPU") or not amount > 0:
+            raise FedsimError(f"engine.worker_resources.{key} must be a custom resource with an amount > 0 "
+                              f"(got {amount}); use engine.cpus_per_worker / gpus_per_worker for CPU and GPU")
     labels = [r.label for r in cfg.runs]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:

@@ -54,7 +54,7 @@ def test_fedavg_with_one_client_and_one_step_is_one_sgd_step():
     algo = FedAvg(run, cfg)
     state = algo.init_state(w0)
     plan = algo.plan_round(state, 0, (0,))
-    results = SequentialBackend(cfg, ds).run_round(run, [ClientTask("fedavg", 0, 0, plan)], P.to_numpy(w0), [None])
+    results = SequentialBackend(cfg, ds).run_round(run, [ClientTask("fedavg", 0, 0, plan)], P.to_numpy(w0), [None], [None])
     new = algo.aggregate(state, plan, results).params
     # Independent reference: one full-batch gradient step on a fresh copy of the same weights.
     ref = build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8))
@@ -96,6 +96,6 @@ def test_fedprox_with_large_mu_keeps_local_weights_closer_to_global():
         w0 = build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8), generator=torch_rng(0, "init")).state_dict()
         algo = algo_cls(cfg.runs[0], cfg)
         plan = algo.plan_round(algo.init_state(w0), 0, (0,))
-        res = SequentialBackend(cfg, ds).run_round(cfg.runs[0], [ClientTask("r", 0, 0, plan)], P.to_numpy(w0), [None])[0]
+        res = SequentialBackend(cfg, ds).run_round(cfg.runs[0], [ClientTask("r", 0, 0, plan)], P.to_numpy(w0), [None], [None])[0]
         dist[algo_cls.name] = sum(float(((torch.from_numpy(res.upload[k]) - w0[k]) ** 2).sum()) for k in w0)
     assert dist["fedprox"] < 0.5 * dist["fedavg"]

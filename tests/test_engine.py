@@ -93,7 +93,8 @@ def test_parquet_files_have_the_fixed_schema_and_no_temporaries(sequential_run):
     runs, rounds, clients, run_dir = sequential_run
     for name, schema in (("runs", RUNS_SCHEMA), ("rounds", ROUNDS_SCHEMA), ("clients", CLIENTS_SCHEMA)):
         assert pq.read_schema(run_dir / f"{name}.parquet").names == schema.names
-    assert sorted(p.name for p in run_dir.iterdir()) == ["clients.parquet", "config.yaml", "rounds.parquet", "runs.parquet"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "clients.parquet", "config.yaml", "rounds.parquet", "runs.parquet"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["fedavg.pt", "fedprox.pt"]
     assert runs["status"].tolist() == ["finished", "finished"]
     assert rounds.groupby("run_id")["round"].apply(list).tolist() == [[0, 1, 2], [0, 1, 2]]
     assert rounds["test_accuracy"].between(0, 1).all()

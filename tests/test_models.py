@@ -16,7 +16,12 @@ DEFAULT_SETUP = {
     "vgg9": (10, (3, 32, 32)),
     "char_lstm": (80, (80,)),
     "digits_cnn": (10, (1, 8, 8)),
+    "resnet8": (10, (3, 32, 32)),
+    "resnet18": (10, (3, 32, 32)),
+    "moon_cnn": (10, (3, 32, 32)),
 }
+# Models FedMA can match (the others return no match layers: BatchNorm/residual nets, MOON heads).
+MATCHABLE = ("lenet", "vgg9", "char_lstm", "digits_cnn")
 
 # Non-default widths (small, odd, so that no dimension coincides by accident).
 SMALL = {
@@ -29,6 +34,9 @@ SMALL = {
     ),
     "char_lstm": ({"embedding": 5, "lstm": 12}, 30, (17,)),
     "digits_cnn": ({"conv1": 3, "conv2": 5, "fc1": 7}, 4, (1, 8, 8)),
+    "resnet8": ({"layer1": 3, "layer2": 5, "layer3": 7}, 4, (3, 32, 32)),
+    "resnet18": ({"layer1": 3, "layer2": 4, "layer3": 5, "layer4": 6}, 4, (3, 32, 32)),
+    "moon_cnn": ({"conv1": 3, "conv2": 5, "fc1": 7, "fc2": 9, "projection": 11}, 4, (3, 32, 32)),
 }
 
 
@@ -100,6 +108,10 @@ def test_parameter_counts_match_the_papers():
         "char_lstm": 293_584,
         # conv1 1*16*9+16=160, conv2 16*32*9+32=4,640, fc1 512*64+64=32,832, fc2 64*10+10=650
         "digits_cnn": 38_282,
+        # arithmetic in tests/test_resnet_moon.py
+        "resnet8": 1_235_274,
+        "resnet18": 11_181_642,
+        "moon_cnn": 92_626,
     }
     assert set(expected) == set(MODELS)
     for name, count in expected.items():
@@ -123,6 +135,22 @@ def closed_form_params(name: str, w: dict[str, int], c: int) -> int:
     if name == "digits_cnn":
         return (w["conv1"] * 9 + w["conv1"] + w["conv1"] * w["conv2"] * 9 + w["conv2"]
                 + w["conv2"] * 16 * w["fc1"] + w["fc1"] + w["fc1"] * c + c)
+    if name in ("resnet8", "resnet18"):
+        stages = [w[k] for k in sorted(w)]  # layer1.. ; conv weights (no bias) + 2 per BN channel
+        blocks = 1 if name == "resnet8" else 2
+        total, c_in = 3 * stages[0] * 49 + 2 * stages[0], stages[0]
+        for s, out in enumerate(stages):
+            for b in range(blocks):
+                total += c_in * out * 9 + 2 * out + out * out * 9 + 2 * out
+                if c_in != out or (s > 0 and b == 0):
+                    total += c_in * out + 2 * out
+                c_in = out
+        return total + c_in * c + c
+    if name == "moon_cnn":
+        return (3 * w["conv1"] * 25 + w["conv1"] + w["conv1"] * w["conv2"] * 25 + w["conv2"]
+                + w["conv2"] * 25 * w["fc1"] + w["fc1"] + w["fc1"] * w["fc2"] + w["fc2"]
+                + w["fc2"] * w["fc2"] + w["fc2"] + w["fc2"] * w["projection"] + w["projection"]
+                + w["projection"] * c + c)
     raise AssertionError(name)
 
 
@@ -157,9 +185,13 @@ def test_layer_groups_cover_state_dict_exactly_once_in_forward_order(name, small
     assert sorted(keys) == sorted(model.state_dict())
     shape = SMALL[name][2] if small else DEFAULT_SETUP[name][1]
     called = [n for n, _ in forward_order(model, example(model, shape))]
-    assert [g.name for g in model.layer_groups()] == called
-    for group in model.layer_groups():  # a group holds the tensors of the module it names
-        assert all(k.rsplit(".", 1)[0] == group.name for k in group.tensors)
+    owners = []  # modules owning each group's tensors, group after group (conv then its BN)
+    for group in model.layer_groups():
+        owners += [m for m in dict.fromkeys(k.rsplit(".", 1)[0] for k in group.tensors)]
+    assert owners == called
+    for group in model.layer_groups():  # a group is named after its first module (or its parent)
+        first = group.tensors[0].rsplit(".", 1)[0]
+        assert first == group.name or first.startswith(group.name + ".")
 
 
 # ---------------------------------------------------------------- FedMA match layers
@@ -181,7 +213,7 @@ def weight_key(name: str, module: nn.Module) -> str:
     return f"{name}.weight_ih_l0" if isinstance(module, nn.LSTM) else f"{name}.weight"
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", MATCHABLE)
 @pytest.mark.parametrize("small", [False, True])
 def test_match_layers_follow_forward_order_with_consistent_keys_and_blocks(name, small):
     model = build(name, small=small).eval()
@@ -248,7 +280,13 @@ def non_identity_perm(n: int, g: torch.Generator) -> torch.Tensor:
             return p
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+def test_models_fedma_cannot_match_have_no_match_layers():
+    assert set(MATCHABLE) < set(MODELS)
+    for name in set(MODELS) - set(MATCHABLE):
+        assert build(name).match_layers() == []
+
+
+@pytest.mark.parametrize("name", MATCHABLE)
 def test_permuting_units_by_match_layer_metadata_preserves_the_function(name):
     model = build(name, small=True).eval()
     x = example(model, SMALL[name][2])
@@ -280,7 +318,11 @@ def test_different_generator_seeds_give_different_weights_in_every_random_tensor
     b = build(name, seed=4).state_dict()
     for k in a:
         if torch.count_nonzero(a[k]) == 0 and torch.count_nonzero(b[k]) == 0:
-            assert k == "decoder.bias" and name == "char_lstm"  # zero by the authors' init
+            assert k == "decoder.bias" and name == "char_lstm" or ".bn" in f".{k}" or (
+                "downsample.1" in k or k.endswith("running_mean") or "num_batches" in k)
+            continue  # zero by the authors' init, BN biases, BN buffers
+        if torch.equal(a[k], b[k]) and a[k].unique().numel() == 1:  # BN weight 1, running_var 1
+            assert "bn" in k or "downsample.1" in k, k
             continue
         assert not torch.equal(a[k], b[k]), k
 
@@ -366,7 +408,7 @@ def test_incompatible_input_shape_names_model_shape_and_fitting_model(name, shap
 
 def test_shape_no_model_fits_says_so():
     with pytest.raises(FedsimError, match="no built-in model"):
-        build_model("lenet", num_classes=10, input_shape=(3, 64, 64))
+        build_model("lenet", num_classes=10, input_shape=(3, 16, 16))
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,12 @@
 """Algorithm registry: ``algorithm:`` name -> class. Each algorithm is one small module."""
 
 from fedsim.algorithms.base import Algorithm, ClientContext, ClientResult, ClientTask, RoundPlan, ServerState
+from fedsim.algorithms.baselines import Ensemble, EntireData
 from fedsim.algorithms.fedavg import FedAvg
+from fedsim.algorithms.fedma import PFNM, FedMA
 from fedsim.algorithms.fedprox import FedProx
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FedAvg, FedProx)}
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FedAvg, FedProx, FedMA, PFNM, Ensemble, EntireData)}
 
-__all__ = ["ALGORITHMS", "Algorithm", "ClientContext", "ClientResult", "ClientTask", "FedAvg", "FedProx",
+__all__ = ["ALGORITHMS", "Algorithm", "ClientContext", "ClientResult", "ClientTask", "FedAvg", "FedMA", "FedProx", "PFNM",
            "RoundPlan", "ServerState"]

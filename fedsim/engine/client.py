@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedsim import params as P
@@ -22,9 +23,14 @@ from fedsim.models import build_model
 from fedsim.rng import seed_for, torch_rng
 
 
-def make_algorithm(run: RunConfig, experiment: ExperimentConfig) -> Algorithm:
-    """The algorithm object of one run (built on the driver and on every worker)."""
-    return ALGORITHMS[run.algorithm](run, experiment)
+def make_algorithm(run: RunConfig, experiment: ExperimentConfig, dataset: FederatedDataset) -> Algorithm:
+    """The algorithm object of one run (built on the driver and on every worker).
+
+    Raises:
+        FedsimError: the algorithm cannot run this experiment (e.g. FedMA on a model without
+            matchable layers).
+    """
+    return ALGORITHMS[run.algorithm](run, experiment, dataset.num_classes, tuple(dataset.input_shape))
 
 
 def set_threads(cpus: float) -> int:
@@ -84,16 +90,24 @@ class ClientRunner:
 
     def algorithm(self, run: RunConfig) -> Algorithm:
         if run.label not in self._algorithms:
-            self._algorithms[run.label] = make_algorithm(run, self.experiment)
+            self._algorithms[run.label] = make_algorithm(run, self.experiment, self.dataset)
         return self._algorithms[run.label]
 
-    def run(self, run: RunConfig, task: ClientTask, received: dict[str, np.ndarray], state: Any = None) -> ClientResult:
+    def _fresh_weights(self, generator: torch.Generator) -> P.Params:
+        m = build_model(self.experiment.model.name, num_classes=self.dataset.num_classes,
+                        input_shape=self.dataset.input_shape, widths=self.experiment.model.widths,
+                        generator=generator)
+        return {k: v.to(self.device) for k, v in m.state_dict().items()}
+
+    def run(self, run: RunConfig, task: ClientTask, received: dict[str, np.ndarray], state: Any = None,
+            extra: dict[str, np.ndarray] | None = None) -> ClientResult:
         """Train client ``task.client_id`` from the ``received`` tensors and return its upload.
 
         Args:
-            run: the run's config; task: the client task; received: name -> numpy array sent down
-                (the global model, or the part of it the plan sends); state: the client's stored
-                state for stateful algorithms.
+            run: the run's config; task: the client task; received: name -> numpy array
+                broadcast to the cohort (the global model, or the part of it the plan sends);
+                state: the client's stored state for stateful algorithms; extra: tensors sent to
+                this client alone (counted in its downlink bytes).
 
         Returns:
             A :class:`ClientResult` whose bytes are the exact sizes of ``received`` and the upload.
@@ -101,14 +115,17 @@ class ClientRunner:
         t0 = time.perf_counter()
         algo = self.algorithm(run)
         plan = task.plan
-        model = self.model()
+        received = {**received, **(extra or {})}
         down = {k: v.to(self.device) for k, v in P.from_numpy(received).items()}
-        model.load_state_dict(down, strict=False)  # in-place copy into the cached model
+        widths, weights = algo.client_weights(task, down, state, self._fresh_weights)
+        model = self.model(widths)
+        model.load_state_dict(weights, strict=False)  # in-place copy into the cached model
         names = tuple(k for k, _ in model.named_parameters())
         trainable = names if plan.trainable is None else tuple(k for k in names if k in set(plan.trainable))
         for k, w in model.named_parameters():
             w.requires_grad_(k in trainable)
-        idx = self.dataset.client_indices[task.client_id]
+        idx = (np.concatenate(self.dataset.client_indices) if plan.pooled
+               else self.dataset.client_indices[task.client_id])
         x = torch.from_numpy(self.dataset.train.inputs(idx)).to(self.device)
         y = torch.from_numpy(self.dataset.train.y[idx]).to(self.device)
         ctx = ClientContext(
@@ -125,6 +142,7 @@ class ClientRunner:
         upload_np = P.to_numpy(upload)
         return ClientResult(
             client_id=task.client_id, round=task.round, upload=upload_np, n_examples=int(len(idx)),
-            train_loss=float(train_loss), bytes_up=P.nbytes(upload_np), bytes_down=P.nbytes(received),
+            train_loss=float(train_loss), bytes_up=0 if plan.pooled else P.nbytes(upload_np),
+            bytes_down=0 if plan.pooled else P.nbytes(received),
             seconds=time.perf_counter() - t0, worker=self.worker_id, attempt=task.attempt,
             state=ctx.new_state)

@@ -12,6 +12,7 @@ import json
 import platform
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -21,10 +22,12 @@ import torch.nn.functional as F
 
 import fedsim
 from fedsim import params as P
-from fedsim.algorithms import Algorithm, ClientTask
+from fedsim.algorithms import Algorithm, ClientTask, ServerState
 from fedsim.config import ExperimentConfig, RunConfig
 from fedsim.data.base import FederatedDataset, Split
+from fedsim.engine.backends import RoundTimeout
 from fedsim.engine.client import make_algorithm
+from fedsim.io import checkpoint
 from fedsim.io.runlog import RunLog
 from fedsim.models import build_model
 from fedsim.rng import numpy_rng, torch_rng
@@ -37,6 +40,21 @@ def sample_cohort(seed: int, round: int, num_clients: int, size: int) -> tuple[i
         return tuple(range(num_clients))
     ids = numpy_rng(seed, "cohort", round).choice(num_clients, size=size, replace=False)
     return tuple(int(i) for i in np.sort(ids))
+
+
+@torch.no_grad()
+def evaluate_probs(predict, split: Split, batch_size: int = 1024) -> tuple[float, float]:
+    """(accuracy in [0, 1], mean cross-entropy in nats) of class probabilities ``predict(x)``
+    ((B, K) float, rows summing to 1) over every example of ``split``."""
+    correct, loss, n = 0, 0.0, len(split)
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, min(start + batch_size, n))
+        x = torch.from_numpy(split.inputs(idx))
+        y = torch.from_numpy(split.y[idx])
+        probs = predict(x)
+        loss += float(F.nll_loss(torch.log(probs.clamp_min(1e-12)), y, reduction="sum"))
+        correct += int((probs.argmax(1) == y).sum())
+    return correct / max(n, 1), loss / max(n, 1)
 
 
 @torch.no_grad()
@@ -71,61 +89,123 @@ def _param_count(model: torch.nn.Module, names: tuple[str, ...] | None = None) -
     return sum(w.numel() for k, w in model.named_parameters() if names is None or k in names)
 
 
-def run_experiment(cfg: ExperimentConfig, dataset: FederatedDataset, run_dir: str, backend: Any) -> Iterator[dict]:
+def run_experiment(cfg: ExperimentConfig, dataset: FederatedDataset, run_dir: str, backend: Any,
+                   resume: bool = False) -> Iterator[dict]:
     """Run every run of ``cfg`` on ``backend``, writing Parquet rows to ``run_dir``.
+
+    With ``resume``, the tables already in ``run_dir`` are read back: runs that ended are replayed
+    as events and skipped, and a run that was interrupted continues from its last checkpoint
+    (rows after the checkpoint's round are discarded and recomputed, so no round is missing or
+    duplicated, and every column but the wall-clock ones comes out as in an uninterrupted run).
 
     Yields progress events (dicts): ``{"kind": "start", "run", "rounds"}``, one
     ``{"kind": "round", ...the rounds.parquet row}`` per round, and
     ``{"kind": "end", "run", "status", "message"}``.
     """
-    log = RunLog(run_dir)
+    log = RunLog.read(run_dir) if resume else RunLog(run_dir)
     for run in cfg.runs:
         yield from _run_one(cfg, run, dataset, backend, log)
 
 
+def _replay(log: RunLog, run: RunConfig, rounds: int) -> Iterator[dict]:
+    row = log.run_row(run.label)
+    yield {"kind": "start", "run": run.label, "rounds": rounds}
+    for r in log.rows["rounds"]:
+        if r["run_id"] == run.label:
+            yield {"kind": "round", **r, "rounds": rounds}
+    yield {"kind": "end", "run": run.label, "status": row["status"], "message": row["message"] or ""}
+
+
+def _restore(log: RunLog, run: RunConfig, state: Any, backend: Any):
+    """(state, first round, cumulative bytes up and down, client store) from the run's checkpoint;
+    rows after the checkpointed round are dropped. Without a checkpoint the run restarts."""
+    ckpt = checkpoint.load(log.dir, run.label)
+    last = -1 if ckpt is None else int(ckpt["round"])
+    log.truncate(run.label, after_round=last)
+    if ckpt is None:
+        return state, 0, 0, 0, {}
+    store = {int(c): backend.put_state(v) for c, v in ckpt["store"].items()}
+    return (ServerState(params=ckpt["params"], extra=ckpt["extra"]), last + 1, int(ckpt["cum_up"]),
+            int(ckpt["cum_down"]), store)
+
+
+def _save(log: RunLog, run: RunConfig, r: int, state: Any, store: dict, backend: Any, cum_up: int, cum_down: int) -> None:
+    checkpoint.save(log.dir, run.label, {
+        "round": r, "params": state.params, "extra": state.extra, "cum_up": cum_up, "cum_down": cum_down,
+        "store": {c: backend.get_state(h) for c, h in store.items()}})
+
+
 def _run_one(cfg: ExperimentConfig, run: RunConfig, dataset: FederatedDataset, backend: Any, log: RunLog) -> Iterator[dict]:
-    algo: Algorithm = make_algorithm(run, cfg)
+    algo: Algorithm = make_algorithm(run, cfg, dataset)
+    rounds = algo.num_rounds()
+    previous = log.run_row(run.label)
+    if previous is not None and previous["status"] != "running":
+        yield from _replay(log, run, rounds)
+        return
     model = build_model(cfg.model.name, num_classes=dataset.num_classes, input_shape=dataset.input_shape,
                         widths=cfg.model.widths, generator=torch_rng(cfg.seed, "init"))
     state = algo.init_state(P.clone(model.state_dict()))
-    rounds = algo.num_rounds()
-    log.add("runs", {"run_id": run.label, "experiment": cfg.name, "algorithm": run.algorithm,
-                     "config_json": json.dumps({**cfg.to_dict(), "runs": [run.model_dump(mode="json")]}, sort_keys=True),
-                     "seed": cfg.seed, "fedsim_version": fedsim.__version__,
-                     "versions_json": json.dumps(versions(), sort_keys=True), "status": "running",
-                     "started_at": _now()})
-    log.flush()
-    yield {"kind": "start", "run": run.label, "rounds": rounds}
-    cum_up = cum_down = 0
+    models = {None: model}  # evaluation models by global widths (FedMA's global model grows)
     store: dict[int, Any] = {}  # client id -> backend handle of its state (stateful algorithms only)
+    first, cum_up, cum_down = 0, 0, 0
+    if previous is None:
+        log.add("runs", {"run_id": run.label, "experiment": cfg.name, "algorithm": run.algorithm,
+                         "config_json": json.dumps({**cfg.to_dict(), "runs": [run.model_dump(mode="json")]},
+                                                   sort_keys=True),
+                         "seed": cfg.seed, "fedsim_version": fedsim.__version__,
+                         "versions_json": json.dumps(versions(), sort_keys=True), "status": "running",
+                         "started_at": _now()})
+        log.flush()
+    else:
+        state, first, cum_up, cum_down, store = _restore(log, run, state, backend)
+    yield {"kind": "start", "run": run.label, "rounds": rounds}
+    for r in log.rows["rounds"]:
+        if r["run_id"] == run.label:
+            yield {"kind": "round", **r, "rounds": rounds}
     status, message = "finished", ""
-    for r in range(rounds):
+    for r in range(first, rounds):
         t0 = time.perf_counter()
         cohort = sample_cohort(cfg.seed, r, dataset.num_clients, cfg.engine.clients_per_round)
         plan = algo.plan_round(state, r, cohort)
-        handle = backend.broadcast(P.to_numpy(algo.downlink(state, plan)))
+        broadcast = P.to_numpy(algo.downlink(state, plan))
+        handle = backend.broadcast(broadcast)
         tasks = [ClientTask(run_id=run.label, round=r, client_id=c, plan=plan) for c in plan.cohort]
         states = [store.get(c) if algo.stateful else None for c in plan.cohort]
-        results = backend.run_round(run, tasks, handle, states)
+        extras = [algo.client_downlink(state, plan, c) for c in plan.cohort]
+        extras = [None if e is None else P.to_numpy(e) for e in extras]
+        try:
+            results = backend.run_round(run, tasks, handle, states, extras)
+        except RoundTimeout as err:
+            status, message = "failed", str(err)
+            break
+        results = [x if not x.dropped else replace(x, bytes_down=0 if plan.pooled else P.nbytes(broadcast) + P.nbytes(e or {}))
+                   for x, e in zip(results, extras)]
+        kept = [x for x in results if not x.dropped]
         if algo.stateful:
-            store.update({x.client_id: backend.put_state(x.state) for x in results})
-        state = algo.aggregate(state, plan, results)
+            store.update({x.client_id: backend.put_state(x.state) for x in kept})
+        if kept:
+            state = algo.aggregate(state, plan, kept)
         global_params = algo.global_params(state)
         up, down = sum(x.bytes_up for x in results), sum(x.bytes_down for x in results)
         cum_up, cum_down = cum_up + up, cum_down + down
-        weights = np.array([x.n_examples for x in results], dtype=np.float64)
-        train_loss = float(np.dot(weights, [x.train_loss for x in results]) / weights.sum())
-        finite = P.all_finite(global_params) and np.isfinite(train_loss)
+        weights = np.array([x.n_examples for x in kept], dtype=np.float64)
+        train_loss = float(np.dot(weights, [x.train_loss for x in kept]) / weights.sum()) if kept else None
+        finite = P.all_finite(global_params) and (train_loss is None or np.isfinite(train_loss))
+        widths = algo.model_widths(state)
+        key = None if widths is None else tuple(sorted(widths.items()))
+        if key not in models:
+            models[key] = build_model(cfg.model.name, num_classes=dataset.num_classes,
+                                      input_shape=dataset.input_shape, widths=widths)
+        model = models[key]
         acc = loss = None
-        if finite and ((r + 1) % cfg.engine.eval_every == 0 or r == rounds - 1):
-            model.load_state_dict(global_params)
-            acc, loss = evaluate(model, dataset.test, cfg.engine.eval_batch_size)
+        if finite and plan.evaluate and ((r + 1) % cfg.engine.eval_every == 0 or r == rounds - 1):
+            acc, loss = algo.evaluate(state, model, dataset.test, cfg.engine.eval_batch_size)
             finite = np.isfinite(loss)
         row = {"run_id": run.label, "algorithm": run.algorithm, "round": r, "phase": plan.phase,
                "layer": plan.layer, "test_accuracy": acc, "test_loss": loss, "train_loss": train_loss,
                "bytes_up": up, "bytes_down": down, "cum_bytes_up": cum_up, "cum_bytes_down": cum_down,
-               "cum_bytes": cum_up + cum_down, "global_params": _param_count(model),
-               "trainable_params": _param_count(model, plan.trainable), "clients": len(results),
+               "cum_bytes": cum_up + cum_down, "global_params": algo.global_size(state, model),
+               "trainable_params": _param_count(model, plan.trainable), "clients": len(kept),
                "wall_seconds": time.perf_counter() - t0}
         if not finite:
             status = "diverged"
@@ -134,11 +214,13 @@ def _run_one(cfg: ExperimentConfig, run: RunConfig, dataset: FederatedDataset, b
             break
         for x in results:
             log.add("clients", {"run_id": run.label, "round": r, "client_id": x.client_id,
-                                "n_examples": x.n_examples, "train_loss": x.train_loss, "bytes_up": x.bytes_up,
-                                "bytes_down": x.bytes_down, "seconds": x.seconds, "worker": x.worker,
-                                "attempt": x.attempt})
+                                "n_examples": x.n_examples, "train_loss": None if x.dropped else x.train_loss,
+                                "bytes_up": x.bytes_up, "bytes_down": x.bytes_down, "seconds": x.seconds,
+                                "worker": x.worker, "attempt": x.attempt, "dropped": x.dropped})
         log.add("rounds", row)
         log.flush()
+        if (r + 1) % cfg.engine.checkpoint_every == 0 or r == rounds - 1:
+            _save(log, run, r, state, store, backend, cum_up, cum_down)
         yield {"kind": "round", **row, "rounds": rounds}
     log.update_run(run.label, status=status, message=message, finished_at=_now())
     log.flush()

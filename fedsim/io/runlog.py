@@ -7,9 +7,12 @@ An experiment directory holds three tables with schemas fixed from round 0:
   cumulative, global parameter count, cohort size, wall seconds);
 * ``clients.parquet``: one row per (round, client) (examples, loss, bytes, seconds, worker).
 
-Every flush rewrites a table to a temporary file in the same directory and renames it over the
-old one (``os.replace`` is atomic on POSIX), so a crash at any moment leaves either the previous
-complete file or the new one: never a file pandas cannot read, never a lost completed round.
+Every flush rewrites each table whole. The experiment directory is a local path or a URI
+(``s3://bucket/prefix``, ``file:///shared/runs``; see :mod:`fedsim.io.storage`): locally a table
+goes to a temporary file in the same directory that is renamed over the old one (``os.replace`` is
+atomic on POSIX); on an object store it is one upload, which becomes visible only when complete.
+Either way a crash at any moment leaves the previous complete file or the new one: never a file
+pandas cannot read, never a lost completed round.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from fedsim.io import storage
 
 _TS = pa.timestamp("us", tz="UTC")
 
@@ -44,17 +49,20 @@ CLIENTS_SCHEMA = pa.schema([
     ("run_id", pa.string()), ("round", pa.int64()), ("client_id", pa.int64()),
     ("n_examples", pa.int64()), ("train_loss", pa.float64()),
     ("bytes_up", pa.int64()), ("bytes_down", pa.int64()), ("seconds", pa.float64()),
-    ("worker", pa.string()), ("attempt", pa.int64()),
+    ("worker", pa.string()), ("attempt", pa.int64()), ("dropped", pa.bool_()),
 ])
 
 TABLES = {"runs": RUNS_SCHEMA, "rounds": ROUNDS_SCHEMA, "clients": CLIENTS_SCHEMA}
 
 
-def write_atomic(table: pa.Table, path: Path) -> None:
-    """Write ``table`` to ``path`` through a temporary file and an atomic rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+def write_atomic(table: pa.Table, path: str | os.PathLike[str]) -> None:
+    """Write ``table`` as Parquet to a local path or URI; no reader ever sees a partial file
+    (local: temporary file + atomic rename; object store: one upload).
+
+    Raises:
+        OSError: the file cannot be written.
+    """
+    storage.write_table(table, path)
 
 
 class RunLog:
@@ -65,7 +73,9 @@ class RunLog:
     """
 
     def __init__(self, run_dir: str | Path):
-        self.dir = Path(run_dir)
+        """``run_dir``: a local path or a URI (``s3://bucket/prefix/run``, ``file:///...``)."""
+        self.dir: str | Path = run_dir if storage.is_uri(run_dir) else Path(run_dir)
+        self._made = False
         self.rows: dict[str, list[dict[str, Any]]] = {name: [] for name in TABLES}
 
     def add(self, table: str, row: dict[str, Any]) -> None:
@@ -74,6 +84,29 @@ class RunLog:
         if unknown:
             raise KeyError(f"{table}.parquet has no columns {sorted(unknown)}")
         self.rows[table].append(dict(row))
+
+    @classmethod
+    def read(cls, run_dir: str | Path) -> "RunLog":
+        """The log of an existing experiment directory, its rows read back from the Parquet files.
+
+        Raises:
+            FileNotFoundError: a table is missing.
+        """
+        log = cls(run_dir)
+        for name, schema in TABLES.items():
+            data = storage.read_bytes(storage.join(log.dir, f"{name}.parquet"))
+            table = pq.read_table(pa.BufferReader(data))
+            log.rows[name] = table.select(schema.names).cast(schema).to_pylist()
+        return log
+
+    def run_row(self, run_id: str) -> dict[str, Any] | None:
+        """The runs row of ``run_id``, or None."""
+        return next((row for row in self.rows["runs"] if row["run_id"] == run_id), None)
+
+    def truncate(self, run_id: str, after_round: int) -> None:
+        """Drop the rounds and clients rows of ``run_id`` whose round is > ``after_round``."""
+        for name in ("rounds", "clients"):
+            self.rows[name] = [r for r in self.rows[name] if r["run_id"] != run_id or r["round"] <= after_round]
 
     def update_run(self, run_id: str, **fields: Any) -> None:
         """Change columns of the runs row of ``run_id`` (e.g. status, finished_at)."""
@@ -85,8 +118,10 @@ class RunLog:
 
     def flush(self) -> None:
         """Rewrite all three tables atomically (clients and rounds before runs)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        if not self._made:  # a local directory is re-created if it vanished; a remote one once
+            storage.make_dirs(self.dir)
+            self._made = storage.local_path(self.dir) is None
         for name in ("clients", "rounds", "runs"):
             schema = TABLES[name]
             table = pa.Table.from_pylist(self.rows[name], schema=schema)
-            write_atomic(table, self.dir / f"{name}.parquet")
+            write_atomic(table, storage.join(self.dir, f"{name}.parquet"))

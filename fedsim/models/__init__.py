@@ -16,6 +16,9 @@ from fedsim.models.base import FedModel, LayerGroup, MatchLayer
 from fedsim.models.char_lstm import CharLSTM
 from fedsim.models.digits_cnn import DigitsCNN
 from fedsim.models.lenet import LeNet
+from fedsim.models.logreg import LogReg
+from fedsim.models.moon import MOON_SUFFIX, MoonCNN, ProjectionHeadModel, with_projection_head
+from fedsim.models.resnet import ResNet8, ResNet18
 from fedsim.models.vgg import VGG9
 
 __all__ = [
@@ -25,10 +28,17 @@ __all__ = [
     "FedModel",
     "LayerGroup",
     "LeNet",
+    "LogReg",
     "MatchLayer",
+    "MoonCNN",
+    "ProjectionHeadModel",
+    "ResNet18",
+    "ResNet8",
     "VGG9",
     "build_model",
     "forward_macs",
+    "model_class",
+    "with_projection_head",
 ]
 
 #: Model name (as in the config's ``model.name``) -> class.
@@ -37,7 +47,29 @@ MODELS: dict[str, type[FedModel]] = {
     "vgg9": VGG9,
     "char_lstm": CharLSTM,
     "digits_cnn": DigitsCNN,
+    "logreg": LogReg,
+    "resnet8": ResNet8,
+    "resnet18": ResNet18,
+    "moon_cnn": MoonCNN,
 }
+
+
+def model_class(name: str) -> type[FedModel]:
+    """The class of model ``name``: a key of :data:`MODELS`, or ``"<key>+moon"`` for that model
+    with MOON's projection head (:func:`~fedsim.models.moon.with_projection_head`).
+
+    Raises:
+        FedsimError: ``name`` is neither.
+    """
+    base, suffix = name[: -len(MOON_SUFFIX)], name[-len(MOON_SUFFIX):]
+    if name in MODELS:
+        return MODELS[name]
+    if suffix == MOON_SUFFIX and base in MODELS:
+        return with_projection_head(base)
+    raise FedsimError(
+        f"unknown model {name!r}; set model.name to one of {', '.join(MODELS)} "
+        f"(or one of them + {MOON_SUFFIX!r} for MOON's projection head)"
+    )
 
 
 def _input_shape(input_shape: object) -> tuple[int, ...]:
@@ -62,7 +94,7 @@ def build_model(
     """Build the model ``name`` for a dataset whose examples have shape ``input_shape``.
 
     Args:
-        name: a key of :data:`MODELS`.
+        name: a key of :data:`MODELS`, or ``"<key>+moon"`` (see :func:`model_class`).
         num_classes: the dataset's class count (char_lstm: the vocabulary size).
         input_shape: one example's shape, e.g. ``(1, 28, 28)`` or ``(80,)``.
         widths: hidden-layer widths to override (keys: the model's ``DEFAULT_WIDTHS``).
@@ -78,12 +110,8 @@ def build_model(
         FedsimError: unknown ``name``; ``input_shape`` malformed or not what the model takes;
             bad ``num_classes``, ``widths`` or ``generator``.
     """
-    if name not in MODELS:
-        raise FedsimError(
-            f"unknown model {name!r}; set model.name to one of {', '.join(MODELS)}"
-        )
+    cls = model_class(name)
     shape = _input_shape(input_shape)
-    cls = MODELS[name]
     if not cls.fits(shape):
         fitting = [n for n, c in MODELS.items() if c.fits(shape)]
         fix = (

@@ -1,0 +1,31 @@
+"""Analysis of fedsim run logs: pandas tables and matplotlib figures over the Parquet files.
+
+This package reads ``runs.parquet``, ``rounds.parquet`` and ``clients.parquet`` and never imports
+fedsim itself, so it works on a machine with only pandas, pyarrow and matplotlib::
+
+    from analysis import load_runs, bytes_to_target
+    df = load_runs(["runs/digits-20261121-101500", "s3://bucket/runs/digits-seed1"])
+    df.pivot_table(index="round", columns="run_id", values="test_accuracy")
+"""
+
+from analysis.errors import AnalysisError
+from analysis.load import load_runs, read_tables
+from analysis.tables import (accuracy_vs_bytes, accuracy_vs_round, bytes_to_target, over_seeds,
+                             run_table)
+
+__all__ = [
+    "AnalysisError", "load_runs", "read_tables", "accuracy_vs_round", "accuracy_vs_bytes",
+    "bytes_to_target", "run_table", "over_seeds", "plot_convergence", "plot_cost", "save_figure",
+    "figure_bytes",
+]
+
+_PLOTS = {"plot_convergence", "plot_cost", "save_figure", "figure_bytes"}
+
+
+def __getattr__(name: str):
+    # matplotlib is imported on first use of a plotting function, not by ``import analysis``
+    if name in _PLOTS:
+        from analysis import plots
+
+        return getattr(plots, name)
+    raise AttributeError(f"module 'analysis' has no attribute {name!r}")

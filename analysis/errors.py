@@ -1,0 +1,6 @@
+"""The exception analysis raises for unusable input (analysis never imports fedsim)."""
+
+
+class AnalysisError(Exception):
+    """A path, table or argument analysis cannot use; the message is one line naming the problem
+    and the fix. ``fedsim report`` turns it into ``fedsim.errors.FedsimError`` (exit code 2)."""

@@ -1,0 +1,238 @@
+"""``fedsim report RUN_DIR [RUN_DIR ...] [--out DIR]``: figures and a Markdown summary of runs.
+
+Writes into DIR (default ``<first RUN_DIR>/report``):
+
+* ``convergence.png`` / ``.svg``: test accuracy against cumulative message size (MB, both
+  directions) and against communication rounds, one line per run (FedMA's Figure 2 layout);
+* ``cost.png`` / ``.svg``: final/best accuracy, GB up/down (and TFLOPs when logged) per run;
+* ``summary.md``: the summary table, per-seed means when runs repeat, and the figures;
+
+and prints the summary table. Also runnable without fedsim installed:
+``python -m analysis.report RUN_DIR ... [--out DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TextIO
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from analysis.errors import AnalysisError
+from analysis.load import _locate, load_runs, write_bytes
+from analysis.tables import KEYS, bytes_to_target, over_seeds, run_table
+
+TARGET_FRACTION = 0.9
+SUMMARY_COLUMNS = ["run", "algorithm", "final_acc", "best_acc", "rounds", "MB_up", "MB_down", "wall_s",
+                   "MB_to_target"]
+_FORMATS = {"final_acc": "{:.4f}", "best_acc": "{:.4f}", "MB_up": "{:.2f}", "MB_down": "{:.2f}",
+            "wall_s": "{:.1f}", "MB_to_target": "{:.2f}", "TFLOPs": "{:.3g}", "rounds": "{:d}", "seed": "{:d}"}
+
+
+@dataclass(frozen=True)
+class Report:
+    """What :func:`write_report` produced.
+
+    Attributes:
+        out_dir: where the files went (absolute local path or URI).
+        files: the files written (summary.md, convergence.png/.svg, cost.png/.svg).
+        summary: one row per run, columns ``SUMMARY_COLUMNS`` (``experiment`` and ``seed`` added
+            after ``algorithm`` when several directories are reported, ``TFLOPs`` when logged,
+            ``status`` last); accuracies in [0, 1], sizes in MB (1e6 bytes), seconds.
+        seeds: per run name mean/std over repeated runs (:func:`analysis.over_seeds`), or None
+            when no run name repeats.
+        target: the accuracy ``MB_to_target`` refers to: 0.9 x the best accuracy of any run.
+        text: the summary as printed (plain-text table, target line, seeds table).
+    """
+
+    out_dir: str
+    files: tuple[str, ...]
+    summary: pd.DataFrame
+    seeds: pd.DataFrame | None
+    target: float
+    text: str
+
+
+def _fmt(value, spec: str | None) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"
+    if spec is None:
+        return str(value)
+    try:
+        return spec.format(int(value) if spec == "{:d}" else value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _shown(df: pd.DataFrame, formats: dict[str, str]) -> pd.DataFrame:
+    return pd.DataFrame({c: [_fmt(v, formats.get(c)) for v in df[c]] for c in df.columns})
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table of a frame of strings (pipes in cells escaped)."""
+    esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(map(esc, df.columns)) + " |", "|" + "|".join("---" for _ in df.columns) + "|"]
+    lines += ["| " + " | ".join(map(esc, row)) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def summarize(df: pd.DataFrame, target_fraction: float = TARGET_FRACTION) -> tuple[pd.DataFrame, float, str]:
+    """The report's per-run table, its target accuracy, and a sentence saying where it came from.
+
+    The target is ``target_fraction`` x the best test accuracy observed in any run of ``df``, a
+    common bar for every run; ``MB_to_target`` is each run's cumulative traffic (both
+    directions, 1e6 bytes) when it first reached it (NaN: never).
+
+    Raises:
+        AnalysisError: no run of ``df`` was ever evaluated.
+    """
+    table = run_table(df)
+    if table["best_acc"].isna().all():
+        raise AnalysisError("no run has an evaluated round (test_accuracy is null everywhere); run more "
+                            "rounds or lower engine.eval_every")
+    best = table.loc[table["best_acc"].idxmax()]
+    target = target_fraction * float(best["best_acc"])
+    reach = bytes_to_target(df, target)[KEYS + ["cum_bytes"]]
+    table = table.merge(reach, on=KEYS, how="left")
+    table["MB_to_target"] = table["cum_bytes"] / 1e6
+    table = table.rename(columns={"run_id": "run"})
+    cols = list(SUMMARY_COLUMNS)
+    if table["experiment_dir"].nunique() > 1:
+        table["experiment"] = table["experiment_dir"].map(lambda d: d.rstrip("/").rsplit("/", 1)[-1])
+        cols[2:2] = ["experiment", "seed"]
+    cols += [c for c in ("TFLOPs", "status") if c in table.columns]
+    where = f" in {best['experiment_dir']}" if table["experiment_dir"].nunique() > 1 else ""
+    note = (f"MB_to_target: cumulative traffic (up + down, MB = 1e6 bytes) when test accuracy first "
+            f"reached {target:.4f} = {target_fraction:.0%} of the best accuracy observed "
+            f"({float(best['best_acc']):.4f}, run {best['run_id']}{where}); '-': never reached")
+    return table[cols].reset_index(drop=True), target, note
+
+
+def _seed_table(summary: pd.DataFrame) -> pd.DataFrame | None:
+    if "seed" not in summary.columns or not summary["run"].duplicated().any():
+        return None
+    metrics = ["final_acc", "best_acc", "MB_to_target"]
+    seeds = over_seeds(summary.rename(columns={"run": "run_id"}), metrics).rename(columns={"run_id": "run"})
+    seeds["reached"] = summary.groupby("run", sort=False)["MB_to_target"].count().to_numpy()
+    return seeds
+
+
+def _seed_shown(seeds: pd.DataFrame) -> pd.DataFrame:
+    out = seeds[["run", "algorithm", "n_runs"]].astype(str)
+    out["seeds"] = seeds["seeds"].map(lambda s: ", ".join(map(str, s)))
+    for m, spec in (("final_acc", "{:.4f}"), ("best_acc", "{:.4f}"), ("MB_to_target", "{:.2f}")):
+        out[m] = [f"{_fmt(a, spec)} ± {_fmt(s, spec)}" for a, s in zip(seeds[f"{m}_mean"], seeds[f"{m}_std"])]
+    out["reached"] = [f"{k}/{n}" for k, n in zip(seeds["reached"], seeds["n_runs"])]
+    return out
+
+
+def _out_location(paths: Sequence[str], out: str | os.PathLike | None):
+    if out is None:
+        first = _locate(paths[0])
+        out_text = f"{first.name}/report"
+    else:
+        out_text = os.fspath(out)
+    loc = _locate(out_text)
+    try:
+        info = loc.fs.get_file_info(loc.path)
+        if info.type not in (pafs.FileType.NotFound, pafs.FileType.Directory):
+            raise AnalysisError(f"report location {loc.name!r} exists and is not a directory; pass --out "
+                                "with a directory path")
+        loc.fs.create_dir(loc.path, recursive=True)
+    except (pa.ArrowException, OSError) as err:
+        raise AnalysisError(f"cannot create report directory {loc.name!r} "
+                            f"({str(err).strip().splitlines()[0]}); pass --out with a writable directory") from None
+    return loc
+
+
+def write_report(paths: str | os.PathLike | Iterable[str | os.PathLike], out: str | os.PathLike | None = None,
+                 target_fraction: float = TARGET_FRACTION) -> Report:
+    """Load the runs of ``paths``, write the figures and ``summary.md`` into ``out``.
+
+    Args:
+        paths: experiment directories (local paths or pyarrow filesystem URIs).
+        out: report directory (local path or URI), created if needed; default
+            ``<first path>/report``. Existing report files there are overwritten.
+        target_fraction: ``MB_to_target`` is measured at this fraction of the best accuracy.
+
+    Returns:
+        A :class:`Report`.
+
+    Raises:
+        AnalysisError: a path that is missing, empty or not a fedsim experiment directory; an
+            unwritable ``out``; no evaluated round anywhere.
+    """
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    df = load_runs(paths)
+    from analysis.plots import figure_bytes, plot_convergence, plot_cost  # imports matplotlib (slow)
+
+    loc = _out_location([os.fspath(p) for p in paths], out)
+    summary, target, note = summarize(df, target_fraction)
+    seeds = _seed_table(summary)
+    title = ", ".join(dict.fromkeys(df["experiment"].dropna())) if "experiment" in df.columns else None
+    figures = {"convergence": plot_convergence(df, unit="MB", target=target, title=title),
+               "cost": plot_cost(df, title=title)}
+    files = []
+    for stem, fig in figures.items():
+        for fmt in ("png", "svg"):
+            path = f"{loc.path}/{stem}.{fmt}"
+            write_bytes(loc.fs, path, figure_bytes(fig, fmt), f"{loc.name}/{stem}.{fmt}")
+            files.append(f"{loc.name}/{stem}.{fmt}")
+    shown = _shown(summary, _FORMATS)
+    text = shown.to_string(index=False) + "\n" + note
+    md = ["# fedsim report", "", "Experiment directories:", ""]
+    md += [f"- `{d}`" for d in dict.fromkeys(df["experiment_dir"])]
+    md += ["", "## Runs", "", markdown_table(shown), "", note.replace("'-'", "`-`"), ""]
+    if seeds is not None:
+        seed_shown = _seed_shown(seeds)
+        text += "\n\nmean ± sample std over repeated runs:\n" + seed_shown.to_string(index=False)
+        md += ["## Over seeds", "", "Mean ± sample standard deviation over runs of the same name; MB_to_target "
+               "over the runs that reached the target (`reached`: how many did).", "",
+               markdown_table(seed_shown), ""]
+    md += ["## Figures", "",
+           "Test accuracy against cumulative message size (MB, up + down) and against communication "
+           "rounds; the dotted line is the target accuracy.", "",
+           "![convergence](convergence.png)", "",
+           "Accuracy and cost per run (bars: mean over repeated runs, error bars: sample std).", "",
+           "![cost](cost.png)", "", "Vector versions: `convergence.svg`, `cost.svg`.", ""]
+    write_bytes(loc.fs, f"{loc.path}/summary.md", "\n".join(md).encode(), f"{loc.name}/summary.md")
+    files.insert(0, f"{loc.name}/summary.md")
+    return Report(out_dir=loc.name, files=tuple(files), summary=summary, seeds=seeds, target=target, text=text)
+
+
+def run(paths: Sequence[str], out: str | None = None, stream: TextIO | None = None) -> Report:
+    """:func:`write_report`, then print the summary and where the report went to ``stream``
+    (default stdout). The body of ``fedsim report``.
+
+    Raises:
+        AnalysisError: see :func:`write_report`.
+    """
+    report = write_report(paths, out)
+    stream = stream or sys.stdout
+    print(report.text, file=stream)
+    print(f"report: {report.out_dir}/summary.md", file=stream)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m analysis.report RUN_DIR ... [--out DIR]`` (no fedsim needed); returns the exit code."""
+    parser = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="experiment directories or URIs")
+    parser.add_argument("--out", help="report directory (default: <first RUN_DIR>/report)")
+    args = parser.parse_args(argv)
+    try:
+        run(args.run_dirs, args.out)
+    except AnalysisError as err:
+        print(f"analysis: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

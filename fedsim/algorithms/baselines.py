@@ -1,0 +1,91 @@
+"""The FedMA paper's non-federated reference points (Wang et al., ICLR 2020, section 3 and
+Figure 1; ALGORITHMS.md section 4), runnable from the same experiment file as the algorithms:
+
+* ``ensemble``: every client trains its own model from its own initialisation, uploads it once,
+  and the prediction is the uniform average of the J local models' softmax outputs;
+* ``entire_data``: one model trained on the union of all clients' data (no communication).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fedsim import params as P
+from fedsim.algorithms.base import Algorithm, ClientResult, ClientTask, RoundPlan, ServerState
+from fedsim.config import ExperimentConfig, RunConfig
+from fedsim.errors import FedsimError
+from fedsim.rng import torch_rng
+
+
+class OneShotConfig(RunConfig):
+    """A one-shot baseline: ``rounds`` must stay 1."""
+
+    rounds: int = 1
+
+    def check(self, where: str, experiment: ExperimentConfig) -> None:
+        if self.rounds != 1:
+            raise FedsimError(f"config key '{where}.rounds': {self.algorithm} is one-shot, set rounds: 1 "
+                              f"(got {self.rounds})")
+
+
+class Ensemble(Algorithm):
+    """Uniform average of the cohort's local models' softmax outputs (FedMA paper, Figure 1)."""
+
+    name = "ensemble"
+    Config = OneShotConfig
+
+    def num_rounds(self) -> int:
+        return 1
+
+    def plan_round(self, state: ServerState, round: int, cohort: tuple[int, ...]) -> RoundPlan:
+        c = self.cfg
+        return RoundPlan(round=round, cohort=cohort, local_epochs=c.local_epochs, lr=c.lr, momentum=c.momentum,
+                         weight_decay=c.weight_decay, phase="one-shot")
+
+    def downlink(self, state: ServerState, plan: RoundPlan) -> P.Params:
+        return {}
+
+    def client_weights(self, task: ClientTask, received: P.Params, state: Any, init):
+        return None, init(torch_rng(self.experiment.seed, "init", 0, task.client_id + 1))
+
+    def aggregate(self, state: ServerState, plan: RoundPlan, results: list[ClientResult]) -> ServerState:
+        members = [P.from_numpy(r.upload) for r in results]
+        return ServerState(params=members[0], extra={**state.extra, "members": members})
+
+    def evaluate(self, state: ServerState, model, split, batch_size: int) -> tuple[float, float]:
+        from fedsim.engine.loop import evaluate_probs
+
+        members = state.extra["members"]
+        model.eval()
+
+        def predict(x: torch.Tensor) -> torch.Tensor:
+            probs = 0
+            for m in members:
+                model.load_state_dict(m)
+                probs = probs + torch.softmax(model(x), 1)
+            return probs / len(members)
+
+        return evaluate_probs(predict, split, batch_size)
+
+    def global_size(self, state: ServerState, model) -> int:
+        return len(state.extra.get("members", [None])) * sum(w.numel() for w in model.parameters())
+
+
+class EntireData(Algorithm):
+    """One model trained on all clients' data pooled: ``rounds`` x ``local_epochs`` epochs.
+
+    Each round is one task over the union of every client's examples, logged in clients.parquet
+    as client 0 with ``n_examples`` the pooled count and 0 bytes.
+    """
+
+    name = "entire_data"
+
+    def plan_round(self, state: ServerState, round: int, cohort: tuple[int, ...]) -> RoundPlan:
+        c = self.cfg
+        return RoundPlan(round=round, cohort=(0,), local_epochs=c.local_epochs, lr=c.lr, momentum=c.momentum,
+                         weight_decay=c.weight_decay, phase="pooled", pooled=True)
+
+    def aggregate(self, state: ServerState, plan: RoundPlan, results: list[ClientResult]) -> ServerState:
+        return ServerState(params={**state.params, **P.from_numpy(results[0].upload)}, extra=state.extra)

@@ -1,0 +1,299 @@
+"""FedMA with communication (Wang et al., "Federated Learning with Matched Averaging", ICLR 2020,
+Algorithm 1 and section 2.3) and PFNM one-shot matching (Yurochkin et al., ICML 2019), as in
+ALGORITHMS.md sections 2-4.
+
+One FedMA round over a network with N-1 matchable layers and a classifier takes N communication
+rounds, each a row of rounds.parquet (``phase``/``layer`` columns). With ``p, k = divmod(round, N)``:
+
+* k = 0: every client starts from the global model sliced back to its original widths by its
+  assignments of the previous FedMA round (in FedMA round 0: from its own initialisation, shared
+  with nobody), trains the whole model for ``local_epochs``, keeps it (client state) and uploads
+  layer 0. The server matches layer 0 with BBP-MAP (:func:`fedsim.matching.bbp_map`).
+* 0 < k < N-1: the server has sent global layer k-1 and each client its assignment a_j (int32 per
+  local neuron). The client puts the global layer in place of its own, moves its layer k's input
+  axis to global positions (zero-padded), freezes layers 0..k-1, retrains layers k.. for
+  ``retrain_epochs`` and uploads layer k, which the server matches.
+* k = N-1: as above, but only the classifier is left to train: lr / 10, weight decay 1e-4 and 3x
+  the epochs (paper, Appendix A). The client uploads the classifier and its class counts; the
+  server averages class k's column weighted by n_jk / sum_j n_jk (a class absent everywhere gets
+  the plain mean). The global model (matched layers + classifier) is evaluated.
+
+The algorithm reads the model's structure from :meth:`FedModel.match_layers` and
+:meth:`FedModel.classifier` only: no per-model branches.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedsim import params as P
+from fedsim.algorithms.base import Algorithm, ClientContext, ClientResult, ClientTask, RoundPlan, ServerState
+from fedsim.config import ExperimentConfig, RunConfig
+from fedsim.errors import FedsimError
+from fedsim.matching import bbp_map
+from fedsim.matching.atoms import (
+    atom_prior_mean,
+    atoms_to_layer,
+    layer_atoms,
+    n_units,
+    permute_next_input,
+    permute_recurrent,
+    slice_to_client,
+)
+from fedsim.models.base import MatchLayer
+from fedsim.rng import seed_for, torch_rng
+
+ASSIGNMENT = "__assignment__"      # int32 (L_j,) sent down with a global layer
+CLASS_COUNTS = "__class_counts__"  # int64 (K,) sent up with the classifier
+
+
+class FedMAConfig(RunConfig):
+    """FedMA run. ``rounds`` counts FedMA rounds (each N communication rounds for N layers).
+
+    sigma2, sigma0_2, gamma, iterations: BBP-MAP hyper-parameters (ALGORITHMS.md section 2;
+    authors' defaults 1, 1, 7, 5; Shakespeare uses gamma 1e-3). ``retrain_epochs``: epochs of the
+    layer-wise retraining (default: ``local_epochs``). ``momentum`` defaults to the paper's 0.9.
+    """
+
+    rounds: int = 1
+    momentum: float = 0.9
+    sigma2: float = 1.0
+    sigma0_2: float = 1.0
+    gamma: float = 7.0
+    iterations: int = 5
+    retrain_epochs: int | None = None
+    max_global_neurons: int | None = None
+
+    def check(self, where: str, experiment: ExperimentConfig) -> None:
+        for key in ("sigma2", "sigma0_2", "gamma"):
+            if not getattr(self, key) > 0:
+                raise FedsimError(f"config key '{where}.{key}' must be > 0 (got {getattr(self, key)})")
+        if self.iterations < 0:
+            raise FedsimError(f"config key '{where}.iterations' must be >= 0 (got {self.iterations})")
+        if experiment.engine.clients_per_round != experiment.data.num_clients:
+            raise FedsimError(f"{self.algorithm} matches every client's model: set engine.clients_per_round to "
+                              f"data.num_clients ({experiment.data.num_clients})")
+
+
+def _tensors_of(layer: MatchLayer) -> tuple[str, ...]:
+    return tuple(k for k in (layer.weight, layer.bias, *layer.recurrent) if k is not None)
+
+
+def match_layer(uploads: list[P.Params], layer: MatchLayer, cfg: FedMAConfig, seed: int) -> tuple[P.Params, list[np.ndarray]]:
+    """Match one layer across clients: BBP-MAP over the clients' atoms (ALGORITHMS.md section 2).
+
+    Args:
+        uploads: J dicts holding the layer's tensors (input axis already in global order), e.g.
+            a linear layer's weight ``(L_j, in)`` and bias ``(L_j,)``.
+        layer: the layer's metadata; cfg: the run's BBP-MAP hyper-parameters; seed: sweep seed.
+
+    Returns:
+        (global tensors of the layer with L units, J int64 assignments of lengths L_j). For an
+        LSTM, the recurrent tensors are (1/J) sum_j Pi_j H_j Pi_j^T per gate (section 3).
+    """
+    atoms = [layer_atoms(u, layer) for u in uploads]
+    prior = atom_prior_mean(layer, atoms[0].shape[1])
+    res = bbp_map(atoms, sigma2=cfg.sigma2, sigma0_2=cfg.sigma0_2, gamma=cfg.gamma, prior_mean=prior,
+                  iterations=cfg.iterations, seed=seed, max_global_neurons=cfg.max_global_neurons)
+    L = int(res.global_atoms.shape[0])
+    out = atoms_to_layer(res.global_atoms, layer, uploads[0])
+    if layer.recurrent:
+        placed = [permute_recurrent(u, layer, a, L) for u, a in zip(uploads, res.assignments)]
+        for key in layer.recurrent:
+            out[key] = torch.stack([p[key] for p in placed]).mean(0)
+    return out, [np.asarray(a, dtype=np.int64) for a in res.assignments]
+
+
+def average_classifier(uploads: list[P.Params], keys: tuple[str, str], counts: list[np.ndarray]) -> P.Params:
+    """Class-proportion-weighted classifier (ALGORITHMS.md section 3, last layer).
+
+    Row c of the weight ``(K, D)`` and entry c of the bias ``(K,)`` are sum_j (n_jc / sum_j' n_j'c)
+    times client j's; a class no client holds gets the plain mean over clients.
+
+    Args:
+        uploads: J dicts with the classifier's weight and bias (input axis in global order).
+        keys: (weight key, bias key); counts: J int arrays (K,) of class counts n_jc.
+    """
+    n = torch.as_tensor(np.stack(counts), dtype=torch.float64)           # (J, K)
+    total = n.sum(0, keepdim=True)                                         # (1, K)
+    w = torch.where(total > 0, n / total.clamp(min=1), torch.full_like(n, 1.0 / n.shape[0]))  # (J, K)
+    out = {}
+    for key in keys:
+        stack = torch.stack([u[key].to(torch.float64) for u in uploads])  # (J, K, ...)
+        shape = (w.shape[0], w.shape[1]) + (1,) * (stack.ndim - 2)
+        out[key] = (stack * w.reshape(shape)).sum(0).to(uploads[0][key].dtype)
+    return out
+
+
+class FedMA(Algorithm):
+    """FedMA with communication; see the module docstring for the round structure."""
+
+    name = "fedma"
+    Config = FedMAConfig
+    stateful = True  # each client keeps its partially matched local model between layer steps
+
+    def __init__(self, cfg: RunConfig, experiment: ExperimentConfig, num_classes: int | None = None,
+                 input_shape: tuple[int, ...] | None = None):
+        super().__init__(cfg, experiment, num_classes, input_shape)
+        ref = self.reference_model()
+        self.layers: list[MatchLayer] = ref.match_layers()
+        self.classifier_keys: tuple[str, str] = ref.classifier()
+        if not self.layers:
+            raise FedsimError(f"model {experiment.model.name!r} has no matchable layers; {self.name} needs one "
+                              "of lenet, vgg9, char_lstm, digits_cnn")
+        self.N = len(self.layers) + 1
+        self.base_widths = dict(ref.widths)
+        self.param_names = tuple(name for name, _ in ref.named_parameters())
+
+    # ---- schedule --------------------------------------------------------------------------
+    def num_rounds(self) -> int:
+        return self.cfg.rounds * self.N
+
+    def _frozen(self, k: int) -> set[str]:
+        return {t for layer in self.layers[:k] for t in _tensors_of(layer)}
+
+    def plan_round(self, state: ServerState, round: int, cohort: tuple[int, ...]) -> RoundPlan:
+        c = self.cfg
+        k = round % self.N
+        retrain = c.retrain_epochs or c.local_epochs
+        if k == 0:
+            return RoundPlan(round=round, cohort=cohort, local_epochs=c.local_epochs, lr=c.lr, momentum=c.momentum,
+                             weight_decay=c.weight_decay, phase="match", layer=0,
+                             upload=_tensors_of(self.layers[0]), evaluate=False)
+        trainable = tuple(n for n in self.param_names if n not in self._frozen(k))
+        if k < self.N - 1:
+            return RoundPlan(round=round, cohort=cohort, local_epochs=retrain, lr=c.lr, momentum=c.momentum,
+                             weight_decay=c.weight_decay, phase="match", layer=k, trainable=trainable,
+                             upload=_tensors_of(self.layers[k]), evaluate=False)
+        return RoundPlan(round=round, cohort=cohort, local_epochs=3 * retrain, lr=c.lr / 10, momentum=c.momentum,
+                         weight_decay=1e-4, phase="classifier", layer=k, trainable=trainable,
+                         upload=self.classifier_keys, evaluate=True)
+
+    # ---- server ----------------------------------------------------------------------------
+    def init_state(self, params: P.Params) -> ServerState:
+        return ServerState(params=P.clone(params), extra={"widths": None, "assign": {}, "prev_assign": {},
+                                                          "layers": {}})
+
+    def downlink(self, state: ServerState, plan: RoundPlan) -> P.Params:
+        k = plan.layer
+        return {} if k == 0 else dict(state.extra["layers"][k - 1])
+
+    def client_downlink(self, state: ServerState, plan: RoundPlan, client_id: int) -> P.Params | None:
+        k = plan.layer
+        if k == 0:
+            prev = state.extra["prev_assign"].get(client_id)
+            return None if prev is None else slice_to_client(state.params, self.layers, prev)
+        a = state.extra["assign"][client_id][k - 1]
+        return {ASSIGNMENT: torch.as_tensor(a, dtype=torch.int32)}
+
+    def aggregate(self, state: ServerState, plan: RoundPlan, results: list[ClientResult]) -> ServerState:
+        k, extra = plan.layer, dict(state.extra)
+        uploads = [P.from_numpy(r.upload) for r in results]
+        if k == 0:
+            extra["assign"], extra["layers"] = {}, {}
+        if k < self.N - 1:
+            seed = seed_for(self.experiment.seed, "matching", plan.round, k)
+            tensors, assigns = match_layer(uploads, self.layers[k], self.cfg, seed)
+            extra["layers"] = {**extra["layers"], k: tensors}
+            extra["assign"] = {r.client_id: [*extra["assign"].get(r.client_id, []), a] for r, a in zip(results, assigns)}
+            return ServerState(params=state.params, extra=extra)
+        params, extra["widths"] = self._assemble(list(extra["layers"].values()), uploads, results)
+        extra["prev_assign"] = extra["assign"]
+        return ServerState(params=params, extra=extra)
+
+    def _assemble(self, layer_tensors: list[P.Params], uploads: list[P.Params],
+                  results: list[ClientResult]) -> tuple[P.Params, dict[str, int]]:
+        """The global model: matched layers + the class-proportion-weighted classifier, in the
+        state_dict order of the model at the global widths."""
+        params: P.Params = {}
+        for tensors in layer_tensors:
+            params.update(tensors)
+        counts = [r.upload[CLASS_COUNTS] for r in results]
+        params.update(average_classifier(uploads, self.classifier_keys, counts))
+        widths = {layer.name: n_units(params, layer) for layer in self.layers}
+        return {key: params[key] for key in self.reference_model(widths).state_dict()}, widths
+
+    def model_widths(self, state: ServerState) -> dict[str, int] | None:
+        return state.extra["widths"] or self.experiment.model.widths
+
+    # ---- client ----------------------------------------------------------------------------
+    def client_weights(self, task: ClientTask, received: P.Params, state: Any, init):
+        k = task.plan.layer
+        if k == 0:
+            if received:  # the global model sliced back to this client's original widths
+                return self.base_widths, received
+            return self.base_widths, init(torch_rng(self.experiment.seed, "init", 0, task.client_id + 1))
+        device = received[ASSIGNMENT].device
+        local = {key: v.to(device) for key, v in P.from_numpy(state).items()}
+        layer = self.layers[k - 1]
+        L = n_units(received, layer)
+        local.update({t: received[t] for t in _tensors_of(layer)})
+        local = permute_next_input(local, layer, received[ASSIGNMENT].long(), L)
+        widths = dict(self.base_widths)
+        for done in self.layers[:k]:
+            widths[done.name] = n_units(local, done)
+        return widths, local
+
+    def local_update(self, ctx: ClientContext) -> tuple[P.Params, float]:
+        upload, loss = super().local_update(ctx)
+        ctx.new_state = P.to_numpy(ctx.model.state_dict())
+        if ctx.plan.layer == self.N - 1:
+            upload = {**upload, CLASS_COUNTS: torch.bincount(ctx.y.cpu(), minlength=self.num_classes)}
+        return upload, loss
+
+
+class PFNMConfig(FedMAConfig):
+    """PFNM one-shot run: a single communication round (``rounds`` must stay 1)."""
+
+    momentum: float = 0.0
+
+    def check(self, where: str, experiment: ExperimentConfig) -> None:
+        super().check(where, experiment)
+        if self.rounds != 1:
+            raise FedsimError(f"config key '{where}.rounds': pfnm is one-shot, set rounds: 1 (got {self.rounds})")
+
+
+class PFNM(FedMA):
+    """PFNM one-shot matching (FedMA paper, Figure 1 baseline): clients train from their own
+    initialisations, upload once, and the server matches layer by layer without retraining,
+    moving each client's next-layer input axis by its assignment between layers."""
+
+    name = "pfnm"
+    Config = PFNMConfig
+    stateful = False
+
+    def num_rounds(self) -> int:
+        return 1
+
+    def plan_round(self, state: ServerState, round: int, cohort: tuple[int, ...]) -> RoundPlan:
+        c = self.cfg
+        return RoundPlan(round=round, cohort=cohort, local_epochs=c.local_epochs, lr=c.lr, momentum=c.momentum,
+                         weight_decay=c.weight_decay, phase="one-shot", layer=None, evaluate=True)
+
+    def downlink(self, state: ServerState, plan: RoundPlan) -> P.Params:
+        return {}
+
+    def client_downlink(self, state: ServerState, plan: RoundPlan, client_id: int) -> P.Params | None:
+        return None
+
+    def client_weights(self, task: ClientTask, received: P.Params, state: Any, init):
+        return self.base_widths, init(torch_rng(self.experiment.seed, "init", 0, task.client_id + 1))
+
+    def local_update(self, ctx: ClientContext) -> tuple[P.Params, float]:
+        upload, loss = Algorithm.local_update(self, ctx)
+        return {**upload, CLASS_COUNTS: torch.bincount(ctx.y.cpu(), minlength=self.num_classes)}, loss
+
+    def aggregate(self, state: ServerState, plan: RoundPlan, results: list[ClientResult]) -> ServerState:
+        uploads = [P.from_numpy(r.upload) for r in results]
+        matched = []
+        for k, layer in enumerate(self.layers):
+            seed = seed_for(self.experiment.seed, "matching", plan.round, k)
+            tensors, assigns = match_layer(uploads, layer, self.cfg, seed)
+            L = n_units(tensors, layer)
+            uploads = [permute_next_input(u, layer, a, L) for u, a in zip(uploads, assigns)]
+            matched.append(tensors)
+        params, widths = self._assemble(matched, uploads, results)
+        return ServerState(params=params, extra={**state.extra, "widths": widths})
