@@ -44,6 +44,12 @@ def _summary(events: list[dict]) -> "object":
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if getattr(args, "dry_run", False):
+        if args.resume:
+            raise FedsimError("--dry-run and --resume cannot be combined: a dry run trains nothing; drop one")
+        from fedsim import dryrun
+
+        return dryrun.run_cli(args.config, args.set, args.out)
     from tqdm import tqdm
 
     from fedsim import config
@@ -118,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     run.add_argument("--resume", metavar="RUN_DIR",
                      help="continue an interrupted experiment in RUN_DIR from its last checkpoint")
+    run.add_argument("--dry-run", action="store_true",
+                     help="train nothing: print each run's round schedule and projected bytes and compute, "
+                          "and write them as Parquet rows (dry_run = true); reads no dataset files")
     run.set_defaults(func=cmd_run)
     from fedsim import submit
 

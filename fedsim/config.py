@@ -77,7 +77,9 @@ class RunConfig(_Strict):
     """One entry of ``runs:``: an algorithm with its local-training hyper-parameters.
 
     Units: ``rounds`` communication rounds, ``local_epochs`` passes over a client's data,
-    ``batch_size`` examples. Subclasses add algorithm-specific keys.
+    ``batch_size`` examples. ``bn_stats``: BatchNorm running statistics are averaged like weights
+    (``shared``) or stay with each client (``local``, FedPart's authors' code), for every
+    algorithm. Subclasses add algorithm-specific keys.
     """
 
     algorithm: str
@@ -89,6 +91,7 @@ class RunConfig(_Strict):
     optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: float = 0.0
     weight_decay: float = 0.0
+    bn_stats: Literal["shared", "local"] = "shared"
 
     @property
     def label(self) -> str:
@@ -278,7 +281,7 @@ def validate(cfg: ExperimentConfig) -> None:
         raise FedsimError(f"two runs are both named {dup[0]!r}; give each run a distinct 'name:'")
     for i, r in enumerate(cfg.runs):
         for key in ("rounds", "local_epochs", "batch_size"):
-            if getattr(r, key) < 1:
+            if getattr(r, key) is not None and getattr(r, key) < 1:
                 raise FedsimError(f"config key 'runs.{i}.{key}' must be >= 1 (got {getattr(r, key)})")
         if not r.lr > 0:
             raise FedsimError(f"config key 'runs.{i}.lr' must be > 0 (got {r.lr})")

@@ -12,7 +12,7 @@ import zlib
 import numpy as np
 import torch
 
-STREAMS = ("partition", "init", "cohort", "shuffle", "augment", "dropout", "matching", "data")
+STREAMS = ("partition", "init", "cohort", "shuffle", "augment", "dropout", "matching", "schedule", "data")
 
 
 def _stream_id(stream: str) -> int:

@@ -152,14 +152,16 @@ def connect(address: str) -> Any:
         raise mapped from None
 
 
-def follow(client: Any, job_id: str, stream: TextIO = sys.stdout, poll_s: float = 0.5) -> tuple[str, str]:
-    """Copy the job's logs to ``stream`` until it ends; return (final status, all log text).
+def follow(client: Any, job_id: str, stream: TextIO | None = None, poll_s: float = 0.5) -> tuple[str, str]:
+    """Copy the job's logs to ``stream`` (default stdout) until it ends; return (final status, all
+    log text).
 
     The log stream is ``JobSubmissionClient.tail_job_logs`` (a websocket); when it closes the
     status is polled every ``poll_s`` seconds until it is terminal.
     """
     from ray.job_submission import JobStatus
 
+    stream = stream or sys.stdout
     chunks: list[str] = []
 
     async def tail() -> None:
@@ -183,7 +185,7 @@ def follow(client: Any, job_id: str, stream: TextIO = sys.stdout, poll_s: float 
 
 def submit(config_path: str, *, address: str = DEFAULT_ADDRESS, overrides: list[str] | None = None,
            out: str | None = None, pip: list[str] | None = None, working_dir: str = ".",
-           wait: bool = True, stream: TextIO = sys.stdout) -> int:
+           wait: bool = True, stream: TextIO | None = None) -> int:
     """Submit an experiment as a Ray job; with ``wait``, follow its logs until it ends.
 
     Prints the job id, the job's log, its final status and the run directory (the ``results:``
@@ -196,6 +198,7 @@ def submit(config_path: str, *, address: str = DEFAULT_ADDRESS, overrides: list[
     Raises:
         FedsimError: bad config, unreachable address, or missing/invalid token.
     """
+    stream = stream or sys.stdout
     sub = build_submission(config_path, overrides=overrides, out=out, pip=pip, working_dir=working_dir)
     client = connect(address)
     try:

@@ -4,9 +4,11 @@ from fedsim.algorithms.base import Algorithm, ClientContext, ClientResult, Clien
 from fedsim.algorithms.baselines import Ensemble, EntireData
 from fedsim.algorithms.fedavg import FedAvg
 from fedsim.algorithms.fedma import PFNM, FedMA
+from fedsim.algorithms.fedpart import FedPart
+from fedsim.algorithms.moon import MOON
 from fedsim.algorithms.fedprox import FedProx
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FedAvg, FedProx, FedMA, PFNM, Ensemble, EntireData)}
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FedAvg, FedProx, MOON, FedPart, FedMA, PFNM, Ensemble, EntireData)}
 
-__all__ = ["ALGORITHMS", "Algorithm", "ClientContext", "ClientResult", "ClientTask", "FedAvg", "FedMA", "FedProx", "PFNM",
+__all__ = ["ALGORITHMS", "Algorithm", "ClientContext", "ClientResult", "ClientTask", "FedAvg", "FedMA", "FedPart", "FedProx", "MOON", "PFNM",
            "RoundPlan", "ServerState"]

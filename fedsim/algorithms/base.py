@@ -22,6 +22,9 @@ from fedsim.config import ExperimentConfig, RunConfig
 if TYPE_CHECKING:
     from fedsim.models.base import FedModel
 
+#: Names (last component of a state_dict key) of BatchNorm's running statistics and counter.
+BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
 
 @dataclass(frozen=True)
 class RoundPlan:
@@ -115,8 +118,11 @@ class ClientContext:
         plan: this round's plan. generator: the (seed, "shuffle", round, client) torch generator.
         augment: callable applied to each input batch (identity when the dataset has none).
         optimizer: the worker's optimizer, reset for this client, over the trainable tensors.
-        state: the client's persistent state from the store (stateful algorithms), else None.
-        new_state: set by a stateful algorithm's local update; the engine stores it for the client.
+        state: the client's persistent state from the store (stateful algorithms), else None: a
+            dict of named parts ("bn": its BatchNorm statistics under ``bn_stats: local``,
+            "prev": MOON's previous model, "local": FedMA's partially matched model).
+        new_state: the parts a local update sets; the engine stores them for the client.
+        aux: scratch space for the algorithm during one client's update (e.g. MOON's frozen models).
     """
 
     model: "FedModel"
@@ -129,18 +135,19 @@ class ClientContext:
     optimizer: torch.optim.Optimizer
     state: Any = None
     new_state: Any = None
+    aux: dict[str, Any] = field(default_factory=dict)
 
 
 class Algorithm:
     """FedAvg, and the hooks every other algorithm overrides.
 
-    Class attributes: ``name`` (the ``algorithm:`` value), ``Config`` (its run-config class),
-    ``stateful`` (True when clients keep state between rounds through the engine's store).
+    Class attributes: ``name`` (the ``algorithm:`` value), ``Config`` (its run-config class).
+    ``stateful`` is True when clients keep state between rounds through the engine's store (here:
+    only their BatchNorm statistics under ``bn_stats: local``; FedMA and MOON set it).
     """
 
     name: ClassVar[str] = "fedavg"
     Config: ClassVar[type[RunConfig]] = RunConfig
-    stateful: ClassVar[bool] = False
 
     def __init__(self, cfg: RunConfig, experiment: ExperimentConfig, num_classes: int | None = None,
                  input_shape: tuple[int, ...] | None = None):
@@ -151,6 +158,22 @@ class Algorithm:
         self.num_classes = num_classes
         self.input_shape = input_shape
         self._reference: dict[tuple, FedModel] = {}
+
+    @property
+    def bn_keys(self) -> tuple[str, ...]:
+        """state_dict keys of the model's BatchNorm running statistics and counters."""
+        if self.num_classes is None:
+            return ()
+        return tuple(k for k in self.reference_model().state_dict() if k.rsplit(".", 1)[-1] in BN_BUFFERS)
+
+    @property
+    def keeps_bn_local(self) -> bool:
+        """``bn_stats: local`` on a model with BatchNorm: clients keep their own statistics."""
+        return getattr(self.cfg, "bn_stats", "shared") == "local" and bool(self.bn_keys)
+
+    @property
+    def stateful(self) -> bool:
+        return self.keeps_bn_local
 
     def reference_model(self, widths: dict[str, int] | None = None) -> "FedModel":
         """A model of the experiment's architecture at ``widths`` (default: the configured ones),
@@ -229,17 +252,21 @@ class Algorithm:
             init: builds a fresh model of the experiment's widths from a generator and returns
                 its state_dict (FedMA's clients start from independent initialisations).
 
-        The default trains the received global model at the experiment's widths.
+        The default trains the received global model at the experiment's widths, with the
+        client's own BatchNorm statistics under ``bn_stats: local``.
         """
+        if self.keeps_bn_local and state and "bn" in state:
+            device = next(iter(received.values())).device
+            received = {**received, **{k: v.to(device) for k, v in P.from_numpy(state["bn"]).items()}}
         return None, received
 
-    def local_loss(self, ctx: ClientContext, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch_loss(self, ctx: ClientContext, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(objective to minimise, cross-entropy) for one batch. FedAvg: both are the mean CE.
 
         Args:
-            logits: ``(B, num_classes)`` float32; y: ``(B,)`` int64.
+            x: ``(B, *input_shape)`` inputs (augmented); y: ``(B,)`` int64 labels.
         """
-        ce = F.cross_entropy(logits, y)
+        ce = F.cross_entropy(ctx.model(x), y)
         return ce, ce
 
     def local_update(self, ctx: ClientContext) -> tuple[P.Params, float]:
@@ -259,11 +286,15 @@ class Algorithm:
                 idx = order[start:start + bs]
                 xb, yb = ctx.augment(ctx.x[idx]), ctx.y[idx]
                 opt.zero_grad(set_to_none=True)
-                objective, ce = self.local_loss(ctx, model(xb), yb)
+                objective, ce = self.batch_loss(ctx, xb, yb)
                 objective.backward()
                 opt.step()
                 loss_sum += float(ce.detach()) * len(idx)
                 seen += len(idx)
         state = model.state_dict()
         keys = plan.upload if plan.upload is not None else tuple(state)
+        if self.keeps_bn_local:
+            bn = set(self.bn_keys)
+            keys = tuple(k for k in keys if k not in bn)
+            ctx.new_state = {**(ctx.new_state or {}), "bn": P.to_numpy({k: state[k] for k in self.bn_keys})}
         return {k: state[k].detach() for k in keys}, loss_sum / max(seen, 1)

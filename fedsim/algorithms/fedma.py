@@ -227,7 +227,7 @@ class FedMA(Algorithm):
                 return self.base_widths, received
             return self.base_widths, init(torch_rng(self.experiment.seed, "init", 0, task.client_id + 1))
         device = received[ASSIGNMENT].device
-        local = {key: v.to(device) for key, v in P.from_numpy(state).items()}
+        local = {key: v.to(device) for key, v in P.from_numpy(state["local"]).items()}
         layer = self.layers[k - 1]
         L = n_units(received, layer)
         local.update({t: received[t] for t in _tensors_of(layer)})
@@ -239,7 +239,7 @@ class FedMA(Algorithm):
 
     def local_update(self, ctx: ClientContext) -> tuple[P.Params, float]:
         upload, loss = super().local_update(ctx)
-        ctx.new_state = P.to_numpy(ctx.model.state_dict())
+        ctx.new_state = {"local": P.to_numpy(ctx.model.state_dict())}
         if ctx.plan.layer == self.N - 1:
             upload = {**upload, CLASS_COUNTS: torch.bincount(ctx.y.cpu(), minlength=self.num_classes)}
         return upload, loss

@@ -52,7 +52,7 @@ class FedProx(FedAvg):
     name = "fedprox"
     Config = FedProxConfig
 
-    def local_loss(self, ctx: ClientContext, logits, y):
-        objective, ce = super().local_loss(ctx, logits, y)
+    def batch_loss(self, ctx: ClientContext, x, y):
+        objective, ce = super().batch_loss(ctx, x, y)
         trainable = [(k, w) for k, w in ctx.model.named_parameters() if w.requires_grad]
         return objective + proximal_term(trainable, ctx.received, self.cfg.mu), ce

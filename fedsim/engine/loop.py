@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import fedsim
+from fedsim import accounting
 from fedsim import params as P
 from fedsim.algorithms import Algorithm, ClientTask, ServerState
 from fedsim.config import ExperimentConfig, RunConfig
@@ -135,6 +136,22 @@ def _save(log: RunLog, run: RunConfig, r: int, state: Any, store: dict, backend:
         "store": {c: backend.get_state(h) for c, h in store.items()}})
 
 
+def _evaluate_bn_local(algo: Algorithm, state: Any, model: torch.nn.Module, dataset: FederatedDataset,
+                       store: dict, backend: Any, cfg: ExperimentConfig) -> tuple[Any, Any, Any]:
+    """With ``bn_stats: local`` the global model has no BatchNorm statistics of its own: evaluate
+    the global weights with each client's statistics. Returns (accuracy and loss of client 0's
+    model, the paper's choice; the mean accuracy over every client that has trained so far)."""
+    accs, first = [], (None, None)
+    for c in sorted(store):
+        bn = backend.get_state(store[c])["bn"]
+        model.load_state_dict({**algo.global_params(state), **P.from_numpy(bn)})
+        acc, loss = evaluate(model, dataset.test, cfg.engine.eval_batch_size)
+        accs.append(acc)
+        if c == 0:
+            first = (acc, loss)
+    return first[0], first[1], (float(np.mean(accs)) if accs else None)
+
+
 def _run_one(cfg: ExperimentConfig, run: RunConfig, dataset: FederatedDataset, backend: Any, log: RunLog) -> Iterator[dict]:
     algo: Algorithm = make_algorithm(run, cfg, dataset)
     rounds = algo.num_rounds()
@@ -146,6 +163,7 @@ def _run_one(cfg: ExperimentConfig, run: RunConfig, dataset: FederatedDataset, b
                         widths=cfg.model.widths, generator=torch_rng(cfg.seed, "init"))
     state = algo.init_state(P.clone(model.state_dict()))
     models = {None: model}  # evaluation models by global widths (FedMA's global model grows)
+    forward_cost: dict = {}  # forward multiply-accumulates per example (thop's convention) by widths
     store: dict[int, Any] = {}  # client id -> backend handle of its state (stateful algorithms only)
     first, cum_up, cum_down = 0, 0, 0
     if previous is None:
@@ -197,15 +215,23 @@ def _run_one(cfg: ExperimentConfig, run: RunConfig, dataset: FederatedDataset, b
             models[key] = build_model(cfg.model.name, num_classes=dataset.num_classes,
                                       input_shape=dataset.input_shape, widths=widths)
         model = models[key]
-        acc = loss = None
+        acc = loss = acc_mean = None
         if finite and plan.evaluate and ((r + 1) % cfg.engine.eval_every == 0 or r == rounds - 1):
-            acc, loss = algo.evaluate(state, model, dataset.test, cfg.engine.eval_batch_size)
-            finite = np.isfinite(loss)
+            if algo.keeps_bn_local:
+                acc, loss, acc_mean = _evaluate_bn_local(algo, state, model, dataset, store, backend, cfg)
+            else:
+                acc, loss = algo.evaluate(state, model, dataset.test, cfg.engine.eval_batch_size)
+            finite = loss is None or np.isfinite(loss)
+        if key not in forward_cost:
+            forward_cost[key] = accounting.forward_cost(model, dataset.input_shape, "thop")
+        per_example = forward_cost[key] * (3 if plan.trainable is None else 2)
         row = {"run_id": run.label, "algorithm": run.algorithm, "round": r, "phase": plan.phase,
                "layer": plan.layer, "test_accuracy": acc, "test_loss": loss, "train_loss": train_loss,
                "bytes_up": up, "bytes_down": down, "cum_bytes_up": cum_up, "cum_bytes_down": cum_down,
                "cum_bytes": cum_up + cum_down, "global_params": algo.global_size(state, model),
                "trainable_params": _param_count(model, plan.trainable), "clients": len(kept),
+               "flops": int(sum(x.n_examples for x in kept)) * plan.local_epochs * per_example,
+               "test_accuracy_clients_mean": acc_mean,
                "wall_seconds": time.perf_counter() - t0}
         if not finite:
             status = "diverged"

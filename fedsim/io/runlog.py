@@ -32,7 +32,7 @@ RUNS_SCHEMA = pa.schema([
     ("run_id", pa.string()), ("experiment", pa.string()), ("algorithm", pa.string()),
     ("config_json", pa.string()), ("seed", pa.int64()), ("fedsim_version", pa.string()),
     ("versions_json", pa.string()), ("status", pa.string()), ("message", pa.string()),
-    ("started_at", _TS), ("finished_at", _TS),
+    ("started_at", _TS), ("finished_at", _TS), ("dry_run", pa.bool_()),
 ])
 
 ROUNDS_SCHEMA = pa.schema([
@@ -41,7 +41,8 @@ ROUNDS_SCHEMA = pa.schema([
     ("test_accuracy", pa.float64()), ("test_loss", pa.float64()), ("train_loss", pa.float64()),
     ("bytes_up", pa.int64()), ("bytes_down", pa.int64()),
     ("cum_bytes_up", pa.int64()), ("cum_bytes_down", pa.int64()), ("cum_bytes", pa.int64()),
-    ("global_params", pa.int64()), ("trainable_params", pa.int64()),
+    ("global_params", pa.int64()), ("trainable_params", pa.int64()), ("flops", pa.int64()),
+    ("test_accuracy_clients_mean", pa.float64()),
     ("clients", pa.int64()), ("wall_seconds", pa.float64()),
 ])
 
@@ -79,11 +80,15 @@ class RunLog:
         self.rows: dict[str, list[dict[str, Any]]] = {name: [] for name in TABLES}
 
     def add(self, table: str, row: dict[str, Any]) -> None:
-        """Append one row to ``table`` ("runs", "rounds" or "clients")."""
+        """Append one row to ``table`` ("runs", "rounds" or "clients"). A runs row without
+        ``dry_run`` is a real run: ``dry_run`` False (``fedsim run --dry-run`` sets True)."""
         unknown = set(row).difference(TABLES[table].names)
         if unknown:
             raise KeyError(f"{table}.parquet has no columns {sorted(unknown)}")
-        self.rows[table].append(dict(row))
+        row = dict(row)
+        if table == "runs":
+            row.setdefault("dry_run", False)
+        self.rows[table].append(row)
 
     @classmethod
     def read(cls, run_dir: str | Path) -> "RunLog":

