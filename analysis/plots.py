@@ -107,7 +107,7 @@ def plot_cost(df: pd.DataFrame, unit: str = "auto", title: str | None = None) ->
     Wang et al., "Why Go Full? Elevating Federated Learning Through Partial Network Updates"
     (NeurIPS 2024) report accuracy next to communication and computation cost per method; this
     draws, per run name, bars of final and best test accuracy, of total traffic up and down, and,
-    when rounds.parquet has a non-null ``flops`` column, of total compute (TFLOPs: the sum of the
+    when rounds.parquet has a non-null ``flops`` column, of total compute (TMACs: the sum of the
     per-round ``flops`` / 1e12). Repeated runs of one name (seeds) are averaged, with the sample
     standard deviation as error bars.
 
@@ -119,7 +119,7 @@ def plot_cost(df: pd.DataFrame, unit: str = "auto", title: str | None = None) ->
 
     Returns:
         A Figure with two Axes (y ``"test accuracy"``; ``"communication (GB)"`` or ``"(MB)"``) or
-        three (``"compute (TFLOPs)"`` added), whose x tick labels are the run names.
+        three (``"compute (10^12 MACs)"`` added), whose x tick labels are the run names.
 
     Raises:
         AnalysisError: unknown unit, or ``df`` lacks the load_runs columns.
@@ -133,8 +133,8 @@ def plot_cost(df: pd.DataFrame, unit: str = "auto", title: str | None = None) ->
     table["up"], table["down"] = table["MB_up"] / scale, table["MB_down"] / scale
     panels = [("test accuracy", ["final_acc", "best_acc"], ["final", "best"]),
               (f"communication ({unit})", ["up", "down"], ["up", "down"])]
-    if "TFLOPs" in table.columns:
-        panels.append(("compute (TFLOPs)", ["TFLOPs"], ["total"]))
+    if "TMACs" in table.columns:
+        panels.append(("compute (10^12 MACs)", ["TMACs"], ["total"]))
     g = table.groupby("run_id", sort=False)
     names = list(g.size().index)
     panel_width = max(3.2, 0.9 * len(names) + 1.4)

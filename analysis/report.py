@@ -4,7 +4,7 @@ Writes into DIR (default ``<first RUN_DIR>/report``):
 
 * ``convergence.png`` / ``.svg``: test accuracy against cumulative message size (MB, both
   directions) and against communication rounds, one line per run (FedMA's Figure 2 layout);
-* ``cost.png`` / ``.svg``: final/best accuracy, GB up/down (and TFLOPs when logged) per run;
+* ``cost.png`` / ``.svg``: final/best accuracy, GB up/down (and TMACs when logged) per run;
 * ``summary.md``: the summary table, per-seed means when runs repeat, and the figures;
 
 and prints the summary table. Also runnable without fedsim installed:
@@ -32,7 +32,7 @@ TARGET_FRACTION = 0.9
 SUMMARY_COLUMNS = ["run", "algorithm", "final_acc", "best_acc", "rounds", "MB_up", "MB_down", "wall_s",
                    "MB_to_target"]
 _FORMATS = {"final_acc": "{:.4f}", "best_acc": "{:.4f}", "MB_up": "{:.2f}", "MB_down": "{:.2f}",
-            "wall_s": "{:.1f}", "MB_to_target": "{:.2f}", "TFLOPs": "{:.3g}", "rounds": "{:d}", "seed": "{:d}"}
+            "wall_s": "{:.1f}", "MB_to_target": "{:.2f}", "TMACs": "{:.3g}", "rounds": "{:d}", "seed": "{:d}"}
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class Report:
         out_dir: where the files went (absolute local path or URI).
         files: the files written (summary.md, convergence.png/.svg, cost.png/.svg).
         summary: one row per run, columns ``SUMMARY_COLUMNS`` (``experiment`` and ``seed`` added
-            after ``algorithm`` when several directories are reported, ``TFLOPs`` when logged,
+            after ``algorithm`` when several directories are reported, ``TMACs`` when logged,
             ``status`` last); accuracies in [0, 1], sizes in MB (1e6 bytes), seconds.
         seeds: per run name mean/std over repeated runs (:func:`analysis.over_seeds`), or None
             when no run name repeats.
@@ -106,7 +106,7 @@ def summarize(df: pd.DataFrame, target_fraction: float = TARGET_FRACTION) -> tup
     if table["experiment_dir"].nunique() > 1:
         table["experiment"] = table["experiment_dir"].map(lambda d: d.rstrip("/").rsplit("/", 1)[-1])
         cols[2:2] = ["experiment", "seed"]
-    cols += [c for c in ("TFLOPs", "status") if c in table.columns]
+    cols += [c for c in ("TMACs", "status") if c in table.columns]
     where = f" in {best['experiment_dir']}" if table["experiment_dir"].nunique() > 1 else ""
     note = (f"MB_to_target: cumulative traffic (up + down, MB = 1e6 bytes) when test accuracy first "
             f"reached {target:.4f} = {target_fraction:.0%} of the best accuracy observed "

@@ -127,7 +127,7 @@ def run_table(df: pd.DataFrame) -> pd.DataFrame:
         Columns ``experiment_dir, run_id, algorithm, seed``, ``status`` (if loaded), ``rounds``
         (int: rounds logged), ``final_acc`` (accuracy at the last evaluated round), ``best_acc``
         (max over evaluated rounds; both NaN if none was evaluated), ``MB_up``, ``MB_down``
-        (total traffic in 1e6 bytes), ``wall_s`` (sum of round seconds), and ``TFLOPs`` (sum of
+        (total traffic in 1e6 bytes), ``wall_s`` (sum of round seconds), and ``TMACs`` (sum of
         the per-round ``flops`` column / 1e12) when rounds.parquet has a non-null ``flops``.
 
     Raises:
@@ -145,7 +145,7 @@ def run_table(df: pd.DataFrame) -> pd.DataFrame:
     out["MB_down"] = g["cum_bytes_down"].last() / 1e6
     out["wall_s"] = g["wall_seconds"].sum()
     if "flops" in df.columns and df["flops"].notna().any():
-        out["TFLOPs"] = g["flops"].sum(min_count=1) / 1e12
+        out["TMACs"] = g["flops"].sum(min_count=1) / 1e12
     order = df[KEYS].drop_duplicates()
     return order.merge(out.reset_index(), on=KEYS, how="left").reset_index(drop=True)
 

@@ -3,7 +3,8 @@
 ``fedsim run [CONFIG] [--set key=value ...] [--out DIR] [--no-progress]`` runs an experiment (the
 built-in digits experiment when CONFIG is omitted), shows a progress bar per run, then prints a
 summary table and the run directory. Bad input prints one line ``fedsim: error: ...`` on stderr and
-exits with code 2, with no traceback and no output directory left behind.
+exits with code 2, with no traceback and no output directory left behind. ``--dry-run`` trains
+nothing: it prints and writes the projected schedule, bytes and compute (:mod:`fedsim.dryrun`).
 """
 
 from __future__ import annotations

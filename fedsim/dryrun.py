@@ -336,6 +336,8 @@ def project_experiment(cfg: ExperimentConfig) -> tuple[ClientSizes, list[DryRun]
                               note=f"not projectable: the dry run does not know algorithm {run.algorithm!r}"))
             continue
         share = run.bn_stats == "shared"
+        # project_run lays out the rounds and their bytes; compute comes from each round's cohort
+        # and the clients' own sizes below (examples_per_client=1 leaves its MACs unused)
         common = dict(num_clients=j, clients_per_round=k, examples_per_client=1,
                       local_epochs=run.local_epochs, share_bn_stats=share)
         if run.algorithm == "fedpart":
@@ -381,7 +383,8 @@ def project_experiment(cfg: ExperimentConfig) -> tuple[ClientSizes, list[DryRun]
 def _gb(nbytes: float) -> str:
     from fedsim.accounting import fedpart_gb
 
-    return f"{fedpart_gb(nbytes):.2f}"
+    gb = fedpart_gb(nbytes)
+    return f"{gb:.2f}" if gb >= 1 or gb == 0 else f"{gb:.3g}"
 
 
 def format_report(cfg: ExperimentConfig, sizes: ClientSizes, runs: list[DryRun]) -> str:

@@ -83,6 +83,8 @@ class ClientResult:
         worker: id of the worker that ran it; attempt: 0 unless retried.
         state: the client's new persistent state (stateful algorithms only), else None.
         dropped: the client missed the round's deadline and was left out of the aggregation.
+        macs: multiply-accumulates of its local training: examples x epochs x 3F (2F when only
+            part of the model trains), F the forward cost of the model it trained (thop's count).
     """
 
     client_id: int
@@ -97,6 +99,7 @@ class ClientResult:
     attempt: int = 0
     state: Any = None
     dropped: bool = False
+    macs: int = 0
 
 
 @dataclass

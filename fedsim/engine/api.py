@@ -61,7 +61,7 @@ def start_ray(cfg: ExperimentConfig) -> None:
         ray.init(address=cfg.engine.ray_address, include_dashboard=False, logging_level=logging.ERROR,
                  configure_logging=True)
     gpus = ray.cluster_resources().get("GPU", 0.0)
-    if cfg.engine.gpus_per_worker > 0 and gpus == 0 and (started_here or not cfg.engine.ray_address):
+    if cfg.engine.gpus_per_worker > 0 and gpus == 0 and started_here:  # a cluster may still add GPU nodes
         raise FedsimError(f"engine.gpus_per_worker is {cfg.engine.gpus_per_worker} but Ray sees no GPU; "
                           "set engine.gpus_per_worker: 0 or run on a machine or cluster with GPUs")
     missing = [k for k in (cfg.engine.worker_resources or {}) if ray.cluster_resources().get(k, 0.0) == 0]

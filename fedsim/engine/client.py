@@ -18,6 +18,7 @@ from fedsim import params as P
 from fedsim.algorithms import ALGORITHMS, Algorithm, ClientContext, ClientResult, ClientTask
 from fedsim.config import ExperimentConfig, RunConfig
 from fedsim.data.base import FederatedDataset
+from fedsim.accounting import forward_cost
 from fedsim.engine.augment import augmenter
 from fedsim.models import build_model
 from fedsim.rng import seed_for, torch_rng
@@ -59,6 +60,7 @@ class ClientRunner:
         self._models: dict[tuple, torch.nn.Module] = {}
         self._optimizers: dict[tuple, torch.optim.Optimizer] = {}
         self._algorithms: dict[str, Algorithm] = {}
+        self._forward: dict[tuple, int] = {}  # forward MACs per example by model widths
 
     def model(self, widths: dict[str, int] | None = None):
         """The cached model for ``widths`` (built once per architecture)."""
@@ -140,9 +142,13 @@ class ClientRunner:
             torch.manual_seed(seed_for(self.experiment.seed, "dropout", task.round, task.client_id))
             upload, train_loss = algo.local_update(ctx)
         upload_np = P.to_numpy(upload)
+        key = tuple(sorted((widths or {}).items()))
+        if key not in self._forward:
+            self._forward[key] = forward_cost(model, self.dataset.input_shape, "thop")
+        macs = len(idx) * plan.local_epochs * (3 if plan.trainable is None else 2) * self._forward[key]
         return ClientResult(
             client_id=task.client_id, round=task.round, upload=upload_np, n_examples=int(len(idx)),
             train_loss=float(train_loss), bytes_up=0 if plan.pooled else P.nbytes(upload_np),
             bytes_down=0 if plan.pooled else P.nbytes(received),
             seconds=time.perf_counter() - t0, worker=self.worker_id, attempt=task.attempt,
-            state=ctx.new_state)
+            state=ctx.new_state, macs=int(macs))

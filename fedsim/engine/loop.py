@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 import fedsim
-from fedsim import accounting
 from fedsim import params as P
 from fedsim.algorithms import Algorithm, ClientTask, ServerState
 from fedsim.config import ExperimentConfig, RunConfig
@@ -163,7 +162,6 @@ def _run_one(cfg: ExperimentConfig, run: RunConfig, dataset: FederatedDataset, b
                         widths=cfg.model.widths, generator=torch_rng(cfg.seed, "init"))
     state = algo.init_state(P.clone(model.state_dict()))
     models = {None: model}  # evaluation models by global widths (FedMA's global model grows)
-    forward_cost: dict = {}  # forward multiply-accumulates per example (thop's convention) by widths
     store: dict[int, Any] = {}  # client id -> backend handle of its state (stateful algorithms only)
     first, cum_up, cum_down = 0, 0, 0
     if previous is None:
@@ -222,15 +220,13 @@ def _run_one(cfg: ExperimentConfig, run: RunConfig, dataset: FederatedDataset, b
             else:
                 acc, loss = algo.evaluate(state, model, dataset.test, cfg.engine.eval_batch_size)
             finite = loss is None or np.isfinite(loss)
-        if key not in forward_cost:
-            forward_cost[key] = accounting.forward_cost(model, dataset.input_shape, "thop")
-        per_example = forward_cost[key] * (3 if plan.trainable is None else 2)
+
         row = {"run_id": run.label, "algorithm": run.algorithm, "round": r, "phase": plan.phase,
                "layer": plan.layer, "test_accuracy": acc, "test_loss": loss, "train_loss": train_loss,
                "bytes_up": up, "bytes_down": down, "cum_bytes_up": cum_up, "cum_bytes_down": cum_down,
                "cum_bytes": cum_up + cum_down, "global_params": algo.global_size(state, model),
                "trainable_params": _param_count(model, plan.trainable), "clients": len(kept),
-               "flops": int(sum(x.n_examples for x in kept)) * plan.local_epochs * per_example,
+               "flops": int(sum(x.macs for x in kept)),
                "test_accuracy_clients_mean": acc_mean,
                "wall_seconds": time.perf_counter() - t0}
         if not finite:
