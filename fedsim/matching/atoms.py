@@ -333,9 +333,9 @@ def permute_recurrent(
 ) -> dict[str, torch.Tensor]:
     """Place an LSTM's hidden-to-hidden tensors at global positions: Pi H Pi^T per gate.
 
-    ALGORITHMS.md section 3 (FedMA section 2.2 for LSTMs): recurrent weights are not matched but
-    aggregated as H_glob = (1/J) sum_j Pi_j H_j Pi_j^T per gate. ``weight_hh`` (4L_j, L_j) becomes
-    (4L, L) with rows (within each gate block) and columns moved by ``assignment``; ``bias_hh``
+    ALGORITHMS.md section 3 (FedMA section 2, its extension to LSTMs): recurrent weights are not
+    matched but aggregated as H_glob = (1/J) sum_j Pi_j H_j Pi_j^T per gate. ``weight_hh``
+    (4L_j, L_j) becomes (4L, L) with rows (within each gate block) and columns moved by ``assignment``; ``bias_hh``
     (4L_j,) becomes (4L,) with rows moved; positions no unit of the client maps to are zero.
     Summing the results over clients and dividing by J gives the aggregate.
 
