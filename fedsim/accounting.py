@@ -39,6 +39,7 @@ from torch import nn
 
 from fedsim.errors import FedsimError
 from fedsim.models import _input_shape, forward_macs
+from fedsim.models._common import probe_forward
 from fedsim.models.base import FedModel
 
 Phase = Literal["full", "partial"]
@@ -155,19 +156,7 @@ def thop_layer_macs(model: nn.Module, input_shape: Sequence[int]) -> dict[str, i
         *_CONV, nn.Linear, *_NORM_TYPES, *_AVG_POOL, *_ADAPTIVE_AVG_POOL, nn.PReLU, nn.Softmax,
         nn.LSTM,
     )
-    handles = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, counted)]
-    was_training = model.training
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = getattr(model, "input_dtype", torch.float32)
-    try:
-        model.eval()
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            model(torch.zeros((1, *shape), dtype=dtype, device=device))
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    probe_forward(model, shape, counted, count)
     return counts
 
 

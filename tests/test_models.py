@@ -12,6 +12,7 @@ from fedsim.models import MODELS, build_model, forward_macs
 
 # name -> (num_classes, input_shape) of the dataset the model is meant for
 DEFAULT_SETUP = {
+    "logreg": (10, (60,)),
     "lenet": (10, (1, 28, 28)),
     "vgg9": (10, (3, 32, 32)),
     "char_lstm": (80, (80,)),
@@ -25,6 +26,7 @@ MATCHABLE = ("lenet", "vgg9", "char_lstm", "digits_cnn")
 
 # Non-default widths (small, odd, so that no dimension coincides by accident).
 SMALL = {
+    "logreg": ({}, 3, (60,)),
     "lenet": ({"conv1": 7, "conv2": 11, "fc1": 13}, 5, (1, 28, 28)),
     "vgg9": (
         {"conv1": 3, "conv2": 5, "conv3": 4, "conv4": 6, "conv5": 7, "conv6": 9, "fc1": 10,
@@ -112,6 +114,7 @@ def test_parameter_counts_match_the_papers():
         "resnet8": 1_235_274,
         "resnet18": 11_181_642,
         "moon_cnn": 92_626,
+        "logreg": 610,  # 60 * 10 + 10
     }
     assert set(expected) == set(MODELS)
     for name, count in expected.items():
@@ -146,6 +149,8 @@ def closed_form_params(name: str, w: dict[str, int], c: int) -> int:
                     total += c_in * out + 2 * out
                 c_in = out
         return total + c_in * c + c
+    if name == "logreg":
+        return 60 * c + c
     if name == "moon_cnn":
         return (3 * w["conv1"] * 25 + w["conv1"] + w["conv1"] * w["conv2"] * 25 + w["conv2"]
                 + w["conv2"] * 25 * w["fc1"] + w["fc1"] + w["fc1"] * w["fc2"] + w["fc2"]

@@ -35,7 +35,8 @@ def prepare(cfg: ExperimentConfig) -> FederatedDataset:
     dataset = load_federated(d.dataset, partition=d.partition, num_clients=d.num_clients, alpha=d.alpha,
                              data_dir=d.data_dir, seed=cfg.seed, download=d.download,
                              train_fraction=d.train_fraction, min_samples=d.min_samples,
-                             examples_per_client=d.examples_per_client)
+                             examples_per_client=d.examples_per_client, synthetic_alpha=d.synthetic_alpha,
+                             synthetic_beta=d.synthetic_beta)
     build_model(cfg.model.name, num_classes=dataset.num_classes, input_shape=dataset.input_shape,
                 widths=cfg.model.widths)
     for run in cfg.runs:

@@ -111,6 +111,9 @@ def _make_worker_class():
     return ClientWorker
 
 
+TASKS_IN_FLIGHT = 2
+
+
 class RoundTimeout(RuntimeError):
     """A round passed ``engine.round_timeout_s`` under ``timeout_policy: fail``."""
 
@@ -147,6 +150,7 @@ class RayBackend:
         self._dataset_ref = dataset_ref
         self._spawned = 0
         self._names: dict[str, str] = {}
+        self._replaced: dict[str, Any] = {}
         self.num_workers = pool_size(experiment, ray.cluster_resources())
         self._worker_cls = _make_worker_class()
         self.workers = [self._spawn() for _ in range(self.num_workers)]
@@ -162,11 +166,14 @@ class RayBackend:
         return w
 
     def _replace(self, worker: Any) -> Any:
-        self._ray.kill(worker, no_restart=True)
-        self.workers = [w for w in self.workers if w is not worker]
-        fresh = self._spawn()
-        self.workers.append(fresh)
-        return fresh
+        """A fresh worker in place of ``worker`` (the same one for every call about one worker)."""
+        key = worker._actor_id.hex()
+        if key not in self._replaced:
+            self._ray.kill(worker, no_restart=True)
+            self.workers = [w for w in self.workers if w._actor_id.hex() != key]
+            self._replaced[key] = self._spawn()
+            self.workers.append(self._replaced[key])
+        return self._replaced[key]
 
     def broadcast(self, received: dict[str, Any]) -> Any:
         return self._ray.put(received)
@@ -183,7 +190,9 @@ class RayBackend:
         results: list[ClientResult | None] = [None] * len(tasks)
         tasks = list(tasks)
         queue = list(range(len(tasks)))
-        idle = list(self.workers)
+        # Two tasks in flight per worker: the next client is queued on the worker while the
+        # current one trains, so no worker waits for a driver round trip between clients.
+        idle = [w for _ in range(TASKS_IN_FLIGHT) for w in self.workers]
         pending: dict[Any, tuple[Any, int, float]] = {}
         deadline = None if e.round_timeout_s is None else time.monotonic() + e.round_timeout_s
         while queue or pending:

@@ -78,6 +78,7 @@ class RunLog:
         self.dir: str | Path = run_dir if storage.is_uri(run_dir) else Path(run_dir)
         self._made = False
         self.rows: dict[str, list[dict[str, Any]]] = {name: [] for name in TABLES}
+        self._dirty = set(TABLES)  # tables whose rows changed since the last flush
 
     def add(self, table: str, row: dict[str, Any]) -> None:
         """Append one row to ``table`` ("runs", "rounds" or "clients"). A runs row without
@@ -89,6 +90,7 @@ class RunLog:
         if table == "runs":
             row.setdefault("dry_run", False)
         self.rows[table].append(row)
+        self._dirty.add(table)
 
     @classmethod
     def read(cls, run_dir: str | Path) -> "RunLog":
@@ -102,6 +104,7 @@ class RunLog:
             data = storage.read_bytes(storage.join(log.dir, f"{name}.parquet"))
             table = pq.read_table(pa.BufferReader(data))
             log.rows[name] = table.select(schema.names).cast(schema).to_pylist()
+        log._dirty = set()
         return log
 
     def run_row(self, run_id: str) -> dict[str, Any] | None:
@@ -112,21 +115,25 @@ class RunLog:
         """Drop the rounds and clients rows of ``run_id`` whose round is > ``after_round``."""
         for name in ("rounds", "clients"):
             self.rows[name] = [r for r in self.rows[name] if r["run_id"] != run_id or r["round"] <= after_round]
+            self._dirty.add(name)
 
     def update_run(self, run_id: str, **fields: Any) -> None:
         """Change columns of the runs row of ``run_id`` (e.g. status, finished_at)."""
         for row in self.rows["runs"]:
             if row["run_id"] == run_id:
                 row.update(fields)
+                self._dirty.add("runs")
                 return
         raise KeyError(f"no run {run_id!r}")
 
     def flush(self) -> None:
-        """Rewrite all three tables atomically (clients and rounds before runs)."""
+        """Rewrite, atomically, every table whose rows changed (clients and rounds before runs)."""
         if not self._made:  # a local directory is re-created if it vanished; a remote one once
             storage.make_dirs(self.dir)
             self._made = storage.local_path(self.dir) is None
         for name in ("clients", "rounds", "runs"):
-            schema = TABLES[name]
-            table = pa.Table.from_pylist(self.rows[name], schema=schema)
+            if name not in self._dirty:
+                continue
+            table = pa.Table.from_pylist(self.rows[name], schema=TABLES[name])
             write_atomic(table, storage.join(self.dir, f"{name}.parquet"))
+        self._dirty.clear()

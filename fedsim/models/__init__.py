@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from fedsim.errors import FedsimError
+from fedsim.models._common import probe_forward
 from fedsim.models.base import FedModel, LayerGroup, MatchLayer
 from fedsim.models.char_lstm import CharLSTM
 from fedsim.models.digits_cnn import DigitsCNN
@@ -177,17 +178,5 @@ def forward_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
                 total += dirs * steps * 4 * h * (n_in + h)
 
     counted = (nn.Conv2d, nn.Linear, nn.LSTM)
-    handles = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, counted)]
-    was_training = model.training
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = getattr(model, "input_dtype", torch.float32)
-    try:
-        model.eval()
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            model(torch.zeros((1, *shape), dtype=dtype, device=device))
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    probe_forward(model, shape, counted, count)
     return int(total)

@@ -122,6 +122,26 @@ def init_torch_default(module: nn.Module, generator: torch.Generator) -> None:
             raise TypeError(f"no default initialisation for {type(sub).__name__}")
 
 
+def probe_forward(model: nn.Module, input_shape, module_types: tuple[type, ...], hook) -> None:
+    """Run one all-zero example of ``input_shape`` through ``model`` (float32, or int64 symbol ids
+    when the model's ``input_dtype`` is int64) in eval mode under ``torch.no_grad``, calling
+    ``hook(module, inputs, output)`` after every forward of a module of ``module_types``.
+    The model's mode and torch's global RNG are left as they were (used to count costs)."""
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, module_types)]
+    was_training = model.training
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = getattr(model, "input_dtype", torch.float32)
+    try:
+        model.eval()
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            model(torch.zeros((1, *input_shape), dtype=dtype, device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+
+
 def weight_bias_groups(names: tuple[str, ...]) -> list[LayerGroup]:
     """One :class:`LayerGroup` per named layer, holding ``<name>.weight`` and ``<name>.bias``."""
     return [LayerGroup(n, (f"{n}.weight", f"{n}.bias")) for n in names]
