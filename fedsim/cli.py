@@ -4,7 +4,11 @@
 built-in digits experiment when CONFIG is omitted), shows a progress bar per run, then prints a
 summary table and the run directory. Bad input prints one line ``fedsim: error: ...`` on stderr and
 exits with code 2, with no traceback and no output directory left behind. ``--dry-run`` trains
-nothing: it prints and writes the projected schedule, bytes and compute (:mod:`fedsim.dryrun`).
+nothing: it prints and writes the projected schedule, bytes and compute (:mod:`fedsim.dryrun`);
+``--resume RUN_DIR`` continues an interrupted experiment from its checkpoints.
+
+``fedsim report RUN_DIR...`` writes plots and a Markdown summary (:mod:`analysis.report`);
+``fedsim submit CONFIG`` runs an experiment as a Ray job on a cluster (:mod:`fedsim.submit`).
 """
 
 from __future__ import annotations
