@@ -163,14 +163,14 @@ def _driver_class():
     class Driver:
         """The Ray actor that owns the round loop of an experiment."""
 
-        def run(self, cfg: ExperimentConfig, box: list, run_dir: str, resume: bool):
+        def run(self, cfg: ExperimentConfig, box: list, run_dir: str, resume: bool, workers: list):
             from fedsim.engine.backends import RayBackend
             from fedsim.engine.client import set_threads
             from fedsim.engine.loop import run_experiment
 
             set_threads(cfg.engine.cpus_per_worker)
             dataset = ray.get(box[0])
-            backend = RayBackend(cfg, box[0])
+            backend = RayBackend(cfg, box[0], workers)
             try:
                 yield from run_experiment(cfg, dataset, run_dir, backend, resume)
             finally:
@@ -204,11 +204,14 @@ def execute(cfg: ExperimentConfig, dataset: FederatedDataset, run_dir: str | Pat
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from fedsim.engine.backends import RayBackend
+
     box = [ray.put(dataset)]
+    workers = RayBackend.start_workers(cfg, box[0])  # they import torch while the driver starts
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     driver = _driver_class().options(scheduling_strategy=here).remote()
     try:
-        for ref in driver.run.options(num_returns="streaming").remote(cfg, box, str(run_dir), resume):
+        for ref in driver.run.options(num_returns="streaming").remote(cfg, box, str(run_dir), resume, workers):
             try:
                 yield ray.get(ref)
             except ray.exceptions.RayTaskError as err:
@@ -217,3 +220,5 @@ def execute(cfg: ExperimentConfig, dataset: FederatedDataset, run_dir: str | Pat
                 raise
     finally:
         ray.kill(driver)
+        for w in workers:  # started here, so owned here: stop them even if the driver died
+            ray.kill(w)

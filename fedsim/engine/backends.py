@@ -22,7 +22,7 @@ from typing import Any
 from fedsim.algorithms import ClientResult, ClientTask
 from fedsim.config import ExperimentConfig, RunConfig
 from fedsim.data.base import FederatedDataset
-from fedsim.engine.client import ClientRunner, set_threads
+from fedsim.engine.client import ClientRunner, set_threads, warm_up
 from fedsim.errors import FedsimError
 
 
@@ -98,6 +98,7 @@ def _make_worker_class():
             if gpus == 0:
                 os.environ["CUDA_VISIBLE_DEVICES"] = ""  # keep CPU-only workers off every GPU
             set_threads(experiment.engine.cpus_per_worker)
+            warm_up()
             dataset = ray.get(dataset_box[0])  # numpy arrays, zero-copy views of the object store
             self.runner = ClientRunner(experiment, dataset, device="cuda" if gpus > 0 else "cpu",
                                        worker_id=worker_id)
@@ -112,6 +113,12 @@ def _make_worker_class():
 
 
 TASKS_IN_FLIGHT = 2
+
+
+def _spawn_worker(worker_cls: Any, experiment: ExperimentConfig, dataset_ref: Any, name: str) -> Any:
+    e = experiment.engine
+    return worker_cls.options(num_cpus=e.cpus_per_worker, num_gpus=e.gpus_per_worker,
+                              resources=dict(e.worker_resources or {})).remote(experiment, [dataset_ref], name)
 
 
 class RoundTimeout(RuntimeError):
@@ -142,7 +149,9 @@ class RayBackend:
 
     name = "ray"
 
-    def __init__(self, experiment: ExperimentConfig, dataset_ref: Any):
+    def __init__(self, experiment: ExperimentConfig, dataset_ref: Any, workers: list[Any] | None = None):
+        """Args: the experiment; the object-store ref of the dataset; optionally the pool's actors,
+        already started by :meth:`start_workers` (so they start while the driver does)."""
         import ray
 
         self._ray = ray
@@ -151,17 +160,28 @@ class RayBackend:
         self._spawned = 0
         self._names: dict[str, str] = {}
         self._replaced: dict[str, Any] = {}
-        self.num_workers = pool_size(experiment, ray.cluster_resources())
         self._worker_cls = _make_worker_class()
-        self.workers = [self._spawn() for _ in range(self.num_workers)]
+        if workers is None:
+            workers = self.start_workers(experiment, dataset_ref)
+        self.workers = list(workers)
+        for w in self.workers:
+            self._names[w._actor_id.hex()] = f"worker-{self._spawned}"
+            self._spawned += 1
+        self.num_workers = len(self.workers)
+
+    @staticmethod
+    def start_workers(experiment: ExperimentConfig, dataset_ref: Any) -> list[Any]:
+        """Start the pool's ClientWorker actors (:func:`pool_size` of them), named worker-0.. in order."""
+        import ray
+
+        cls = _make_worker_class()
+        return [_spawn_worker(cls, experiment, dataset_ref, f"worker-{i}")
+                for i in range(pool_size(experiment, ray.cluster_resources()))]
 
     def _spawn(self) -> Any:
-        e = self.experiment.engine
         name = f"worker-{self._spawned}"
         self._spawned += 1
-        w = self._worker_cls.options(num_cpus=e.cpus_per_worker, num_gpus=e.gpus_per_worker,
-                                     resources=dict(e.worker_resources or {})).remote(
-            self.experiment, [self._dataset_ref], name)
+        w = _spawn_worker(self._worker_cls, self.experiment, self._dataset_ref, name)
         self._names[w._actor_id.hex()] = name
         return w
 

@@ -41,6 +41,13 @@ def set_threads(cpus: float) -> int:
     return n
 
 
+def warm_up() -> None:
+    """Create and drop a throwaway optimizer, so torch's lazy import of ``torch._dynamo`` (several
+    seconds, paid once per process by the first optimizer) happens while a worker starts, not
+    inside its first client's training."""
+    torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+
+
 class ClientRunner:
     """Runs client tasks against one dataset, reusing models and optimizers across clients.
 
