@@ -29,7 +29,7 @@ def to_safe(x: Any) -> Any:
     """``x`` with every numpy array (and numpy scalar) turned into a torch tensor / Python number,
     recursively through dicts, lists and tuples, so that ``weights_only`` loading accepts it."""
     if isinstance(x, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(x))
+        return torch.tensor(x)  # a copy: arrays from Ray's object store are read-only
     if isinstance(x, np.generic):
         return x.item()
     if isinstance(x, dict):
