@@ -180,7 +180,8 @@ class Algorithm:
 
     def reference_model(self, widths: dict[str, int] | None = None) -> "FedModel":
         """A model of the experiment's architecture at ``widths`` (default: the configured ones),
-        for reading its structure (layer groups, matchable layers, state_dict keys). Cached."""
+        cached per widths: for reading its structure (layer groups, matchable layers, state_dict
+        keys) and, with the global weights loaded into it, for evaluating the global model."""
         from fedsim.models import build_model
 
         key = tuple(sorted((widths or {}).items()))
@@ -262,6 +263,14 @@ class Algorithm:
             device = next(iter(received.values())).device
             received = {**received, **{k: v.to(device) for k, v in P.from_numpy(state["bn"]).items()}}
         return None, received
+
+    def own_init(self, task: ClientTask, init: Callable[[torch.Generator], P.Params]) -> P.Params:
+        """The client's own initial weights, shared with no other client (FedMA, PFNM and the
+        ensemble start from them): drawn from the (seed, "init", 0, client + 1) stream, so they
+        differ from the global model's (seed, "init", 0, 0) initialisation."""
+        from fedsim.rng import torch_rng
+
+        return init(torch_rng(self.experiment.seed, "init", 0, task.client_id + 1))
 
     def batch_loss(self, ctx: ClientContext, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(objective to minimise, cross-entropy) for one batch. FedAvg: both are the mean CE.

@@ -16,7 +16,6 @@ from fedsim import params as P
 from fedsim.algorithms.base import Algorithm, ClientResult, ClientTask, RoundPlan, ServerState
 from fedsim.config import ExperimentConfig, RunConfig
 from fedsim.errors import FedsimError
-from fedsim.rng import torch_rng
 
 
 class OneShotConfig(RunConfig):
@@ -48,7 +47,7 @@ class Ensemble(Algorithm):
         return {}
 
     def client_weights(self, task: ClientTask, received: P.Params, state: Any, init):
-        return None, init(torch_rng(self.experiment.seed, "init", 0, task.client_id + 1))
+        return None, self.own_init(task, init)
 
     def aggregate(self, state: ServerState, plan: RoundPlan, results: list[ClientResult]) -> ServerState:
         members = [P.from_numpy(r.upload) for r in results]

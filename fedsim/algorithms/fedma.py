@@ -44,7 +44,7 @@ from fedsim.matching.atoms import (
     slice_to_client,
 )
 from fedsim.models.base import MatchLayer
-from fedsim.rng import seed_for, torch_rng
+from fedsim.rng import seed_for
 
 ASSIGNMENT = "__assignment__"      # int32 (L_j,) sent down with a global layer
 CLASS_COUNTS = "__class_counts__"  # int64 (K,) sent up with the classifier
@@ -225,7 +225,7 @@ class FedMA(Algorithm):
         if k == 0:
             if received:  # the global model sliced back to this client's original widths
                 return self.base_widths, received
-            return self.base_widths, init(torch_rng(self.experiment.seed, "init", 0, task.client_id + 1))
+            return self.base_widths, self.own_init(task, init)
         device = received[ASSIGNMENT].device
         local = {key: v.to(device) for key, v in P.from_numpy(state["local"]).items()}
         layer = self.layers[k - 1]
@@ -280,7 +280,7 @@ class PFNM(FedMA):
         return None
 
     def client_weights(self, task: ClientTask, received: P.Params, state: Any, init):
-        return self.base_widths, init(torch_rng(self.experiment.seed, "init", 0, task.client_id + 1))
+        return self.base_widths, self.own_init(task, init)
 
     def local_update(self, ctx: ClientContext) -> tuple[P.Params, float]:
         upload, loss = Algorithm.local_update(self, ctx)

@@ -107,12 +107,17 @@ def run_experiment(cfg: ExperimentConfig, dataset: FederatedDataset, run_dir: st
         yield from _run_one(cfg, run, dataset, backend, log)
 
 
-def _replay(log: RunLog, run: RunConfig, rounds: int) -> Iterator[dict]:
-    row = log.run_row(run.label)
-    yield {"kind": "start", "run": run.label, "rounds": rounds}
+def _logged_rounds(log: RunLog, run: RunConfig, rounds: int) -> Iterator[dict]:
+    """Progress events for the rounds of ``run`` already in the log (a resumed experiment)."""
     for r in log.rows["rounds"]:
         if r["run_id"] == run.label:
             yield {"kind": "round", **r, "rounds": rounds}
+
+
+def _replay(log: RunLog, run: RunConfig, rounds: int) -> Iterator[dict]:
+    row = log.run_row(run.label)
+    yield {"kind": "start", "run": run.label, "rounds": rounds}
+    yield from _logged_rounds(log, run, rounds)
     yield {"kind": "end", "run": run.label, "status": row["status"], "message": row["message"] or ""}
 
 
@@ -161,7 +166,6 @@ def _run_one(cfg: ExperimentConfig, run: RunConfig, dataset: FederatedDataset, b
     model = build_model(cfg.model.name, num_classes=dataset.num_classes, input_shape=dataset.input_shape,
                         widths=cfg.model.widths, generator=torch_rng(cfg.seed, "init"))
     state = algo.init_state(P.clone(model.state_dict()))
-    models = {None: model}  # evaluation models by global widths (FedMA's global model grows)
     store: dict[int, Any] = {}  # client id -> backend handle of its state (stateful algorithms only)
     first, cum_up, cum_down = 0, 0, 0
     if previous is None:
@@ -175,9 +179,7 @@ def _run_one(cfg: ExperimentConfig, run: RunConfig, dataset: FederatedDataset, b
     else:
         state, first, cum_up, cum_down, store = _restore(log, run, state, backend)
     yield {"kind": "start", "run": run.label, "rounds": rounds}
-    for r in log.rows["rounds"]:
-        if r["run_id"] == run.label:
-            yield {"kind": "round", **r, "rounds": rounds}
+    yield from _logged_rounds(log, run, rounds)
     status, message = "finished", ""
     for r in range(first, rounds):
         t0 = time.perf_counter()
@@ -207,12 +209,7 @@ def _run_one(cfg: ExperimentConfig, run: RunConfig, dataset: FederatedDataset, b
         weights = np.array([x.n_examples for x in kept], dtype=np.float64)
         train_loss = float(np.dot(weights, [x.train_loss for x in kept]) / weights.sum()) if kept else None
         finite = P.all_finite(global_params) and (train_loss is None or np.isfinite(train_loss))
-        widths = algo.model_widths(state)
-        key = None if widths is None else tuple(sorted(widths.items()))
-        if key not in models:
-            models[key] = build_model(cfg.model.name, num_classes=dataset.num_classes,
-                                      input_shape=dataset.input_shape, widths=widths)
-        model = models[key]
+        model = algo.reference_model(algo.model_widths(state))  # global widths (FedMA's grow)
         acc = loss = acc_mean = None
         if finite and plan.evaluate and ((r + 1) % cfg.engine.eval_every == 0 or r == rounds - 1):
             if algo.keeps_bn_local:
