@@ -21,13 +21,14 @@ Ray start-up is reported separately and excluded from the ratio: ``ray.init`` pl
 run, the time until round 0 ends (driver actor and ClientWorker processes starting, importing
 torch, then round 0) minus the bare loop's round 0. The ratio compares rounds 1..R-1 (fedsim: the
 time from round 0's event to the last round's event; bare: the same rounds). Each configuration
-runs ``--repeats`` times (default 3; the machine is shared, so timings are noisy) and medians are
-printed.
+runs ``--repeats`` times (default 5), interleaved, and medians are printed. The machine's speed
+drifts by tens of percent between minutes, so the target is judged on the median over repeats of
+the ratio within a repeat (fedsim against the faster bare loop run right after it).
 
 Also measured (issue 6, "concurrency that fits the hardware"): fedsim with 2 workers x 1 torch
 thread against 1 worker x 2 threads.
 
-Run: ``python benchmarks/bench_overhead.py [--rounds 20] [--repeats 3] [--no-concurrency]``.
+Run: ``python benchmarks/bench_overhead.py [--rounds 20] [--repeats 5] [--no-concurrency]``.
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ def fedsim_once(cfg, dataset) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-concurrency", action="store_true", help="skip the 1 worker x 2 threads run")
     args = ap.parse_args()
 
@@ -181,8 +182,13 @@ def main() -> None:
           f"{median([f['to_round0'] for f in main_runs]):.2f}s - bare round 0 {bare_round0[best]:.3f}s "
           f"= {startup:.2f}s")
     ratio = fed_steady / bare_steady[best]
-    print(f"ratio fedsim / bare ({best} thread{'s' if best > 1 else ''}), rounds 1..{R - 1}: {ratio:.2f}x "
-          f"(target <= {TARGET}x: {'met' if ratio <= TARGET else 'NOT met'})")
+    # The machine's speed drifts between minutes; each repeat runs fedsim and the bare loops back
+    # to back, so the ratio within a repeat cancels the drift. Judged on the median of those.
+    paired = median([f["steady"] / min(sum(bare[th][i]["seconds"][1:]) for th in bare)
+                     for i, f in enumerate(main_runs)])
+    print(f"ratio of medians fedsim / bare ({best} thread{'s' if best > 1 else ''}), rounds 1..{R - 1}: {ratio:.2f}x")
+    print(f"median of per-repeat ratios fedsim / faster bare loop: {paired:.2f}x "
+          f"(target <= {TARGET}x: {'met' if paired <= TARGET else 'NOT met'})")
     if not args.no_concurrency:
         one = median([f["steady"] for f in fed["fedsim 1 worker x 2 threads"]])
         print(f"concurrency: 2 workers x 1 thread {fed_steady:.3f}s vs 1 worker x 2 threads {one:.3f}s "

@@ -81,7 +81,9 @@ def run_fedsim(rounds: int, cpus: int) -> dict:
                   "batch_size": BATCH}],
     })
     dataset = load_data()
-    init_ray(cpus)
+    from fedsim.engine import api
+
+    api.start_ray(cfg, num_cpus=cpus)  # a local Ray as `fedsim run` starts it
     with tempfile.TemporaryDirectory() as out:
         t = timed_fedsim_run(cfg, dataset, out)
     return {"t0": t0, "round_ends": t["t_round"], "t_end": time.perf_counter(),

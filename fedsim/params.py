@@ -50,17 +50,21 @@ def scale(a: Mapping[str, torch.Tensor], c: float) -> Params:
     return {k: v * c for k, v in a.items()}
 
 
-def weighted_mean(ps: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> Params:
+def weighted_mean(ps: Sequence[Mapping[str, torch.Tensor | np.ndarray]], weights: Sequence[float]) -> Params:
     """sum_j (w_j / sum w) p_j, FedAvg's aggregation (McMahan et al. 2017, Algorithm 1).
 
-    Summation runs in the given order and in float64 for floating tensors, then casts back to each
-    tensor's dtype, so the result depends only on the inputs and their order, never on which
-    process computed it. Integer tensors (e.g. BatchNorm's ``num_batches_tracked``) take the
-    weighted mean rounded down.
+    Summation runs in the given order and in float64 for floating tensors (each term is
+    ``float64(p_j) * (w_j / sum w)``, rounded once), then casts back to each tensor's dtype, so the
+    result depends only on the inputs and their order, never on which process computed it.
+    Integer tensors (e.g. BatchNorm's ``num_batches_tracked``) take the weighted mean rounded down.
 
     Args:
-        ps: J mappings with identical keys and shapes.
+        ps: J mappings with identical keys and shapes, of torch tensors or numpy arrays (uploads
+            as they arrive from workers; numpy is summed in place, without copies).
         weights: J non-negative weights, typically n_j (examples), with a positive sum.
+
+    Returns:
+        Name -> CPU torch tensor of the inputs' shape and dtype.
 
     Raises:
         ValueError: no inputs, lengths differ, or the weights do not sum to a positive number.
@@ -70,12 +74,15 @@ def weighted_mean(ps: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[fl
     total = float(sum(weights))
     if not total > 0:
         raise ValueError(f"weights must sum to a positive number (got {total})")
+    coef = [np.float64(float(w) / total) for w in weights]  # float64 scalars: the products are float64
     out: Params = {}
-    for k, first in ps[0].items():
-        acc = torch.zeros(first.shape, dtype=torch.float64)
-        for p, w in zip(ps, weights):
-            acc += p[k].to(torch.float64) * (float(w) / total)
-        out[k] = acc.floor().to(first.dtype) if not first.is_floating_point() else acc.to(first.dtype)
+    for k in ps[0]:
+        arrays = [p[k] if isinstance(p[k], np.ndarray) else p[k].detach().cpu().numpy() for p in ps]
+        acc = np.zeros(arrays[0].shape, dtype=np.float64)
+        for a, c in zip(arrays, coef):
+            acc += a * c
+        dtype = arrays[0].dtype
+        out[k] = torch.from_numpy(np.asarray(acc if np.issubdtype(dtype, np.floating) else np.floor(acc)).astype(dtype))
     return out
 
 

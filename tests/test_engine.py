@@ -112,6 +112,28 @@ def test_nan_weights_stop_the_run_as_diverged_and_keep_other_runs(tmp_path):
     assert np.isfinite(rounds[rounds.run_id == "boom"]["train_loss"]).all()
 
 
+def test_nan_test_loss_marks_that_round_diverged_and_keeps_the_rounds_before(tmp_path, monkeypatch):
+    # Weights and training loss stay finite; only the evaluation of round 2's global model is
+    # NaN (as an overflow in the logits would make it). Evaluation overlaps the next round.
+    from fedsim.algorithms.fedavg import FedAvg
+
+    real = FedAvg.evaluate
+    seen = []
+
+    def evaluate(self, state, model, split, batch_size):
+        seen.append(len(seen))
+        acc, loss = real(self, state, model, split, batch_size)
+        return (acc, float("nan")) if len(seen) == 3 else (acc, loss)
+
+    monkeypatch.setattr(FedAvg, "evaluate", evaluate)
+    runs_cfg = [{"algorithm": "fedavg", "name": "late-nan", "rounds": 5, "lr": 0.05, "batch_size": 16}]
+    runs, rounds, clients, _ = run_tables(tiny_experiment(runs=runs_cfg), tmp_path)
+    row = runs.set_index("run_id").loc["late-nan"]
+    assert row["status"] == "diverged" and row["message"].startswith("round 2:")
+    assert rounds["round"].tolist() == [0, 1] and sorted(clients["round"].unique()) == [0, 1]
+    assert np.isfinite(rounds["test_loss"]).all()
+
+
 def test_pool_size_follows_resources_and_cohort():
     cfg = config.parse(tiny_experiment(engine={"clients_per_round": 3, "cpus_per_worker": 1.0}))
     assert pool_size(cfg, {"CPU": 2.0}) == 2
@@ -119,3 +141,43 @@ def test_pool_size_follows_resources_and_cohort():
     gpu = config.parse(tiny_experiment(data={"dataset": "digits", "num_clients": 6},
                                        engine={"clients_per_round": 6, "cpus_per_worker": 1.0, "gpus_per_worker": 0.25}))
     assert pool_size(gpu, {"CPU": 16.0, "GPU": 1.0}) == 4  # four workers share one GPU
+
+
+def test_packed_uploads_round_trip_exactly_with_mixed_dtypes_and_shapes():
+    from fedsim.algorithms import ClientResult
+    from fedsim.engine.backends import pack_uploads, unpack_uploads
+
+    rng = np.random.default_rng(0)
+    uploads = [{"w": rng.standard_normal((3, 5)).astype(np.float32), "steps": np.array(7, dtype=np.int64),
+                "b": rng.standard_normal(3).astype(np.float64)},
+               {"w": rng.standard_normal((2, 5)).astype(np.float32)},  # another width (FedMA)
+               {}]
+    results = [ClientResult(client_id=i, round=0, upload=u, n_examples=i + 1, train_loss=0.5, bytes_up=0,
+                            bytes_down=0, seconds=0.0) for i, u in enumerate(uploads)]
+    packed, buffer = pack_uploads(results)
+    assert buffer.dtype == np.uint8 and buffer.ndim == 1
+    back = unpack_uploads((packed, buffer))
+    for before, after in zip(results, back):
+        assert list(after.upload) == list(before.upload)
+        for k, v in before.upload.items():
+            got = after.upload[k]
+            assert got.dtype == v.dtype and got.shape == v.shape and np.array_equal(got, v)
+        assert (after.client_id, after.n_examples) == (before.client_id, before.n_examples)
+
+
+def test_balance_assigns_every_task_once_within_lpt_bound_of_the_best_split():
+    import itertools
+
+    from fedsim.engine.backends import balance
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n, bins = int(rng.integers(1, 8)), int(rng.integers(1, 4))
+        costs = rng.integers(1, 50, size=n).astype(float).tolist()
+        batches = balance(costs, bins)
+        assert sorted(i for b in batches for i in b) == list(range(n))
+        assert len(batches) <= bins and all(b == sorted(b) and b for b in batches)
+        best = min(max(sum(c for c, a in zip(costs, assign) if a == k) for k in range(bins))
+                   for assign in itertools.product(range(bins), repeat=n))  # brute force
+        # Graham (1969): LPT's largest load is at most (4/3 - 1/(3 bins)) x the optimum
+        assert max(sum(costs[i] for i in b) for b in batches) <= (4 / 3 - 1 / (3 * bins)) * best + 1e-9

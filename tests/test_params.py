@@ -23,6 +23,21 @@ def test_weighted_mean_of_identical_inputs_is_that_input():
     assert torch.equal(P.weighted_mean([p, p, p], [1, 2, 7])["w"], p["w"])
 
 
+def test_weighted_mean_sums_float64_terms_in_order_for_numpy_and_torch_inputs_alike():
+    g = torch.Generator().manual_seed(1)
+    ps = [{"w": torch.randn(64, generator=g) * 10 ** i, "steps": torch.tensor(3 * i + 1)} for i in range(5)]
+    n = [3, 1, 4, 1, 5]
+    expect = torch.zeros(64, dtype=torch.float64)
+    for p, w in zip(ps, n):  # the documented order and rounding: term by term, float64
+        expect += p["w"].to(torch.float64) * (w / 14)
+    from_torch = P.weighted_mean(ps, n)
+    from_numpy = P.weighted_mean([{k: v.numpy() for k, v in p.items()} for p in ps], n)
+    assert torch.equal(from_torch["w"], expect.to(torch.float32))
+    assert torch.equal(from_numpy["w"], from_torch["w"])
+    steps = sum(w * (3 * i + 1) for i, w in enumerate(n)) / 14  # 110 / 14 = 7.86: integers are floored
+    assert from_numpy["steps"].dtype == torch.int64 and int(from_numpy["steps"]) == int(steps) == 7
+
+
 def test_nbytes_is_numel_times_element_size():
     p = {"a": torch.zeros(5, 7, dtype=torch.float32), "b": torch.zeros(3, dtype=torch.float64),
          "c": np.zeros((2, 2), dtype=np.int32)}

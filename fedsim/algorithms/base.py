@@ -182,9 +182,9 @@ class Algorithm:
         """A model of the experiment's architecture at ``widths`` (default: the configured ones),
         cached per widths: for reading its structure (layer groups, matchable layers, state_dict
         keys) and, with the global weights loaded into it, for evaluating the global model."""
-        from fedsim.models import build_model
+        from fedsim.models import build_model, widths_key
 
-        key = tuple(sorted((widths or {}).items()))
+        key = widths_key(widths)
         if key not in self._reference:
             self._reference[key] = build_model(self.experiment.model.name, num_classes=self.num_classes,
                                                input_shape=self.input_shape,
@@ -225,8 +225,7 @@ class Algorithm:
 
         ``results`` are in cohort order, so the sum's order never depends on arrival order.
         """
-        uploads = [P.from_numpy(r.upload) for r in results]
-        mean = P.weighted_mean(uploads, [r.n_examples for r in results])
+        mean = P.weighted_mean([r.upload for r in results], [r.n_examples for r in results])
         return ServerState(params={**state.params, **mean}, extra=state.extra)
 
     def global_params(self, state: ServerState) -> P.Params:

@@ -33,14 +33,17 @@ def cifar_augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> 
     return out.permute(0, 3, 1, 2).contiguous()
 
 
-def augmenter(kind: str | None, generator: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The batch transform for a dataset's ``augment`` flag (identity when None).
+def augmenter(kind: str | None, generator: torch.Generator | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The batch transform for a dataset's ``augment`` flag (identity when None, which needs no
+    ``generator``).
 
     Raises:
-        ValueError: unknown ``kind``.
+        ValueError: unknown ``kind``, or a ``kind`` without a generator.
     """
     if kind is None:
         return lambda x: x
+    if generator is None:
+        raise ValueError(f"augmentation {kind!r} needs a generator")
     if kind == "cifar":
         return lambda x: cifar_augment(x, generator)
     raise ValueError(f"unknown augmentation {kind!r}")

@@ -20,7 +20,7 @@ from fedsim.config import ExperimentConfig, RunConfig
 from fedsim.data.base import FederatedDataset
 from fedsim.accounting import forward_cost
 from fedsim.engine.augment import augmenter
-from fedsim.models import build_model
+from fedsim.models import build_model, widths_key
 from fedsim.rng import seed_for, torch_rng
 
 
@@ -68,10 +68,38 @@ class ClientRunner:
         self._optimizers: dict[tuple, torch.optim.Optimizer] = {}
         self._algorithms: dict[str, Algorithm] = {}
         self._forward: dict[tuple, int] = {}  # forward MACs per example by model widths
+        self._received: tuple[Any, P.Params] | None = None  # (last broadcast, as tensors on device)
+        self._states: dict[int, dict[str, torch.Tensor]] = {}  # id(model) -> its state_dict views
+
+    def tensors(self, received: dict[str, np.ndarray]) -> P.Params:
+        """The broadcast as tensors on the device, converted once per round: every client of a
+        worker's batch receives the same dict. The tensors are shared; clients only read them."""
+        if self._received is None or self._received[0] is not received:
+            self._received = (received, {k: v.to(self.device) for k, v in P.from_numpy(received).items()})
+        return self._received[1]
+
+    def load(self, model: torch.nn.Module, weights: P.Params) -> None:
+        """Copy ``weights`` into ``model``'s tensors in place (keys it lacks stay as they are),
+        without ``load_state_dict``'s per-module traversal.
+
+        Raises:
+            ValueError: a weight's shape differs from the model's tensor (e.g. widths mismatch).
+        """
+        views = self._states.get(id(model))
+        if views is None:
+            views = self._states[id(model)] = model.state_dict(keep_vars=True)
+        with torch.no_grad():
+            for k, w in weights.items():
+                t = views.get(k)
+                if t is None:
+                    continue
+                if t.shape != w.shape:
+                    raise ValueError(f"weight {k!r} has shape {tuple(w.shape)} but the model's is {tuple(t.shape)}")
+                t.copy_(w)
 
     def model(self, widths: dict[str, int] | None = None):
         """The cached model for ``widths`` (built once per architecture)."""
-        key = tuple(sorted((widths or {}).items()))
+        key = widths_key(widths)
         if key not in self._models:
             m = build_model(self.experiment.model.name, num_classes=self.dataset.num_classes,
                             input_shape=self.dataset.input_shape, widths=widths or self.experiment.model.widths)
@@ -124,11 +152,12 @@ class ClientRunner:
         t0 = time.perf_counter()
         algo = self.algorithm(run)
         plan = task.plan
-        received = {**received, **(extra or {})}
-        down = {k: v.to(self.device) for k, v in P.from_numpy(received).items()}
+        down = self.tensors(received)
+        if extra:
+            down = {**down, **{k: v.to(self.device) for k, v in P.from_numpy(extra).items()}}
         widths, weights = algo.client_weights(task, down, state, self._fresh_weights)
         model = self.model(widths)
-        model.load_state_dict(weights, strict=False)  # in-place copy into the cached model
+        self.load(model, weights)  # in-place copy into the cached model
         names = tuple(k for k, _ in model.named_parameters())
         trainable = names if plan.trainable is None else tuple(k for k in names if k in set(plan.trainable))
         for k, w in model.named_parameters():
@@ -140,7 +169,8 @@ class ClientRunner:
         ctx = ClientContext(
             model=model, received=down, x=x, y=y, plan=plan,
             generator=torch_rng(self.experiment.seed, "shuffle", task.round, task.client_id),
-            augment=augmenter(self.dataset.augment, torch_rng(self.experiment.seed, "augment", task.round, task.client_id)),
+            augment=augmenter(self.dataset.augment, None if self.dataset.augment is None else
+                              torch_rng(self.experiment.seed, "augment", task.round, task.client_id)),
             optimizer=self.optimizer(model, run, trainable, plan), state=state)
         # Dropout draws from torch's global generator (it takes no generator argument): seed it
         # from (seed, "dropout", round, client) inside fork_rng so nothing outside is disturbed.
@@ -153,13 +183,13 @@ class ClientRunner:
                 torch.cuda.manual_seed(dropout_seed)
             upload, train_loss = algo.local_update(ctx)
         upload_np = P.to_numpy(upload)
-        key = tuple(sorted((widths or {}).items()))
+        key = widths_key(widths)
         if key not in self._forward:
             self._forward[key] = forward_cost(model, self.dataset.input_shape, "thop")
         macs = len(idx) * plan.local_epochs * (3 if plan.trainable is None else 2) * self._forward[key]
         return ClientResult(
             client_id=task.client_id, round=task.round, upload=upload_np, n_examples=int(len(idx)),
             train_loss=float(train_loss), bytes_up=0 if plan.pooled else P.nbytes(upload_np),
-            bytes_down=0 if plan.pooled else P.nbytes(received),
+            bytes_down=0 if plan.pooled else P.nbytes({**received, **(extra or {})}),
             seconds=time.perf_counter() - t0, worker=self.worker_id, attempt=task.attempt,
             state=ctx.new_state, macs=int(macs))

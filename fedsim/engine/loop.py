@@ -4,6 +4,13 @@ For each run of an experiment and each communication round: sample the cohort (a
 (seed, round), identical for every algorithm) -> ``plan_round`` -> ``downlink`` (stored once) ->
 clients on the backend -> ``aggregate`` (in cohort order) -> evaluate the global model on the
 global test set -> append Parquet rows and flush them atomically -> yield a progress event.
+
+A round's global model is evaluated, and its rows and checkpoint written, right after the next
+round's clients are submitted, so this work overlaps their training instead of adding to the
+round's time (``wall_seconds`` covers sampling to aggregation). A completed round is still never
+lost: it is written before the next round's results are awaited, and the round that ends a run is
+written before the run's status changes. A test loss of NaN/Inf marks the run diverged at that
+round, as before; the round already submitted after it is abandoned.
 """
 
 from __future__ import annotations
@@ -181,6 +188,39 @@ def _run_one(cfg: ExperimentConfig, run: RunConfig, dataset: FederatedDataset, b
     yield {"kind": "start", "run": run.label, "rounds": rounds}
     yield from _logged_rounds(log, run, rounds)
     status, message = "finished", ""
+    # The last aggregated round, not yet evaluated and written: (row, results, whether to
+    # evaluate, then what its checkpoint holds).
+    done: tuple | None = None
+
+    def diverged(r: int) -> str:
+        return (f"round {r}: the loss or the global weights became NaN/Inf; lower runs.lr "
+                "or check the data; rounds before it are kept")
+
+    def commit() -> dict | None:
+        """Evaluate round ``done``'s global model if due, write its rows (and checkpoint); its
+        progress event, or None when the test loss came out NaN/Inf (nothing is written)."""
+        row, results, due, state_r, store_r, up_r, down_r = done
+        r = row["round"]
+        if due:
+            model = algo.reference_model(algo.model_widths(state_r))
+            if algo.keeps_bn_local:
+                acc, loss, acc_mean = _evaluate_bn_local(algo, state_r, model, dataset, store_r, backend, cfg)
+            else:
+                (acc, loss), acc_mean = algo.evaluate(state_r, model, dataset.test, cfg.engine.eval_batch_size), None
+            if loss is not None and not np.isfinite(loss):
+                return None
+            row = {**row, "test_accuracy": acc, "test_loss": loss, "test_accuracy_clients_mean": acc_mean}
+        for x in results:
+            log.add("clients", {"run_id": run.label, "round": r, "client_id": x.client_id,
+                                "n_examples": x.n_examples, "train_loss": None if x.dropped else x.train_loss,
+                                "bytes_up": x.bytes_up, "bytes_down": x.bytes_down, "seconds": x.seconds,
+                                "worker": x.worker, "attempt": x.attempt, "dropped": x.dropped})
+        log.add("rounds", row)
+        log.flush()
+        if (r + 1) % cfg.engine.checkpoint_every == 0 or r == rounds - 1:
+            _save(log, run, r, state_r, store_r, backend, up_r, down_r)
+        return {"kind": "round", **row, "rounds": rounds}
+
     for r in range(first, rounds):
         t0 = time.perf_counter()
         cohort = sample_cohort(cfg.seed, r, dataset.num_clients, cfg.engine.clients_per_round)
@@ -191,8 +231,15 @@ def _run_one(cfg: ExperimentConfig, run: RunConfig, dataset: FederatedDataset, b
         states = [store.get(c) if algo.stateful else None for c in plan.cohort]
         extras = [algo.client_downlink(state, plan, c) for c in plan.cohort]
         extras = [None if e is None else P.to_numpy(e) for e in extras]
+        pending = backend.submit(run, tasks, handle, states, extras)
+        if done is not None:  # the previous round is evaluated and written while this one trains
+            event, done = commit(), None
+            if event is None:  # round r - 1's test loss is NaN/Inf: round r is abandoned
+                status, message = "diverged", diverged(r - 1)
+                break
+            yield event
         try:
-            results = backend.run_round(run, tasks, handle, states, extras)
+            results = backend.collect(pending)
         except RoundTimeout as err:
             status, message = "failed", str(err)
             break
@@ -200,47 +247,32 @@ def _run_one(cfg: ExperimentConfig, run: RunConfig, dataset: FederatedDataset, b
                    for x, e in zip(results, extras)]
         kept = [x for x in results if not x.dropped]
         if algo.stateful:
-            store.update({x.client_id: backend.put_state(x.state) for x in kept})
+            store = {**store, **{x.client_id: backend.put_state(x.state) for x in kept}}
         if kept:
             state = algo.aggregate(state, plan, kept)
-        global_params = algo.global_params(state)
         up, down = sum(x.bytes_up for x in results), sum(x.bytes_down for x in results)
         cum_up, cum_down = cum_up + up, cum_down + down
         weights = np.array([x.n_examples for x in kept], dtype=np.float64)
         train_loss = float(np.dot(weights, [x.train_loss for x in kept]) / weights.sum()) if kept else None
-        finite = P.all_finite(global_params) and (train_loss is None or np.isfinite(train_loss))
+        if not (P.all_finite(algo.global_params(state)) and (train_loss is None or np.isfinite(train_loss))):
+            status, message = "diverged", diverged(r)
+            break
         model = algo.reference_model(algo.model_widths(state))  # global widths (FedMA's grow)
-        acc = loss = acc_mean = None
-        if finite and plan.evaluate and ((r + 1) % cfg.engine.eval_every == 0 or r == rounds - 1):
-            if algo.keeps_bn_local:
-                acc, loss, acc_mean = _evaluate_bn_local(algo, state, model, dataset, store, backend, cfg)
-            else:
-                acc, loss = algo.evaluate(state, model, dataset.test, cfg.engine.eval_batch_size)
-            finite = loss is None or np.isfinite(loss)
-
         row = {"run_id": run.label, "algorithm": run.algorithm, "round": r, "phase": plan.phase,
-               "layer": plan.layer, "test_accuracy": acc, "test_loss": loss, "train_loss": train_loss,
+               "layer": plan.layer, "test_accuracy": None, "test_loss": None, "train_loss": train_loss,
                "bytes_up": up, "bytes_down": down, "cum_bytes_up": cum_up, "cum_bytes_down": cum_down,
                "cum_bytes": cum_up + cum_down, "global_params": algo.global_size(state, model),
                "trainable_params": _param_count(model, plan.trainable), "clients": len(kept),
-               "flops": int(sum(x.macs for x in kept)),
-               "test_accuracy_clients_mean": acc_mean,
+               "flops": int(sum(x.macs for x in kept)), "test_accuracy_clients_mean": None,
                "wall_seconds": time.perf_counter() - t0}
-        if not finite:
-            status = "diverged"
-            message = (f"round {r}: the loss or the global weights became NaN/Inf; lower runs.lr "
-                       "or check the data; rounds before it are kept")
-            break
-        for x in results:
-            log.add("clients", {"run_id": run.label, "round": r, "client_id": x.client_id,
-                                "n_examples": x.n_examples, "train_loss": None if x.dropped else x.train_loss,
-                                "bytes_up": x.bytes_up, "bytes_down": x.bytes_down, "seconds": x.seconds,
-                                "worker": x.worker, "attempt": x.attempt, "dropped": x.dropped})
-        log.add("rounds", row)
-        log.flush()
-        if (r + 1) % cfg.engine.checkpoint_every == 0 or r == rounds - 1:
-            _save(log, run, r, state, store, backend, cum_up, cum_down)
-        yield {"kind": "round", **row, "rounds": rounds}
+        due = plan.evaluate and ((r + 1) % cfg.engine.eval_every == 0 or r == rounds - 1)
+        done = (row, results, due, state, store, cum_up, cum_down)
+    if done is not None:
+        event = commit()
+        if event is None:
+            status, message = "diverged", diverged(done[0]["round"])
+        else:
+            yield event
     log.update_run(run.label, status=status, message=message, finished_at=_now())
     log.flush()
     yield {"kind": "end", "run": run.label, "status": status, "message": message}

@@ -7,7 +7,9 @@ An experiment directory holds three tables with schemas fixed from round 0:
   cumulative, global parameter count, cohort size, wall seconds);
 * ``clients.parquet``: one row per (round, client) (examples, loss, bytes, seconds, worker).
 
-Every flush rewrites each table whole. The experiment directory is a local path or a URI
+Every flush rewrites each changed table whole; rows already converted to Arrow are kept as record
+batches, so a flush converts only the rows added since the last one (a flush of a 1,000-round run
+costs the Parquet encoding of its rows, not their conversion from Python). The experiment directory is a local path or a URI
 (``s3://bucket/prefix``, ``file:///shared/runs``; see :mod:`fedsim.io.storage`): locally a table
 goes to a temporary file in the same directory that is renamed over the old one (``os.replace`` is
 atomic on POSIX); on an object store it is one upload, which becomes visible only when complete.
@@ -79,6 +81,14 @@ class RunLog:
         self._made = False
         self.rows: dict[str, list[dict[str, Any]]] = {name: [] for name in TABLES}
         self._dirty = set(TABLES)  # tables whose rows changed since the last flush
+        # rows[name][:_converted[name]] as Arrow record batches; reset when a row changes
+        self._batches: dict[str, list[pa.RecordBatch]] = {name: [] for name in TABLES}
+        self._converted = {name: 0 for name in TABLES}
+
+    def _changed(self, table: str) -> None:
+        """Rows of ``table`` were removed or edited: its Arrow batches are rebuilt at the next flush."""
+        self._batches[table], self._converted[table] = [], 0
+        self._dirty.add(table)
 
     def add(self, table: str, row: dict[str, Any]) -> None:
         """Append one row to ``table`` ("runs", "rounds" or "clients"). A runs row without
@@ -103,7 +113,9 @@ class RunLog:
         for name, schema in TABLES.items():
             data = storage.read_bytes(storage.join(log.dir, f"{name}.parquet"))
             table = pq.read_table(pa.BufferReader(data))
-            log.rows[name] = table.select(schema.names).cast(schema).to_pylist()
+            table = table.select(schema.names).cast(schema)
+            log.rows[name] = table.to_pylist()
+            log._batches[name], log._converted[name] = table.to_batches(), len(log.rows[name])
         log._dirty = set()
         return log
 
@@ -115,14 +127,14 @@ class RunLog:
         """Drop the rounds and clients rows of ``run_id`` whose round is > ``after_round``."""
         for name in ("rounds", "clients"):
             self.rows[name] = [r for r in self.rows[name] if r["run_id"] != run_id or r["round"] <= after_round]
-            self._dirty.add(name)
+            self._changed(name)
 
     def update_run(self, run_id: str, **fields: Any) -> None:
         """Change columns of the runs row of ``run_id`` (e.g. status, finished_at)."""
         for row in self.rows["runs"]:
             if row["run_id"] == run_id:
                 row.update(fields)
-                self._dirty.add("runs")
+                self._changed("runs")
                 return
         raise KeyError(f"no run {run_id!r}")
 
@@ -134,6 +146,13 @@ class RunLog:
         for name in ("clients", "rounds", "runs"):
             if name not in self._dirty:
                 continue
-            table = pa.Table.from_pylist(self.rows[name], schema=TABLES[name])
+            new = self.rows[name][self._converted[name]:]
+            if new:
+                self._batches[name].append(pa.RecordBatch.from_pylist(new, schema=TABLES[name]))
+                self._converted[name] = len(self.rows[name])
+            table = pa.Table.from_batches(self._batches[name], schema=TABLES[name])
+            if len(self._batches[name]) > 8:  # many small chunks make Parquet encoding slow
+                table = table.combine_chunks()
+                self._batches[name] = table.to_batches()
             write_atomic(table, storage.join(self.dir, f"{name}.parquet"))
         self._dirty.clear()

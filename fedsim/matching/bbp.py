@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 __all__ = ["MatchResult", "bbp_map", "score_matrix", "POPULARITY_CAP"]
 
@@ -387,6 +386,8 @@ class _GlobalState:
                 f"BBP-MAP scores overflowed in {wp.dtype} (atoms or 1/sigma2 too large); "
                 "pass float64 atoms or rescale them"
             )
+        from scipy.optimize import linear_sum_assignment  # here: scipy.optimize costs every worker 0.3 s to import
+
         rows, cols = linear_sum_assignment(cost)
         a = np.empty(L_j, dtype=np.int64)
         a[rows] = cols

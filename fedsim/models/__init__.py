@@ -39,6 +39,7 @@ __all__ = [
     "build_model",
     "forward_macs",
     "model_class",
+    "widths_key",
     "with_projection_head",
 ]
 
@@ -82,6 +83,12 @@ def _input_shape(input_shape: object) -> tuple[int, ...]:
             "pass the dataset's input_shape, e.g. (1, 28, 28)"
         )
     return tuple(int(d) for d in shape)
+
+
+def widths_key(widths: dict[str, int] | None) -> tuple[tuple[str, int], ...]:
+    """A hashable key for hidden-layer ``widths`` (None and {} mean the configured ones), for
+    caching one model per architecture."""
+    return tuple(sorted((widths or {}).items()))
 
 
 def build_model(
