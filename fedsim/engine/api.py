@@ -188,11 +188,12 @@ def _driver_class():
 
         def run(self, cfg: ExperimentConfig, box: list, run_dir: str, resume: bool, workers: list):
             from fedsim.engine.backends import RayBackend
-            from fedsim.engine.client import set_threads
+            from fedsim.engine.client import freeze_startup_objects, set_threads
             from fedsim.engine.loop import run_experiment
 
             set_threads(cfg.engine.cpus_per_worker)
             os.nice(DRIVER_NICE)
+            freeze_startup_objects()
             dataset = ray.get(box[0])
             backend = RayBackend(cfg, box[0], workers, [len(i) for i in dataset.client_indices])
             try:

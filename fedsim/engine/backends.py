@@ -27,7 +27,7 @@ import numpy as np
 from fedsim.algorithms import ClientResult, ClientTask
 from fedsim.config import ExperimentConfig, RunConfig
 from fedsim.data.base import FederatedDataset
-from fedsim.engine.client import ClientRunner, set_threads, warm_up
+from fedsim.engine.client import ClientRunner, freeze_startup_objects, set_threads, warm_up
 from fedsim.errors import FedsimError
 
 
@@ -125,6 +125,7 @@ def _make_worker_class():
             dataset = ray.get(dataset_box[0])  # numpy arrays, zero-copy views of the object store
             self.runner = ClientRunner(experiment, dataset, device="cuda" if gpus > 0 else "cpu",
                                        worker_id=worker_id)
+            freeze_startup_objects()
 
         def run(self, run: RunConfig, tasks: list[ClientTask], received: dict, states: list[Any],
                 extras: list[Any]) -> list[ClientResult]:

