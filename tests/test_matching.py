@@ -368,9 +368,13 @@ def test_popularity_term_stays_finite_for_two_clients():
 
 
 class MLP(FedModel):
+    NAME = "test_mlp"
+    DEFAULT_WIDTHS = {"fc1": 4, "fc2": 5}
+
     def __init__(self, widths=None):
-        super().__init__()
-        self.widths = {"fc1": 4, "fc2": 5, **(widths or {})}
+        super().__init__(num_classes=3, widths=widths)
+
+    def build(self, generator):
         self.fc1 = nn.Linear(5, self.widths["fc1"])
         self.fc2 = nn.Linear(self.widths["fc1"], self.widths["fc2"])
         self.fc3 = nn.Linear(self.widths["fc2"], 3)
@@ -395,9 +399,13 @@ class MLP(FedModel):
 class ConvNet(FedModel):
     """conv -> conv -> flatten (4x4, channel-major) -> linear."""
 
+    NAME = "test_convnet"
+    DEFAULT_WIDTHS = {"conv1": 3, "conv2": 4}
+
     def __init__(self, widths=None):
-        super().__init__()
-        self.widths = {"conv1": 3, "conv2": 4, **(widths or {})}
+        super().__init__(num_classes=3, widths=widths)
+
+    def build(self, generator):
         self.conv1 = nn.Conv2d(2, self.widths["conv1"], 3, padding=1)
         self.conv2 = nn.Conv2d(self.widths["conv1"], self.widths["conv2"], 3, padding=1)
         self.fc = nn.Linear(self.widths["conv2"] * 16, 3)
@@ -424,10 +432,13 @@ class CharModel(FedModel):
     """embedding -> LSTM -> linear decoder on the last step."""
 
     VOCAB = 7
+    NAME = "test_char"
+    DEFAULT_WIDTHS = {"emb": 3, "lstm": 4}
 
     def __init__(self, widths=None):
-        super().__init__()
-        self.widths = {"emb": 3, "lstm": 4, **(widths or {})}
+        super().__init__(num_classes=self.VOCAB, widths=widths)
+
+    def build(self, generator):
         self.emb = nn.Embedding(self.VOCAB, self.widths["emb"])
         self.lstm = nn.LSTM(self.widths["emb"], self.widths["lstm"], batch_first=True)
         self.dec = nn.Linear(self.widths["lstm"], self.VOCAB)

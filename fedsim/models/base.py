@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from torch import nn
 
 
@@ -58,11 +59,47 @@ class MatchLayer:
 class FedModel(nn.Module):
     """Base class of fedsim models: a torch module that describes its own structure.
 
-    Subclasses set ``self.widths`` (dict of unit counts, constructor-overridable) and implement
-    :meth:`layer_groups`, :meth:`match_layers` and :meth:`classifier`.
+    Subclasses set ``NAME`` and ``DEFAULT_WIDTHS`` and implement :meth:`build` (the layers),
+    :meth:`layer_groups`, :meth:`match_layers` and :meth:`classifier`; :meth:`init_weights`
+    defaults to PyTorch's initialisation drawn from the model's generator.
     """
 
+    NAME: str
+    DEFAULT_WIDTHS: dict[str, int]
     widths: dict[str, int]
+
+    def __init__(self, num_classes: int = 10, widths: dict[str, int] | None = None,
+                 generator: torch.Generator | None = None) -> None:
+        """Check ``num_classes`` and ``widths`` (keys of ``DEFAULT_WIDTHS``), build the layers
+        with torch's global RNG left untouched, then draw every parameter from ``generator``
+        (None: a generator seeded with ``DEFAULT_INIT_SEED``), so weights are deterministic.
+
+        Raises:
+            FedsimError: bad ``num_classes``, ``widths`` or ``generator``.
+        """
+        from fedsim.models._common import (  # _common imports this module
+            check_num_classes, generator_or_default, global_rng_untouched, resolve_widths)
+
+        super().__init__()
+        self.num_classes = check_num_classes(self.NAME, num_classes)
+        self.widths = resolve_widths(self.NAME, self.DEFAULT_WIDTHS, widths)
+        g = generator_or_default(generator)
+        with global_rng_untouched():
+            self.build(g)
+        self.init_weights(g)
+
+    def build(self, generator: torch.Generator) -> None:
+        """Create the layers from ``self.widths`` and ``self.num_classes``. Their parameters are
+        drawn afterwards by :meth:`init_weights`; ``generator`` is for parts that initialise
+        themselves (a wrapped encoder model)."""
+        raise NotImplementedError
+
+    def init_weights(self, generator: torch.Generator) -> None:
+        """Draw every parameter from ``generator``: PyTorch's default distributions, layers in
+        registration order (:func:`fedsim.models._common.init_torch_default`)."""
+        from fedsim.models._common import init_torch_default
+
+        init_torch_default(self, generator)
 
     def layer_groups(self) -> list[LayerGroup]:
         """Layer groups, shallow to deep, covering every state_dict key exactly once."""

@@ -15,10 +15,6 @@ import torch
 from torch import nn
 
 from fedsim.models._common import (
-    check_num_classes,
-    generator_or_default,
-    global_rng_untouched,
-    resolve_widths,
     uniform_,
 )
 from fedsim.models.base import FedModel, LayerGroup, MatchLayer
@@ -55,19 +51,20 @@ class CharLSTM(FedModel):
         widths: dict[str, int] | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
-        super().__init__()
-        self.num_classes = check_num_classes(self.NAME, num_classes)
-        self.widths = resolve_widths(self.NAME, self.DEFAULT_WIDTHS, widths)
-        e, h = self.widths["embedding"], self.widths["lstm"]
-        with global_rng_untouched():
-            self.embedding = nn.Embedding(self.num_classes, e)
-            self.lstm = nn.LSTM(e, h, num_layers=1, batch_first=True)
-            self.decoder = nn.Linear(h, self.num_classes)
-        g = generator_or_default(generator)
-        uniform_(self.embedding.weight, self._INIT_RANGE, g)
+        super().__init__(num_classes, widths, generator)
+
+    def build(self, generator: torch.Generator) -> None:
+        self.embedding = nn.Embedding(self.num_classes, self.widths["embedding"])
+        self.lstm = nn.LSTM(self.widths["embedding"], self.widths["lstm"], num_layers=1, batch_first=True)
+        self.decoder = nn.Linear(self.widths["lstm"], self.num_classes)
+
+    def init_weights(self, generator: torch.Generator) -> None:
+        """The authors' initialisation: embedding and decoder weight ~ U(-0.1, 0.1), every LSTM
+        tensor ~ U(-1/sqrt(H), 1/sqrt(H)), decoder bias 0; drawn in that order."""
+        uniform_(self.embedding.weight, self._INIT_RANGE, generator)
         for p in self.lstm.parameters():  # weight_ih, weight_hh, bias_ih, bias_hh
-            uniform_(p, 1.0 / math.sqrt(h), g)
-        uniform_(self.decoder.weight, self._INIT_RANGE, g)
+            uniform_(p, 1.0 / math.sqrt(self.widths["lstm"]), generator)
+        uniform_(self.decoder.weight, self._INIT_RANGE, generator)
         with torch.no_grad():
             self.decoder.bias.zero_()
 

@@ -14,11 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedsim.models._common import (
-    check_num_classes,
-    generator_or_default,
-    global_rng_untouched,
-    init_torch_default,
-    resolve_widths,
     weight_bias_groups,
 )
 from fedsim.models.base import FedModel, LayerGroup, MatchLayer
@@ -45,22 +40,12 @@ class DigitsCNN(FedModel):
     DEFAULT_WIDTHS = {"conv1": 16, "conv2": 32, "fc1": 64}
     _SPATIAL_AFTER_CONV2 = 4 * 4  # 8 -conv(pad 1)-> 8 -conv(pad 1)-> 8 -pool-> 4
 
-    def __init__(
-        self,
-        num_classes: int = 10,
-        widths: dict[str, int] | None = None,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        super().__init__()
-        self.num_classes = check_num_classes(self.NAME, num_classes)
-        self.widths = resolve_widths(self.NAME, self.DEFAULT_WIDTHS, widths)
+    def build(self, generator: torch.Generator) -> None:
         w = self.widths
-        with global_rng_untouched():
-            self.conv1 = nn.Conv2d(1, w["conv1"], 3, padding=1)
-            self.conv2 = nn.Conv2d(w["conv1"], w["conv2"], 3, padding=1)
-            self.fc1 = nn.Linear(w["conv2"] * self._SPATIAL_AFTER_CONV2, w["fc1"])
-            self.fc2 = nn.Linear(w["fc1"], self.num_classes)
-        init_torch_default(self, generator_or_default(generator))
+        self.conv1 = nn.Conv2d(1, w["conv1"], 3, padding=1)
+        self.conv2 = nn.Conv2d(w["conv1"], w["conv2"], 3, padding=1)
+        self.fc1 = nn.Linear(w["conv2"] * self._SPATIAL_AFTER_CONV2, w["fc1"])
+        self.fc2 = nn.Linear(w["fc1"], self.num_classes)
 
     @classmethod
     def fits(cls, input_shape: tuple[int, ...]) -> bool:

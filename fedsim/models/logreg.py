@@ -12,11 +12,6 @@ import torch
 from torch import nn
 
 from fedsim.models._common import (
-    check_num_classes,
-    generator_or_default,
-    global_rng_untouched,
-    init_torch_default,
-    resolve_widths,
     weight_bias_groups,
 )
 from fedsim.models.base import FedModel, LayerGroup, MatchLayer
@@ -42,18 +37,8 @@ class LogReg(FedModel):
     input_dtype = torch.float32
     DEFAULT_WIDTHS: dict[str, int] = {}
 
-    def __init__(
-        self,
-        num_classes: int = 10,
-        widths: dict[str, int] | None = None,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        super().__init__()
-        self.num_classes = check_num_classes(self.NAME, num_classes)
-        self.widths = resolve_widths(self.NAME, self.DEFAULT_WIDTHS, widths)
-        with global_rng_untouched():
-            self.fc = nn.Linear(self.INPUT_SHAPE[0], self.num_classes)
-        init_torch_default(self, generator_or_default(generator))
+    def build(self, generator: torch.Generator) -> None:
+        self.fc = nn.Linear(self.INPUT_SHAPE[0], self.num_classes)
 
     @classmethod
     def fits(cls, input_shape: tuple[int, ...]) -> bool:

@@ -29,11 +29,7 @@ from torch import nn
 
 from fedsim.errors import FedsimError
 from fedsim.models._common import (
-    check_num_classes,
-    generator_or_default,
-    global_rng_untouched,
     init_torch_default,
-    resolve_widths,
     weight_bias_groups,
 )
 from fedsim.models.base import FedModel, LayerGroup, MatchLayer
@@ -66,23 +62,13 @@ class SimpleCNN(FedModel):
     DEFAULT_WIDTHS = {"conv1": 6, "conv2": 16, "fc1": 120, "fc2": 84}
     _SPATIAL_AFTER_CONV2 = 5 * 5  # 32 -conv5-> 28 -pool-> 14 -conv5-> 10 -pool-> 5
 
-    def __init__(
-        self,
-        num_classes: int = 10,
-        widths: dict[str, int] | None = None,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        super().__init__()
-        self.num_classes = check_num_classes(self.NAME, num_classes)
-        self.widths = resolve_widths(self.NAME, self.DEFAULT_WIDTHS, widths)
+    def build(self, generator: torch.Generator) -> None:
         w = self.widths
-        with global_rng_untouched():
-            self.conv1 = nn.Conv2d(3, w["conv1"], 5)
-            self.conv2 = nn.Conv2d(w["conv1"], w["conv2"], 5)
-            self.fc1 = nn.Linear(w["conv2"] * self._SPATIAL_AFTER_CONV2, w["fc1"])
-            self.fc2 = nn.Linear(w["fc1"], w["fc2"])
-            self.fc3 = nn.Linear(w["fc2"], self.num_classes)
-        init_torch_default(self, generator_or_default(generator))
+        self.conv1 = nn.Conv2d(3, w["conv1"], 5)
+        self.conv2 = nn.Conv2d(w["conv1"], w["conv2"], 5)
+        self.fc1 = nn.Linear(w["conv2"] * self._SPATIAL_AFTER_CONV2, w["fc1"])
+        self.fc2 = nn.Linear(w["fc1"], w["fc2"])
+        self.fc3 = nn.Linear(w["fc2"], self.num_classes)
 
     @classmethod
     def fits(cls, input_shape: tuple[int, ...]) -> bool:
@@ -138,18 +124,11 @@ class ProjectionHeadModel(FedModel):
     DEFAULT_WIDTHS: ClassVar[dict[str, int]]
     input_dtype: ClassVar[torch.dtype] = torch.float32
 
-    def __init__(
-        self,
-        num_classes: int = 10,
-        widths: dict[str, int] | None = None,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        super().__init__()
-        self.num_classes = check_num_classes(self.NAME, num_classes)
-        self.widths = resolve_widths(self.NAME, self.DEFAULT_WIDTHS, widths)
-        g = generator_or_default(generator)
+    def build(self, generator: torch.Generator) -> None:
+        """The encoder (``BASE`` without its classifier, its weights drawn from ``generator`` as it
+        is built), then the projection head and the classifier."""
         base_widths = {k: v for k, v in self.widths.items() if k != "projection"}
-        encoder = self.BASE(num_classes=self.num_classes, widths=base_widths, generator=g)
+        encoder = self.BASE(num_classes=self.num_classes, widths=base_widths, generator=generator)
         w_key, b_key = encoder.classifier()
         head_name = w_key.rsplit(".", 1)[0]
         head = encoder.get_submodule(head_name)
@@ -165,12 +144,14 @@ class ProjectionHeadModel(FedModel):
         setattr(parent, attr, nn.Identity())  # encoder(x) now returns h, (B, d)
         self.encoder = encoder
         p = self.widths["projection"]
-        with global_rng_untouched():
-            self.proj1 = nn.Linear(d, d)
-            self.proj2 = nn.Linear(d, p)
-            self.fc = nn.Linear(p, self.num_classes)
+        self.proj1 = nn.Linear(d, d)
+        self.proj2 = nn.Linear(d, p)
+        self.fc = nn.Linear(p, self.num_classes)
+
+    def init_weights(self, generator: torch.Generator) -> None:
+        """The head and classifier (the encoder drew its own in :meth:`build`)."""
         for layer in (self.proj1, self.proj2, self.fc):
-            init_torch_default(layer, g)
+            init_torch_default(layer, generator)
 
     @classmethod
     def fits(cls, input_shape: tuple[int, ...]) -> bool:

@@ -34,10 +34,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedsim.models._common import (
-    check_num_classes,
-    generator_or_default,
-    global_rng_untouched,
-    resolve_widths,
     uniform_,
 )
 from fedsim.models.base import FedModel, LayerGroup, MatchLayer
@@ -92,48 +88,38 @@ class _ResNet(FedModel):
     input_dtype = torch.float32
     _MIN_SIDE = 32
 
-    def __init__(
-        self,
-        num_classes: int = 10,
-        widths: dict[str, int] | None = None,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        super().__init__()
-        self.num_classes = check_num_classes(self.NAME, num_classes)
-        self.widths = resolve_widths(self.NAME, self.DEFAULT_WIDTHS, widths)
+    def build(self, generator: torch.Generator) -> None:
         stage_widths = [self.widths[f"layer{s}"] for s in range(1, len(self.BLOCKS) + 1)]
-        with global_rng_untouched():
-            self.conv1 = nn.Conv2d(3, stage_widths[0], 7, stride=2, padding=3, bias=False)
-            self.bn1 = nn.BatchNorm2d(stage_widths[0])
-            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-            c_in = stage_widths[0]
-            for s, (n_blocks, c_out) in enumerate(zip(self.BLOCKS, stage_widths), start=1):
-                blocks = []
-                for b in range(n_blocks):
-                    stride = 2 if (s > 1 and b == 0) else 1
-                    blocks.append(BasicBlock(c_in, c_out, stride))
-                    c_in = c_out
-                setattr(self, f"layer{s}", nn.Sequential(*blocks))
-            self.avgpool = nn.AdaptiveAvgPool2d(1)
-            self.fc = nn.Linear(c_in, self.num_classes)
-        self._init(generator_or_default(generator))
+        self.conv1 = nn.Conv2d(3, stage_widths[0], 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(stage_widths[0])
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        c_in = stage_widths[0]
+        for s, (n_blocks, c_out) in enumerate(zip(self.BLOCKS, stage_widths), start=1):
+            blocks = []
+            for b in range(n_blocks):
+                stride = 2 if (s > 1 and b == 0) else 1
+                blocks.append(BasicBlock(c_in, c_out, stride))
+                c_in = c_out
+            setattr(self, f"layer{s}", nn.Sequential(*blocks))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c_in, self.num_classes)
 
     @torch.no_grad()
-    def _init(self, g: torch.Generator) -> None:
-        """torchvision's ResNet initialisation, every draw from ``g`` in registration order:
+    def init_weights(self, generator: torch.Generator) -> None:
+        """torchvision's ResNet initialisation, every draw from ``generator`` in registration order:
         conv weights ~ N(0, 2 / (C_out * kh * kw)) (He et al. 2015, fan-out mode), BatchNorm
         weight 1 and bias 0, fc weight and bias ~ U(-1/sqrt(in), 1/sqrt(in)) (PyTorch default)."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 fan_out = m.out_channels * m.kernel_size[0] * m.kernel_size[1]
-                m.weight.normal_(0.0, math.sqrt(2.0 / fan_out), generator=g)
+                m.weight.normal_(0.0, math.sqrt(2.0 / fan_out), generator=generator)
             elif isinstance(m, nn.BatchNorm2d):
                 m.weight.fill_(1.0)
                 m.bias.zero_()
             elif isinstance(m, nn.Linear):
                 bound = 1.0 / math.sqrt(m.in_features)
-                uniform_(m.weight, bound, g)
-                uniform_(m.bias, bound, g)
+                uniform_(m.weight, bound, generator)
+                uniform_(m.bias, bound, generator)
 
     @classmethod
     def fits(cls, input_shape: tuple[int, ...]) -> bool:

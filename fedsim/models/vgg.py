@@ -18,11 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedsim.models._common import (
-    check_num_classes,
-    generator_or_default,
-    global_rng_untouched,
-    init_torch_default,
-    resolve_widths,
     weight_bias_groups,
 )
 from fedsim.models.base import FedModel, LayerGroup, MatchLayer
@@ -65,20 +60,18 @@ class VGG9(FedModel):
         generator: torch.Generator | None = None,
         dropout: bool = True,
     ) -> None:
-        super().__init__()
-        self.num_classes = check_num_classes(self.NAME, num_classes)
-        self.widths = resolve_widths(self.NAME, self.DEFAULT_WIDTHS, widths)
+        super().__init__(num_classes, widths, generator)
         self.dropout = bool(dropout)
+
+    def build(self, generator: torch.Generator) -> None:
         w = self.widths
-        with global_rng_untouched():
-            c_in = 3
-            for name in _CONVS:
-                setattr(self, name, nn.Conv2d(c_in, w[name], 3, padding=1))
-                c_in = w[name]
-            self.fc1 = nn.Linear(w["conv6"] * self._SPATIAL_AFTER_CONV6, w["fc1"])
-            self.fc2 = nn.Linear(w["fc1"], w["fc2"])
-            self.fc3 = nn.Linear(w["fc2"], self.num_classes)
-        init_torch_default(self, generator_or_default(generator))
+        c_in = 3
+        for name in _CONVS:
+            setattr(self, name, nn.Conv2d(c_in, w[name], 3, padding=1))
+            c_in = w[name]
+        self.fc1 = nn.Linear(w["conv6"] * self._SPATIAL_AFTER_CONV6, w["fc1"])
+        self.fc2 = nn.Linear(w["fc1"], w["fc2"])
+        self.fc3 = nn.Linear(w["fc2"], self.num_classes)
 
     @classmethod
     def fits(cls, input_shape: tuple[int, ...]) -> bool:
