@@ -44,7 +44,6 @@ import torch.nn.functional as F
 from _common import median, timed_fedsim_run
 
 from fedsim import config
-from fedsim.data import load_federated
 from fedsim.engine import api
 from fedsim.engine.loop import sample_cohort
 from fedsim.models import build_model

@@ -45,7 +45,13 @@ def sequential_run(tmp_path_factory):
     return run_tables(tiny_experiment(runs=TWO_RUNS), tmp_path_factory.mktemp("seq"))
 
 
-def test_ray_backend_equals_sequential_backend(sequential_run, ray_local, tmp_path):
+@pytest.mark.parametrize("broadcast", ["object_store", "inline"])
+def test_ray_backend_equals_sequential_backend(sequential_run, ray_local, tmp_path, monkeypatch, broadcast):
+    from fedsim.engine import backends
+
+    # The digits CNN's broadcast (153 KB) goes through the object store under a 0-byte inline
+    # limit and by value with every worker's call under an unbounded one: both give the same run.
+    monkeypatch.setattr(backends, "RAY_INLINE_BYTES", 0 if broadcast == "object_store" else 1 << 40)
     _, rounds_s, clients_s, _ = sequential_run
     raw = tiny_experiment(runs=TWO_RUNS, engine={"backend": "ray", "clients_per_round": 3, "num_workers": 2})
     _, rounds_r, clients_r, _ = run_tables(raw, tmp_path)
@@ -141,6 +147,27 @@ def test_pool_size_follows_resources_and_cohort():
     gpu = config.parse(tiny_experiment(data={"dataset": "digits", "num_clients": 6},
                                        engine={"clients_per_round": 6, "cpus_per_worker": 1.0, "gpus_per_worker": 0.25}))
     assert pool_size(gpu, {"CPU": 16.0, "GPU": 1.0}) == 4  # four workers share one GPU
+
+
+def test_small_broadcasts_go_inline_and_no_round_sends_more_than_rays_inline_limit():
+    from fedsim.engine.api import INLINE_BYTES
+    from fedsim.engine.backends import RAY_INLINE_BYTES, sends_inline
+    from fedsim.params import nbytes
+
+    def broadcast_bytes(name):
+        return nbytes(build_model(name, num_classes=10, input_shape=(3, 32, 32) if name == "vgg9" else (1, 8, 8)).state_dict())
+
+    cnn = broadcast_bytes("digits_cnn")
+    assert sends_inline(cnn, 2, INLINE_BYTES)  # the local Ray fedsim starts: no object store
+    assert not sends_inline(cnn, 2, RAY_INLINE_BYTES)  # Ray's default limit (e.g. a cluster)
+    assert not sends_inline(cnn, 64, INLINE_BYTES)  # many workers: one ray.put beats 64 copies
+    assert not sends_inline(broadcast_bytes("vgg9"), 1, INLINE_BYTES)
+    rng = np.random.default_rng(0)
+    for _ in range(1000):  # inline never asks Ray to carry more than its limit in a round's calls
+        n, w, limit = int(rng.integers(0, 1 << 23)), int(rng.integers(1, 100)), int(rng.integers(1, 1 << 23))
+        if sends_inline(n, w, limit):
+            assert n * w <= limit
+        assert sends_inline(n, w, limit) >= sends_inline(n + 1, w, limit) >= sends_inline(n + 1, w + 1, limit)
 
 
 def test_packed_uploads_round_trip_exactly_with_mixed_dtypes_and_shapes():

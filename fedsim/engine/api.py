@@ -47,6 +47,8 @@ def prepare(cfg: ExperimentConfig) -> FederatedDataset:
 INLINE_BYTES = 4 << 20
 """Objects up to this size (bytes) travel inline with Ray calls on a local Ray fedsim starts."""
 
+_started_ray: str | None = None  # GCS address of the local Ray instance start_ray started, if any
+
 
 def start_ray(cfg: ExperimentConfig, num_cpus: int | None = None) -> None:
     """Connect to Ray (``engine.ray_address``, ``RAY_ADDRESS`` as set by Ray Jobs, or a new local
@@ -62,6 +64,7 @@ def start_ray(cfg: ExperimentConfig, num_cpus: int | None = None) -> None:
     """
     import ray
 
+    global _started_ray
     started_here = False
     if not ray.is_initialized():
         started_here = cfg.engine.ray_address is None and "RAY_ADDRESS" not in os.environ
@@ -76,6 +79,7 @@ def start_ray(cfg: ExperimentConfig, num_cpus: int | None = None) -> None:
                  if started_here else {})
         ray.init(address=cfg.engine.ray_address, include_dashboard=False, logging_level=logging.ERROR,
                  configure_logging=True, **local)
+        _started_ray = ray.get_runtime_context().gcs_address if started_here else None
     gpus = ray.cluster_resources().get("GPU", 0.0)
     if cfg.engine.gpus_per_worker > 0 and gpus == 0 and started_here:  # a cluster may still add GPU nodes
         raise FedsimError(f"engine.gpus_per_worker is {cfg.engine.gpus_per_worker} but Ray sees no GPU; "
@@ -186,7 +190,8 @@ def _driver_class():
     class Driver:
         """The Ray actor that owns the round loop of an experiment."""
 
-        def run(self, cfg: ExperimentConfig, box: list, run_dir: str, resume: bool, workers: list):
+        def run(self, cfg: ExperimentConfig, box: list, run_dir: str, resume: bool, workers: list,
+                inline_bytes: int):
             from fedsim.engine.backends import RayBackend
             from fedsim.engine.client import freeze_startup_objects, set_threads
             from fedsim.engine.loop import run_experiment
@@ -195,7 +200,7 @@ def _driver_class():
             os.nice(DRIVER_NICE)
             freeze_startup_objects()
             dataset = ray.get(box[0])
-            backend = RayBackend(cfg, box[0], workers, [len(i) for i in dataset.client_indices])
+            backend = RayBackend(cfg, box[0], workers, [len(i) for i in dataset.client_indices], inline_bytes)
             try:
                 yield from run_experiment(cfg, dataset, run_dir, backend, resume)
             finally:
@@ -229,14 +234,19 @@ def execute(cfg: ExperimentConfig, dataset: FederatedDataset, run_dir: str | Pat
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from fedsim.engine.backends import RayBackend
+    from fedsim.engine.backends import RAY_INLINE_BYTES, RayBackend
 
+    # Ray's inline limit: fedsim's own on a local Ray that start_ray started, else Ray's default
+    # (a cluster's setting cannot be read from Python, so nothing larger is assumed).
+    ours = _started_ray is not None and ray.get_runtime_context().gcs_address == _started_ray
+    inline_bytes = INLINE_BYTES if ours else RAY_INLINE_BYTES
     box = [ray.put(dataset)]
     workers = RayBackend.start_workers(cfg, box[0])  # they import torch while the driver starts
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     driver = _driver_class().options(scheduling_strategy=here).remote()
     try:
-        for ref in driver.run.options(num_returns="streaming").remote(cfg, box, str(run_dir), resume, workers):
+        for ref in driver.run.options(num_returns="streaming").remote(cfg, box, str(run_dir), resume, workers,
+                                                                             inline_bytes):
             try:
                 yield ray.get(ref)
             except ray.exceptions.RayTaskError as err:
