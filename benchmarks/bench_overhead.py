@@ -193,6 +193,8 @@ def main() -> None:
     print(f"median of per-repeat ratios fedsim / bare ({best} thread{'s' if best > 1 else ''}): {paired:.2f}x "
           f"(target <= {TARGET}x: {'met' if paired <= TARGET else 'NOT met'}); each repeat: "
           f"{', '.join(f'{x:.2f}' for x in per_repeat)}")
+    old_rule = median([f["steady"] / min(sum(bare[th][i]["seconds"][1:]) for th in bare) for i, f in enumerate(main_runs)])
+    print(f"(the previous rule, fedsim / the faster of each repeat's bare runs, biased low for bare: {old_rule:.2f}x)")
     if not args.no_concurrency:
         one = median([f["steady"] for f in fed["fedsim 1 worker x 2 threads"]])
         print(f"concurrency: 2 workers x 1 thread {fed_steady:.3f}s vs 1 worker x 2 threads {one:.3f}s "
