@@ -9,12 +9,13 @@ An experiment directory holds three tables with schemas fixed from round 0:
 
 Every flush rewrites each changed table whole; rows already converted to Arrow are kept as record
 batches, so a flush converts only the rows added since the last one (a flush of a 1,000-round run
-costs the Parquet encoding of its rows, not their conversion from Python). The experiment directory is a local path or a URI
-(``s3://bucket/prefix``, ``file:///shared/runs``; see :mod:`fedsim.io.storage`): locally a table
-goes to a temporary file in the same directory that is renamed over the old one (``os.replace`` is
-atomic on POSIX); on an object store it is one upload, which becomes visible only when complete.
-Either way a crash at any moment leaves the previous complete file or the new one: never a file
-pandas cannot read, never a lost completed round.
+costs the Parquet encoding of its rows, not their conversion from Python). The experiment
+directory is a local path or a URI (``s3://bucket/prefix``, ``file:///shared/runs``; see
+:mod:`fedsim.io.storage`): locally a table goes to a temporary file in the same directory that
+is renamed over the old one (``os.replace`` is atomic on POSIX); on an object store it is one
+upload, which becomes visible only when complete. Either way a crash at any moment leaves the
+previous complete file or the new one: never a file pandas cannot read, never a lost completed
+round.
 """
 
 from __future__ import annotations
