@@ -14,7 +14,9 @@ which draws no features). The projection replays, per round, what the engine wou
   what the engine broadcasts, whatever it uses);
 * compute: ``sum_{j in cohort} n_j * local_epochs * (3F full | 2F partial)`` multiply-accumulates,
   F counted the way ``thop`` counts (FedPart, NeurIPS 2024, section 5 and its cost table), the
-  same convention as the ``flops`` column the engine logs.
+  same convention as the ``flops`` column the engine logs; MOON's loss (``moon``, or ``fedpart``
+  with ``local_objective: moon``) adds 2F per example and epoch for a client that trained in an
+  earlier round (its frozen global and previous models' forward passes).
 
 Reproduces FedPart's table (ResNet-8, CIFAR-10 shapes, 40 clients x 500 examples, 8 epochs, one
 cycle): upload 4.83 vs 1.35 "GB" (bytes / 1e6 / 1024), compute per client 4.38 vs 3.21 x 10^12.
@@ -177,7 +179,8 @@ class RoundRow:
         round: 0-based; phase: as the engine logs it ("full", "partial", "one-shot", "pooled");
         layer: the trained group's index in a partial round, else None; group_name: its name.
         bytes_up / bytes_down: bytes the whole cohort sends / receives this round.
-        flops: multiply-accumulates of the cohort's local training (3F full, 2F partial).
+        flops: multiply-accumulates of the cohort's local training (3F full, 2F partial, + 2F for
+            MOON's returning clients).
         clients: cohort size; trainable_params: parameters trained; global_params: parameters of
             the global model (None when matching decides it).
     """
@@ -206,6 +209,8 @@ class DryRun:
         forward_macs: F, thop-convention multiply-accumulates of one example's forward pass.
         num_clients: J, the divisor of the per-client totals.
         full_network: every round trains and sends the whole network (a baseline for ratios).
+        frozen_forwards: forward passes per example and epoch through frozen models for a
+            returning client (MOON's loss: 2), counted in ``flops``.
     """
 
     run_id: str
@@ -216,6 +221,7 @@ class DryRun:
     forward_macs: int | None = None
     num_clients: int = 1
     full_network: bool = False
+    frozen_forwards: int = 0
 
     @property
     def projectable(self) -> bool:
@@ -300,7 +306,8 @@ def project_experiment(cfg: ExperimentConfig) -> tuple[ClientSizes, list[DryRun]
     layer, ``local`` keeps them home); pfnm/ensemble: one round, each cohort client uploads its
     whole model (PFNM adds its class counts, K int64), nothing goes down; entire_data: pooled
     training, no bytes, compute over all clients' examples; fedma: not projectable (a note, no
-    rounds). Compute counts 3F per example and epoch in a full round, 2F in a partial one.
+    rounds). Compute counts 3F per example and epoch in a full round, 2F in a partial one, and
+    MOON's frozen forward passes (2F) for clients that trained in an earlier round.
 
     Returns:
         (the clients' sizes, one :class:`DryRun` per run in config order).
@@ -346,9 +353,12 @@ def project_experiment(cfg: ExperimentConfig) -> tuple[ClientSizes, list[DryRun]
         else:
             proj = accounting.project_run(model, facts.input_shape, rounds=algo.num_rounds(), **common)
         rows = []
+        seen: set[int] = set()  # clients that trained before: MOON's returning clients
         for rp in proj.rounds:
             cohort = sample_cohort(cfg.seed, rp.round, j, k)
             examples = int(sizes.sizes[list(cohort)].sum())
+            returning = int(sizes.sizes[[c for c in cohort if c in seen]].sum())
+            seen.update(cohort)
             up, down, clients, global_params = rp.bytes_up, k * state_bytes, k, params
             phase = rp.phase
             if rp.phase == "partial":
@@ -365,7 +375,8 @@ def project_experiment(cfg: ExperimentConfig) -> tuple[ClientSizes, list[DryRun]
             elif run.algorithm == "entire_data":
                 phase, up, down, clients = "pooled", 0, 0, 1
                 examples = int(sizes.sizes.sum())
-            flops = examples * run.local_epochs * accounting.TRAIN_COST[rp.phase] * forward
+            flops = (examples * accounting.TRAIN_COST[rp.phase]
+                     + returning * algo.frozen_forwards) * run.local_epochs * forward
             rows.append(RoundRow(round=rp.round, phase=phase, layer=rp.group, group_name=rp.group_name,
                                  bytes_up=up, bytes_down=down, flops=flops, clients=clients,
                                  trainable_params=trainable, global_params=global_params))
@@ -373,7 +384,8 @@ def project_experiment(cfg: ExperimentConfig) -> tuple[ClientSizes, list[DryRun]
         if run.algorithm == "fedpart":
             cycle = run.warmup_rounds + run.rounds_per_group * len(groups)
         out.append(DryRun(run.label, run.algorithm, rounds=tuple(rows), schedule=describe_schedule(rows, cycle),
-                          forward_macs=forward, num_clients=j, full_network=run.algorithm in FULL_NETWORK))
+                          forward_macs=forward, num_clients=j, full_network=run.algorithm in FULL_NETWORK,
+                          frozen_forwards=algo.frozen_forwards))
     return sizes, out
 
 
@@ -407,7 +419,8 @@ def format_report(cfg: ExperimentConfig, sizes: ClientSizes, runs: list[DryRun])
         lines.append(f"  bytes up:   {r.bytes_up:,} ({_gb(r.bytes_up)} GB)")
         lines.append(f"  bytes down: {r.bytes_down:,} ({_gb(r.bytes_down)} GB)")
         lines.append(f"  compute:    {r.flops:.4e} MACs in all, {r.per_client_flops:.4e} per client "
-                     f"(F = {r.forward_macs:,} MACs per example, thop convention; 3F full, 2F partial)")
+                     f"(F = {r.forward_macs:,} MACs per example, thop convention; 3F full, 2F partial"
+                     f"{', +2F for MOON returning clients' if r.frozen_forwards else ''})")
     done = [r for r in runs if r.projectable]
     if done:
         base = next((r for r in done if r.full_network), done[0])

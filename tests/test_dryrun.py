@@ -234,3 +234,29 @@ def test_pfnm_uploads_each_model_and_its_class_counts_like_the_engine(tmp_path):
     assert row.flops == 1_438 * 1 * 3 * thop_macs(local, (1, 8, 8))
     assert row.global_params is None  # matching decides it
 
+
+
+def test_projection_of_moon_counts_frozen_forwards_like_the_engine(tmp_path):
+    """MOON's loss (alone or as FedPart's local objective) adds 2F per example for returning
+    clients; the dry run must know who returns from the same cohort sampling as the engine."""
+    from fedsim.engine import api
+
+    raw = {"name": "moon-flops", "seed": 3, "data": {"dataset": "digits", "partition": "iid", "num_clients": 4},
+           "model": {"name": "digits_cnn+moon", "widths": {"conv1": 4, "conv2": 4, "fc1": 8}},
+           "engine": {"backend": "sequential", "clients_per_round": 2},
+           "runs": [{"algorithm": "moon", "rounds": 4, "local_epochs": 1, "batch_size": 64},
+                    {"algorithm": "fedpart", "local_objective": "moon", "warmup_rounds": 1, "rounds_per_group": 1,
+                     "local_epochs": 1, "batch_size": 64},
+                    {"algorithm": "fedavg", "rounds": 4, "local_epochs": 1, "batch_size": 64}]}
+    cfg = config.parse(raw)
+    _, projected = dryrun.project_experiment(cfg)
+    dry_dir = tmp_path / "dry"
+    dryrun.write_run_dir(cfg, projected, dry_dir)
+    (tmp_path / "real").mkdir()
+    for _ in api.execute(cfg, api.prepare(cfg), tmp_path / "real"):
+        pass
+    dry, real = (pd.DataFrame(RunLog.read(d).rows["rounds"])[["run_id", *COMPARED]] for d in (dry_dir, tmp_path / "real"))
+    pd.testing.assert_frame_equal(dry, real)
+    # the same cohorts cost more under MOON from the first round in which a client returns
+    moon, fedavg = (real[real["run_id"] == r]["flops"].to_numpy() for r in ("moon", "fedavg"))
+    assert moon[0] == fedavg[0] and (moon >= fedavg).all() and (moon > fedavg).any()

@@ -13,6 +13,7 @@ import torch
 
 from fedsim import config
 from fedsim import params as P
+from fedsim.accounting import thop_macs
 from fedsim.algorithms import ALGORITHMS, ClientTask, FedAvg
 from fedsim.algorithms.fedpart import FedPart
 from fedsim.algorithms.moon import contrastive_loss
@@ -163,6 +164,30 @@ def test_moon_with_mu_changes_training_after_the_first_participation(tmp_path):
     first = ca["round"] == 0
     assert ca[first]["train_loss"].tolist() == cb[first]["train_loss"].tolist()  # no negative yet: l_con = 0
     assert ca[~first]["train_loss"].tolist() != cb[~first]["train_loss"].tolist()
+
+
+@pytest.mark.parametrize("run", [{"algorithm": "moon", "mu": 1.0, "rounds": 4},
+                                 {"algorithm": "fedpart", "local_objective": "moon", "warmup_rounds": 2,
+                                  "rounds_per_group": 1}], ids=["moon", "fedpart_moon"])
+def test_moon_flops_add_two_frozen_forwards_per_example_for_returning_clients(tmp_path, run):
+    ds = toy(n_clients=4)
+    cfg = config.parse(tiny_experiment(data={"dataset": "digits", "num_clients": 4}, model={"name": "digits_cnn+moon"},
+                                       engine={"backend": "sequential", "clients_per_round": 2},
+                                       runs=[{**run, "local_epochs": 2, "batch_size": 8}]))
+    list(run_experiment(cfg, ds, str(tmp_path), SequentialBackend(cfg, ds)))
+    rounds, clients = pd.read_parquet(tmp_path / "rounds.parquet"), pd.read_parquet(tmp_path / "clients.parquet")
+    forward = thop_macs(build_model("digits_cnn+moon", num_classes=10, input_shape=(1, 8, 8)), (1, 8, 8))
+    seen, returning_rounds = set(), 0
+    for _, r in rounds.sort_values("round").iterrows():
+        cohort = clients[clients["round"] == r["round"]]
+        train = 3 if r["phase"] == "full" else 2
+        # l_con needs the previous model: z_glob and z_prev cost one forward pass F each
+        passes = [train + (2 if c in seen else 0) for c in cohort["client_id"]]
+        returning_rounds += any(c in seen for c in cohort["client_id"])
+        assert r["flops"] == sum(n * 2 * p * forward for n, p in zip(cohort["n_examples"], passes)), r["round"]
+        seen.update(cohort["client_id"])
+    assert returning_rounds >= 1
+    assert set(rounds["phase"]) == ({"full"} if run["algorithm"] == "moon" else {"full", "partial"})
 
 
 def test_fedpart_with_every_group_active_equals_fedavg_exactly():

@@ -126,6 +126,10 @@ class ClientContext:
             "prev": MOON's previous model, "local": FedMA's partially matched model).
         new_state: the parts a local update sets; the engine stores them for the client.
         aux: scratch space for the algorithm during one client's update (e.g. MOON's frozen models).
+        frozen_forwards: forward passes per example and local epoch through models that are not
+            trained (MOON's global and previous model: 2 for a returning client), set by the local
+            update; the round's ``flops`` add ``frozen_forwards * F`` per example and epoch to the
+            training cost (3F full, 2F partial).
     """
 
     model: "FedModel"
@@ -139,6 +143,7 @@ class ClientContext:
     state: Any = None
     new_state: Any = None
     aux: dict[str, Any] = field(default_factory=dict)
+    frozen_forwards: int = 0
 
 
 class Algorithm:
@@ -151,6 +156,9 @@ class Algorithm:
 
     name: ClassVar[str] = "fedavg"
     Config: ClassVar[type[RunConfig]] = RunConfig
+    #: forward passes per example and local epoch through frozen models for a returning client
+    #: (one with stored state), counted in ``flops`` on top of training's 3F / 2F; MOON: 2
+    frozen_forwards: ClassVar[int] = 0
 
     def __init__(self, cfg: RunConfig, experiment: ExperimentConfig, num_classes: int | None = None,
                  input_shape: tuple[int, ...] | None = None):

@@ -77,6 +77,10 @@ class FedPart(Algorithm):
     def stateful(self) -> bool:
         return self.inner.stateful
 
+    @property
+    def frozen_forwards(self) -> int:
+        return self.inner.frozen_forwards
+
     def num_rounds(self) -> int:
         return len(self.schedule)
 

@@ -77,6 +77,7 @@ class MOON(Algorithm):
     name = "moon"
     Config = MoonConfig
     stateful = True
+    frozen_forwards = 2  # z_glob and z_prev: each a full forward pass of a frozen model
 
     def __init__(self, cfg: RunConfig, experiment: ExperimentConfig, num_classes: int | None = None,
                  input_shape: tuple[int, ...] | None = None):
@@ -89,6 +90,7 @@ class MOON(Algorithm):
         prev = (ctx.state or {}).get("prev")
         if prev is not None:
             ctx.aux["prev"] = _frozen(ctx.model, prev)
+            ctx.frozen_forwards = self.frozen_forwards
         upload, loss = super().local_update(ctx)
         ctx.new_state = {**(ctx.new_state or {}), "prev": P.to_numpy(ctx.model.state_dict())}
         return upload, loss

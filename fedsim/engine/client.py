@@ -196,7 +196,8 @@ class ClientRunner:
         key = widths_key(widths)
         if key not in self._forward:
             self._forward[key] = forward_cost(model, self.dataset.input_shape, "thop")
-        macs = len(idx) * plan.local_epochs * (3 if plan.trainable is None else 2) * self._forward[key]
+        passes = (3 if plan.trainable is None else 2) + ctx.frozen_forwards  # in units of F per example
+        macs = len(idx) * plan.local_epochs * passes * self._forward[key]
         return ClientResult(
             client_id=task.client_id, round=task.round, upload=upload_np, n_examples=int(len(idx)),
             train_loss=float(train_loss), bytes_up=0 if plan.pooled else P.nbytes(upload_np),
