@@ -177,6 +177,10 @@ def test_two_fedma_rounds_on_digits_log_phases_exact_bytes_and_a_growing_model(t
     L3 = (r["bytes_down"].iloc[3] // J - 64 * 4) // 4 // (L2 * 16 + 1)
     assert r["bytes_up"].iloc[3] == J * ((10 * L3 + 10) * 4 + 10 * 8)  # classifier + int64 class counts
     grown = (L1 * 9 + L1) + (L2 * L1 * 9 + L2) + (L3 * L2 * 16 + L3) + (10 * L3 + 10)
+    # a layer step trains the client's local model from layer k on: layer k's input axis is the
+    # matched width of layer k - 1, its output and later layers keep the client's widths
+    assert r["trainable_params"].tolist()[:4] == [38282, (32 * L1 * 9 + 32) + (64 * 32 * 16 + 64) + (10 * 64 + 10),
+                                                  (64 * L2 * 16 + 64) + (10 * 64 + 10), 10 * L3 + 10]
     assert r["global_params"].iloc[3] == grown
     assert 16 <= L1 <= 3 * 16 and 32 <= L2 <= 3 * 32 and 64 <= L3 <= 3 * 64  # max_j L_j <= L <= sum_j L_j
     assert grown > 38282

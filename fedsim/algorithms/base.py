@@ -84,7 +84,10 @@ class ClientResult:
         state: the client's new persistent state (stateful algorithms only), else None.
         dropped: the client missed the round's deadline and was left out of the aggregation.
         macs: multiply-accumulates of its local training: examples x epochs x 3F (2F when only
-            part of the model trains), F the forward cost of the model it trained (thop's count).
+            part of the model trains; + 2F for MOON's frozen forward passes), F the forward cost
+            of the model it trained (thop's count).
+        trainable_params: parameters its local training updated, counted on the model it trained
+            (FedMA: its partly matched local model, not the global one).
     """
 
     client_id: int
@@ -100,6 +103,7 @@ class ClientResult:
     state: Any = None
     dropped: bool = False
     macs: int = 0
+    trainable_params: int = 0
 
 
 @dataclass

@@ -203,4 +203,5 @@ class ClientRunner:
             train_loss=float(train_loss), bytes_up=0 if plan.pooled else P.nbytes(upload_np),
             bytes_down=0 if plan.pooled else P.nbytes({**received, **(extra or {})}),
             seconds=time.perf_counter() - t0, worker=self.worker_id, attempt=task.attempt,
-            state=ctx.new_state, macs=int(macs))
+            state=ctx.new_state, macs=int(macs),
+            trainable_params=sum(w.numel() for k, w in model.named_parameters() if k in trainable))
