@@ -71,7 +71,34 @@ def tree_processes(root: int, session_dir: str | None = None) -> list[psutil.Pro
     return list(found.values())
 
 
-class TreeSampler:
+class Poller:
+    """Calls :meth:`poll` every ``interval`` seconds in a daemon thread while used as a context
+    manager, and once more on exit while everything measured is still alive."""
+
+    def __init__(self, interval: float = 0.2):
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def poll(self) -> None:
+        raise NotImplementedError
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.poll()
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.poll()
+
+
+class TreeSampler(Poller):
     """Background sampler of the summed RSS and PSS (bytes) of a run's processes.
 
     Use as a context manager; after it exits, ``peak_pss`` and ``peak_rss`` hold the largest sums
@@ -79,12 +106,10 @@ class TreeSampler:
     """
 
     def __init__(self, root: int | None = None, interval: float = 0.2):
+        super().__init__(interval)
         self.root = os.getpid() if root is None else root
-        self.interval = interval
         self.peak_pss = self.peak_rss = 0
         self.peak_procs = self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def sample(self) -> tuple[int, int, int]:
         """One sample now: (sum of PSS, sum of RSS, number of processes)."""
@@ -99,26 +124,12 @@ class TreeSampler:
             n += 1
         return pss, rss, n
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            pss, rss, n = self.sample()
-            if pss > self.peak_pss:
-                self.peak_pss, self.peak_procs = pss, n
-            self.peak_rss = max(self.peak_rss, rss)
-            self.samples += 1
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> "TreeSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        pss, rss, n = self.sample()  # one last sample while everything is still alive
+    def poll(self) -> None:
+        pss, rss, n = self.sample()
         if pss > self.peak_pss:
             self.peak_pss, self.peak_procs = pss, n
         self.peak_rss = max(self.peak_rss, rss)
+        self.samples += 1
 
 
 def timed_fedsim_run(cfg, dataset, out_dir) -> dict:
