@@ -55,17 +55,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         from fedsim import dryrun
 
         return dryrun.run_cli(args.config, args.set, args.out)
-    from tqdm import tqdm
-
     from fedsim import config
-    from fedsim.engine import api
 
     if args.resume:
         if args.out:
             raise FedsimError("--out and --resume cannot be combined: a resumed run continues in its own directory")
-        run_dir, cfg = api.open_for_resume(args.resume, args.config, args.set)
     else:
-        cfg = config.load(args.config, args.set)
+        cfg = config.load(args.config, args.set)  # imports no torch: a bad config fails in well under a second
+    from tqdm import tqdm
+
+    from fedsim.engine import api
+
+    if args.resume:
+        run_dir, cfg = api.open_for_resume(args.resume, args.config, args.set)
     dataset = api.prepare(cfg)
     api.check_gpus(cfg)
     if not args.resume:

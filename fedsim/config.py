@@ -2,9 +2,11 @@
 
 One file is one experiment: several runs (algorithms) that share data, partition, model and seed,
 so they are compared on identical clients and identical cohorts. Unknown keys and wrong types are
-errors that name the key (nanoGPT-style strict overrides). Each algorithm declares its own run
-config class (a subclass of :class:`RunConfig`) holding its specific keys, e.g. ``mu`` for FedProx,
-so a key that does not apply to an algorithm is rejected instead of silently ignored.
+errors that name the key (nanoGPT-style strict overrides). Each algorithm has its own run config
+class (a subclass of :class:`RunConfig`, registered in :data:`RUN_CONFIGS` and set as the
+algorithm's ``Config``) holding its specific keys, e.g. ``mu`` for FedProx, so a key that does not
+apply to an algorithm is rejected instead of silently ignored. The run configs live here rather than
+beside their algorithms so that validation imports no torch.
 """
 
 from __future__ import annotations
@@ -106,6 +108,111 @@ class RunConfig(_Strict):
         """
 
 
+# ------------------------------------------------- the algorithms' run configs
+# Here, not in the algorithm modules, so that validating a config imports no torch: a typo
+# in a config file is reported in a fraction of a second.
+
+
+class FedProxConfig(RunConfig):
+    """FedProx run: ``mu`` is the proximal coefficient (FedMA's baselines: 0.001)."""
+
+    mu: float = 0.001
+
+    def check(self, where: str, experiment: ExperimentConfig) -> None:
+        if self.mu < 0:
+            raise FedsimError(f"config key '{where}.mu' must be >= 0 (got {self.mu}); FedProx's grid is "
+                              "0.001, 0.01, 0.1, 0.5, 1")
+
+
+class MoonConfig(RunConfig):
+    """MOON run: ``mu`` weighs the contrastive loss (paper: 5 on CIFAR-10, 1 on CIFAR-100);
+    ``tau`` is the temperature (0.5)."""
+
+    mu: float = 5.0
+    tau: float = 0.5
+
+    def check(self, where: str, experiment: ExperimentConfig) -> None:
+        if self.mu < 0 or not self.tau > 0:
+            raise FedsimError(f"config keys '{where}.mu' >= 0 and '{where}.tau' > 0 are required "
+                              f"(got mu={self.mu}, tau={self.tau})")
+
+
+class FedPartConfig(RunConfig):
+    """FedPart run. ``rounds`` is not set: it follows from cycles * (W + R * G).
+
+    ``mu``: FedProx's proximal or MOON's contrastive coefficient (defaults 0.001 and 5);
+    ``tau``: MOON's temperature.
+    """
+
+    rounds: int | None = None
+    optimizer: Literal["sgd", "adam"] = "adam"
+    lr: float = 1e-3
+    warmup_rounds: int = 5
+    rounds_per_group: int = 2
+    cycles: int = 1
+    order: Literal["sequential", "reverse", "random"] = "sequential"
+    local_objective: Literal["fedavg", "fedprox", "moon"] = "fedavg"
+    mu: float | None = None
+    tau: float = 0.5
+
+    def check(self, where: str, experiment: ExperimentConfig) -> None:
+        if self.rounds is not None:
+            raise FedsimError(f"config key '{where}.rounds': fedpart's rounds follow from cycles, warmup_rounds "
+                              "and rounds_per_group; remove rounds and set cycles")
+        if self.warmup_rounds < 0 or self.rounds_per_group < 1 or self.cycles < 1:
+            raise FedsimError(f"'{where}': fedpart needs warmup_rounds >= 0, rounds_per_group >= 1 and cycles >= 1")
+
+
+class FedMAConfig(RunConfig):
+    """FedMA run. ``rounds`` counts FedMA rounds (each N communication rounds for N layers).
+
+    sigma2, sigma0_2, gamma, iterations: BBP-MAP hyper-parameters (ALGORITHMS.md section 2;
+    authors' defaults 1, 1, 7, 5; Shakespeare uses gamma 1e-3). ``retrain_epochs``: epochs of the
+    layer-wise retraining (default: ``local_epochs``). ``momentum`` defaults to the paper's 0.9.
+    """
+
+    rounds: int = 1
+    momentum: float = 0.9
+    sigma2: float = 1.0
+    sigma0_2: float = 1.0
+    gamma: float = 7.0
+    iterations: int = 5
+    retrain_epochs: int | None = None
+    max_global_neurons: int | None = None
+
+    def check(self, where: str, experiment: ExperimentConfig) -> None:
+        for key in ("sigma2", "sigma0_2", "gamma"):
+            if not getattr(self, key) > 0:
+                raise FedsimError(f"config key '{where}.{key}' must be > 0 (got {getattr(self, key)})")
+        if self.iterations < 0:
+            raise FedsimError(f"config key '{where}.iterations' must be >= 0 (got {self.iterations})")
+        if experiment.engine.clients_per_round != experiment.data.num_clients:
+            raise FedsimError(f"{self.algorithm} matches every client's model: set engine.clients_per_round to "
+                              f"data.num_clients ({experiment.data.num_clients})")
+
+
+class PFNMConfig(FedMAConfig):
+    """PFNM one-shot run: a single communication round (``rounds`` must stay 1)."""
+
+    momentum: float = 0.0
+
+    def check(self, where: str, experiment: ExperimentConfig) -> None:
+        super().check(where, experiment)
+        if self.rounds != 1:
+            raise FedsimError(f"config key '{where}.rounds': pfnm is one-shot, set rounds: 1 (got {self.rounds})")
+
+
+class OneShotConfig(RunConfig):
+    """A one-shot baseline: ``rounds`` must stay 1."""
+
+    rounds: int = 1
+
+    def check(self, where: str, experiment: ExperimentConfig) -> None:
+        if self.rounds != 1:
+            raise FedsimError(f"config key '{where}.rounds': {self.algorithm} is one-shot, set rounds: 1 "
+                              f"(got {self.rounds})")
+
+
 class ExperimentConfig(_Strict):
     """A whole experiment file, resolved (defaults filled in)."""
 
@@ -200,6 +307,14 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+RUN_CONFIGS: dict[str, type[RunConfig]] = {
+    "fedavg": RunConfig, "fedprox": FedProxConfig, "moon": MoonConfig, "fedpart": FedPartConfig,
+    "fedma": FedMAConfig, "pfnm": PFNMConfig, "ensemble": OneShotConfig, "entire_data": RunConfig,
+}
+"""``algorithm:`` name -> its run-config class (each algorithm's ``Config`` in
+:data:`fedsim.algorithms.ALGORITHMS`)."""
+
+
 def parse(raw: Any, overrides: list[str] | None = None) -> ExperimentConfig:
     """Validate a raw experiment mapping into an :class:`ExperimentConfig`.
 
@@ -207,8 +322,6 @@ def parse(raw: Any, overrides: list[str] | None = None) -> ExperimentConfig:
         FedsimError: not a mapping, unknown key, wrong type, unknown algorithm, no runs,
             duplicate run names, or a value out of range; the message names the key.
     """
-    from fedsim.algorithms import ALGORITHMS
-
     raw = _check_mapping(raw, "the experiment file")
     raw = apply_overrides(raw, overrides or [])
     runs_raw = raw.get("runs")
@@ -225,11 +338,11 @@ def parse(raw: Any, overrides: list[str] | None = None) -> ExperimentConfig:
     for i, r in enumerate(runs_raw):
         r = _check_mapping(r, f"runs.{i}")
         algo = r.get("algorithm")
-        if algo not in ALGORITHMS:
+        if algo not in RUN_CONFIGS:
             raise FedsimError(f"config key 'runs.{i}.algorithm': unknown algorithm {algo!r}; "
-                              f"choose one of {', '.join(sorted(ALGORITHMS))}")
+                              f"choose one of {', '.join(sorted(RUN_CONFIGS))}")
         try:
-            runs.append(ALGORITHMS[algo].Config.model_validate(r))
+            runs.append(RUN_CONFIGS[algo].model_validate(r))
         except ValidationError as err:
             _raise_from(err, f"runs.{i}", r)
     cfg = top.model_copy(update={"runs": tuple(runs)})

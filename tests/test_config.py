@@ -75,3 +75,28 @@ def test_resolved_config_round_trips_through_json_dict():
     cfg = config.parse(tiny_experiment(runs=[{"algorithm": "fedprox", "mu": 0.5}]))
     again = config.parse(cfg.to_dict())
     assert again == cfg and again.runs[0].mu == 0.5
+
+
+def test_every_algorithm_validates_with_its_own_run_config():
+    from fedsim.algorithms import ALGORITHMS
+
+    assert set(config.RUN_CONFIGS) == set(ALGORITHMS)
+    for name, cls in ALGORITHMS.items():
+        assert config.RUN_CONFIGS[name] is cls.Config, name
+
+
+def test_validating_every_shipped_job_imports_no_torch():
+    """A typo in a config file must fail fast: validation may not pay torch's multi-second import."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import json, sys\nfrom pathlib import Path\nfrom fedsim import config\n"
+            "cfgs = [config.load(None)] + [config.load(p) for p in sorted(Path('jobs').glob('*.yaml'))]\n"
+            "print(json.dumps([sorted({r.algorithm for c in cfgs for r in c.runs}), 'torch' in sys.modules]))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    algorithms, torch_loaded = json.loads(out.stdout)
+    assert not torch_loaded
+    assert {"fedavg", "fedprox", "moon", "fedpart", "fedma", "pfnm"} <= set(algorithms)

@@ -14,19 +14,7 @@ import torch
 
 from fedsim import params as P
 from fedsim.algorithms.base import Algorithm, ClientResult, ClientTask, RoundPlan, ServerState
-from fedsim.config import ExperimentConfig, RunConfig
-from fedsim.errors import FedsimError
-
-
-class OneShotConfig(RunConfig):
-    """A one-shot baseline: ``rounds`` must stay 1."""
-
-    rounds: int = 1
-
-    def check(self, where: str, experiment: ExperimentConfig) -> None:
-        if self.rounds != 1:
-            raise FedsimError(f"config key '{where}.rounds': {self.algorithm} is one-shot, set rounds: 1 "
-                              f"(got {self.rounds})")
+from fedsim.config import OneShotConfig
 
 
 class Ensemble(Algorithm):

@@ -31,7 +31,7 @@ import torch
 
 from fedsim import params as P
 from fedsim.algorithms.base import Algorithm, ClientContext, ClientResult, ClientTask, RoundPlan, ServerState
-from fedsim.config import ExperimentConfig, RunConfig
+from fedsim.config import ExperimentConfig, FedMAConfig, PFNMConfig, RunConfig
 from fedsim.errors import FedsimError
 from fedsim.matching import bbp_map
 from fedsim.matching.atoms import (
@@ -48,34 +48,6 @@ from fedsim.rng import seed_for
 
 ASSIGNMENT = "__assignment__"      # int32 (L_j,) sent down with a global layer
 CLASS_COUNTS = "__class_counts__"  # int64 (K,) sent up with the classifier
-
-
-class FedMAConfig(RunConfig):
-    """FedMA run. ``rounds`` counts FedMA rounds (each N communication rounds for N layers).
-
-    sigma2, sigma0_2, gamma, iterations: BBP-MAP hyper-parameters (ALGORITHMS.md section 2;
-    authors' defaults 1, 1, 7, 5; Shakespeare uses gamma 1e-3). ``retrain_epochs``: epochs of the
-    layer-wise retraining (default: ``local_epochs``). ``momentum`` defaults to the paper's 0.9.
-    """
-
-    rounds: int = 1
-    momentum: float = 0.9
-    sigma2: float = 1.0
-    sigma0_2: float = 1.0
-    gamma: float = 7.0
-    iterations: int = 5
-    retrain_epochs: int | None = None
-    max_global_neurons: int | None = None
-
-    def check(self, where: str, experiment: ExperimentConfig) -> None:
-        for key in ("sigma2", "sigma0_2", "gamma"):
-            if not getattr(self, key) > 0:
-                raise FedsimError(f"config key '{where}.{key}' must be > 0 (got {getattr(self, key)})")
-        if self.iterations < 0:
-            raise FedsimError(f"config key '{where}.iterations' must be >= 0 (got {self.iterations})")
-        if experiment.engine.clients_per_round != experiment.data.num_clients:
-            raise FedsimError(f"{self.algorithm} matches every client's model: set engine.clients_per_round to "
-                              f"data.num_clients ({experiment.data.num_clients})")
 
 
 def _tensors_of(layer: MatchLayer) -> tuple[str, ...]:
@@ -243,17 +215,6 @@ class FedMA(Algorithm):
         if ctx.plan.layer == self.N - 1:
             upload = {**upload, CLASS_COUNTS: torch.bincount(ctx.y.cpu(), minlength=self.num_classes)}
         return upload, loss
-
-
-class PFNMConfig(FedMAConfig):
-    """PFNM one-shot run: a single communication round (``rounds`` must stay 1)."""
-
-    momentum: float = 0.0
-
-    def check(self, where: str, experiment: ExperimentConfig) -> None:
-        super().check(where, experiment)
-        if self.rounds != 1:
-            raise FedsimError(f"config key '{where}.rounds': pfnm is one-shot, set rounds: 1 (got {self.rounds})")
 
 
 class PFNM(FedMA):

@@ -13,45 +13,16 @@ unchanged except that only the active group trains. The schedule is the one
 
 from __future__ import annotations
 
-from typing import Literal
-
 from fedsim.accounting import FedPartSchedule, fedpart_schedule
 from fedsim.algorithms.base import Algorithm, ClientContext, RoundPlan, ServerState
 from fedsim.algorithms.fedavg import FedAvg
 from fedsim.algorithms.fedprox import FedProx
 from fedsim.algorithms.moon import MOON
-from fedsim.config import ExperimentConfig, RunConfig
-from fedsim.errors import FedsimError
+from fedsim.config import ExperimentConfig, FedPartConfig, RunConfig
 from fedsim.rng import numpy_rng
 
 OBJECTIVES = {"fedavg": FedAvg, "fedprox": FedProx, "moon": MOON}
 DEFAULT_MU = {"fedavg": 0.0, "fedprox": 0.001, "moon": 5.0}
-
-
-class FedPartConfig(RunConfig):
-    """FedPart run. ``rounds`` is not set: it follows from cycles * (W + R * G).
-
-    ``mu``: FedProx's proximal or MOON's contrastive coefficient (defaults 0.001 and 5);
-    ``tau``: MOON's temperature.
-    """
-
-    rounds: int | None = None
-    optimizer: Literal["sgd", "adam"] = "adam"
-    lr: float = 1e-3
-    warmup_rounds: int = 5
-    rounds_per_group: int = 2
-    cycles: int = 1
-    order: Literal["sequential", "reverse", "random"] = "sequential"
-    local_objective: Literal["fedavg", "fedprox", "moon"] = "fedavg"
-    mu: float | None = None
-    tau: float = 0.5
-
-    def check(self, where: str, experiment: ExperimentConfig) -> None:
-        if self.rounds is not None:
-            raise FedsimError(f"config key '{where}.rounds': fedpart's rounds follow from cycles, warmup_rounds "
-                              "and rounds_per_group; remove rounds and set cycles")
-        if self.warmup_rounds < 0 or self.rounds_per_group < 1 or self.cycles < 1:
-            raise FedsimError(f"'{where}': fedpart needs warmup_rounds >= 0, rounds_per_group >= 1 and cycles >= 1")
 
 
 class FedPart(Algorithm):

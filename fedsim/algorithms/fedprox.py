@@ -14,19 +14,7 @@ import torch
 
 from fedsim.algorithms.base import ClientContext
 from fedsim.algorithms.fedavg import FedAvg
-from fedsim.config import ExperimentConfig, RunConfig
-from fedsim.errors import FedsimError
-
-
-class FedProxConfig(RunConfig):
-    """FedProx run: ``mu`` is the proximal coefficient (FedMA's baselines: 0.001)."""
-
-    mu: float = 0.001
-
-    def check(self, where: str, experiment: ExperimentConfig) -> None:
-        if self.mu < 0:
-            raise FedsimError(f"config key '{where}.mu' must be >= 0 (got {self.mu}); FedProx's grid is "
-                              "0.001, 0.01, 0.1, 0.5, 1")
+from fedsim.config import FedProxConfig
 
 
 def proximal_term(named: Iterable[tuple[str, torch.Tensor]], anchor: dict[str, torch.Tensor], mu: float) -> torch.Tensor:

@@ -20,21 +20,8 @@ import torch.nn.functional as F
 
 from fedsim import params as P
 from fedsim.algorithms.base import Algorithm, ClientContext
-from fedsim.config import ExperimentConfig, RunConfig
+from fedsim.config import ExperimentConfig, MoonConfig, RunConfig
 from fedsim.errors import FedsimError
-
-
-class MoonConfig(RunConfig):
-    """MOON run: ``mu`` weighs the contrastive loss (paper: 5 on CIFAR-10, 1 on CIFAR-100);
-    ``tau`` is the temperature (0.5)."""
-
-    mu: float = 5.0
-    tau: float = 0.5
-
-    def check(self, where: str, experiment: ExperimentConfig) -> None:
-        if self.mu < 0 or not self.tau > 0:
-            raise FedsimError(f"config keys '{where}.mu' >= 0 and '{where}.tau' > 0 are required "
-                              f"(got mu={self.mu}, tau={self.tau})")
 
 
 def contrastive_loss(z: torch.Tensor, z_glob: torch.Tensor, z_prev: torch.Tensor, tau: float) -> torch.Tensor:
