@@ -420,7 +420,7 @@ def format_report(cfg: ExperimentConfig, sizes: ClientSizes, runs: list[DryRun])
         lines.append(f"  bytes down: {r.bytes_down:,} ({_gb(r.bytes_down)} GB)")
         lines.append(f"  compute:    {r.flops:.4e} MACs in all, {r.per_client_flops:.4e} per client "
                      f"(F = {r.forward_macs:,} MACs per example, thop convention; 3F full, 2F partial"
-                     f"{', +2F for MOON returning clients' if r.frozen_forwards else ''})")
+                     f"{f', +{r.frozen_forwards}F for returning clients (MOON)' if r.frozen_forwards else ''})")
     done = [r for r in runs if r.projectable]
     if done:
         base = next((r for r in done if r.full_network), done[0])

@@ -204,4 +204,4 @@ class ClientRunner:
             bytes_down=0 if plan.pooled else P.nbytes({**received, **(extra or {})}),
             seconds=time.perf_counter() - t0, worker=self.worker_id, attempt=task.attempt,
             state=ctx.new_state, macs=int(macs),
-            trainable_params=sum(w.numel() for k, w in model.named_parameters() if k in trainable))
+            trainable_params=P.numel(P.subset(dict(model.named_parameters()), trainable)))

@@ -263,7 +263,8 @@ def _run_one(cfg: ExperimentConfig, run: RunConfig, dataset: FederatedDataset, b
                "bytes_up": up, "bytes_down": down, "cum_bytes_up": cum_up, "cum_bytes_down": cum_down,
                "cum_bytes": cum_up + cum_down, "global_params": algo.global_size(state, model),
                # what a client trained, on its own model (FedMA's local widths differ from the global)
-               "trainable_params": max((x.trainable_params for x in kept), default=_param_count(model, plan.trainable)),
+               "trainable_params": (max(x.trainable_params for x in kept) if kept
+                                    else _param_count(model, plan.trainable)),
                "clients": len(kept),
                "flops": int(sum(x.macs for x in kept)), "test_accuracy_clients_mean": None,
                "wall_seconds": time.perf_counter() - t0}
