@@ -49,6 +49,45 @@ def test_digits_shapes_dtypes_and_standardisation():
     assert abs(float(ds.train.x.mean())) < 1e-4 and abs(float(ds.train.x.std()) - 1.0) < 1e-4
 
 
+def test_bundled_digits_equal_scikit_learns_loader():
+    from sklearn.datasets import load_digits
+
+    from fedsim.data.digits import bundled_digits
+
+    images, labels = bundled_digits()
+    bunch = load_digits()
+    assert images.dtype == np.float64 and labels.dtype == np.int64
+    np.testing.assert_array_equal(images, bunch.images)
+    np.testing.assert_array_equal(labels, bunch.target)
+
+
+def test_bundled_digits_falls_back_to_load_digits_when_the_file_is_elsewhere(monkeypatch, tmp_path):
+    import importlib.machinery
+
+    from sklearn.datasets import load_digits
+
+    from fedsim.data import digits
+
+    # a scikit-learn whose package directory holds no datasets/data/digits.csv.gz
+    spec = importlib.machinery.ModuleSpec("sklearn", None, is_package=True)
+    spec.submodule_search_locations = [str(tmp_path)]
+    monkeypatch.setattr(digits.importlib.util, "find_spec", lambda name: spec)
+    images, labels = digits.bundled_digits()
+    np.testing.assert_array_equal(images, load_digits().images)
+    np.testing.assert_array_equal(labels, load_digits().target)
+
+
+def test_loading_digits_does_not_import_scikit_learn():
+    import subprocess
+    import sys
+
+    code = ("import sys; from fedsim.data import load_federated; "
+            "load_federated('digits', partition='iid', num_clients=4, alpha=0.5, data_dir=None, seed=0); "
+            "print('sklearn' in sys.modules, 'pandas' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
 def test_digits_split_is_stratified_20_percent():
     from sklearn.datasets import load_digits
 

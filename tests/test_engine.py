@@ -150,7 +150,7 @@ def test_pool_size_follows_resources_and_cohort():
 
 
 def test_small_broadcasts_go_inline_and_no_round_sends_more_than_rays_inline_limit():
-    from fedsim.engine.api import INLINE_BYTES
+    from fedsim.engine.backends import LOCAL_INLINE_BYTES as INLINE_BYTES
     from fedsim.engine.backends import RAY_INLINE_BYTES, sends_inline
     from fedsim.params import nbytes
 

@@ -44,9 +44,6 @@ def prepare(cfg: ExperimentConfig) -> FederatedDataset:
     return dataset
 
 
-INLINE_BYTES = 4 << 20
-"""Objects up to this size (bytes) travel inline with Ray calls on a local Ray fedsim starts."""
-
 _started_ray: str | None = None  # GCS address of the local Ray instance start_ray started, if any
 
 
@@ -70,12 +67,11 @@ def start_ray(cfg: ExperimentConfig, num_cpus: int | None = None) -> None:
         started_here = cfg.engine.ray_address is None and "RAY_ADDRESS" not in os.environ
         # ERROR: Ray's driver-side warnings (e.g. that token authentication is on) are not the
         # user's business here; worker errors still reach the run as exceptions.
-        # A local Ray started here returns objects up to INLINE_BYTES in the reply of the call
-        # that made them instead of through the shared-memory object store (Ray's default:
-        # 100 KiB). A worker's results for a round of a small model (five digits-CNN clients:
-        # 0.75 MB) then skip the store's create/seal/get/release: 9 -> 6 ms per round trip here.
-        # A cluster keeps its own setting (``ray start --system-config``; see the README).
-        local = ({"num_cpus": num_cpus, "_system_config": {"max_direct_call_object_size": INLINE_BYTES}}
+        # A local Ray started here returns objects up to LOCAL_INLINE_BYTES in the reply of the
+        # call that made them, instead of through the object store (Ray's default: 100 KiB).
+        from fedsim.engine.backends import LOCAL_INLINE_BYTES
+
+        local = ({"num_cpus": num_cpus, "_system_config": {"max_direct_call_object_size": LOCAL_INLINE_BYTES}}
                  if started_here else {})
         ray.init(address=cfg.engine.ray_address, include_dashboard=False, logging_level=logging.ERROR,
                  configure_logging=True, **local)
@@ -234,12 +230,12 @@ def execute(cfg: ExperimentConfig, dataset: FederatedDataset, run_dir: str | Pat
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from fedsim.engine.backends import RAY_INLINE_BYTES, RayBackend
+    from fedsim.engine.backends import LOCAL_INLINE_BYTES, RAY_INLINE_BYTES, RayBackend
 
     # Ray's inline limit: fedsim's own on a local Ray that start_ray started, else Ray's default
     # (a cluster's setting cannot be read from Python, so nothing larger is assumed).
     ours = _started_ray is not None and ray.get_runtime_context().gcs_address == _started_ray
-    inline_bytes = INLINE_BYTES if ours else RAY_INLINE_BYTES
+    inline_bytes = LOCAL_INLINE_BYTES if ours else RAY_INLINE_BYTES
     box = [ray.put(dataset)]
     workers = RayBackend.start_workers(cfg, box[0])  # they import torch while the driver starts
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)

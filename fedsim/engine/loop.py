@@ -92,10 +92,6 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _param_count(model: torch.nn.Module, names: tuple[str, ...] | None = None) -> int:
-    return sum(w.numel() for k, w in model.named_parameters() if names is None or k in names)
-
-
 def run_experiment(cfg: ExperimentConfig, dataset: FederatedDataset, run_dir: str, backend: Any,
                    resume: bool = False) -> Iterator[dict]:
     """Run every run of ``cfg`` on ``backend``, writing Parquet rows to ``run_dir``.
@@ -161,6 +157,12 @@ def _evaluate_bn_local(algo: Algorithm, state: Any, model: torch.nn.Module, data
         if c == 0:
             first = (acc, loss)
     return first[0], first[1], (float(np.mean(accs)) if accs else None)
+
+
+def _trainable_count(model: torch.nn.Module, trainable: tuple[str, ...] | None) -> int:
+    """Scalar parameters of ``model`` named in ``trainable`` (all of them for None)."""
+    params = dict(model.named_parameters())
+    return P.numel(params if trainable is None else P.subset(params, trainable))
 
 
 def _run_one(cfg: ExperimentConfig, run: RunConfig, dataset: FederatedDataset, backend: Any, log: RunLog) -> Iterator[dict]:
@@ -264,7 +266,7 @@ def _run_one(cfg: ExperimentConfig, run: RunConfig, dataset: FederatedDataset, b
                "cum_bytes": cum_up + cum_down, "global_params": algo.global_size(state, model),
                # what a client trained, on its own model (FedMA's local widths differ from the global)
                "trainable_params": (max(x.trainable_params for x in kept) if kept
-                                    else _param_count(model, plan.trainable)),
+                                    else _trainable_count(model, plan.trainable)),
                "clients": len(kept),
                "flops": int(sum(x.macs for x in kept)), "test_accuracy_clients_mean": None,
                "wall_seconds": time.perf_counter() - t0}
