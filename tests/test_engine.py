@@ -150,18 +150,17 @@ def test_pool_size_follows_resources_and_cohort():
 
 
 def test_small_broadcasts_go_inline_and_no_round_sends_more_than_rays_inline_limit():
-    from fedsim.engine.backends import LOCAL_INLINE_BYTES as INLINE_BYTES
-    from fedsim.engine.backends import RAY_INLINE_BYTES, sends_inline
+    from fedsim.engine.backends import LOCAL_INLINE_BYTES, RAY_INLINE_BYTES, sends_inline
     from fedsim.params import nbytes
 
     def broadcast_bytes(name):
         return nbytes(build_model(name, num_classes=10, input_shape=(3, 32, 32) if name == "vgg9" else (1, 8, 8)).state_dict())
 
     cnn = broadcast_bytes("digits_cnn")
-    assert sends_inline(cnn, 2, INLINE_BYTES)  # the local Ray fedsim starts: no object store
+    assert sends_inline(cnn, 2, LOCAL_INLINE_BYTES)  # the local Ray fedsim starts: no object store
     assert not sends_inline(cnn, 2, RAY_INLINE_BYTES)  # Ray's default limit (e.g. a cluster)
-    assert not sends_inline(cnn, 64, INLINE_BYTES)  # many workers: one ray.put beats 64 copies
-    assert not sends_inline(broadcast_bytes("vgg9"), 1, INLINE_BYTES)
+    assert not sends_inline(cnn, 64, LOCAL_INLINE_BYTES)  # many workers: one ray.put beats 64 copies
+    assert not sends_inline(broadcast_bytes("vgg9"), 1, LOCAL_INLINE_BYTES)
     rng = np.random.default_rng(0)
     for _ in range(1000):  # inline never asks Ray to carry more than its limit in a round's calls
         n, w, limit = int(rng.integers(0, 1 << 23)), int(rng.integers(1, 100)), int(rng.integers(1, 1 << 23))

@@ -64,8 +64,8 @@ def bundled_digits() -> tuple[np.ndarray, np.ndarray]:
     """
     spec = importlib.util.find_spec("sklearn")  # locates the package without importing it
     roots = [] if spec is None else list(spec.submodule_search_locations or [])
-    path = next((Path(r) / "datasets" / "data" / "digits.csv.gz" for r in roots
-                 if (Path(r) / "datasets" / "data" / "digits.csv.gz").is_file()), None)
+    files = [Path(r) / "datasets" / "data" / "digits.csv.gz" for r in roots]
+    path = next((f for f in files if f.is_file()), None)
     if path is None:
         from sklearn.datasets import load_digits  # local import: sklearn is slow to import
 

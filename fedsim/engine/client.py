@@ -58,6 +58,17 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
+def trainable_count(model: torch.nn.Module, names: tuple[str, ...] | None) -> int:
+    """Scalar parameters of ``model`` named in ``names`` (every parameter for None): what
+    ``trainable_params`` in rounds.parquet counts.
+
+    Raises:
+        KeyError: a name is not a parameter of ``model``.
+    """
+    params = dict(model.named_parameters())
+    return P.numel(params if names is None else P.subset(params, names))
+
+
 class ClientRunner:
     """Runs client tasks against one dataset, reusing models and optimizers across clients.
 
@@ -204,4 +215,4 @@ class ClientRunner:
             bytes_down=0 if plan.pooled else P.nbytes({**received, **(extra or {})}),
             seconds=time.perf_counter() - t0, worker=self.worker_id, attempt=task.attempt,
             state=ctx.new_state, macs=int(macs),
-            trainable_params=P.numel(P.subset(dict(model.named_parameters()), trainable)))
+            trainable_params=trainable_count(model, trainable))

@@ -33,7 +33,7 @@ from fedsim.algorithms import Algorithm, ClientTask, ServerState
 from fedsim.config import ExperimentConfig, RunConfig
 from fedsim.data.base import FederatedDataset, Split
 from fedsim.engine.backends import RoundTimeout
-from fedsim.engine.client import make_algorithm
+from fedsim.engine.client import make_algorithm, trainable_count
 from fedsim.io import checkpoint
 from fedsim.io.runlog import RunLog
 from fedsim.models import build_model
@@ -159,12 +159,6 @@ def _evaluate_bn_local(algo: Algorithm, state: Any, model: torch.nn.Module, data
     return first[0], first[1], (float(np.mean(accs)) if accs else None)
 
 
-def _trainable_count(model: torch.nn.Module, trainable: tuple[str, ...] | None) -> int:
-    """Scalar parameters of ``model`` named in ``trainable`` (all of them for None)."""
-    params = dict(model.named_parameters())
-    return P.numel(params if trainable is None else P.subset(params, trainable))
-
-
 def _run_one(cfg: ExperimentConfig, run: RunConfig, dataset: FederatedDataset, backend: Any, log: RunLog) -> Iterator[dict]:
     algo: Algorithm = make_algorithm(run, cfg, dataset)
     rounds = algo.num_rounds()
@@ -266,7 +260,7 @@ def _run_one(cfg: ExperimentConfig, run: RunConfig, dataset: FederatedDataset, b
                "cum_bytes": cum_up + cum_down, "global_params": algo.global_size(state, model),
                # what a client trained, on its own model (FedMA's local widths differ from the global)
                "trainable_params": (max(x.trainable_params for x in kept) if kept
-                                    else _trainable_count(model, plan.trainable)),
+                                    else trainable_count(model, plan.trainable)),
                "clients": len(kept),
                "flops": int(sum(x.macs for x in kept)), "test_accuracy_clients_mean": None,
                "wall_seconds": time.perf_counter() - t0}
