@@ -169,6 +169,8 @@ class FedMAConfig(RunConfig):
     sigma2, sigma0_2, gamma, iterations: BBP-MAP hyper-parameters (ALGORITHMS.md section 2;
     authors' defaults 1, 1, 7, 5; Shakespeare uses gamma 1e-3). ``retrain_epochs``: epochs of the
     layer-wise retraining (default: ``local_epochs``). ``momentum`` defaults to the paper's 0.9.
+    ``weight_decay`` applies to the whole-model local training that starts each FedMA round; the
+    layer-wise retraining uses none and the classifier round 1e-4 (paper App. A).
     """
 
     rounds: int = 1
@@ -189,6 +191,11 @@ class FedMAConfig(RunConfig):
         if experiment.engine.clients_per_round != experiment.data.num_clients:
             raise FedsimError(f"{self.algorithm} matches every client's model: set engine.clients_per_round to "
                               f"data.num_clients ({experiment.data.num_clients})")
+        e = experiment.engine
+        if e.round_timeout_s is not None and e.timeout_policy == "drop":
+            raise FedsimError(f"{self.algorithm} matches every client's model in every round of a pass, so no client "
+                              "may be dropped: set engine.timeout_policy to wait or fail, or engine.round_timeout_s "
+                              "to null")
 
 
 class PFNMConfig(FedMAConfig):

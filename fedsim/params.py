@@ -105,9 +105,12 @@ def to_numpy(p: Mapping[str, torch.Tensor]) -> NumpyParams:
     return {k: v.detach().cpu().numpy().copy() for k, v in p.items()}
 
 
-def from_numpy(p: Mapping[str, np.ndarray]) -> Params:
-    """Torch tensors that own their memory (object-store buffers are read-only, so we copy)."""
-    return {k: torch.from_numpy(np.array(v, copy=True)) for k, v in p.items()}
+def from_numpy(p: Mapping[str, np.ndarray | torch.Tensor]) -> Params:
+    """Torch tensors that own their memory (object-store buffers are read-only, so we copy).
+    Tensors are cloned as they are: client state restored from a checkpoint holds tensors where
+    it stored arrays (see :mod:`fedsim.io.checkpoint`)."""
+    return {k: v.detach().clone() if isinstance(v, torch.Tensor) else torch.from_numpy(np.array(v, copy=True))
+            for k, v in p.items()}
 
 
 def all_finite(p: Mapping[str, torch.Tensor]) -> bool:

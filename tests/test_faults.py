@@ -17,6 +17,8 @@ import torch
 
 from fedsim import config
 from fedsim.engine import api
+from fedsim.engine.backends import SequentialBackend
+from fedsim.engine.loop import run_experiment
 from fedsim.io import checkpoint
 from tests.conftest import tiny_experiment
 
@@ -151,3 +153,56 @@ def test_round_timeout_drop_records_late_clients_and_fail_stops_only_that_run(ra
     runs_t = pd.read_parquet(run_dir / "runs.parquet").set_index("run_id")
     assert runs_t.loc["late", "status"] == "failed" and "round_timeout_s" in runs_t.loc["late", "message"]
     assert runs_t.loc["next", "status"] in ("finished", "failed")  # the next run still ran
+
+
+class _RecordingBackend(SequentialBackend):
+    """The sequential backend, recording the round of every client task it trains."""
+
+    def __init__(self, cfg, ds):
+        super().__init__(cfg, ds)
+        self.trained: list[int] = []
+
+    def collect(self, pending):
+        self.trained += [t.round for t in pending[1]]
+        return super().collect(pending)
+
+
+@pytest.mark.parametrize("algorithm,stop_after,ckpt_round", [
+    ("fedavg", 4, 3),  # checkpoints after rounds 1 and 3; round 4 is written but not checkpointed
+    ("fedma", 4, 3),   # 4 communication rounds per FedMA round: resumed at the second pass's start
+    ("fedma", 6, 5),   # ... and in the middle of the second pass
+], ids=["fedavg", "fedma-pass-boundary", "fedma-mid-pass"])
+def test_resume_continues_from_the_last_checkpoint_and_recomputes_only_the_rounds_after_it(
+        tmp_path, algorithm, stop_after, ckpt_round):
+    run = ({"algorithm": "fedavg", "rounds": 6, "local_epochs": 1, "lr": 0.05, "batch_size": 16}
+           if algorithm == "fedavg" else
+           {"algorithm": "fedma", "rounds": 2, "local_epochs": 1, "retrain_epochs": 1, "lr": 0.05,
+            "batch_size": 16, "iterations": 1})
+    cfg = config.parse(tiny_experiment(data={"dataset": "digits", "partition": "dirichlet", "alpha": 0.5,
+                                             "num_clients": 3},
+                                       engine={"backend": "sequential", "clients_per_round": 3, "checkpoint_every": 2},
+                                       runs=[run]))
+    ds = api.prepare(cfg)
+    list(run_experiment(cfg, ds, str(tmp_path / "clean"), SequentialBackend(cfg, ds)))
+
+    crashed = tmp_path / "crashed"
+    events = run_experiment(cfg, ds, str(crashed), SequentialBackend(cfg, ds))
+    for event in events:
+        if event["kind"] == "round" and event["round"] == stop_after:
+            break
+    events.close()  # the driver stops here: nothing more is written
+    before = pd.read_parquet(crashed / "rounds.parquet")
+    assert before["round"].tolist() == list(range(stop_after + 1))
+    assert int(checkpoint.load(crashed, run["algorithm"])["round"]) == ckpt_round
+
+    backend = _RecordingBackend(cfg, ds)
+    resumed = list(run_experiment(cfg, ds, str(crashed), backend, resume=True))
+    total = 6 if algorithm == "fedavg" else 8
+    assert sorted(set(backend.trained)) == list(range(ckpt_round + 1, total))  # nothing before it retrained
+    assert [e["round"] for e in resumed if e["kind"] == "round"] == list(range(total))
+    after = pd.read_parquet(crashed / "rounds.parquet")
+    kept = after[after["round"] <= ckpt_round]
+    assert kept["wall_seconds"].tolist() == before[before["round"] <= ckpt_round]["wall_seconds"].tolist()
+    clean = _tables(tmp_path / "clean")
+    for name, df in _tables(crashed).items():
+        pd.testing.assert_frame_equal(clean[name], df, check_dtype=False, obj=name)

@@ -13,6 +13,7 @@ from fedsim import params as P
 from fedsim.algorithms import ClientResult
 from fedsim.algorithms.fedma import CLASS_COUNTS, PFNM, FedMA
 from fedsim.engine import api
+from fedsim.errors import FedsimError
 from fedsim.matching import permute_units
 from fedsim.models import build_model
 from fedsim.rng import torch_rng
@@ -188,3 +189,32 @@ def test_two_fedma_rounds_on_digits_log_phases_exact_bytes_and_a_growing_model(t
     assert r["bytes_down"].iloc[4] == J * 38282 * 4
     assert (r["cum_bytes"] == (r["bytes_up"] + r["bytes_down"]).cumsum()).all()
     assert r["test_accuracy"].iloc[-1] > 0.5
+
+
+def test_layer_wise_retraining_has_no_weight_decay_and_the_classifier_round_follows_appendix_a():
+    # ALGORITHMS.md section 4 (paper App. A): the first round of a pass trains the whole model with
+    # the run's settings; retraining after a matched layer uses no weight decay; the classifier
+    # round uses lr / 10, weight decay 1e-4 and 3x the retraining epochs.
+    cfg = experiment("fedma", lr=0.05, weight_decay=5e-4, local_epochs=2, retrain_epochs=3)
+    algo = FedMA(cfg.runs[0], cfg, 10, INPUT)
+    state = algo.init_state(P.clone(build_model("digits_cnn", num_classes=10, input_shape=INPUT).state_dict()))
+    plans = [algo.plan_round(state, r, (0, 1, 2)) for r in range(algo.N)]
+    assert algo.N >= 3
+    first, *retrain, last = plans
+    assert (first.local_epochs, first.lr, first.weight_decay, first.trainable) == (2, 0.05, 5e-4, None)
+    for p in retrain:
+        assert (p.phase, p.local_epochs, p.lr, p.weight_decay, p.momentum) == ("match", 3, 0.05, 0.0, 0.9)
+    assert (last.phase, last.local_epochs, last.weight_decay) == ("classifier", 9, 1e-4)
+    assert last.lr == pytest.approx(0.005)
+
+
+@pytest.mark.parametrize("algorithm", ["fedma", "pfnm"])
+def test_matching_algorithms_refuse_a_timeout_policy_that_drops_clients(algorithm):
+    raw = tiny_experiment(data={"dataset": "digits", "partition": "dirichlet", "alpha": 0.5, "num_clients": 3},
+                          engine={"backend": "ray", "clients_per_round": 3, "round_timeout_s": 60},
+                          runs=[{"algorithm": algorithm}])
+    with pytest.raises(FedsimError, match="timeout_policy to wait or fail"):
+        config.parse(raw)  # timeout_policy defaults to drop
+    for policy in ("wait", "fail"):
+        raw["engine"]["timeout_policy"] = policy
+        assert config.parse(raw).engine.timeout_policy == policy

@@ -136,9 +136,9 @@ class FedMA(Algorithm):
                              weight_decay=c.weight_decay, phase="match", layer=0,
                              upload=_tensors_of(self.layers[0]), evaluate=False)
         trainable = tuple(n for n in self.param_names if n not in self._frozen(k))
-        if k < self.N - 1:
+        if k < self.N - 1:  # retraining layers k..N-1 after layer k-1 was matched: no weight decay (App. A)
             return RoundPlan(round=round, cohort=cohort, local_epochs=retrain, lr=c.lr, momentum=c.momentum,
-                             weight_decay=c.weight_decay, phase="match", layer=k, trainable=trainable,
+                             weight_decay=0.0, phase="match", layer=k, trainable=trainable,
                              upload=_tensors_of(self.layers[k]), evaluate=False)
         return RoundPlan(round=round, cohort=cohort, local_epochs=3 * retrain, lr=c.lr / 10, momentum=c.momentum,
                          weight_decay=1e-4, phase="classifier", layer=k, trainable=trainable,
