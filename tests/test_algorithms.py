@@ -1,4 +1,5 @@
-"""Invariants of FedAvg and FedProx (STYLE.md): one SGD step, mu = 0, the proximal gradient."""
+"""Invariants of FedAvg and FedProx (STYLE.md): one SGD step, example weighting, mu = 0, the
+proximal gradient (alone and inside local training)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 
 from fedsim import config
 from fedsim import params as P
-from fedsim.algorithms import ClientTask, FedAvg, FedProx
+from fedsim.algorithms import ClientResult, ClientTask, FedAvg, FedProx
 from fedsim.algorithms.fedprox import proximal_term
 from fedsim.data.base import FederatedDataset, Split
 from fedsim.engine.backends import SequentialBackend
@@ -63,6 +64,51 @@ def test_fedavg_with_one_client_and_one_step_is_one_sgd_step():
     loss.backward()
     for k, w in ref.named_parameters():
         torch.testing.assert_close(new[k], w.detach() - 0.1 * w.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_fedavg_weights_each_upload_by_its_examples():
+    # McMahan et al. 2017, Algorithm 1: w = sum_j n_j / n * w_j. Clients with 1 and 3 examples:
+    # (1 * [4, 8, -2] + 3 * [0, 4, 2]) / 4 = [1, 5, 1]; a plain mean would give [2, 6, 0].
+    cfg = config.parse(tiny_experiment(data={"dataset": "digits", "num_clients": 2},
+                                       engine={"backend": "sequential", "clients_per_round": 2}))
+    algo = FedAvg(cfg.runs[0], cfg)
+    state = algo.init_state({"w": torch.zeros(3)})
+    plan = algo.plan_round(state, 0, (0, 1))
+    uploads = [np.array([4.0, 8.0, -2.0], dtype=np.float32), np.array([0.0, 4.0, 2.0], dtype=np.float32)]
+    results = [ClientResult(client_id=j, round=0, upload={"w": u}, n_examples=n, train_loss=0.0, bytes_up=12,
+                            bytes_down=12, seconds=0.0) for j, (u, n) in enumerate(zip(uploads, (1, 3)))]
+    new = algo.aggregate(state, plan, results).params["w"]
+    assert new.dtype == torch.float32
+    assert new.tolist() == [1.0, 5.0, 1.0]
+
+
+def test_fedprox_local_steps_follow_the_cross_entropy_plus_proximal_gradient():
+    # Two full-batch steps from the global weights w0: the first has no proximal pull (w = w0),
+    # the second adds mu * (w1 - w0) to the cross-entropy gradient (Li et al. 2020, eq. 2).
+    ds = toy_dataset(n_clients=1, per_client=20)
+    mu, lr = 2.0, 0.1
+    cfg = config.parse(tiny_experiment(data={"dataset": "digits", "num_clients": 1},
+                                       engine={"backend": "sequential", "clients_per_round": 1},
+                                       runs=[{"algorithm": "fedprox", "mu": mu, "rounds": 1, "local_epochs": 2,
+                                              "lr": lr, "batch_size": 64}]))
+    w0 = build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8), generator=torch_rng(0, "init")).state_dict()
+    algo = FedProx(cfg.runs[0], cfg)
+    plan = algo.plan_round(algo.init_state(w0), 0, (0,))
+    res = SequentialBackend(cfg, ds).run_round(cfg.runs[0], [ClientTask("fedprox", 0, 0, plan)], P.to_numpy(w0),
+                                               [None], [None])[0]
+    ref = build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8))
+    ref.load_state_dict(w0)
+    x, y = torch.from_numpy(ds.train.x), torch.from_numpy(ds.train.y)
+    for _ in range(2):
+        grads = torch.autograd.grad(F.cross_entropy(ref(x), y), list(ref.parameters()))
+        with torch.no_grad():
+            for (k, w), g in zip(ref.named_parameters(), grads):
+                w -= lr * (g + mu * (w - w0[k]))
+    moved = 0.0
+    for k, w in ref.named_parameters():
+        torch.testing.assert_close(torch.from_numpy(res.upload[k]), w.detach(), rtol=1e-5, atol=1e-6)
+        moved += float((w.detach() - w0[k]).abs().sum())
+    assert moved > 0
 
 
 def _run(raw, tmp_path, name):

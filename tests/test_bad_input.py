@@ -7,6 +7,7 @@ pays torch's import; every case is still its own test with its own assertions.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 import subprocess
@@ -100,7 +101,11 @@ def outcomes(tmp_path_factory):
              "badyaml": _write(tmp / "bad.yaml", "name: [unclosed\n"), "list": _write(tmp / "list.yaml", "- a\n- b\n"),
              "fedma": _write(tmp / "fedma.yaml", "data: {num_clients: 6}\nengine: {clients_per_round: 6}\n"
                                                  "runs: [{algorithm: fedma, rounds: 1}]\n")}
-    before = {p: sorted(x.name for x in p.iterdir()) for p in (paths["notrun"], paths["run"])}
+    def snapshot(p):  # every file below p: relative path, content hash and modification time
+        return sorted((str(x.relative_to(p)), hashlib.sha256(x.read_bytes()).hexdigest(), x.stat().st_mtime_ns)
+                      for x in p.rglob("*") if x.is_file())
+
+    before = {p: snapshot(p) for p in (paths["notrun"], paths["run"])}
     plain_before = paths["file"].read_text()
 
     def one(case):
@@ -114,7 +119,7 @@ def outcomes(tmp_path_factory):
 
     with ThreadPoolExecutor(max_workers=6) as pool:
         results = dict(pool.map(one, CASES))
-    results["__untouched__"] = (before == {p: sorted(x.name for x in p.iterdir()) for p in before}
+    results["__untouched__"] = (before == {p: snapshot(p) for p in before}
                                 and paths["file"].read_text() == plain_before)
     return results
 

@@ -115,7 +115,9 @@ def test_nan_weights_stop_the_run_as_diverged_and_keep_other_runs(tmp_path):
     assert status == {"boom": "diverged", "fine": "finished"}
     assert "NaN" in runs.set_index("run_id").loc["boom", "message"]
     assert rounds[rounds.run_id == "fine"]["round"].tolist() == [0, 1]
-    assert np.isfinite(rounds[rounds.run_id == "boom"]["train_loss"]).all()
+    # lr 1e38 makes round 0's weights Inf: that round is not written, and the message names it
+    assert runs.set_index("run_id").loc["boom", "message"].startswith("round 0:")
+    assert (rounds.run_id == "boom").sum() == 0
 
 
 def test_nan_test_loss_marks_that_round_diverged_and_keeps_the_rounds_before(tmp_path, monkeypatch):
@@ -207,3 +209,24 @@ def test_balance_assigns_every_task_once_within_lpt_bound_of_the_best_split():
                    for assign in itertools.product(range(bins), repeat=n))  # brute force
         # Graham (1969): LPT's largest load is at most (4/3 - 1/(3 bins)) x the optimum
         assert max(sum(costs[i] for i in b) for b in batches) <= (4 / 3 - 1 / (3 * bins)) * best + 1e-9
+
+
+def test_eval_every_evaluates_every_nth_round_and_the_last(tmp_path):
+    run = [{"algorithm": "fedavg", "rounds": 5, "local_epochs": 1, "lr": 0.05, "batch_size": 16}]
+    _, rounds, _, _ = run_tables(tiny_experiment(runs=run, engine={"backend": "sequential", "clients_per_round": 3,
+                                                                   "eval_every": 2}), tmp_path)
+    evaluated = rounds.loc[rounds["test_accuracy"].notna(), "round"].tolist()
+    assert evaluated == [1, 3, 4]  # rounds 2 and 4 (counting from 1), and the last
+    assert rounds.loc[rounds["test_loss"].notna(), "round"].tolist() == evaluated
+    assert rounds["train_loss"].notna().all()
+
+
+def test_round_train_loss_is_the_example_weighted_mean_of_its_clients(sequential_run):
+    _, rounds, clients, _ = sequential_run
+    unequal = 0
+    for (run_id, r), c in clients.groupby(["run_id", "round"]):
+        row = rounds[(rounds.run_id == run_id) & (rounds["round"] == r)].iloc[0]
+        n, loss = c["n_examples"].to_numpy(float), c["train_loss"].to_numpy()
+        assert row["train_loss"] == pytest.approx(float((n * loss).sum() / n.sum()), rel=1e-12)
+        unequal += abs(row["train_loss"] - loss.mean()) > 1e-9 and n.min() != n.max()
+    assert unequal > 0  # the Dirichlet clients differ in size, so the plain mean would differ

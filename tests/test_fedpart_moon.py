@@ -10,13 +10,14 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fedsim import config
 from fedsim import params as P
 from fedsim.accounting import thop_macs
-from fedsim.algorithms import ALGORITHMS, ClientTask, FedAvg
+from fedsim.algorithms import ALGORITHMS, ClientContext, ClientTask, FedAvg
 from fedsim.algorithms.fedpart import FedPart
-from fedsim.algorithms.moon import contrastive_loss
+from fedsim.algorithms.moon import MOON, contrastive_loss
 from fedsim.data.base import FederatedDataset, Split
 from fedsim.engine.backends import SequentialBackend
 from fedsim.engine.loop import run_experiment
@@ -94,6 +95,22 @@ def test_partial_round_freezes_other_tensors_and_uploads_only_the_group():
             assert torch.equal(after[k], w0[k]), k  # frozen: bit-identical after local training
 
 
+def test_fedpart_with_the_fedprox_objective_keeps_the_active_group_near_the_global_weights():
+    # local_objective: fedprox adds (mu / 2) ||w - w_global||^2 over the trainable (active) tensors
+    ds = toy()
+    w0 = build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8), generator=torch_rng(1, "init")).state_dict()
+    moved = {}
+    for objective, mu in (("fedavg", None), ("fedprox", 5.0)):
+        cfg, algo = fedpart(optimizer="sgd", lr=0.1, local_epochs=5, batch_size=4, local_objective=objective,
+                            **({} if mu is None else {"mu": mu}))
+        plan = algo.plan_round(None, 3, (0,))  # group 1 (conv2)
+        res = SequentialBackend(cfg, ds).run_round(cfg.runs[0], [ClientTask("r", 3, 0, plan)], P.to_numpy(w0),
+                                                   [None], [None])[0]
+        assert set(res.upload) == {"conv2.weight", "conv2.bias"}
+        moved[objective] = sum(float(((torch.from_numpy(res.upload[k]) - w0[k]) ** 2).sum()) for k in res.upload)
+    assert 0 < moved["fedprox"] < 0.5 * moved["fedavg"]
+
+
 @pytest.mark.parametrize("bn_stats", ["shared", "local"])
 def test_batchnorm_statistics_cross_the_wire_only_when_shared(bn_stats):
     run = {"algorithm": "fedavg", "rounds": 1, "local_epochs": 1, "batch_size": 6, "bn_stats": bn_stats}
@@ -133,6 +150,46 @@ def test_moon_loss_on_a_hand_computable_case():
     l1 = -math.log(math.exp(1 / tau) / (math.exp(1 / tau) + math.exp(0 / tau)))
     l2 = -math.log(math.exp(2 ** -0.5 / tau) / (math.exp(2 ** -0.5 / tau) + math.exp(1 / tau)))
     assert abs(float(contrastive_loss(z, z_glob, z_prev, tau)) - (l1 + l2) / 2) < 1e-6
+
+
+def test_moon_step_contrasts_with_the_received_global_and_the_previous_local_model():
+    # One full-batch SGD step of a returning client, against an independent computation of
+    # CE + mu * l_con(z, z_glob, z_prev) (Li et al. 2021, eq. 3): z_glob from the received global
+    # weights, z_prev from the client's stored previous model. Swapping the two (or dropping the
+    # term) moves the step by far more than the tolerance.
+    mu, tau, lr = 5.0, 0.5, 0.1
+    cfg = cfg_for({"algorithm": "moon", "mu": mu, "tau": tau, "lr": lr, "batch_size": 64, "local_epochs": 1},
+                  model="digits_cnn+moon", clients=1)
+    algo = MOON(cfg.runs[0], cfg, 10, (1, 8, 8))
+    net = lambda seed: build_model("digits_cnn+moon", num_classes=10, input_shape=(1, 8, 8),
+                                   generator=torch_rng(seed, "init"))
+    glob, prev = net(1).state_dict(), net(2).state_dict()
+    ds = toy(n_clients=1, per_client=12)
+    x, y = torch.from_numpy(ds.train.x), torch.from_numpy(ds.train.y)
+    model = net(3)
+    model.load_state_dict(glob)
+    plan = algo.plan_round(algo.init_state(P.clone(glob)), 1, (0,))
+    ctx = ClientContext(model=model, received=glob, x=x, y=y, plan=plan, generator=torch_rng(0, "shuffle", 1, 0),
+                        augment=lambda b: b, optimizer=torch.optim.SGD(model.parameters(), lr=lr),
+                        state={"prev": P.to_numpy(prev)})
+    upload, _ = algo.local_update(ctx)
+
+    def step(positive, negative):
+        ref, a, b = net(4), net(5), net(6)
+        for m, weights in ((ref, glob), (a, positive), (b, negative)):
+            m.load_state_dict(weights)
+        logits, z = ref(x, return_projection=True)
+        with torch.no_grad():
+            za, zb = a(x, return_projection=True)[1], b(x, return_projection=True)[1]
+        loss = F.cross_entropy(logits, y) + mu * contrastive_loss(z, za, zb, tau)
+        grads = torch.autograd.grad(loss, list(ref.parameters()))
+        return {k: w.detach() - lr * g for (k, w), g in zip(ref.named_parameters(), grads)}
+
+    expected, swapped = step(glob, prev), step(prev, glob)
+    for k in expected:
+        torch.testing.assert_close(upload[k], expected[k], rtol=1e-5, atol=1e-6)
+    assert max(float((expected[k] - swapped[k]).abs().max()) for k in expected) > 1e-3
+    assert ctx.frozen_forwards == 2
 
 
 def _tables(raw, ds, tmp, name):
