@@ -4,6 +4,7 @@ proximal gradient (alone and inside local training)."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -145,3 +146,31 @@ def test_fedprox_with_large_mu_keeps_local_weights_closer_to_global():
         res = SequentialBackend(cfg, ds).run_round(cfg.runs[0], [ClientTask("r", 0, 0, plan)], P.to_numpy(w0), [None], [None])[0]
         dist[algo_cls.name] = sum(float(((torch.from_numpy(res.upload[k]) - w0[k]) ** 2).sum()) for k in w0)
     assert dist["fedprox"] < 0.5 * dist["fedavg"]
+
+
+def test_ensemble_predicts_the_uniform_mean_of_its_members_softmax():
+    # FedMA paper, Figure 1's ensemble: p(y|x) = (1/J) sum_j softmax(f_j(x)); accuracy and
+    # cross-entropy of that mixture, computed here by hand from three members.
+    from fedsim.algorithms.baselines import Ensemble
+
+    ds = toy_dataset(n_clients=3, per_client=5)
+    cfg = config.parse(tiny_experiment(data={"dataset": "digits", "num_clients": 3},
+                                       engine={"backend": "sequential", "clients_per_round": 3},
+                                       runs=[{"algorithm": "ensemble"}]))
+    algo = Ensemble(cfg.runs[0], cfg, 10, (1, 8, 8))
+    members = [build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8), generator=torch_rng(s, "init"))
+               for s in (1, 2, 3)]
+    state0 = algo.init_state(P.clone(members[0].state_dict()))
+    plan = algo.plan_round(state0, 0, (0, 1, 2))
+    results = [ClientResult(client_id=j, round=0, upload=P.to_numpy(m.state_dict()), n_examples=5, train_loss=0.0,
+                            bytes_up=0, bytes_down=0, seconds=0.0) for j, m in enumerate(members)]
+    state = algo.aggregate(state0, plan, results)
+    acc, loss = algo.evaluate(state, build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8)), ds.test, 7)
+    x, y = torch.from_numpy(ds.test.x), torch.from_numpy(ds.test.y)
+    with torch.no_grad():
+        probs = [torch.softmax(m.eval()(x), 1) for m in members]
+    mix = (probs[0] + probs[1] + probs[2]) / 3
+    assert acc == int((mix.argmax(1) == y).sum()) / len(y)
+    assert loss == pytest.approx(float(-torch.log(mix[torch.arange(len(y)), y]).mean()), rel=1e-5)
+    single = float(-torch.log(probs[0][torch.arange(len(y)), y]).mean())
+    assert abs(loss - single) > 1e-3  # one member alone would not pass

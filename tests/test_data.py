@@ -529,3 +529,31 @@ def test_missing_data_dir_is_a_fedsim_error(tmp_path):
         _load("mnist", data_dir=tmp_path / "nowhere")
     with pytest.raises(FedsimError, match="data.data_dir is not set"):
         _load("cifar10", data_dir=None)
+
+
+def test_cifar_augment_returns_each_image_reflect_padded_cropped_and_maybe_flipped():
+    # ALGORITHMS.md section 7: reflect-pad 4, random 32x32 crop, random horizontal flip. Every
+    # output image must be exactly one of the 9 x 9 x 2 candidates built here with numpy, the batch
+    # must use more than one offset and both flip states, and the draws follow the generator.
+    import torch
+
+    from fedsim.engine.augment import augmenter
+
+    x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    out = augmenter("cifar", torch.Generator().manual_seed(5))(x)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    padded = np.pad(x.numpy(), ((0, 0), (0, 0), (4, 4), (4, 4)), mode="reflect")
+    seen = set()
+    for i in range(len(x)):
+        hits = []
+        for dy in range(9):
+            for dx in range(9):
+                crop = padded[i, :, dy:dy + 32, dx:dx + 32]
+                for flip, candidate in ((False, crop), (True, crop[..., ::-1])):
+                    if np.array_equal(out[i].numpy(), candidate):
+                        hits.append((dy, dx, flip))
+        assert len(hits) == 1, i
+        seen.add(hits[0])
+    assert len({(dy, dx) for dy, dx, _ in seen}) > 1 and {flip for *_, flip in seen} == {False, True}
+    assert torch.equal(out, augmenter("cifar", torch.Generator().manual_seed(5))(x))
+    assert not torch.equal(out, augmenter("cifar", torch.Generator().manual_seed(6))(x))

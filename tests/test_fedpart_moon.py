@@ -21,6 +21,7 @@ from fedsim.algorithms.moon import MOON, contrastive_loss
 from fedsim.data.base import FederatedDataset, Split
 from fedsim.engine.backends import SequentialBackend
 from fedsim.engine.loop import run_experiment
+from fedsim.io import checkpoint
 from fedsim.io.runlog import CLIENTS_SCHEMA, ROUNDS_SCHEMA, RUNS_SCHEMA
 from fedsim.models import build_model
 from fedsim.models.base import LayerGroup
@@ -28,11 +29,11 @@ from fedsim.rng import torch_rng
 from tests.conftest import tiny_experiment
 
 
-def toy(shape=(1, 8, 8), n_clients=2, per_client=12, seed=0) -> FederatedDataset:
+def toy(shape=(1, 8, 8), n_clients=2, per_client=12, seed=0, n_test=16) -> FederatedDataset:
     rng = np.random.default_rng(seed)
     n = n_clients * per_client
     train = Split(x=rng.normal(size=(n, *shape)).astype(np.float32), y=rng.integers(0, 10, n).astype(np.int64))
-    test = Split(x=rng.normal(size=(16, *shape)).astype(np.float32), y=rng.integers(0, 10, 16).astype(np.int64))
+    test = Split(x=rng.normal(size=(n_test, *shape)).astype(np.float32), y=rng.integers(0, 10, n_test).astype(np.int64))
     idx = [np.arange(i * per_client, (i + 1) * per_client) for i in range(n_clients)]
     return FederatedDataset("toy", train, test, 10, shape, idx, np.stack([np.bincount(train.y[i], minlength=10) for i in idx]))
 
@@ -134,12 +135,29 @@ def test_batchnorm_statistics_cross_the_wire_only_when_shared(bn_stats):
 
 
 def test_bn_local_run_reports_client0_and_mean_over_clients(tmp_path):
+    # The last round's row against the global weights evaluated with each client's own BatchNorm
+    # statistics, read back from the run's final checkpoint and evaluated here by hand.
     run = {"algorithm": "fedavg", "rounds": 2, "local_epochs": 1, "batch_size": 6, "bn_stats": "local"}
-    cfg = cfg_for(run, model="resnet8")
-    ds = toy(shape=(3, 32, 32), per_client=6)
+    cfg = cfg_for(run, model="resnet8", clients=3)
+    ds = toy(shape=(3, 32, 32), n_clients=3, per_client=6, n_test=300)
     list(run_experiment(cfg, ds, str(tmp_path), SequentialBackend(cfg, ds)))
-    r = pd.read_parquet(tmp_path / "rounds.parquet")
-    assert r["test_accuracy"].notna().all() and r["test_accuracy_clients_mean"].notna().all()
+    last = pd.read_parquet(tmp_path / "rounds.parquet").iloc[-1]
+    ckpt = checkpoint.load(tmp_path, "fedavg")
+    assert sorted(ckpt["store"]) == [0, 1, 2]
+    model = build_model("resnet8", num_classes=10, input_shape=(3, 32, 32))
+    x, y = torch.from_numpy(ds.test.x), torch.from_numpy(ds.test.y)
+    accs, losses = [], []
+    for c in sorted(ckpt["store"]):
+        model.load_state_dict({**ckpt["params"], **ckpt["store"][c]["bn"]})
+        model.eval()
+        with torch.no_grad():
+            logits = model(x)
+        accs.append(int((logits.argmax(1) == y).sum()) / len(y))
+        losses.append(float(F.cross_entropy(logits, y)))
+    assert len(set(losses)) == 3 and len(set(accs)) > 1  # so the choice of client and the mean show
+    assert last["test_loss"] == pytest.approx(losses[0], rel=1e-5)
+    assert last["test_accuracy"] == accs[0]
+    assert last["test_accuracy_clients_mean"] == pytest.approx(np.mean(accs))
 
 
 def test_moon_loss_on_a_hand_computable_case():

@@ -176,6 +176,40 @@ def test_each_greedy_step_is_an_optimal_assignment(sizes, D):
         np.testing.assert_array_equal(new_ids, np.arange(L_before, L_before + new_ids.size))
 
 
+def _improvement_left(atoms, res, j, **kw):
+    """How much client j's score could still rise if it alone were re-matched against the global
+    neurons of every other client (reference scores, scipy's optimum); 0 when it is optimal."""
+    s = 1 / kw["sigma2"]
+    used = sorted({int(g) for k, a in enumerate(res.assignments) if k != j for g in a})
+    index = {g: i for i, g in enumerate(used)}
+    G, counts = np.zeros((len(used), atoms[0].shape[1])), np.zeros(len(used), dtype=int)
+    for k, a in enumerate(res.assignments):
+        if k != j:
+            for l, g in enumerate(a):
+                G[index[int(g)]] += atoms[k][l] * s
+                counts[index[int(g)]] += 1
+    C = ref_scores(atoms[j], G, counts, len(atoms), **kw)
+    rows, cols = linear_sum_assignment(C, maximize=True)
+    mine = np.array([index.get(int(g), len(used) + 10**6) for g in res.assignments[j]])  # absent: new
+    return C[rows, cols].sum() - _assignment_value(C, mine, len(used))
+
+
+def test_refinement_sweeps_rematch_a_client_the_greedy_pass_left_suboptimal():
+    """The greedy pass matches client 0 (the second largest) before clients 1 and 3 exist, and
+    here it could then gain 1.26 by being re-matched against all others; the sweeps (remove a
+    client, match it against the rest) leave no client with anything to gain."""
+    rng = np.random.default_rng(2)
+    protos = rng.normal(size=(7, 3))
+    atoms = [protos[rng.choice(7, n, replace=False)] + 0.6 * rng.normal(size=(n, 3)) for n in (5, 4, 6, 3)]
+    kw = dict(sigma2=0.5, sigma0_2=2.0, gamma=2.0)
+    greedy = bbp_map(atoms, iterations=0, **kw)
+    assert _improvement_left(atoms, greedy, 0, **kw) > 1.0
+    swept = bbp_map(atoms, iterations=5, seed=7, **kw)
+    check_invariants(swept, atoms, sigma2=0.5, sigma0_2=2.0)
+    for j in range(4):
+        assert _improvement_left(atoms, swept, j, **kw) == pytest.approx(0.0, abs=1e-9), j
+
+
 def test_scipy_agrees_with_brute_force_on_tiny_score_matrices():
     rng = np.random.default_rng(3)
     for _ in range(5):
