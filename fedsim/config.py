@@ -261,16 +261,39 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return ".".join(parts)
 
 
+def _unknown_key(key: str) -> FedsimError:
+    return FedsimError(f"unknown config key '{key}'; remove it or check its spelling "
+                       "(see the README's config reference)")
+
+
 def _raise_from(err: ValidationError, prefix: str, raw: Any) -> None:
     e = err.errors()[0]
     key = ".".join(p for p in (prefix, _loc(e["loc"])) if p)
     if e["type"] == "extra_forbidden":
-        raise FedsimError(f"unknown config key '{key}'; remove it or check its spelling "
-                          "(see the README's config reference)") from None
+        raise _unknown_key(key) from None
     got = e.get("input")
     shown = json.dumps(got) if isinstance(got, (str, int, float, bool, type(None))) else type(got).__name__
     raise FedsimError(f"config key '{key}': {e['msg'].rstrip('.')} (got {shown}); "
                       "fix it in the YAML file or with --set") from None
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading floats as YAML 1.2 does: PyYAML follows YAML 1.1, where a
+    number in exponent form without a dot (``1e-3``, ``5e4``) is a string."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def load_yaml(text: str) -> Any:
+    """The value of a YAML document (an experiment file or a ``--set`` value), safe-loaded, with
+    ``1e-3`` read as the float 0.001.
+
+    Raises:
+        yaml.YAMLError: the text is not valid YAML.
+    """
+    return yaml.load(text, Loader=_YamlLoader)
 
 
 def _check_mapping(x: Any, what: str) -> dict[str, Any]:
@@ -293,7 +316,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if "=" not in item:
             raise FedsimError(f"--set expects key=value (got {item!r}); e.g. --set data.num_clients=50")
         path, _, text = item.partition("=")
-        value = yaml.safe_load(text) if text.strip() else None
+        value = load_yaml(text) if text.strip() else None
         keys = path.strip().split(".")
         node: Any = raw
         for i, k in enumerate(keys):
@@ -331,6 +354,9 @@ def parse(raw: Any, overrides: list[str] | None = None) -> ExperimentConfig:
     """
     raw = _check_mapping(raw, "the experiment file")
     raw = apply_overrides(raw, overrides or [])
+    unknown = [k for k in raw if k not in ExperimentConfig.model_fields]
+    if unknown:  # before the runs check: a misspelt 'runs' is an unknown key, not a missing list
+        raise _unknown_key(str(unknown[0]))
     runs_raw = raw.get("runs")
     if runs_raw is None or (isinstance(runs_raw, list) and not runs_raw):
         raise FedsimError("the experiment has no runs; add a 'runs:' list such as "
@@ -364,6 +390,9 @@ def validate(cfg: ExperimentConfig) -> None:
         FedsimError: the first problem found, naming the key and the fix.
     """
     d, e = cfg.data, cfg.engine
+    _check_name(cfg.name, "name")
+    if cfg.seed < 0:
+        raise FedsimError(f"config key 'seed' must be >= 0 (got {cfg.seed}); use a non-negative integer")
     if d.partition == "dirichlet" and not d.alpha > 0:
         raise FedsimError(f"data.alpha must be > 0 (got {d.alpha}); use a positive Dirichlet alpha such as 0.5")
     if d.num_clients < 1:
@@ -385,6 +414,8 @@ def validate(cfg: ExperimentConfig) -> None:
         raise FedsimError(f"engine.gpus_per_worker above 1 must be a whole number (got {e.gpus_per_worker})")
     if e.eval_every < 1:
         raise FedsimError(f"engine.eval_every must be >= 1 (got {e.eval_every})")
+    if e.eval_batch_size < 1:
+        raise FedsimError(f"engine.eval_batch_size must be >= 1 examples (got {e.eval_batch_size})")
     if e.max_attempts < 1:
         raise FedsimError(f"engine.max_attempts must be >= 1 (got {e.max_attempts})")
     if e.round_timeout_s is not None and not e.round_timeout_s > 0:
@@ -405,7 +436,24 @@ def validate(cfg: ExperimentConfig) -> None:
                 raise FedsimError(f"config key 'runs.{i}.{key}' must be >= 1 (got {getattr(r, key)})")
         if not r.lr > 0:
             raise FedsimError(f"config key 'runs.{i}.lr' must be > 0 (got {r.lr})")
+        for key in ("momentum", "weight_decay"):
+            if not getattr(r, key) >= 0:
+                raise FedsimError(f"config key 'runs.{i}.{key}' must be >= 0 (got {getattr(r, key)})")
+        if r.name is not None:
+            _check_name(r.name, f"runs.{i}.name")
         r.check(f"runs.{i}", cfg)
+
+
+def _check_name(name: str, key: str) -> None:
+    """Names become file and directory names (``<output_dir>/<name>-<time>/``,
+    ``checkpoints/<run>.pt``), so they may not be empty, hold a path separator or start with a dot.
+
+    Raises:
+        FedsimError: ``name`` could escape or misplace its directory.
+    """
+    if not name or name.startswith(".") or any(c in name for c in "/\\\0"):
+        raise FedsimError(f"config key '{key}' is {name!r}; use a name without '/', '\\' or a leading '.', "
+                          "such as digits-fedavg")
 
 
 def load(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -421,7 +469,7 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> Experim
         raise FedsimError(f"config file {str(p)!r} does not exist; pass the path of an experiment YAML "
                           "such as jobs/digits.yaml")
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = load_yaml(p.read_text())
     except (OSError, UnicodeDecodeError) as err:
         raise FedsimError(f"cannot read config file {str(p)!r} ({err.__class__.__name__}); check its "
                           "permissions and encoding") from None

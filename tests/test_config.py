@@ -58,10 +58,42 @@ def test_fedprox_takes_mu_and_rejects_negative():
     ({"runs": []}, "no runs"),
     ({"runs": [{"algorithm": "fedavg"}, {"algorithm": "fedavg"}]}, "distinct 'name:'"),
     ({"runs": [{"algorithm": "fedavg", "lr": 0.0}]}, r"runs\.0\.lr"),
+    ({"runs": [{"algorithm": "fedavg", "momentum": -1.0}]}, r"runs\.0\.momentum' must be >= 0"),
+    ({"runs": [{"algorithm": "fedavg", "weight_decay": -0.1}]}, r"runs\.0\.weight_decay' must be >= 0"),
+    ({"seed": -1}, "'seed' must be >= 0"),
+    ({"engine": {"clients_per_round": 3, "eval_batch_size": 0}}, "eval_batch_size must be >= 1"),
 ])
 def test_out_of_range_values_are_rejected(over, needle):
     with pytest.raises(FedsimError, match=needle):
         config.parse(tiny_experiment(**over))
+
+
+@pytest.mark.parametrize("over,key", [
+    ({"name": "../escape"}, "name"), ({"name": "a/b"}, "name"), ({"name": ".hidden"}, "name"),
+    ({"name": ""}, "name"), ({"name": "a\\b"}, "name"),
+    ({"runs": [{"algorithm": "fedavg", "name": "a/b"}]}, "runs.0.name"),
+    ({"runs": [{"algorithm": "fedavg", "name": ".."}]}, "runs.0.name"),
+])
+def test_names_that_would_leave_or_hide_their_directory_are_rejected(over, key):
+    # the experiment's name becomes <output_dir>/<name>-<time>/, a run's checkpoints/<name>.pt
+    with pytest.raises(FedsimError, match=re.escape(f"config key '{key}' is")):
+        config.parse(tiny_experiment(**over))
+
+
+def test_a_misspelt_runs_key_is_named_not_reported_as_missing_runs():
+    raw = {k: v for k, v in tiny_experiment().items() if k != "runs"}
+    with pytest.raises(FedsimError, match="unknown config key 'runss'"):
+        config.parse({**raw, "runss": [{"algorithm": "fedavg"}]})
+
+
+def test_exponent_floats_without_a_dot_are_numbers_in_files_and_overrides(tmp_path):
+    # YAML 1.2 (and PyYAML's YAML 1.1 only with a dot): 1e-3 is the float 0.001, not a string
+    p = tmp_path / "x.yaml"
+    p.write_text("runs:\n  - {algorithm: fedprox, lr: 1e-3, mu: 5E-2, weight_decay: 1e-4}\n")
+    run = config.load(p).runs[0]
+    assert (run.lr, run.mu, run.weight_decay) == (0.001, 0.05, 0.0001)
+    assert config.parse(tiny_experiment(), ["runs.0.lr=2e-2"]).runs[0].lr == 0.02
+    assert config.load_yaml("a: '1e-3'\nb: 1e\nc: 10") == {"a": "1e-3", "b": "1e", "c": 10}
 
 
 def test_yaml_that_is_not_a_mapping_is_rejected(tmp_path):
