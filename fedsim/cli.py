@@ -5,7 +5,9 @@ built-in digits experiment when CONFIG is omitted), shows a progress bar per run
 summary table and the run directory. Bad input prints one line ``fedsim: error: ...`` on stderr and
 exits with code 2, with no traceback and no output directory left behind. ``--dry-run`` trains
 nothing: it prints and writes the projected schedule, bytes and compute (:mod:`fedsim.dryrun`);
-``--resume RUN_DIR`` continues an interrupted experiment from its checkpoints.
+``--resume RUN_DIR`` continues an interrupted experiment from its checkpoints. Ctrl-C keeps a run
+directory in which a round completed (and names the ``--resume`` command) and removes one in which
+none did.
 
 ``fedsim report RUN_DIR...`` writes plots and a Markdown summary (:mod:`analysis.report`);
 ``fedsim submit CONFIG`` runs an experiment as a Ray job on a cluster (:mod:`fedsim.submit`).
@@ -24,8 +26,22 @@ EXIT_BAD_INPUT = 2
 
 
 class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line naming its own help: ``fedsim --help`` or
+    ``fedsim run --help`` (``prog`` is "fedsim" or "fedsim run")."""
+
+    commands: dict[str, argparse.ArgumentParser] | None = None  # the top-level parser's subcommands
+
     def error(self, message: str):  # one line, exit 2 (argparse prints usage + message by default)
-        self.exit(EXIT_BAD_INPUT, f"fedsim: error: {message}; see 'fedsim {self.prog.split()[-1]} --help'\n")
+        self.exit(EXIT_BAD_INPUT, f"fedsim: error: {message}; see '{self.prog} --help'\n")
+
+    def parse_args(self, args=None, namespace=None):  # noqa: D102
+        # argparse reports a subcommand's unrecognized arguments from the top-level parser; let
+        # the subcommand's parser report them, so the hint names its help.
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            (self.commands or {}).get(getattr(parsed, "command", None), self).error(
+                f"unrecognized arguments: {' '.join(extra)}")
+        return parsed
 
 
 def _summary(events: list[dict]) -> "object":
@@ -48,15 +64,34 @@ def _summary(events: list[dict]) -> "object":
     return pd.DataFrame(list(rows.values()))
 
 
+def _interrupted(run_dir: str | os.PathLike | None, created: bool) -> int:
+    """Say what a Ctrl-C left behind; a run directory this command created is removed when no
+    round completed in it (nothing there could be resumed). Returns the exit code 130."""
+    from fedsim.engine import api
+
+    if run_dir is None:
+        print("fedsim: interrupted; nothing was written", file=sys.stderr)
+    elif created and api.completed_rounds(run_dir) == 0:
+        api.remove_run_dir(run_dir)
+        print(f"fedsim: interrupted before any round completed; removed {run_dir}", file=sys.stderr)
+    else:
+        print(f"fedsim: interrupted; completed rounds are in {run_dir}; continue with "
+              f"'fedsim run --resume {run_dir}'", file=sys.stderr)
+    return 130
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    from fedsim import config
+
     if getattr(args, "dry_run", False):
         if args.resume:
             raise FedsimError("--dry-run and --resume cannot be combined: a dry run trains nothing; drop one")
+        cfg = config.load(args.config, args.set)
         from fedsim import dryrun
+        from fedsim.engine import api
 
+        api.check_output(args.out or cfg.output_dir)  # before the projection is printed
         return dryrun.run_cli(args.config, args.set, args.out)
-    from fedsim import config
-
     if args.resume:
         if args.out:
             raise FedsimError("--out and --resume cannot be combined: a resumed run continues in its own directory")
@@ -68,24 +103,30 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.resume:
         run_dir, cfg = api.open_for_resume(args.resume, args.config, args.set)
-    dataset = api.prepare(cfg)
-    api.check_gpus(cfg)
-    if not args.resume:
-        run_dir = api.new_run_dir(args.out or cfg.output_dir, cfg.name)
-    if cfg.engine.backend == "ray":
-        try:
-            api.start_ray(cfg)
-        except FedsimError:
-            if not args.resume:
-                api.remove_if_empty(run_dir)
-            raise
-    print(f"fedsim: experiment {cfg.name!r}: {len(cfg.runs)} run(s), {dataset.num_clients} clients of "
-          f"{dataset.name}, {cfg.engine.clients_per_round} per round, backend {cfg.engine.backend}; "
-          f"{'resuming' if args.resume else 'writing'} {run_dir}", file=sys.stderr)
+        if not api.unfinished_runs(run_dir, cfg):
+            print(f"fedsim: nothing to resume: every run in {run_dir} has already ended; its tables are "
+                  "unchanged", file=sys.stderr)
+            return 0
+    else:
+        run_dir = None
+        api.check_output(args.out or cfg.output_dir)
+    created = False  # whether run_dir is a directory this command made
     events: list[dict] = []
-    bar = None
+    bar = stream = None
     try:
-        for e in api.execute(cfg, dataset, run_dir, resume=bool(args.resume)):
+        if cfg.engine.backend == "ray":
+            api.check_ray_target(cfg)  # what would make Ray hang fails fast, before a run directory exists
+        dataset = api.prepare(cfg)
+        api.check_gpus(cfg)
+        if not args.resume:
+            run_dir, created = api.new_run_dir(args.out or cfg.output_dir, cfg.name), True
+        if cfg.engine.backend == "ray":
+            api.start_ray(cfg)
+        print(f"fedsim: experiment {cfg.name!r}: {len(cfg.runs)} run(s), {dataset.num_clients} clients of "
+              f"{dataset.name}, {cfg.engine.clients_per_round} per round, backend {cfg.engine.backend}; "
+              f"{'resuming' if args.resume else 'writing'} {run_dir}", file=sys.stderr)
+        stream = api.execute(cfg, dataset, run_dir, resume=bool(args.resume))
+        for e in stream:
             events.append(e)
             if e["kind"] == "start":
                 bar = tqdm(total=e["rounds"], desc=e["run"], unit="round", disable=args.no_progress,
@@ -99,6 +140,16 @@ def cmd_run(args: argparse.Namespace) -> int:
                 bar.close()
                 if e["status"] != "finished":
                     print(f"fedsim: run {e['run']!r} {e['status']}: {e['message']}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        if stream is not None:  # stop the driver (and its writes) before judging what it left
+            stream.close()
+        return _interrupted(run_dir, created)
+    except BaseException:
+        if created:  # e.g. Ray could not start: leave no empty run directory behind
+            api.remove_if_empty(run_dir)
+        raise
     finally:
         if bar is not None:
             bar.close()
@@ -122,6 +173,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedsim", description="Federated-learning simulation on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser.commands = sub.choices
     run = sub.add_parser("run", help="run an experiment (the built-in digits experiment if no CONFIG)")
     run.add_argument("config", nargs="?", help="experiment YAML, e.g. jobs/digits.yaml")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -155,8 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FedsimError as err:
         print(f"fedsim: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("fedsim: interrupted; completed rounds are in the run directory", file=sys.stderr)
+    except KeyboardInterrupt:  # fedsim run says what it kept (cmd_run); elsewhere nothing is half-written
+        print("fedsim: interrupted", file=sys.stderr)
         return 130
     except RuntimeError as err:
         if os.environ.get("FEDSIM_DEBUG"):

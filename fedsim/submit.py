@@ -64,12 +64,30 @@ class Submission:
     note: str | None = None
 
 
+def _find_config(config_path: str, wd: Path) -> str:
+    """``config_path`` as given when it exists or is absolute, else the relative path inside the
+    working directory ``wd`` when it is there.
+
+    Raises:
+        FedsimError: a relative path found in neither place.
+    """
+    p = Path(config_path)
+    if p.exists() or p.is_absolute():
+        return config_path  # an absolute path that does not exist: config.load names it
+    if (wd / p).exists():
+        return str(wd / p)
+    raise FedsimError(f"config file {config_path!r} is neither in the current directory {str(Path.cwd())!r} "
+                      f"nor in the working directory {str(wd)!r}; pass the path of an experiment YAML, e.g. "
+                      "jobs/digits.yaml")
+
+
 def build_submission(config_path: str, *, overrides: list[str] | None = None, out: str | None = None,
                      pip: list[str] | None = None, working_dir: str = ".") -> Submission:
     """Validate the experiment locally and build the job's entrypoint and runtime environment.
 
     Args:
-        config_path: experiment YAML inside ``working_dir`` (e.g. ``jobs/digits.yaml``).
+        config_path: experiment YAML inside ``working_dir`` (e.g. ``jobs/digits.yaml``); a relative
+            path not found from the current directory is looked up in ``working_dir``.
         overrides: ``key=value`` strings, passed on as ``--set``.
         out: local path (on the cluster) or URI for the run directory, passed on as ``--out``.
         pip: pip requirements installed into the job's environment, for cluster images without
@@ -84,11 +102,12 @@ def build_submission(config_path: str, *, overrides: list[str] | None = None, ou
     from fedsim.io import storage
 
     overrides = list(overrides or [])
-    cfg = config.load(config_path, overrides)
     wd = Path(working_dir).resolve()
     if not wd.is_dir():
         raise FedsimError(f"working directory {working_dir!r} does not exist; pass --working-dir with the "
                           "project directory (the one holding fedsim/ and jobs/)")
+    config_path = _find_config(config_path, wd)
+    cfg = config.load(config_path, overrides)
     try:
         rel = Path(config_path).resolve().relative_to(wd).as_posix()
     except ValueError:
@@ -239,7 +258,8 @@ def submit(config_path: str, *, address: str = DEFAULT_ADDRESS, overrides: list[
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``fedsim submit`` options."""
-    parser.add_argument("config", help="experiment YAML inside the working directory, e.g. jobs/digits.yaml")
+    parser.add_argument("config", help="experiment YAML inside the working directory, e.g. jobs/digits.yaml "
+                                       "(relative to the current directory, else to --working-dir)")
     parser.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS") or DEFAULT_ADDRESS,
                         help=f"the cluster's job server (dashboard) address (default: $RAY_API_SERVER_ADDRESS "
                              f"or {DEFAULT_ADDRESS})")

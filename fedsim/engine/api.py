@@ -46,6 +46,95 @@ def prepare(cfg: ExperimentConfig) -> FederatedDataset:
 
 _started_ray: str | None = None  # GCS address of the local Ray instance start_ray started, if any
 
+CONNECT_TIMEOUT_S = 3.0
+"""Seconds :func:`check_ray_target` waits for a TCP connection to ``engine.ray_address``."""
+
+
+def _starts_local_ray(cfg: ExperimentConfig) -> bool:
+    """True when :func:`start_ray` would start a new local Ray instance (no address, no
+    ``RAY_ADDRESS``, Ray not yet initialized in this process)."""
+    import ray
+
+    return cfg.engine.ray_address is None and "RAY_ADDRESS" not in os.environ and not ray.is_initialized()
+
+
+def _local_cpus(num_cpus: int | None) -> float:
+    """CPUs a new local Ray instance will offer: ``num_cpus``, else what Ray detects (cgroup
+    limits included)."""
+    if num_cpus is not None:
+        return float(num_cpus)
+    try:
+        from ray._private.utils import get_num_cpus
+
+        return float(get_num_cpus())
+    except (ImportError, AttributeError):  # a private helper; os.cpu_count() is its fallback too
+        return float(os.cpu_count() or 1)
+
+
+def check_local_pool(cfg: ExperimentConfig, resources: dict[str, float]) -> None:
+    """Refuse a worker pool that a local Ray instance with ``resources`` (``{"CPU": 2.0, ...}``)
+    cannot place: Ray would wait forever for the actors that do not fit. (A cluster is not
+    checked: its autoscaler may add nodes.)
+
+    Raises:
+        FedsimError: one worker needs more of a resource than the instance has, or an explicit
+            ``engine.num_workers`` times a worker's share exceeds it.
+    """
+    e = cfg.engine
+    wants = {"CPU": ("engine.cpus_per_worker", e.cpus_per_worker),
+             "GPU": ("engine.gpus_per_worker", e.gpus_per_worker),
+             **{k: (f"engine.worker_resources.{k}", v) for k, v in (e.worker_resources or {}).items()}}
+    for res, (key, amount) in wants.items():
+        have = resources.get(res, 0.0)
+        if amount <= 0 or have <= 0:  # none asked for; none at all is refused by check_gpus/start_ray
+            continue
+        if amount > have + 1e-9:
+            raise FedsimError(f"{key} is {amount:g} but this machine's local Ray has {have:g} {res}, so no "
+                              f"worker fits; set {key} to at most {have:g}, or pass engine.ray_address of a "
+                              "cluster with larger nodes")
+        if e.num_workers != "auto" and e.num_workers * amount > have + 1e-9:
+            fit = int(have / amount + 1e-9)
+            raise FedsimError(f"engine.num_workers={e.num_workers} x {key}={amount:g} needs "
+                              f"{e.num_workers * amount:g} {res} but this machine's local Ray has {have:g}; "
+                              f"set engine.num_workers to auto or at most {fit}, lower {key}, or pass "
+                              "engine.ray_address of a cluster")
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of ``host:port``, ``[v6]:port`` or ``ray://host:port``; None for ``auto``,
+    ``local`` or anything without a port (Ray itself then reports it)."""
+    rest = address[len("ray://"):] if address.startswith("ray://") else address
+    if "://" in rest:
+        return None
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def check_ray_target(cfg: ExperimentConfig, num_cpus: int | None = None) -> None:
+    """Fast checks, before Ray starts or connects, of what would otherwise hang: nothing accepts
+    TCP connections at ``engine.ray_address`` (Ray retries for minutes), or a new local Ray
+    cannot place the worker pool (:func:`check_local_pool` with the CPUs Ray will detect).
+
+    Raises:
+        FedsimError: the address refuses or times out, or the pool does not fit this machine.
+    """
+    import socket
+
+    address = cfg.engine.ray_address
+    target = _host_port(address) if address is not None else None
+    if target is not None:
+        try:
+            socket.create_connection(target, timeout=CONNECT_TIMEOUT_S).close()
+        except OSError as err:
+            why = err.strerror or type(err).__name__
+            raise FedsimError(f"nothing accepts connections at engine.ray_address {address!r} ({why}); start "
+                              "the cluster (`ray start --head` prints its address) and pass that, or set "
+                              "engine.ray_address: null for a local Ray") from None
+    if _starts_local_ray(cfg):
+        check_local_pool(cfg, {"CPU": _local_cpus(num_cpus)})
+
 
 def start_ray(cfg: ExperimentConfig, num_cpus: int | None = None) -> None:
     """Connect to Ray (``engine.ray_address``, ``RAY_ADDRESS`` as set by Ray Jobs, or a new local
@@ -56,14 +145,16 @@ def start_ray(cfg: ExperimentConfig, num_cpus: int | None = None) -> None:
             connecting to a running cluster.
 
     Raises:
-        FedsimError: GPUs, or an ``engine.worker_resources`` resource, requested on a local Ray
-            instance that has none.
+        FedsimError: nothing listens at ``engine.ray_address``; GPUs, or an
+            ``engine.worker_resources`` resource, requested on a local Ray instance that has none;
+            a worker pool that the local instance cannot place (:func:`check_local_pool`).
     """
     import ray
 
     global _started_ray
     started_here = False
     if not ray.is_initialized():
+        check_ray_target(cfg, num_cpus)
         started_here = cfg.engine.ray_address is None and "RAY_ADDRESS" not in os.environ
         # ERROR: Ray's driver-side warnings (e.g. that token authentication is on) are not the
         # user's business here; worker errors still reach the run as exceptions.
@@ -84,6 +175,8 @@ def start_ray(cfg: ExperimentConfig, num_cpus: int | None = None) -> None:
     if missing and started_here:  # a cluster's autoscaler may still add nodes that advertise it
         raise FedsimError(f"engine.worker_resources asks for {missing[0]!r} but this local Ray has none; "
                           "remove engine.worker_resources or run on a cluster whose nodes advertise it")
+    if started_here:
+        check_local_pool(cfg, ray.cluster_resources())
 
 
 def check_gpus(cfg: ExperimentConfig) -> None:
@@ -110,6 +203,52 @@ def remove_if_empty(run_dir: str | Path) -> None:
         path.rmdir()
 
 
+def remove_run_dir(run_dir: str | Path) -> None:
+    """Remove a run directory and everything in it (a run interrupted before its first round:
+    nothing in it can be resumed). A local path or a URI."""
+    import shutil
+
+    path = storage.local_path(run_dir)
+    if path is not None:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    fs, p = storage.filesystem(run_dir)
+    try:
+        fs.delete_dir(p)
+    except FileNotFoundError:
+        pass
+
+
+def completed_rounds(run_dir: str | Path) -> int:
+    """Number of rows in ``run_dir``'s rounds.parquet (0 when it is missing or unreadable)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        data = storage.read_bytes(storage.join(run_dir, "rounds.parquet"))
+        return pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows
+    except (OSError, ValueError):  # missing (FileNotFoundError), or half-written by a killed writer
+        return 0
+
+
+_OUT_IS_A_FILE = "output location {!r} exists and is not a directory; pass --out with a directory path or URI"
+
+
+def check_output(out: str | Path) -> None:
+    """Refuse a local output location that exists and is not a directory, before anything is
+    computed or created (:func:`new_run_dir` makes the full check when it creates the directory).
+
+    Raises:
+        FedsimError: ``out`` is an existing plain file.
+    """
+    try:
+        path = storage.local_path(out)
+    except ValueError:  # a file:// URI naming a host: new_run_dir reports it
+        return
+    if path is not None and path.exists() and not path.is_dir():
+        raise FedsimError(_OUT_IS_A_FILE.format(str(out)))
+
+
 def new_run_dir(out: str | Path, name: str) -> str | Path:
     """Create ``<out>/<name>-<YYYYmmdd-HHMMSS>/`` (a ``-N`` suffix if it exists) and return it.
 
@@ -127,8 +266,7 @@ def new_run_dir(out: str | Path, name: str) -> str | Path:
     try:
         return storage.make_unique_dir(out, f"{name}-{stamp}")
     except (NotADirectoryError, FileExistsError):
-        raise FedsimError(f"output location {str(out)!r} exists and is not a directory; pass --out with a "
-                          "directory path or URI") from None
+        raise FedsimError(_OUT_IS_A_FILE.format(str(out))) from None
     except PermissionError:
         raise FedsimError(f"cannot create a run directory under {str(out)!r} (permission denied); pass "
                           "--out with a writable directory") from None
@@ -139,19 +277,46 @@ def new_run_dir(out: str | Path, name: str) -> str | Path:
                           "this machine can reach") from None
 
 
+def _runs_rows(run_dir: str | Path) -> list[dict[str, Any]] | None:
+    """The rows of ``run_dir``'s runs.parquet (status, dry_run, ...), or None when it is missing
+    or unreadable."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(pa.BufferReader(storage.read_bytes(storage.join(run_dir, "runs.parquet")))).to_pylist()
+    except (OSError, ValueError):
+        return None
+
+
+def unfinished_runs(run_dir: str | Path, cfg: ExperimentConfig) -> list[str]:
+    """Labels of the runs of ``cfg`` that ``fedsim run --resume run_dir`` would train: those with
+    no runs row yet or with status ``running`` (finished, diverged and failed runs are kept)."""
+    ended = {r["run_id"] for r in _runs_rows(run_dir) or [] if r.get("status") != "running"}
+    return [run.label for run in cfg.runs if run.label not in ended]
+
+
 def open_for_resume(run_dir: str | Path, config_path: str | None, overrides: list[str]) -> tuple[str | Path, ExperimentConfig]:
     """The run directory and its stored experiment config, for ``fedsim run --resume RUN_DIR``.
 
     A CONFIG or ``--set`` given with ``--resume`` must resolve to the stored config.
 
     Raises:
-        FedsimError: ``run_dir`` is not a fedsim run directory, or the given config differs.
+        FedsimError: ``run_dir`` is not a fedsim run directory (or is a dry-run projection, or
+            holds only the config of a run stopped before its first round), or the given config
+            differs.
     """
     from fedsim import config
 
     run_dir = run_dir if storage.is_uri(run_dir) else Path(run_dir)
     needed = ("config.yaml", "runs.parquet", "rounds.parquet", "clients.parquet")
     missing = [n for n in needed if not storage.exists(storage.join(run_dir, n))]
+    if "config.yaml" in missing and any(r.get("dry_run") for r in _runs_rows(run_dir) or []):
+        raise FedsimError(f"{str(run_dir)!r} holds a dry-run projection, which trained nothing and cannot be "
+                          "resumed; run the experiment with 'fedsim run CONFIG' (without --dry-run)")
+    if missing == ["runs.parquet", "rounds.parquet", "clients.parquet"]:
+        raise FedsimError(f"{str(run_dir)!r} holds no completed round (it stopped before its first round "
+                          "ended), so there is nothing to resume; start a new run with 'fedsim run'")
     if missing:
         raise FedsimError(f"{str(run_dir)!r} is not a fedsim run directory (no {missing[0]}); pass the directory "
                           "that 'fedsim run' printed after 'results:'")
