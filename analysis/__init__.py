@@ -8,14 +8,14 @@ fedsim itself, so it works on a machine with only pandas, pyarrow and matplotlib
     df.pivot_table(index="round", columns="run_id", values="test_accuracy")
 """
 
-from analysis.errors import AnalysisError
+from analysis.errors import AnalysisError, MixedRunsWarning
 from analysis.load import load_runs, read_tables
-from analysis.tables import (accuracy_vs_bytes, accuracy_vs_round, bytes_to_target, over_seeds,
+from analysis.tables import (accuracy_vs_bytes, accuracy_vs_round, bytes_to_target, mixed_runs, over_seeds,
                              run_table)
 
 __all__ = [
-    "AnalysisError", "load_runs", "read_tables", "accuracy_vs_round", "accuracy_vs_bytes",
-    "bytes_to_target", "run_table", "over_seeds", "plot_convergence", "plot_cost", "save_figure",
+    "AnalysisError", "MixedRunsWarning", "load_runs", "read_tables", "accuracy_vs_round", "accuracy_vs_bytes",
+    "bytes_to_target", "run_table", "over_seeds", "mixed_runs", "plot_convergence", "plot_cost", "save_figure",
     "figure_bytes",
 ]
 

@@ -32,8 +32,12 @@ _REQUIRED = {
                "cum_bytes_down", "cum_bytes", "wall_seconds"},
     "clients": {"run_id", "round", "client_id"},
 }
-# Columns of runs.parquet carried into load_runs (config_json is flattened, versions_json dropped).
-_RUN_COLUMNS = ["experiment", "seed", "status", "message", "started_at", "finished_at", "fedsim_version"]
+# Columns of runs.parquet carried into load_runs (config_json is also flattened; versions_json dropped).
+_RUN_COLUMNS = ["experiment", "seed", "status", "dry_run", "message", "started_at", "finished_at",
+                "fedsim_version", "config_json"]
+DRY_RUN_HINT = ("a dry-run projection ('fedsim run --dry-run': projected traffic and compute, no trained "
+                "model), so it has no results to report; run the experiment without --dry-run and use its "
+                "directory")
 _HINT = "pass a directory written by 'fedsim run', e.g. runs/digits-20261121-101500"
 
 
@@ -206,8 +210,11 @@ def load_runs(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> pd.Data
           ``cum_bytes`` = both directions), ``wall_seconds`` (the round's own seconds), ...
           and any newer column such as ``flops`` when present;
         * ``cum_wall_seconds`` (float, seconds): running sum of ``wall_seconds`` within the run;
-        * from runs.parquet: ``experiment``, ``seed``, ``status`` (running / finished / diverged),
-          ``message``, ``started_at``, ``finished_at``, ``fedsim_version``;
+        * from runs.parquet: ``experiment``, ``seed``, ``status`` (running / finished / diverged /
+          failed / dry_run), ``dry_run`` (bool: a ``fedsim run --dry-run`` projection, whose rounds
+          carry projected bytes and flops but no accuracy; False where an older runs.parquet has no
+          such column), ``message``, ``started_at``, ``finished_at``, ``fedsim_version``,
+          ``config_json`` (the run's full config as written, seed and name included);
         * the run's resolved config flattened from ``config_json``: ``data.alpha``,
           ``data.num_clients``, ``model.name``, ``engine.clients_per_round``, ``run.lr``,
           ``run.rounds``, ``run.mu`` (NaN for algorithms without it), ...
@@ -221,9 +228,15 @@ def load_runs(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> pd.Data
     locs = _locations(paths)
     t = _read(locs, ("runs", "rounds"))
     runs, rounds = t["runs"], t["rounds"]
+    # a run is a dry run if flagged so, or (an older file without the column) if its status says so
+    flagged = runs["dry_run"].eq(True) if "dry_run" in runs.columns else False
+    runs = runs.assign(dry_run=(runs["status"] == "dry_run") | flagged)
     logged = set(rounds["experiment_dir"])
     for loc in locs:
         if loc.name not in logged:
+            mine = runs[runs["experiment_dir"] == loc.name]
+            if len(mine) and mine["dry_run"].all():
+                raise AnalysisError(f"experiment directory {loc.name!r} is {DRY_RUN_HINT}")
             raise AnalysisError(f"experiment directory {loc.name!r} has no completed round yet; wait for "
                                 "its first round or pass another directory")
     dir_order = {loc.name: i for i, loc in enumerate(locs)}

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 
 from analysis.errors import AnalysisError
 from analysis.load import write_bytes
-from analysis.tables import KEYS, accuracy_vs_bytes, accuracy_vs_round, run_table
+from analysis.tables import KEYS, _is_dry, accuracy_vs_bytes, accuracy_vs_round, no_evaluation_message, run_table
 
 ROUNDS_LABEL = "communication rounds"
 ACCURACY_LABEL = "test accuracy"
@@ -69,8 +69,7 @@ def plot_convergence(df: pd.DataFrame, unit: str = "MB", upload_only: bool = Fal
     by_bytes = accuracy_vs_bytes(df, unit=unit, upload_only=upload_only)
     by_round = accuracy_vs_round(df)
     if by_round.empty:
-        raise AnalysisError("no evaluated round to plot (test_accuracy is null everywhere); run more rounds "
-                            "or lower engine.eval_every")
+        raise AnalysisError(no_evaluation_message(df))
     xcol = by_bytes.columns[-2]
     fig = _figure(11.0, 4.2)
     ax_bytes, ax_rounds = fig.subplots(1, 2, sharey=True)
@@ -109,7 +108,8 @@ def plot_cost(df: pd.DataFrame, unit: str = "auto", title: str | None = None) ->
     draws, per run name, bars of final and best test accuracy, of total traffic up and down, and,
     when rounds.parquet has a non-null ``flops`` column, of total compute (TMACs: the sum of the
     per-round ``flops`` / 1e12). Repeated runs of one name (seeds) are averaged, with the sample
-    standard deviation as error bars.
+    standard deviation as error bars. Dry-run projections are left out when ``df`` holds any
+    real run (their projected cost is drawn when it holds nothing else).
 
     Args:
         df: a :func:`analysis.load_runs` frame.
@@ -126,6 +126,8 @@ def plot_cost(df: pd.DataFrame, unit: str = "auto", title: str | None = None) ->
     """
     if unit not in ("auto", "MB", "GB"):
         raise AnalysisError(f"unknown traffic unit {unit!r}; choose auto, MB or GB")
+    if not _is_dry(df).all():
+        df = df[~_is_dry(df)]
     table = run_table(df)
     if unit == "auto":
         unit = "GB" if max(table["MB_up"].max(), table["MB_down"].max()) >= 1e3 else "MB"

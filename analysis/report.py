@@ -7,7 +7,10 @@ Writes into DIR (default ``<first RUN_DIR>/report``):
 * ``cost.png`` / ``.svg``: final/best accuracy, GB up/down (and TMACs when logged) per run;
 * ``summary.md``: the summary table, per-seed means when runs repeat, and the figures;
 
-and prints the summary table. Also runnable without fedsim installed:
+and prints the summary table. Dry-run projections (``fedsim run --dry-run``) have no results and
+are left out (a line says so); a report of dry runs only is refused. When runs repeated under one
+name differ in more than the seed, or repeat a seed, the mean ± std table is still shown, under a
+one-line warning naming what differs. Also runnable without fedsim installed:
 ``python -m analysis.report RUN_DIR ... [--out DIR]``.
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TextIO
@@ -24,9 +28,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from analysis.errors import AnalysisError
+from analysis.errors import AnalysisError, MixedRunsWarning
 from analysis.load import _locate, load_runs, write_bytes
-from analysis.tables import KEYS, bytes_to_target, over_seeds, run_table
+from analysis.tables import KEYS, _is_dry, bytes_to_target, mixed_runs, no_evaluation_message, over_seeds, run_table
 
 TARGET_FRACTION = 0.9
 SUMMARY_COLUMNS = ["run", "algorithm", "final_acc", "best_acc", "rounds", "MB_up", "MB_down", "wall_s",
@@ -48,7 +52,10 @@ class Report:
         seeds: per run name mean/std over repeated runs (:func:`analysis.over_seeds`), or None
             when no run name repeats.
         target: the accuracy ``MB_to_target`` refers to: 0.9 x the best accuracy of any run.
-        text: the summary as printed (plain-text table, target line, seeds table).
+        text: the summary as printed (plain-text table, target line, notes, seeds table).
+        dry_run_dirs: directories of dry-run projections that were left out.
+        seeds_warning: why ``seeds`` is not a spread over seeds (:func:`analysis.mixed_runs`:
+            the runs differ in more than the seed, or repeat one), or None.
     """
 
     out_dir: str
@@ -57,6 +64,8 @@ class Report:
     seeds: pd.DataFrame | None
     target: float
     text: str
+    dry_run_dirs: tuple[str, ...] = ()
+    seeds_warning: str | None = None
 
 
 def _fmt(value, spec: str | None) -> str:
@@ -82,20 +91,23 @@ def markdown_table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def summarize(df: pd.DataFrame, target_fraction: float = TARGET_FRACTION) -> tuple[pd.DataFrame, float, str]:
-    """The report's per-run table, its target accuracy, and a sentence saying where it came from.
-
-    The target is ``target_fraction`` x the best test accuracy observed in any run of ``df``, a
-    common bar for every run; ``MB_to_target`` is each run's cumulative traffic (both
-    directions, 1e6 bytes) when it first reached it (NaN: never).
+def real_runs(df: pd.DataFrame) -> tuple[pd.DataFrame, tuple[str, ...]]:
+    """``df`` without dry-run projections, and the directories of those left out.
 
     Raises:
-        AnalysisError: no run of ``df`` was ever evaluated.
+        AnalysisError: every run of ``df`` is a dry-run projection (nothing to report).
     """
+    dry = _is_dry(df)
+    if len(df) and dry.all():
+        raise AnalysisError(no_evaluation_message(df))
+    return df[~dry], tuple(dict.fromkeys(df.loc[dry, "experiment_dir"]))
+
+
+def _per_run(df: pd.DataFrame, target_fraction: float) -> tuple[pd.DataFrame, list[str], float, str]:
+    df, _ = real_runs(df)
     table = run_table(df)
     if table["best_acc"].isna().all():
-        raise AnalysisError("no run has an evaluated round (test_accuracy is null everywhere); run more "
-                            "rounds or lower engine.eval_every")
+        raise AnalysisError(no_evaluation_message(df))
     best = table.loc[table["best_acc"].idxmax()]
     target = target_fraction * float(best["best_acc"])
     reach = bytes_to_target(df, target)[KEYS + ["cum_bytes"]]
@@ -111,16 +123,37 @@ def summarize(df: pd.DataFrame, target_fraction: float = TARGET_FRACTION) -> tup
     note = (f"MB_to_target: cumulative traffic (up + down, MB = 1e6 bytes) when test accuracy first "
             f"reached {target:.4f} = {target_fraction:.0%} of the best accuracy observed "
             f"({float(best['best_acc']):.4f}, run {best['run_id']}{where}); '-': never reached")
-    return table[cols].reset_index(drop=True), target, note
+    return table.reset_index(drop=True), cols, target, note
 
 
-def _seed_table(summary: pd.DataFrame) -> pd.DataFrame | None:
-    if "seed" not in summary.columns or not summary["run"].duplicated().any():
-        return None
+def summarize(df: pd.DataFrame, target_fraction: float = TARGET_FRACTION) -> tuple[pd.DataFrame, float, str]:
+    """The report's per-run table, its target accuracy, and a sentence saying where it came from.
+
+    The target is ``target_fraction`` x the best test accuracy observed in any run of ``df``, a
+    common bar for every run; ``MB_to_target`` is each run's cumulative traffic (both
+    directions, 1e6 bytes) when it first reached it (NaN: never). Dry-run projections are left
+    out.
+
+    Raises:
+        AnalysisError: every run of ``df`` is a dry-run projection, or no run was ever evaluated.
+    """
+    table, cols, target, note = _per_run(df, target_fraction)
+    return table[cols], target, note
+
+
+def _seed_table(table: pd.DataFrame) -> tuple[pd.DataFrame | None, str | None]:
+    """Mean/std per run name over repeated runs of the full per-run ``table`` (or None if no name
+    repeats), and the warning of :func:`analysis.mixed_runs` (or None)."""
+    if "seed" not in table.columns or not table["run"].duplicated().any():
+        return None, None
     metrics = ["final_acc", "best_acc", "MB_to_target"]
-    seeds = over_seeds(summary.rename(columns={"run": "run_id"}), metrics).rename(columns={"run_id": "run"})
-    seeds["reached"] = summary.groupby("run", sort=False)["MB_to_target"].count().to_numpy()
-    return seeds
+    runs = table.rename(columns={"run": "run_id"})
+    problem = mixed_runs(runs, "run_id")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MixedRunsWarning)  # reported once, as ``problem``
+        seeds = over_seeds(runs, metrics).rename(columns={"run_id": "run"})
+    seeds["reached"] = table.groupby("run", sort=False)["MB_to_target"].count().to_numpy()
+    return seeds, problem
 
 
 def _seed_shown(seeds: pd.DataFrame) -> pd.DataFrame:
@@ -166,15 +199,16 @@ def write_report(paths: str | os.PathLike | Iterable[str | os.PathLike], out: st
 
     Raises:
         AnalysisError: a path that is missing, empty or not a fedsim experiment directory; an
-            unwritable ``out``; no evaluated round anywhere.
+            unwritable ``out``; only dry-run projections; no evaluated round anywhere.
     """
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    df = load_runs(paths)
+    df, dry_dirs = real_runs(load_runs(paths))
+    full, cols, target, note = _per_run(df, target_fraction)
+    summary = full[cols]
+    seeds, problem = _seed_table(full)
     from analysis.plots import figure_bytes, plot_convergence, plot_cost  # imports matplotlib (slow)
 
     loc = _out_location([os.fspath(p) for p in paths], out)
-    summary, target, note = summarize(df, target_fraction)
-    seeds = _seed_table(summary)
     title = ", ".join(dict.fromkeys(df["experiment"].dropna())) if "experiment" in df.columns else None
     figures = {"convergence": plot_convergence(df, unit="MB", target=target, title=title),
                "cost": plot_cost(df, title=title)}
@@ -189,10 +223,20 @@ def write_report(paths: str | os.PathLike | Iterable[str | os.PathLike], out: st
     md = ["# fedsim report", "", "Experiment directories:", ""]
     md += [f"- `{d}`" for d in dict.fromkeys(df["experiment_dir"])]
     md += ["", "## Runs", "", markdown_table(shown), "", note.replace("'-'", "`-`"), ""]
+    if dry_dirs:
+        left_out = (f"left out: {', '.join(dry_dirs)} (dry-run projection{'s' if len(dry_dirs) > 1 else ''}, "
+                    "no results)")
+        text += "\n" + left_out
+        md += [left_out, ""]
     if seeds is not None:
         seed_shown = _seed_shown(seeds)
-        text += "\n\nmean ± sample std over repeated runs:\n" + seed_shown.to_string(index=False)
-        md += ["## Over seeds", "", "Mean ± sample standard deviation over runs of the same name; MB_to_target "
+        text += "\n"
+        if problem:
+            text += f"\nwarning: {problem}"
+        text += "\nmean ± sample std over repeated runs:\n" + seed_shown.to_string(index=False)
+        md += ["## Over seeds", ""]
+        md += [f"**Warning:** {problem}.", ""] if problem else []
+        md += ["Mean ± sample standard deviation over runs of the same name; MB_to_target "
                "over the runs that reached the target (`reached`: how many did).", "",
                markdown_table(seed_shown), ""]
     md += ["## Figures", "",
@@ -203,7 +247,8 @@ def write_report(paths: str | os.PathLike | Iterable[str | os.PathLike], out: st
            "![cost](cost.png)", "", "Vector versions: `convergence.svg`, `cost.svg`.", ""]
     write_bytes(loc.fs, f"{loc.path}/summary.md", "\n".join(md).encode(), f"{loc.name}/summary.md")
     files.insert(0, f"{loc.name}/summary.md")
-    return Report(out_dir=loc.name, files=tuple(files), summary=summary, seeds=seeds, target=target, text=text)
+    return Report(out_dir=loc.name, files=tuple(files), summary=summary, seeds=seeds, target=target, text=text,
+                  dry_run_dirs=dry_dirs, seeds_warning=problem)
 
 
 def run(paths: Sequence[str], out: str | None = None, stream: TextIO | None = None) -> Report:

@@ -7,16 +7,22 @@ Every function takes the round-level frame of :func:`analysis.load_runs` (one ro
 
 from __future__ import annotations
 
+import json
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 
-from analysis.errors import AnalysisError
+from analysis.errors import AnalysisError, MixedRunsWarning
+from analysis.load import DRY_RUN_HINT
 
 KEYS = ["experiment_dir", "run_id"]
 UNITS = {"B": 1.0, "KB": 1e3, "MB": 1e6, "GB": 1e9}
 _ID = ["experiment_dir", "run_id", "algorithm", "seed"]
+# Top-level config keys that may differ between repetitions of one experiment: the seed, and the
+# experiment's name and output location (which name where results go, not what was run).
+NOT_COMPARED = ("seed", "name", "output_dir")
 
 
 def _need(df: pd.DataFrame, columns: Sequence[str]) -> None:
@@ -34,6 +40,25 @@ def _scale(unit: str) -> float:
     if unit not in UNITS:
         raise AnalysisError(f"unknown size unit {unit!r}; choose one of {', '.join(UNITS)}")
     return UNITS[unit]
+
+
+def _is_dry(df: pd.DataFrame) -> pd.Series:
+    """True for rows of dry-run projections (``fedsim run --dry-run``); all False without the column."""
+    if "dry_run" not in df.columns:
+        return pd.Series(False, index=df.index)
+    return df["dry_run"].eq(True)
+
+
+def no_evaluation_message(df: pd.DataFrame) -> str:
+    """Why ``df`` has no evaluated round: dry-run projections only, or too few rounds evaluated."""
+    dry = _is_dry(df)
+    if len(df) and dry.all():
+        dirs = list(dict.fromkeys(df["experiment_dir"])) if "experiment_dir" in df.columns else []
+        what = (f"experiment directory {dirs[0]!r} is" if len(dirs) == 1
+                else "every run given is" if not dirs else f"every directory given ({', '.join(dirs)}) is")
+        return f"{what} {DRY_RUN_HINT}"
+    return ("no run has an evaluated round (test_accuracy is null everywhere); run more rounds or lower "
+            "engine.eval_every")
 
 
 def _evaluated(df: pd.DataFrame) -> pd.DataFrame:
@@ -96,11 +121,13 @@ def bytes_to_target(df: pd.DataFrame, target: float) -> pd.DataFrame:
         target: test accuracy in [0, 1].
 
     Returns:
-        One row per run (``experiment_dir, run_id, algorithm, seed``), in the frame's order, with
-        ``target`` (float), ``reached`` (bool), and, at the first round reaching it (all NaN when
-        the run never did): ``round`` (0-based), ``cum_bytes`` (bytes, both directions),
-        ``cum_bytes_up``, ``cum_bytes_down`` (bytes) and ``cum_wall_seconds`` (seconds), as float.
-        Average per algorithm with ``.groupby("algorithm")``.
+        One row per run (``experiment_dir, run_id, algorithm, seed``, and ``dry_run`` when
+        loaded), in the frame's order, with ``target`` (float), ``reached`` (bool), and, at the
+        first round reaching it (all NaN when the run never did): ``round`` (0-based),
+        ``cum_bytes`` (bytes, both directions), ``cum_bytes_up``, ``cum_bytes_down`` (bytes) and
+        ``cum_wall_seconds`` (seconds), as float; then ``config_json`` when loaded (what
+        :func:`over_seeds` compares). A dry-run projection never reaches a target. Average over
+        seeds with :func:`over_seeds`.
 
     Raises:
         AnalysisError: ``target`` outside [0, 1], or ``df`` lacks the load_runs columns.
@@ -110,25 +137,30 @@ def bytes_to_target(df: pd.DataFrame, target: float) -> pd.DataFrame:
     _need(df, KEYS + ["round", "test_accuracy", "cum_bytes", "cum_bytes_up", "cum_bytes_down"])
     cost = ["round", "cum_bytes", "cum_bytes_up", "cum_bytes_down"] + (
         ["cum_wall_seconds"] if "cum_wall_seconds" in df.columns else [])
-    runs = df[_ids(df)].drop_duplicates(KEYS).reset_index(drop=True)
+    ids = _ids(df) + [c for c in ("dry_run",) if c in df.columns]
+    tail = [c for c in ("config_json",) if c in df.columns]
+    runs = df[ids + tail].drop_duplicates(KEYS).reset_index(drop=True)
     hit = _evaluated(df)
     hit = hit[hit["test_accuracy"] >= target].drop_duplicates(KEYS, keep="first")[KEYS + cost]
     out = runs.merge(hit, on=KEYS, how="left")
     out[cost] = out[cost].astype(np.float64)
-    out.insert(len(runs.columns), "target", float(target))
-    out.insert(len(runs.columns) + 1, "reached", out["round"].notna())
-    return out
+    out["target"] = float(target)
+    out["reached"] = out["round"].notna()
+    return out[ids + ["target", "reached"] + cost + tail]
 
 
 def run_table(df: pd.DataFrame) -> pd.DataFrame:
     """One row per run: final and best accuracy, rounds, traffic, time (and compute when logged).
 
     Returns:
-        Columns ``experiment_dir, run_id, algorithm, seed``, ``status`` (if loaded), ``rounds``
-        (int: rounds logged), ``final_acc`` (accuracy at the last evaluated round), ``best_acc``
-        (max over evaluated rounds; both NaN if none was evaluated), ``MB_up``, ``MB_down``
-        (total traffic in 1e6 bytes), ``wall_s`` (sum of round seconds), and ``TMACs`` (sum of
-        the per-round ``flops`` column / 1e12) when rounds.parquet has a non-null ``flops``.
+        Columns ``experiment_dir, run_id, algorithm, seed``, ``status`` and ``dry_run`` (if
+        loaded), ``rounds`` (int: rounds logged), ``final_acc`` (accuracy at the last evaluated
+        round), ``best_acc`` (max over evaluated rounds; both NaN if none was evaluated, as in a
+        dry-run projection), ``MB_up``, ``MB_down`` (total traffic in 1e6 bytes), ``wall_s`` (sum
+        of round seconds), ``TMACs`` (sum of the per-round ``flops`` column / 1e12) when
+        rounds.parquet has a non-null ``flops``, and ``config_json`` (the run's full config, what
+        :func:`over_seeds` compares) if loaded. Dry-run projections are kept, one row each
+        (``dry_run`` True); :func:`over_seeds` leaves them out.
 
     Raises:
         AnalysisError: ``df`` lacks the load_runs columns.
@@ -136,7 +168,7 @@ def run_table(df: pd.DataFrame) -> pd.DataFrame:
     _need(df, KEYS + ["round", "test_accuracy", "cum_bytes_up", "cum_bytes_down", "wall_seconds"])
     ordered = df.sort_values(KEYS + ["round"], kind="stable")
     g = ordered.groupby(KEYS, sort=False)
-    out = g[_ids(df)[2:] + (["status"] if "status" in df.columns else [])].first()
+    out = g[_ids(df)[2:] + [c for c in ("status", "dry_run") if c in df.columns]].first()
     out["rounds"] = g["round"].size()
     acc = ordered[ordered["test_accuracy"].notna()].groupby(KEYS, sort=False)["test_accuracy"]
     out["final_acc"] = acc.last()
@@ -146,8 +178,98 @@ def run_table(df: pd.DataFrame) -> pd.DataFrame:
     out["wall_s"] = g["wall_seconds"].sum()
     if "flops" in df.columns and df["flops"].notna().any():
         out["TMACs"] = g["flops"].sum(min_count=1) / 1e12
+    if "config_json" in df.columns:
+        out["config_json"] = g["config_json"].first()
     order = df[KEYS].drop_duplicates()
     return order.merge(out.reset_index(), on=KEYS, how="left").reset_index(drop=True)
+
+
+def _flatten(value, name: str, out: dict[str, str]) -> None:
+    if isinstance(value, dict) and value:
+        for k, v in value.items():
+            _flatten(v, f"{name}.{k}" if name else str(k), out)
+    elif name == "runs" and isinstance(value, list) and len(value) == 1:
+        _flatten(value[0], "run", out)  # a run's own entry, named as load_runs names it
+    else:
+        out[name] = json.dumps(value, sort_keys=True, default=str)
+
+
+def compared_config(config_json) -> dict[str, str] | None:
+    """A run's config as ``{"data.alpha": "0.5", "run.rounds": "8", ...}`` (values as JSON text),
+    without :data:`NOT_COMPARED` (seed, name, output_dir); None if ``config_json`` is not a JSON
+    object (missing or damaged)."""
+    try:
+        cfg = json.loads(config_json)
+    except (TypeError, ValueError):
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    out: dict[str, str] = {}
+    _flatten({k: v for k, v in cfg.items() if k not in NOT_COMPARED}, "", out)
+    return out
+
+
+def _listed(items: Sequence, limit: int = 3, sep: str = ", ") -> str:
+    items = list(items)
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return sep.join(map(str, items[:limit])) + more
+
+
+def _shown_value(text: str | None) -> str:
+    """A compared config value for a message: strings bare, others as JSON, a missing key '(unset)'."""
+    if text is None:
+        return "(unset)"
+    value = json.loads(text)
+    return value if isinstance(value, str) else text
+
+
+def mixed_runs(table: pd.DataFrame, by: str = "run_id") -> str | None:
+    """Why averaging ``table``'s runs per ``by`` value would not be an average over seeds, or None.
+
+    Runs pooled under one ``by`` value are repetitions over seeds only if their configs (the
+    ``config_json`` column, compared without seed, name and output_dir) are equal and their
+    seeds distinct. Dry-run projections are not looked at (:func:`over_seeds` leaves them out).
+
+    Returns:
+        One line naming the groups, the config keys that differ (with their values) and the
+        repeated seeds; None when every group is fine (or has one run). Without a
+        ``config_json`` column only the seeds are checked.
+    """
+    table = table[~_is_dry(table)]
+    if by not in table.columns:
+        return None
+    differ: dict[str, list[str]] = {}  # config key -> distinct values, first seen first
+    differ_groups, repeat_groups, repeated = [], [], []
+    for name, g in table.groupby(by, sort=False, dropna=False):
+        if len(g) < 2:
+            continue
+        if "config_json" in g.columns:
+            configs = [c for c in map(compared_config, g["config_json"]) if c is not None]
+            keys = list(dict.fromkeys(k for c in configs for k in c))
+            diff = {k: list(dict.fromkeys(c.get(k) for c in configs)) for k in keys}
+            diff = {k: v for k, v in diff.items() if len(v) > 1}
+            if diff:
+                differ_groups.append(name)
+                for k, values in diff.items():
+                    differ.setdefault(k, [])
+                    differ[k] += [v for v in values if v not in differ[k]]
+        if "seed" in g.columns:
+            seeds = g["seed"].dropna().astype(int)
+            dup = list(dict.fromkeys(seeds[seeds.duplicated()]))
+            if dup:
+                repeat_groups.append(name)
+                repeated += [s for s in dup if s not in repeated]
+    parts = []
+    if differ:
+        keys = [f"{k}: {_listed(map(_shown_value, v), 4, ' vs ')}" for k, v in differ.items()]
+        parts.append(f"the runs of {_listed(differ_groups)} differ in more than the seed ({_listed(keys)})")
+    if repeated:
+        plural = "s" if len(repeated) > 1 else ""
+        parts.append(f"the runs of {_listed(repeat_groups)} repeat seed{plural} {_listed(repeated)}")
+    if not parts:
+        return None
+    return ("; ".join(parts) + ": their mean ± std is not a spread over seeds; pass experiment "
+            "directories that differ only in the seed")
 
 
 def over_seeds(table: pd.DataFrame, metrics: Sequence[str] = ("final_acc", "best_acc"),
@@ -155,7 +277,11 @@ def over_seeds(table: pd.DataFrame, metrics: Sequence[str] = ("final_acc", "best
     """Mean and standard deviation of per-run metrics over repeated runs (different seeds).
 
     Runs of the same ``by`` value (the run name, which defaults to the algorithm) from different
-    experiment directories are treated as repetitions of one configuration.
+    experiment directories are treated as repetitions of one configuration. Dry-run projections
+    (``dry_run`` True) are left out: they have no results. When the runs of one group differ in
+    more than the seed (their ``config_json`` compared without seed, name and output_dir, e.g.
+    an 8-round and a 5-round experiment) or repeat a seed, the mean and std are still computed
+    but a :class:`analysis.MixedRunsWarning` names what differs (see :func:`mixed_runs`).
 
     Args:
         table: :func:`run_table` output, or a :func:`bytes_to_target` frame.
@@ -169,9 +295,17 @@ def over_seeds(table: pd.DataFrame, metrics: Sequence[str] = ("final_acc", "best
         for a single run; NaN metrics (e.g. a target never reached) are skipped.
 
     Raises:
-        AnalysisError: ``by`` or a metric is not a column of ``table``.
+        AnalysisError: ``by`` or a metric is not a column of ``table``; every run of ``table``
+            is a dry-run projection.
     """
     _need(table, [by, *metrics])
+    dry = _is_dry(table)
+    if len(table) and dry.all():
+        raise AnalysisError(f"every run of the table is {DRY_RUN_HINT}")
+    table = table[~dry]
+    problem = mixed_runs(table, by)
+    if problem:
+        warnings.warn(problem, MixedRunsWarning, stacklevel=2)
     g = table.groupby(by, sort=False)
     out = pd.DataFrame(index=g.size().index)
     if by != "algorithm" and "algorithm" in table.columns:

@@ -7,6 +7,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -16,8 +17,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from analysis import (AnalysisError, accuracy_vs_bytes, bytes_to_target, load_runs, over_seeds, plot_convergence,
-                      plot_cost, run_table)
+from analysis import (AnalysisError, MixedRunsWarning, accuracy_vs_bytes, bytes_to_target, load_runs, over_seeds,
+                      plot_convergence, plot_cost, run_table)
 from fedsim import cli, config
 from fedsim.engine import api
 from fedsim.io.runlog import RunLog
@@ -282,3 +283,128 @@ def test_analysis_never_imports_fedsim(runs, tmp_path):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "summary.md").is_file() and "fedavg" in r.stdout
 
+
+
+# ---- dry runs and runs that differ in more than the seed, on tiny tables written here --------------------------
+
+def _tiny_dir(path: Path, *, seed: int = 0, rounds: int = 3, dry_run: bool = False, name: str = "tiny",
+              output_dir: str = "runs", run_ids: tuple[str, ...] = ("fedavg", "fedprox")) -> Path:
+    """An experiment directory as fedsim writes it, with made-up numbers: accuracy 0.5 + 0.1 seed +
+    0.05 round (null in a dry run), 1000 bytes each way and 1e9 flops per round."""
+    import json
+
+    import pyarrow as pa
+
+    path.mkdir(parents=True)
+    runs, rows = [], []
+    for k, run_id in enumerate(run_ids):
+        cfg = {"name": name, "seed": seed, "output_dir": output_dir, "data": {"alpha": 0.5, "num_clients": 4},
+               "model": {"name": "digits_cnn", "widths": None},
+               "runs": [{"algorithm": run_id, "name": None, "rounds": rounds, "lr": 0.05}]}
+        runs.append({"run_id": run_id, "experiment": name, "algorithm": run_id,
+                     "config_json": json.dumps(cfg, sort_keys=True), "seed": seed,
+                     "status": "dry_run" if dry_run else "finished", "dry_run": dry_run})
+        for r in range(rounds):
+            rows.append({"run_id": run_id, "algorithm": run_id, "round": r,
+                           "test_accuracy": None if dry_run else 0.5 + 0.1 * seed + 0.05 * r + 0.01 * k,
+                           "bytes_up": 1000, "bytes_down": 1000, "cum_bytes_up": 1000 * (r + 1),
+                           "cum_bytes_down": 1000 * (r + 1), "cum_bytes": 2000 * (r + 1), "flops": 10**9,
+                           "wall_seconds": None if dry_run else 1.0})
+    schema = {"test_accuracy": pa.float64(), "wall_seconds": pa.float64()}
+    rounds_table = pa.Table.from_pylist(rows)
+    rounds_table = rounds_table.cast(pa.schema([pa.field(f.name, schema.get(f.name, f.type))
+                                                for f in rounds_table.schema]))
+    pq.write_table(pa.Table.from_pylist(runs), path / "runs.parquet")
+    pq.write_table(rounds_table, path / "rounds.parquet")
+    pq.write_table(pa.table({"run_id": pa.array([], pa.string()), "round": pa.array([], pa.int64()),
+                             "client_id": pa.array([], pa.int64())}), path / "clients.parquet")
+    return path
+
+
+def test_over_seeds_leaves_out_dry_run_projections(tmp_path):
+    dirs = [_tiny_dir(tmp_path / "digits-0", seed=0), _tiny_dir(tmp_path / "digits-1", seed=1),
+            _tiny_dir(tmp_path / "digits-dry-run-0", seed=0, dry_run=True)]
+    table = run_table(load_runs(dirs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MixedRunsWarning)  # two distinct seeds, one config: no warning
+        got = over_seeds(table).set_index("run_id")
+    assert got.loc["fedavg", "n_runs"] == 2 and got.loc["fedavg", "seeds"] == [0, 1]
+    assert got.loc["fedavg", "final_acc_mean"] == pytest.approx((0.6 + 0.7) / 2)
+    assert got.loc["fedavg", "final_acc_std"] == pytest.approx(statistics.stdev([0.6, 0.7]))
+    assert table["dry_run"].tolist() == [False, False, False, False, True, True]  # run_table keeps them
+
+
+def test_over_seeds_refuses_a_table_of_dry_runs_only(tmp_path):
+    table = run_table(load_runs(_tiny_dir(tmp_path / "digits-dry-run-0", dry_run=True)))
+    with pytest.raises(AnalysisError, match=r"dry-run projection .*no results"):
+        over_seeds(table)
+
+
+def test_report_leaves_out_dry_runs_and_says_which(tmp_path, capsys):
+    real = [_tiny_dir(tmp_path / "digits-0", seed=0), _tiny_dir(tmp_path / "digits-1", seed=1)]
+    dry = _tiny_dir(tmp_path / "digits-dry-run-0", seed=0, dry_run=True)
+    assert cli.main(["report", str(real[0]), str(dry), str(real[1]), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    table = out.split("\nMB_to_target:")[0].splitlines()
+    assert len(table) == 5 and not any("dry" in line for line in table)  # header + 2 runs x 2 seeds
+    assert f"left out: {dry} (dry-run projection, no results)" in out.splitlines()
+    seeds = out.split("mean ± sample std over repeated runs:\n")[1].splitlines()
+    # target 0.9 x 0.71 (fedprox, seed 1): fedavg's seed-1 run reaches it, its seed-0 run (best 0.60) does not
+    assert seeds[1].split()[:5] == ["fedavg", "fedavg", "2", "0,", "1"] and seeds[1].split()[-1] == "1/2"
+    assert "warning:" not in out
+
+
+def test_report_on_dry_runs_only_says_it_is_a_dry_run_projection(tmp_path, capsys):
+    dry = _tiny_dir(tmp_path / "digits-dry-run-0", dry_run=True)
+    assert cli.main(["report", str(dry), "--out", str(tmp_path / "out")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1
+    assert err.startswith(f"fedsim: error: experiment directory '{dry}' is a dry-run projection")
+    assert "no results to report" in err and "eval_every" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_over_seeds_warns_only_when_runs_differ_in_more_than_seed_name_and_output_dir(tmp_path):
+    same = [_tiny_dir(tmp_path / "a", seed=0, name="tiny", output_dir="runs"),
+            _tiny_dir(tmp_path / "b", seed=1, name="tiny-again", output_dir="/elsewhere")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MixedRunsWarning)
+        assert over_seeds(run_table(load_runs(same)))["n_runs"].tolist() == [2, 2]
+    longer = _tiny_dir(tmp_path / "c", seed=2, rounds=5)
+    with pytest.warns(MixedRunsWarning) as caught:
+        got = over_seeds(run_table(load_runs([same[0], longer])))
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "differ in more than the seed (run.rounds: 3 vs 5)" in message and "\n" not in message
+    assert got["n_runs"].tolist() == [2, 2]  # a warning, not a refusal
+
+
+def test_over_seeds_warns_when_runs_repeat_a_seed(tmp_path):
+    dirs = [_tiny_dir(tmp_path / "a", seed=0), _tiny_dir(tmp_path / "b", seed=0)]
+    with pytest.warns(MixedRunsWarning, match="repeat seed 0") as caught:
+        over_seeds(run_table(load_runs(dirs)))
+    assert "differ in more than the seed" not in str(caught[0].message)  # the configs are equal
+
+
+def test_report_warns_in_one_line_naming_what_differs(tmp_path, capsys):
+    dirs = [_tiny_dir(tmp_path / "eight", seed=0, rounds=8), _tiny_dir(tmp_path / "five", seed=0, rounds=5)]
+    out_dir = tmp_path / "out"
+    assert cli.main(["report", *map(str, dirs), "--out", str(out_dir)]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""  # said once, in the report, not also as a Python warning
+    lines = out.splitlines()
+    warned = [i for i, line in enumerate(lines) if line.startswith("warning:")]
+    assert len(warned) == 1 and lines[warned[0] + 1] == "mean ± sample std over repeated runs:"
+    assert "run.rounds: 8 vs 5" in lines[warned[0]] and "repeat seed 0" in lines[warned[0]]
+    md = (out_dir / "summary.md").read_text()
+    assert "**Warning:** " in md and "run.rounds: 8 vs 5" in md.split("## Over seeds")[1]
+
+
+def test_readme_report_example_prints_the_columns_the_report_prints(tmp_path, capsys):
+    readme = (ROOT / "README.md").read_text()
+    analysis_section = readme.split("\n## Analysis\n")[1].split("\n## ")[0]
+    example = [line for line in analysis_section.splitlines() if line.split()[:2] == ["run", "algorithm"]]
+    assert len(example) == 1
+    assert cli.main(["report", str(_tiny_dir(tmp_path / "exp")), "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out.splitlines()[0]
+    assert example[0].split() == printed.split()
