@@ -104,7 +104,8 @@ def real_runs(df: pd.DataFrame) -> tuple[pd.DataFrame, tuple[str, ...]]:
 
 
 def _per_run(df: pd.DataFrame, target_fraction: float) -> tuple[pd.DataFrame, list[str], float, str]:
-    df, _ = real_runs(df)
+    """The full per-run table, the summary's columns, the target and its note, for ``df`` with
+    its dry-run projections already left out (:func:`real_runs`)."""
     table = run_table(df)
     if table["best_acc"].isna().all():
         raise AnalysisError(no_evaluation_message(df))
@@ -137,7 +138,7 @@ def summarize(df: pd.DataFrame, target_fraction: float = TARGET_FRACTION) -> tup
     Raises:
         AnalysisError: every run of ``df`` is a dry-run projection, or no run was ever evaluated.
     """
-    table, cols, target, note = _per_run(df, target_fraction)
+    table, cols, target, note = _per_run(real_runs(df)[0], target_fraction)
     return table[cols], target, note
 
 

@@ -86,11 +86,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if getattr(args, "dry_run", False):
         if args.resume:
             raise FedsimError("--dry-run and --resume cannot be combined: a dry run trains nothing; drop one")
-        cfg = config.load(args.config, args.set)
         from fedsim import dryrun
-        from fedsim.engine import api
 
-        api.check_output(args.out or cfg.output_dir)  # before the projection is printed
         return dryrun.run_cli(args.config, args.set, args.out)
     if args.resume:
         if args.out:
@@ -114,8 +111,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     events: list[dict] = []
     bar = stream = None
     try:
-        if cfg.engine.backend == "ray":
-            api.check_ray_target(cfg)  # what would make Ray hang fails fast, before a run directory exists
         dataset = api.prepare(cfg)
         api.check_gpus(cfg)
         if not args.resume:

@@ -482,6 +482,7 @@ def run_cli(config_path: str | None, overrides: list[str], out: str | None) -> i
     from fedsim.engine import api
 
     cfg = config.load(config_path, overrides)
+    api.check_output(out or cfg.output_dir)  # before the projection is printed
     sizes, runs = project_experiment(cfg)
     print(format_report(cfg, sizes, runs))
     run_dir = api.new_run_dir(out or cfg.output_dir, f"{cfg.name}-dry-run")
