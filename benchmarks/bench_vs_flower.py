@@ -22,8 +22,12 @@ Flower's ClientApp is written as Flower's PyTorch quickstart writes it: each cal
 loads the received weights, trains and returns ``ArrayRecord(model.state_dict())`` with
 ``num-examples``; the client's data comes from a per-process cache (loaded once per actor).
 
-Printed for each: wall time (process start to end, all included), start-up (until round 1 is
-done: Ray, workers, round 1), the seconds of rounds 2..R, per-round p50 and p95 (rounds 2..R, from
+Printed for each: wall time (from the start of the framework's process, as psutil reports it, to
+the run's end: Python, the imports of torch and of the framework, the data, Ray, every round),
+the imports among it (until torch, the framework and what the script uses from fedsim are
+imported; the script computes fedsim's cohorts for Flower in the parent process, so Flower's
+process imports only fedsim's data, model and seed helpers), start-up (from process start until
+round 1 is done), the seconds of rounds 2..R, per-round p50 and p95 (rounds 2..R, from
 the round-end times: fedsim's event stream, Flower's ``evaluate_fn`` calls), peak memory of the
 process tree (summed PSS and RSS, see ``_common.py``) and the final test accuracy; then the
 ratios Flower / fedsim. Each framework runs ``--repeats`` times (default 1), alternating.
@@ -37,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -68,9 +73,13 @@ def init_ray(cpus: int) -> None:
 
 
 def run_fedsim(rounds: int, cpus: int) -> dict:
-    from fedsim import config
+    import importlib
 
-    t0 = time.perf_counter()
+    from fedsim import config
+    from fedsim.engine import api
+
+    importlib.import_module("fedsim.data")  # load_data's import, with torch (counted as imports)
+    t0 = time.perf_counter()  # imports done
     cfg = config.parse({
         "name": "bench-vs-flower", "seed": SEED,
         "data": {"dataset": "digits", "partition": "dirichlet", "alpha": 0.5, "num_clients": CLIENTS,
@@ -81,8 +90,6 @@ def run_fedsim(rounds: int, cpus: int) -> dict:
                   "batch_size": BATCH}],
     })
     dataset = load_data()
-    from fedsim.engine import api
-
     api.start_ray(cfg, num_cpus=cpus)  # a local Ray as `fedsim run` starts it
     with tempfile.TemporaryDirectory() as out:
         t = timed_fedsim_run(cfg, dataset, out)
@@ -93,7 +100,7 @@ def run_fedsim(rounds: int, cpus: int) -> dict:
 # ---------------------------------------------------------------- Flower
 
 
-def run_flower(rounds: int, cpus: int) -> dict:
+def run_flower(rounds: int, cpus: int, cohorts: list[list[int]]) -> dict:
     import torch
     import torch.nn.functional as F
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -102,7 +109,6 @@ def run_flower(rounds: int, cpus: int) -> dict:
     from flwr.serverapp.strategy import FedAvg
     from flwr.simulation import run_simulation
 
-    from fedsim.engine.loop import sample_cohort
     from fedsim.models import build_model
     from fedsim.rng import torch_rng
 
@@ -110,7 +116,7 @@ def run_flower(rounds: int, cpus: int) -> dict:
         return build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8),
                            generator=torch_rng(SEED, "init") if init else None)
 
-    t0 = time.perf_counter()
+    t0 = time.perf_counter()  # imports done
     cache: dict = {}  # per process: the Ray actor loads the partition data once
 
     client = ClientApp()
@@ -153,7 +159,7 @@ def run_flower(rounds: int, cpus: int) -> dict:
 
         def configure_train(self, server_round, arrays, config, grid):
             config["server-round"] = server_round
-            nodes = [self.node_of[p] for p in sample_cohort(SEED, server_round - 1, CLIENTS, COHORT)]
+            nodes = [self.node_of[p] for p in cohorts[server_round - 1]]
             record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
             return self._construct_messages(record, nodes, MessageType.TRAIN)
 
@@ -197,12 +203,26 @@ def run_flower(rounds: int, cpus: int) -> dict:
 # ---------------------------------------------------------------- driver
 
 
-def child(framework: str, rounds: int, cpus: int) -> dict:
+def process_start() -> float:
+    """When this process started, on the ``time.perf_counter`` clock (psutil's creation time:
+    10 ms resolution)."""
+    import psutil
+
+    return time.perf_counter() - (time.time() - psutil.Process().create_time())
+
+
+def child(framework: str, rounds: int, cpus: int, cohorts_file: str | None) -> dict:
+    start = process_start()
     with TreeSampler(interval=0.2) as mem:
-        res = (run_fedsim if framework == "fedsim" else run_flower)(rounds, cpus)
+        if framework == "fedsim":
+            res = run_fedsim(rounds, cpus)
+        else:
+            with open(cohorts_file) as f:
+                res = run_flower(rounds, cpus, json.load(f))
     ends = res["round_ends"]
     gaps = np.diff(ends)  # rounds 2..R
-    return {"framework": framework, "wall": res["t_end"] - res["t0"], "startup": ends[0] - res["t0"],
+    return {"framework": framework, "wall": res["t_end"] - start, "imports": res["t0"] - start,
+            "startup": ends[0] - start,
             "rounds_2_to_R": ends[-1] - ends[0], "p50": float(np.percentile(gaps, 50)),
             "p95": float(np.percentile(gaps, 95)), "rounds": len(ends), "accuracy": res["accuracy"],
             "peak_pss": mem.peak_pss, "peak_rss": mem.peak_rss}
@@ -214,15 +234,24 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--cpus", type=int, default=2, help="CPUs of each local Ray (= workers of 1 CPU)")
     ap.add_argument("--child", choices=["fedsim", "flower"], help=argparse.SUPPRESS)
+    ap.add_argument("--cohorts", help=argparse.SUPPRESS)  # JSON file of the rounds' cohorts (Flower's child)
     args = ap.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(child(args.child, args.rounds, args.cpus)), flush=True)
+        print("RESULT " + json.dumps(child(args.child, args.rounds, args.cpus, args.cohorts)), flush=True)
         return
 
+    # fedsim's cohorts, computed here so that Flower's process does not import fedsim's engine
+    # (which its timed wall time would include)
+    from fedsim.engine.loop import sample_cohort
+
+    cohorts = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
+    with cohorts:
+        json.dump([list(sample_cohort(SEED, r, CLIENTS, COHORT)) for r in range(args.rounds)], cohorts)
     results: dict[str, list[dict]] = {"fedsim": [], "flower": []}
     for _ in range(args.repeats):
         for fw in results:
-            cmd = [sys.executable, __file__, "--child", fw, "--rounds", str(args.rounds), "--cpus", str(args.cpus)]
+            cmd = [sys.executable, __file__, "--child", fw, "--rounds", str(args.rounds), "--cpus", str(args.cpus),
+                   "--cohorts", cohorts.name]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
@@ -235,12 +264,16 @@ def main() -> None:
     print(f"workload: FedAvg, digits, digits_cnn, {CLIENTS} clients ({EPC} images each, Dir(0.5) classes), "
           f"cohort {COHORT}, {args.rounds} rounds, 1 epoch, batch {BATCH}; {args.cpus} workers x 1 thread; "
           f"medians of {args.repeats} run(s)")
-    print(f"{'':8s} {'wall':>8s} {'start-up+r1':>12s} {'rounds 2..R':>12s} {'p50/round':>10s} "
+    print(f"{'':8s} {'wall':>8s} {'imports':>8s} {'start-up+r1':>12s} {'rounds 2..R':>12s} {'p50/round':>10s} "
           f"{'p95/round':>10s} {'peak PSS':>10s} {'peak RSS':>10s} {'final acc':>9s}")
     for fw in results:
-        print(f"{fw:8s} {med(fw, 'wall'):7.1f}s {med(fw, 'startup'):11.1f}s {med(fw, 'rounds_2_to_R'):11.1f}s "
+        print(f"{fw:8s} {med(fw, 'wall'):7.1f}s {med(fw, 'imports'):7.1f}s {med(fw, 'startup'):11.1f}s "
+              f"{med(fw, 'rounds_2_to_R'):11.1f}s "
               f"{med(fw, 'p50') * 1e3:8.1f}ms {med(fw, 'p95') * 1e3:8.1f}ms {mb(med(fw, 'peak_pss')):>10s} "
               f"{mb(med(fw, 'peak_rss')):>10s} {med(fw, 'accuracy'):9.4f}")
+    os.unlink(cohorts.name)
+    walls = {fw: ", ".join(f"{r['wall']:.1f}" for r in results[fw]) for fw in results}
+    print(f"wall per repeat (s): fedsim {walls['fedsim']}; Flower {walls['flower']}")
     wall = med("flower", "wall") / med("fedsim", "wall")
     rounds = med("flower", "rounds_2_to_R") / med("fedsim", "rounds_2_to_R")
     print(f"Flower / fedsim: wall {wall:.2f}x, rounds 2..R {rounds:.2f}x, p50 "

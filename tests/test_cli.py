@@ -105,6 +105,19 @@ def test_local_pool_check_refuses_exactly_the_pools_that_do_not_fit():
     assert not check({"CPU": 8.0, "GPU": 1.0}, gpus_per_worker=2)
 
 
+def test_a_bad_output_location_or_resume_directory_fails_before_torch_is_imported(tmp_path):
+    # torch takes seconds to import; these mistakes are reported without it
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    code = ("import sys\n"
+            "from fedsim.cli import main\n"
+            f"codes = [main(['run', '--out', {str(afile)!r}]), main(['run', '--resume', {str(tmp_path)!r}])]\n"
+            "print(codes, 'torch' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.stdout.split("\n")[0] == "[2, 2] False", r.stdout + r.stderr
+    assert "exists and is not a directory" in r.stderr and "not a fedsim run directory" in r.stderr
+
+
 def _interrupt_after(monkeypatch, n_rounds: int) -> None:
     """Make api.execute raise KeyboardInterrupt (as Ctrl-C does) once n_rounds round events passed."""
     from fedsim.engine import api

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import psutil
 import pytest
@@ -153,6 +154,62 @@ def test_round_timeout_drop_records_late_clients_and_fail_stops_only_that_run(ra
     runs_t = pd.read_parquet(run_dir / "runs.parquet").set_index("run_id")
     assert runs_t.loc["late", "status"] == "failed" and "round_timeout_s" in runs_t.loc["late", "message"]
     assert runs_t.loc["next", "status"] in ("finished", "failed")  # the next run still ran
+
+
+def test_drop_policy_keeps_the_clients_on_time_and_replaces_the_worker_of_a_late_one_whose_start_is_not_counted(
+        ray_local):
+    import ray
+
+    from fedsim.algorithms import ClientResult, ClientTask
+    from fedsim.engine.backends import RayBackend, pack_uploads
+
+    @ray.remote(num_cpus=0)
+    class Sleepy:
+        """A stand-in ClientWorker (same calls): client 1 takes 60 s, the others answer at once
+        with an upload that names them. A replacement (started by the backend, with the
+        ClientWorker's arguments) takes 6 s to start, as a real one takes seconds to import torch."""
+
+        def __init__(self, *args, start_s: float = 6.0):
+            time.sleep(start_s)
+
+        def pid(self):
+            return os.getpid()
+
+        def run(self, run, tasks, received, states, extras):
+            if any(t.client_id == 1 for t in tasks):
+                time.sleep(60)
+            return pack_uploads([ClientResult(client_id=t.client_id, round=t.round, n_examples=10,
+                                              upload={"w": np.full(3, t.client_id, dtype=np.float32)},
+                                              train_loss=0.5, bytes_up=12, bytes_down=12, seconds=0.0, worker="w")
+                                 for t in tasks])
+
+    cfg = config.parse(tiny_experiment(engine={"backend": "ray", "clients_per_round": 3, "num_workers": 2,
+                                               "round_timeout_s": 3, "timeout_policy": "drop"}))
+    pool = [Sleepy.remote(start_s=0.0), Sleepy.remote(start_s=0.0)]
+    backend = RayBackend(cfg, ray.put(None), workers=pool)
+    backend._worker_cls = Sleepy  # replacements are stand-ins too
+    tasks = [ClientTask(run_id="r", round=0, client_id=c, plan=None) for c in range(3)]
+    try:
+        t0 = time.monotonic()
+        results = backend.collect(backend.submit(cfg.runs[0], tasks, {}, [None] * 3, [None] * 3))
+        waited = time.monotonic() - t0
+        assert [x.client_id for x in results] == [0, 1, 2]
+        assert [x.dropped for x in results] == [False, True, False]
+        assert [x.upload["w"].tolist() for x in (results[0], results[2])] == [[0.0] * 3, [2.0] * 3]
+        assert results[1].n_examples == 0 and results[1].bytes_up == 0 and results[1].upload == {}
+        assert waited < 30, f"the round waited {waited:.0f} s for its late client"
+        gone = [w for w in pool if w not in backend.workers]
+        assert len(gone) == 1 and len(backend.workers) == 2  # the late client's worker, replaced
+        assert results[1].worker == backend._names[gone[0]._actor_id.hex()]
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(gone[0].run.remote(cfg.runs[0], [], {}, [], []), timeout=30)
+
+        # The next round's deadline (3 s) counts from when the replacement has started (6 s).
+        tasks = [ClientTask(run_id="r", round=1, client_id=c, plan=None) for c in (3, 4, 5)]
+        results = backend.collect(backend.submit(cfg.runs[0], tasks, {}, [None] * 3, [None] * 3))
+        assert [(x.client_id, x.dropped) for x in results] == [(3, False), (4, False), (5, False)]
+    finally:
+        backend.close()
 
 
 class _RecordingBackend(SequentialBackend):

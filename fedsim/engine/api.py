@@ -11,17 +11,16 @@ import os
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from fedsim.config import ExperimentConfig
-from fedsim.data import load_federated
-from fedsim.data.base import FederatedDataset
-from fedsim.engine.client import make_algorithm
 from fedsim.errors import FedsimError
 from fedsim.io import storage
-from fedsim.models import build_model
+
+if TYPE_CHECKING:  # torch loads with the data, so a bad --out or --resume fails before it does
+    from fedsim.data.base import FederatedDataset
 
 
 def prepare(cfg: ExperimentConfig) -> FederatedDataset:
@@ -31,6 +30,10 @@ def prepare(cfg: ExperimentConfig) -> FederatedDataset:
         FedsimError: unreadable or missing data, an impossible partition, a model that does not
             fit the dataset's inputs.
     """
+    from fedsim.data import load_federated
+    from fedsim.engine.client import make_algorithm
+    from fedsim.models import build_model
+
     d = cfg.data
     dataset = load_federated(d.dataset, partition=d.partition, num_clients=d.num_clients, alpha=d.alpha,
                              data_dir=d.data_dir, seed=cfg.seed, download=d.download,

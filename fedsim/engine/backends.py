@@ -291,7 +291,10 @@ class RayBackend(_RoundBackend):
     because a client's work depends only on (seed, round, client) and what it received. A round
     that passes ``engine.round_timeout_s`` follows ``engine.timeout_policy``: ``wait`` (keep
     waiting), ``drop`` (aggregate the clients that finished; late ones are recorded as dropped and
-    their workers replaced) or ``fail`` (stop the run with a message).
+    their workers replaced) or ``fail`` (stop the run with a message). A round's deadline counts
+    from when every worker of the pool has started: a worker's start (importing torch, reading
+    the dataset) takes seconds, and counting it would drop, or fail, the first round's clients
+    and then those of each round after a replacement, whose fresh workers start again.
     """
 
     name = "ray"
@@ -311,6 +314,7 @@ class RayBackend(_RoundBackend):
         self._spawned = 0
         self._names: dict[str, str] = {}
         self._replaced: dict[str, Any] = {}
+        self._started: set[str] = set()  # actor ids of workers known to have finished starting
         self._worker_cls = _make_worker_class()
         self._sizes = None if client_sizes is None else list(client_sizes)
         self._inline_bytes = int(inline_bytes)
@@ -337,6 +341,14 @@ class RayBackend(_RoundBackend):
         w = _spawn_worker(self._worker_cls, self.experiment, self._dataset_ref, name)
         self._names[w._actor_id.hex()] = name
         return w
+
+    def _wait_started(self) -> None:
+        """Block until every worker of the pool has finished starting (its constructor returned,
+        or it died: a dead worker's calls then fail and are retried as usual)."""
+        new = [w for w in self.workers if w._actor_id.hex() not in self._started]
+        if new:
+            self._ray.wait([w.pid.remote() for w in new], num_returns=len(new))
+            self._started.update(w._actor_id.hex() for w in new)
 
     def _replace(self, worker: Any) -> Any:
         """A fresh worker in place of ``worker`` (the same one for every call about one worker)."""
@@ -386,6 +398,8 @@ class RayBackend(_RoundBackend):
         """Start a round's calls on the pool; :meth:`collect` waits for them."""
         queue, slots = self._batches(tasks)
         e = self.experiment.engine
+        if e.round_timeout_s is not None:  # the deadline is for training, not for workers starting
+            self._wait_started()
         live = _RoundInFlight(run=run, tasks=list(tasks), handle=handle, states=states,
                               extras=extras, queue=queue, idle=[w for _ in range(slots) for w in self.workers],
                               results=[None] * len(tasks),
