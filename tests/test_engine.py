@@ -230,3 +230,51 @@ def test_round_train_loss_is_the_example_weighted_mean_of_its_clients(sequential
         assert row["train_loss"] == pytest.approx(float((n * loss).sum() / n.sum()), rel=1e-12)
         unequal += abs(row["train_loss"] - loss.mean()) > 1e-9 and n.min() != n.max()
     assert unequal > 0  # the Dirichlet clients differ in size, so the plain mean would differ
+
+
+@pytest.mark.parametrize("run", [
+    {"algorithm": "fedavg", "momentum": 0.9, "weight_decay": 1e-3},
+    {"algorithm": "fedavg", "optimizer": "adam"},
+    {"algorithm": "fedprox", "mu": 0.1, "momentum": 0.9},
+    {"algorithm": "moon", "mu": 1.0},
+], ids=["sgd-momentum", "adam", "fedprox-momentum", "moon"])
+def test_a_client_trains_the_same_on_a_worker_that_trained_others_before(run):
+    # Workers keep their model and optimizer across clients; nothing of one client (momentum
+    # buffers, Adam moments, MOON's models) may reach the next.
+    import torch
+
+    from fedsim import params as P
+    from fedsim.algorithms import ClientTask
+    from fedsim.engine.client import ClientRunner, make_algorithm
+
+    raw = tiny_experiment(runs=[{"rounds": 2, "local_epochs": 1, "lr": 0.05, "batch_size": 8, **run}])
+    if run["algorithm"] == "moon":
+        raw["model"] = {"name": "digits_cnn+moon"}
+    cfg = config.parse(raw)
+    ds = api.prepare(cfg)
+    algo = make_algorithm(cfg.runs[0], cfg, ds)
+    globals_ = [algo.init_state(P.clone(build_model(cfg.model.name, num_classes=ds.num_classes,
+                                                    input_shape=ds.input_shape,
+                                                    generator=torch.Generator().manual_seed(r)).state_dict()))
+                for r in range(2)]  # a different global model each round
+    states = {}  # client -> its state after its last round (MOON: its previous model)
+
+    def train(runner, r, client):
+        state = globals_[r]
+        plan = algo.plan_round(state, r, (client,))
+        received = P.to_numpy(algo.downlink(state, plan))
+        extra = algo.client_downlink(state, plan, client)
+        task = ClientTask(run_id=cfg.runs[0].label, round=r, client_id=client, plan=plan)
+        return runner.run(cfg.runs[0], task, received, states.get(client),
+                          None if extra is None else P.to_numpy(extra))
+
+    used = ClientRunner(cfg, ds, device="cpu", worker_id="used")
+    for r, c in ((0, 0), (0, 2), (0, 1), (1, 3), (1, 0)):
+        states[c] = train(used, r, c).state
+    after_others = train(used, 1, 2)
+    alone = train(ClientRunner(cfg, ds, device="cpu", worker_id="fresh"), 1, 2)
+    assert (states[2] is not None) == (run["algorithm"] == "moon")
+    assert after_others.train_loss == alone.train_loss
+    assert after_others.upload.keys() == alone.upload.keys()
+    for k in alone.upload:
+        assert np.array_equal(np.asarray(after_others.upload[k]), np.asarray(alone.upload[k])), k

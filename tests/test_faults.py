@@ -212,6 +212,38 @@ def test_drop_policy_keeps_the_clients_on_time_and_replaces_the_worker_of_a_late
         backend.close()
 
 
+def test_clients_that_lose_their_worker_max_attempts_times_stop_the_round_with_a_message(ray_local):
+    import ray
+
+    from fedsim.algorithms import ClientTask
+    from fedsim.engine.backends import RayBackend
+
+    @ray.remote(num_cpus=0)
+    class Dying:
+        """A stand-in ClientWorker whose process dies in every call."""
+
+        def __init__(self, *args):
+            pass
+
+        def pid(self):
+            return os.getpid()
+
+        def run(self, *args):
+            os._exit(1)
+
+    cfg = config.parse(tiny_experiment(engine={"backend": "ray", "clients_per_round": 2, "num_workers": 1,
+                                               "max_attempts": 2}))
+    backend = RayBackend(cfg, ray.put(None), workers=[Dying.remote()])
+    backend._worker_cls = Dying
+    tasks = [ClientTask(run_id="r", round=4, client_id=c, plan=None) for c in (7, 9)]
+    try:
+        with pytest.raises(RuntimeError, match=r"client 7 of round 4 \(run 'r'\) lost its worker 2 times"):
+            backend.collect(backend.submit(cfg.runs[0], tasks, {}, [None] * 2, [None] * 2))
+        assert backend._spawned == 2  # the first worker and one replacement: two attempts, no third
+    finally:
+        backend.close()
+
+
 class _RecordingBackend(SequentialBackend):
     """The sequential backend, recording the round of every client task it trains."""
 
