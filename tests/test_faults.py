@@ -156,42 +156,74 @@ def test_round_timeout_drop_records_late_clients_and_fail_stops_only_that_run(ra
     assert runs_t.loc["next", "status"] in ("finished", "failed")  # the next run still ran
 
 
-def test_drop_policy_keeps_the_clients_on_time_and_replaces_the_worker_of_a_late_one_whose_start_is_not_counted(
-        ray_local):
+def _stand_in_worker_class(replacement_start_s: float):
+    """A Ray actor with ClientWorker's calls whose clients behave on cue: client 1 takes 60 s,
+    client 5 kills its worker process on its first attempt, clients 7 and up on every attempt;
+    the others answer at once with an upload that names them. A replacement (started by the
+    backend, with ClientWorker's arguments) takes ``replacement_start_s`` to start, as a real one
+    takes seconds to import torch; the first pool starts at once."""
     import ray
 
-    from fedsim.algorithms import ClientResult, ClientTask
-    from fedsim.engine.backends import RayBackend, pack_uploads
+    from fedsim.algorithms import ClientResult
+    from fedsim.engine.backends import pack_uploads
 
     @ray.remote(num_cpus=0)
-    class Sleepy:
-        """A stand-in ClientWorker (same calls): client 1 takes 60 s, the others answer at once
-        with an upload that names them. A replacement (started by the backend, with the
-        ClientWorker's arguments) takes 6 s to start, as a real one takes seconds to import torch."""
-
-        def __init__(self, *args, start_s: float = 6.0):
+    class StandIn:
+        def __init__(self, *args, start_s: float = replacement_start_s):
             time.sleep(start_s)
 
         def pid(self):
             return os.getpid()
 
         def run(self, run, tasks, received, states, extras):
-            if any(t.client_id == 1 for t in tasks):
-                time.sleep(60)
+            for t in tasks:
+                if t.client_id >= 7 or (t.client_id == 5 and t.attempt == 0):
+                    os._exit(1)
+                if t.client_id == 1:
+                    time.sleep(60)
             return pack_uploads([ClientResult(client_id=t.client_id, round=t.round, n_examples=10,
                                               upload={"w": np.full(3, t.client_id, dtype=np.float32)},
-                                              train_loss=0.5, bytes_up=12, bytes_down=12, seconds=0.0, worker="w")
+                                              train_loss=0.5, bytes_up=12, bytes_down=12, seconds=0.0, worker="w",
+                                              attempt=t.attempt)
                                  for t in tasks])
 
-    cfg = config.parse(tiny_experiment(engine={"backend": "ray", "clients_per_round": 3, "num_workers": 2,
-                                               "round_timeout_s": 3, "timeout_policy": "drop"}))
-    pool = [Sleepy.remote(start_s=0.0), Sleepy.remote(start_s=0.0)]
+    return StandIn
+
+
+def _stand_in_backend(engine: dict, replacement_start_s: float = 0.0):
+    import ray
+
+    from fedsim.engine.backends import RayBackend
+
+    cfg = config.parse(tiny_experiment(engine={"backend": "ray", **engine}))
+    cls = _stand_in_worker_class(replacement_start_s)
+    pool = [cls.remote(start_s=0.0) for _ in range(engine["num_workers"])]
+    ray.get([w.pid.remote() for w in pool])
     backend = RayBackend(cfg, ray.put(None), workers=pool)
-    backend._worker_cls = Sleepy  # replacements are stand-ins too
-    tasks = [ClientTask(run_id="r", round=0, client_id=c, plan=None) for c in range(3)]
+    backend._worker_cls = cls  # replacements are stand-ins too
+    return cfg, backend, pool
+
+
+def _round(cfg, backend, r: int, clients) -> list:
+    from fedsim.algorithms import ClientTask
+
+    tasks = [ClientTask(run_id="r", round=r, client_id=c, plan=None) for c in clients]
+    n = len(tasks)
+    return backend.collect(backend.submit(cfg.runs[0], tasks, {}, [None] * n, [None] * n))
+
+
+DROP = {"clients_per_round": 3, "num_workers": 2, "round_timeout_s": 2, "timeout_policy": "drop"}
+SLOW_START_S = 4.0  # a replacement's start, longer than DROP's deadline
+
+
+def test_drop_policy_keeps_the_clients_on_time_and_replaces_the_worker_of_a_late_one_whose_start_is_not_counted(
+        ray_local):
+    import ray
+
+    cfg, backend, pool = _stand_in_backend(DROP, SLOW_START_S)
     try:
         t0 = time.monotonic()
-        results = backend.collect(backend.submit(cfg.runs[0], tasks, {}, [None] * 3, [None] * 3))
+        results = _round(cfg, backend, 0, (0, 1, 2))
         waited = time.monotonic() - t0
         assert [x.client_id for x in results] == [0, 1, 2]
         assert [x.dropped for x in results] == [False, True, False]
@@ -204,41 +236,28 @@ def test_drop_policy_keeps_the_clients_on_time_and_replaces_the_worker_of_a_late
         with pytest.raises(ray.exceptions.RayActorError):
             ray.get(gone[0].run.remote(cfg.runs[0], [], {}, [], []), timeout=30)
 
-        # The next round's deadline (3 s) counts from when the replacement has started (6 s).
-        tasks = [ClientTask(run_id="r", round=1, client_id=c, plan=None) for c in (3, 4, 5)]
-        results = backend.collect(backend.submit(cfg.runs[0], tasks, {}, [None] * 3, [None] * 3))
-        assert [(x.client_id, x.dropped) for x in results] == [(3, False), (4, False), (5, False)]
+        # The next round's deadline (2 s) counts from when the replacement has started (4 s).
+        results = _round(cfg, backend, 1, (2, 3, 4))
+        assert [(x.client_id, x.dropped) for x in results] == [(2, False), (3, False), (4, False)]
+    finally:
+        backend.close()
+
+
+def test_a_client_retried_after_its_worker_died_mid_round_is_not_late_for_the_replacements_start(ray_local):
+    cfg, backend, _ = _stand_in_backend(DROP, SLOW_START_S)
+    try:  # client 5's worker dies; its replacement takes 4 s to start, the round's deadline is 2 s
+        results = _round(cfg, backend, 0, (4, 5, 6))
+        assert [(x.client_id, x.dropped, x.attempt) for x in results] == [(4, False, 0), (5, False, 1), (6, False, 0)]
+        assert results[1].upload["w"].tolist() == [5.0] * 3
     finally:
         backend.close()
 
 
 def test_clients_that_lose_their_worker_max_attempts_times_stop_the_round_with_a_message(ray_local):
-    import ray
-
-    from fedsim.algorithms import ClientTask
-    from fedsim.engine.backends import RayBackend
-
-    @ray.remote(num_cpus=0)
-    class Dying:
-        """A stand-in ClientWorker whose process dies in every call."""
-
-        def __init__(self, *args):
-            pass
-
-        def pid(self):
-            return os.getpid()
-
-        def run(self, *args):
-            os._exit(1)
-
-    cfg = config.parse(tiny_experiment(engine={"backend": "ray", "clients_per_round": 2, "num_workers": 1,
-                                               "max_attempts": 2}))
-    backend = RayBackend(cfg, ray.put(None), workers=[Dying.remote()])
-    backend._worker_cls = Dying
-    tasks = [ClientTask(run_id="r", round=4, client_id=c, plan=None) for c in (7, 9)]
+    cfg, backend, _ = _stand_in_backend({"clients_per_round": 2, "num_workers": 1, "max_attempts": 2})
     try:
         with pytest.raises(RuntimeError, match=r"client 7 of round 4 \(run 'r'\) lost its worker 2 times"):
-            backend.collect(backend.submit(cfg.runs[0], tasks, {}, [None] * 2, [None] * 2))
+            _round(cfg, backend, 4, (7, 9))
         assert backend._spawned == 2  # the first worker and one replacement: two attempts, no third
     finally:
         backend.close()

@@ -292,9 +292,10 @@ class RayBackend(_RoundBackend):
     that passes ``engine.round_timeout_s`` follows ``engine.timeout_policy``: ``wait`` (keep
     waiting), ``drop`` (aggregate the clients that finished; late ones are recorded as dropped and
     their workers replaced) or ``fail`` (stop the run with a message). A round's deadline counts
-    from when every worker of the pool has started: a worker's start (importing torch, reading
-    the dataset) takes seconds, and counting it would drop, or fail, the first round's clients
-    and then those of each round after a replacement, whose fresh workers start again.
+    from when every worker of the pool has started, and moves back by the time a worker that
+    replaces a dead one takes to start: a worker's start (importing torch, reading the dataset)
+    takes seconds, and counting it would drop, or fail, the first round's clients, those retried
+    after a worker died, and those of each round after a replacement.
     """
 
     name = "ray"
@@ -457,6 +458,10 @@ class RayBackend(_RoundBackend):
                         tasks[i] = replace(tasks[i], attempt=tasks[i].attempt + 1)
                     queue.insert(0, batch)
                     live.idle.insert(0, self._replace(worker))
+                    if live.deadline is not None:  # the replacement's start does not make its clients late
+                        t0 = time.monotonic()
+                        self._wait_started()
+                        live.deadline += time.monotonic() - t0
                     continue
                 except ray.exceptions.RayTaskError as err:
                     if isinstance(err.cause, (FedsimError, RuntimeError)):
