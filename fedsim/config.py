@@ -286,7 +286,7 @@ _YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
-def load_yaml(text: str) -> Any:
+def load_yaml(text: str | bytes) -> Any:
     """The value of a YAML document (an experiment file or a ``--set`` value), safe-loaded, with
     ``1e-3`` read as the float 0.001.
 

@@ -158,7 +158,7 @@ def start_ray(cfg: ExperimentConfig, num_cpus: int | None = None) -> None:
     started_here = False
     if not ray.is_initialized():
         check_ray_target(cfg, num_cpus)
-        started_here = cfg.engine.ray_address is None and "RAY_ADDRESS" not in os.environ
+        started_here = _starts_local_ray(cfg)
         # ERROR: Ray's driver-side warnings (e.g. that token authentication is on) are not the
         # user's business here; worker errors still reach the run as exceptions.
         # A local Ray started here returns objects up to LOCAL_INLINE_BYTES in the reply of the
@@ -324,7 +324,7 @@ def open_for_resume(run_dir: str | Path, config_path: str | None, overrides: lis
         raise FedsimError(f"{str(run_dir)!r} is not a fedsim run directory (no {missing[0]}); pass the directory "
                           "that 'fedsim run' printed after 'results:'")
     try:
-        raw = yaml.safe_load(storage.read_bytes(storage.join(run_dir, "config.yaml")))
+        raw = config.load_yaml(storage.read_bytes(storage.join(run_dir, "config.yaml")))
         stored = config.parse(raw)
     except (yaml.YAMLError, FedsimError):
         raise FedsimError(f"the config.yaml in {str(run_dir)!r} is damaged or from another fedsim version; "
