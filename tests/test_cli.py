@@ -26,9 +26,11 @@ def only_run_dir(out: Path) -> Path:
 
 
 def test_default_experiment_reaches_90_percent_and_prints_the_summary(tmp_path):
-    # The built-in main job, unchanged except for the in-process backend (tests/test_engine.py
-    # proves both backends give identical results).
-    r = fedsim("run", "--set", "engine.backend=sequential", "--out", str(tmp_path), "--no-progress")
+    # The built-in main job's FedAvg run, unchanged except for the in-process backend
+    # (tests/test_engine.py proves both backends give identical results); its FedProx run, whose
+    # accuracy is not asserted here, is cut to one round to keep the suite short.
+    r = fedsim("run", "--set", "engine.backend=sequential", "--set", "runs.1.rounds=1", "--out", str(tmp_path),
+               "--no-progress")
     assert r.returncode == 0, r.stderr
     for col in ("run", "final_acc", "best_acc", "MB_up", "MB_down", "wall_s"):
         assert col in r.stdout
