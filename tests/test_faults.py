@@ -162,8 +162,8 @@ def test_round_timeout_drop_records_late_clients_and_fail_stops_only_that_run(ra
     assert runs_t.loc["next", "status"] in ("finished", "failed")  # the next run still ran
 
 
-def _stand_in_worker_class(replacement_start_s: float):
-    """A Ray actor with ClientWorker's calls whose clients behave on cue: client 1 takes 60 s,
+def _stand_in_worker_class(replacement_start_s: float, late_s: float = 60.0):
+    """A Ray actor with ClientWorker's calls whose clients behave on cue: client 1 takes ``late_s``,
     client 5 kills its worker process on its first attempt, clients 7 and up on every attempt;
     the others answer at once with an upload that names them. A replacement (started by the
     backend, with ClientWorker's arguments) takes ``replacement_start_s`` to start, as a real one
@@ -186,7 +186,7 @@ def _stand_in_worker_class(replacement_start_s: float):
                 if t.client_id >= 7 or (t.client_id == 5 and t.attempt == 0):
                     os._exit(1)
                 if t.client_id == 1:
-                    time.sleep(60)
+                    time.sleep(late_s)
             return pack_uploads([ClientResult(client_id=t.client_id, round=t.round, n_examples=10,
                                               upload={"w": np.full(3, t.client_id, dtype=np.float32)},
                                               train_loss=0.5, bytes_up=12, bytes_down=12, seconds=0.0, worker="w",
@@ -196,13 +196,13 @@ def _stand_in_worker_class(replacement_start_s: float):
     return StandIn
 
 
-def _stand_in_backend(engine: dict, replacement_start_s: float = 0.0):
+def _stand_in_backend(engine: dict, replacement_start_s: float = 0.0, late_s: float = 60.0):
     import ray
 
     from fedsim.engine.backends import RayBackend
 
     cfg = config.parse(tiny_experiment(engine={"backend": "ray", **engine}))
-    cls = _stand_in_worker_class(replacement_start_s)
+    cls = _stand_in_worker_class(replacement_start_s, late_s)
     pool = [cls.remote(start_s=0.0) for _ in range(engine["num_workers"])]
     ray.get([w.pid.remote() for w in pool])
     backend = RayBackend(cfg, ray.put(None), workers=pool)
@@ -255,6 +255,19 @@ def test_a_client_retried_after_its_worker_died_mid_round_is_not_late_for_the_re
         results = _round(cfg, backend, 0, (4, 5, 6))
         assert [(x.client_id, x.dropped, x.attempt) for x in results] == [(4, False, 0), (5, False, 1), (6, False, 0)]
         assert results[1].upload["w"].tolist() == [5.0] * 3
+    finally:
+        backend.close()
+
+
+def test_wait_policy_keeps_a_late_client_and_its_worker(ray_local):
+    cfg, backend, pool = _stand_in_backend({**DROP, "round_timeout_s": 1, "timeout_policy": "wait"}, late_s=3.0)
+    try:  # client 1 takes 3 s against a 1 s deadline
+        t0 = time.monotonic()
+        results = _round(cfg, backend, 0, (0, 1, 2))
+        assert time.monotonic() - t0 >= 3.0
+        assert [(x.client_id, x.dropped) for x in results] == [(0, False), (1, False), (2, False)]
+        assert results[1].upload["w"].tolist() == [1.0] * 3
+        assert backend.workers == pool and backend._spawned == len(pool)  # nobody replaced
     finally:
         backend.close()
 
