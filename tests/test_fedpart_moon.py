@@ -170,19 +170,22 @@ def test_moon_loss_on_a_hand_computable_case():
     assert abs(float(contrastive_loss(z, z_glob, z_prev, tau)) - (l1 + l2) / 2) < 1e-6
 
 
-def test_moon_step_contrasts_with_the_received_global_and_the_previous_local_model():
+@pytest.mark.parametrize("model_name,shape", [("digits_cnn+moon", (1, 8, 8)), ("resnet8+moon", (3, 32, 32))],
+                         ids=["digits_cnn", "resnet8-batchnorm"])
+def test_moon_step_contrasts_with_the_received_global_and_the_previous_local_model(model_name, shape):
     # One full-batch SGD step of a returning client, against an independent computation of
     # CE + mu * l_con(z, z_glob, z_prev) (Li et al. 2021, eq. 3): z_glob from the received global
-    # weights, z_prev from the client's stored previous model. Swapping the two (or dropping the
-    # term) moves the step by far more than the tolerance.
+    # weights, z_prev from the client's stored previous model, both frozen models in eval mode
+    # (with BatchNorm, ResNet-8's z then comes from the running statistics, not the batch's).
+    # Swapping the two, dropping the term, or the frozen models in train mode moves the step by
+    # far more than the tolerance.
     mu, tau, lr = 5.0, 0.5, 0.1
     cfg = cfg_for({"algorithm": "moon", "mu": mu, "tau": tau, "lr": lr, "batch_size": 64, "local_epochs": 1},
-                  model="digits_cnn+moon", clients=1)
-    algo = MOON(cfg.runs[0], cfg, 10, (1, 8, 8))
-    net = lambda seed: build_model("digits_cnn+moon", num_classes=10, input_shape=(1, 8, 8),
-                                   generator=torch_rng(seed, "init"))
+                  model=model_name, clients=1)
+    algo = MOON(cfg.runs[0], cfg, 10, shape)
+    net = lambda seed: build_model(model_name, num_classes=10, input_shape=shape, generator=torch_rng(seed, "init"))
     glob, prev = net(1).state_dict(), net(2).state_dict()
-    ds = toy(n_clients=1, per_client=12)
+    ds = toy(shape=shape, n_clients=1, per_client=12)
     x, y = torch.from_numpy(ds.train.x), torch.from_numpy(ds.train.y)
     model = net(3)
     model.load_state_dict(glob)
@@ -192,10 +195,11 @@ def test_moon_step_contrasts_with_the_received_global_and_the_previous_local_mod
                         state={"prev": P.to_numpy(prev)})
     upload, _ = algo.local_update(ctx)
 
-    def step(positive, negative):
+    def step(positive, negative, frozen_in_eval=True):
         ref, a, b = net(4), net(5), net(6)
         for m, weights in ((ref, glob), (a, positive), (b, negative)):
             m.load_state_dict(weights)
+        a.train(not frozen_in_eval), b.train(not frozen_in_eval)
         logits, z = ref(x, return_projection=True)
         with torch.no_grad():
             za, zb = a(x, return_projection=True)[1], b(x, return_projection=True)[1]
@@ -207,6 +211,9 @@ def test_moon_step_contrasts_with_the_received_global_and_the_previous_local_mod
     for k in expected:
         torch.testing.assert_close(upload[k], expected[k], rtol=1e-5, atol=1e-6)
     assert max(float((expected[k] - swapped[k]).abs().max()) for k in expected) > 1e-3
+    if model_name.startswith("resnet8"):  # train and eval mode differ only with BatchNorm
+        in_train = step(glob, prev, frozen_in_eval=False)
+        assert max(float((expected[k] - in_train[k]).abs().max()) for k in expected) > 1e-3
     assert ctx.frozen_forwards == 2
 
 
