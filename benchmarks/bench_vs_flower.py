@@ -30,8 +30,7 @@ process imports only fedsim's data, model and seed helpers), start-up (from proc
 round 1 is done), the seconds of rounds 2..R, per-round p50 and p95 (rounds 2..R, from
 the round-end times: fedsim's event stream, Flower's ``evaluate_fn`` calls), peak memory of the
 process tree (summed PSS and RSS, see ``_common.py``; sampled every 0.5 s by the parent process)
-and the final test accuracy; then the
-ratios Flower / fedsim. Each framework runs ``--repeats`` times (default 1), alternating.
+and the final test accuracy; then the ratios Flower / fedsim. Each framework runs ``--repeats`` times (default 1), alternating.
 
 Needs the ``bench`` extra (flwr 1.42). Run: ``python benchmarks/bench_vs_flower.py
 [--rounds 100] [--repeats 1]``.
@@ -229,8 +228,7 @@ def child(framework: str, rounds: int, cpus: int, cohorts_file: str | None) -> d
     return {"framework": framework, "wall": res["t_end"] - start, "imports": res["t0"] - start,
             "startup": ends[0] - start,
             "rounds_2_to_R": ends[-1] - ends[0], "p50": float(np.percentile(gaps, 50)),
-            "p95": float(np.percentile(gaps, 95)), "rounds": len(ends), "accuracy": res["accuracy"],
-}
+            "p95": float(np.percentile(gaps, 95)), "rounds": len(ends), "accuracy": res["accuracy"]}
 
 
 def main() -> None:

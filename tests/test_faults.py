@@ -15,7 +15,6 @@ import pandas as pd
 import psutil
 import pytest
 import torch
-import yaml
 
 from fedsim import config
 from fedsim.engine import api
@@ -56,11 +55,10 @@ def _cli(*args, **kw):
 def test_sigkilled_driver_resumes_to_the_uninterrupted_results(tmp_path):
     cfg_file = tmp_path / "resumable.yaml"
     cfg_file.write_text(RESUMABLE)
-    clean_dir, clean_events = _ray_run(yaml.safe_load(RESUMABLE), tmp_path / "clean")  # in-process, uninterrupted
+    clean_dir, clean_events = _ray_run(config.load_yaml(RESUMABLE), tmp_path / "clean")  # in-process, uninterrupted
     list(clean_events)
 
     proc = _cli(str(cfg_file), "--out", str(tmp_path / "killed"))
-
     deadline = time.monotonic() + 600
     rounds_file = None
     while time.monotonic() < deadline:  # kill in FedMA's second round, mid layer-wise pass
@@ -260,7 +258,8 @@ def test_a_client_retried_after_its_worker_died_mid_round_is_not_late_for_the_re
 
 
 def test_wait_policy_keeps_a_late_client_and_its_worker(ray_local):
-    cfg, backend, pool = _stand_in_backend({**DROP, "round_timeout_s": 1, "timeout_policy": "wait"}, late_s=3.0)
+    wait = {"clients_per_round": 3, "num_workers": 2, "round_timeout_s": 1, "timeout_policy": "wait"}
+    cfg, backend, pool = _stand_in_backend(wait, late_s=3.0)
     try:  # client 1 takes 3 s against a 1 s deadline
         t0 = time.monotonic()
         results = _round(cfg, backend, 0, (0, 1, 2))

@@ -199,7 +199,8 @@ def test_moon_step_contrasts_with_the_received_global_and_the_previous_local_mod
         ref, a, b = net(4), net(5), net(6)
         for m, weights in ((ref, glob), (a, positive), (b, negative)):
             m.load_state_dict(weights)
-        a.train(not frozen_in_eval), b.train(not frozen_in_eval)
+        for frozen in (a, b):
+            frozen.train(not frozen_in_eval)
         logits, z = ref(x, return_projection=True)
         with torch.no_grad():
             za, zb = a(x, return_projection=True)[1], b(x, return_projection=True)[1]
