@@ -82,6 +82,7 @@ class RunConfig(_Strict):
     ``batch_size`` examples. ``bn_stats``: BatchNorm running statistics are averaged like weights
     (``shared``) or stay with each client (``local``, FedPart's authors' code), for every
     algorithm. Subclasses add algorithm-specific keys.
+
     """
 
     algorithm: str
@@ -113,7 +114,27 @@ class RunConfig(_Strict):
 # in a config file is reported in a fraction of a second.
 
 
-class FedProxConfig(RunConfig):
+class FullNetworkConfig(RunConfig):
+    """A run whose clients train the whole network from the server's model (fedavg, and the base
+    of fedprox, moon and fedpart): adds where round 0 starts.
+
+    ``init: shared`` (default) starts every client of round 0 from the server's initial model,
+    as every later round starts from the server's model. ``init: independent`` is the FedMA
+    paper's baseline protocol "without a shared initialisation" (Wang et al., ICLR 2020, App. A;
+    IBM/FedMA main.py: ``local_train`` trains each client's own init, ``averaged_weights`` is
+    their example-weighted mean, and ``fedavg_comm``/``fedprox_comm`` continue from it): in round
+    0 each client trains from its own initialisation (the (seed, "init", 0, client + 1) stream, as
+    FedMA's clients), nothing is sent down (0 bytes), the local loss is the plain cross-entropy
+    (nothing was received for FedProx's proximal or MOON's contrastive term to refer to), and the
+    round's aggregate averages these independently trained models; from round 1 on the run is the
+    ordinary algorithm. FedPart's round 0 must then be a full-network warm-up round. Algorithms
+    with fixed start semantics (fedma, pfnm, ensemble, local, entire_data) have no ``init`` key.
+    """
+
+    init: Literal["shared", "independent"] = "shared"
+
+
+class FedProxConfig(FullNetworkConfig):
     """FedProx run: ``mu`` is the proximal coefficient (FedMA's baselines: 0.001)."""
 
     mu: float = 0.001
@@ -124,7 +145,7 @@ class FedProxConfig(RunConfig):
                               "0.001, 0.01, 0.1, 0.5, 1")
 
 
-class MoonConfig(RunConfig):
+class MoonConfig(FullNetworkConfig):
     """MOON run: ``mu`` weighs the contrastive loss (paper: 5 on CIFAR-10, 1 on CIFAR-100);
     ``tau`` is the temperature (0.5)."""
 
@@ -137,7 +158,7 @@ class MoonConfig(RunConfig):
                               f"(got mu={self.mu}, tau={self.tau})")
 
 
-class FedPartConfig(RunConfig):
+class FedPartConfig(FullNetworkConfig):
     """FedPart run. ``rounds`` is not set: it follows from cycles * (W + R * G).
 
     ``mu``: FedProx's proximal or MOON's contrastive coefficient (defaults 0.001 and 5);
@@ -161,16 +182,35 @@ class FedPartConfig(RunConfig):
                               "and rounds_per_group; remove rounds and set cycles")
         if self.warmup_rounds < 0 or self.rounds_per_group < 1 or self.cycles < 1:
             raise FedsimError(f"'{where}': fedpart needs warmup_rounds >= 0, rounds_per_group >= 1 and cycles >= 1")
+        if self.init == "independent" and self.warmup_rounds == 0:
+            raise FedsimError(f"config key '{where}.init': independent needs a whole-network round 0, but with "
+                              "warmup_rounds 0 fedpart's round 0 is partial; set warmup_rounds >= 1 or init: shared")
 
 
 class FedMAConfig(RunConfig):
     """FedMA run. ``rounds`` counts FedMA rounds (each N communication rounds for N layers).
 
-    sigma2, sigma0_2, gamma, iterations: BBP-MAP hyper-parameters (ALGORITHMS.md section 2;
+    sigma2, sigma0_2, gamma, iterations: BBP-MAP hyper-parameters (docs/algorithms.md section 2;
     authors' defaults 1, 1, 7, 5; Shakespeare uses gamma 1e-3). ``retrain_epochs``: epochs of the
     layer-wise retraining (default: ``local_epochs``). ``momentum`` defaults to the paper's 0.9.
     ``weight_decay`` applies to the whole-model local training that starts each FedMA round; the
-    layer-wise retraining uses none and the classifier round 1e-4 (paper App. A).
+    layer-wise retraining uses none.
+
+    Protocol options (docs/algorithms.md section 4; each default is the authors' code):
+
+    * ``classifier_retrain``: how clients retrain when only the classifier is left. ``appendix_a``:
+      lr / 10, weight decay 1e-4, 3x the retrain epochs (paper App. A; IBM/FedMA main.py, 
+      local_retrain, for every CNN); ``plain``: the run's lr, weight decay 1e-4, the retrain epochs
+      (IBM/FedMA language_modeling/lstm_fedma_with_comm.py, the LSTM's decoder); ``auto``:
+      ``plain`` for a model with an LSTM layer, else ``appendix_a``.
+    * ``lstm_estimate``: the global embedding and LSTM input-to-hidden neurons are the ``mean`` of
+      the matched clients' (authors' LSTM code) or the prior-shrunk ``map`` estimate that every
+      other layer kind uses.
+    * ``growth_budget``: the authors' cap on a matched layer's growth, new neurons offered per
+      client min(L_j, max(budget - L, 1)) (their code: 700); null: no cap.
+    * ``match_outgoing``: match the last hidden layer's neurons with their classifier weights
+      appended to the atom (PFNM's authors' code); FedMA's authors' code matches incoming weights
+      only (false).
     """
 
     rounds: int = 1
@@ -181,6 +221,10 @@ class FedMAConfig(RunConfig):
     iterations: int = 5
     retrain_epochs: int | None = None
     max_global_neurons: int | None = None
+    growth_budget: int | None = None
+    classifier_retrain: Literal["auto", "appendix_a", "plain"] = "auto"
+    lstm_estimate: Literal["mean", "map"] = "mean"
+    match_outgoing: bool = False
 
     def check(self, where: str, experiment: ExperimentConfig) -> None:
         for key in ("sigma2", "sigma0_2", "gamma"):
@@ -188,6 +232,9 @@ class FedMAConfig(RunConfig):
                 raise FedsimError(f"config key '{where}.{key}' must be > 0 (got {getattr(self, key)})")
         if self.iterations < 0:
             raise FedsimError(f"config key '{where}.iterations' must be >= 0 (got {self.iterations})")
+        if self.growth_budget is not None and self.growth_budget < 1:
+            raise FedsimError(f"config key '{where}.growth_budget' must be >= 1 or null (got {self.growth_budget}); "
+                              "the authors use 700")
         if experiment.engine.clients_per_round != experiment.data.num_clients:
             raise FedsimError(f"{self.algorithm} matches every client's model: set engine.clients_per_round to "
                               f"data.num_clients ({experiment.data.num_clients})")
@@ -199,9 +246,12 @@ class FedMAConfig(RunConfig):
 
 
 class PFNMConfig(FedMAConfig):
-    """PFNM one-shot run: a single communication round (``rounds`` must stay 1)."""
+    """PFNM one-shot run: a single communication round (``rounds`` must stay 1). Local training
+    uses momentum 0.9 as the authors' (IBM/FedMA main.py, train_net), and the last hidden layer is
+    matched with its classifier weights (``match_outgoing``, PFNM's authors' code; see
+    docs/algorithms.md section 4 for why)."""
 
-    momentum: float = 0.0
+    match_outgoing: bool = True
 
     def check(self, where: str, experiment: ExperimentConfig) -> None:
         super().check(where, experiment)
@@ -210,9 +260,11 @@ class PFNMConfig(FedMAConfig):
 
 
 class OneShotConfig(RunConfig):
-    """A one-shot baseline: ``rounds`` must stay 1."""
+    """A one-shot baseline: ``rounds`` must stay 1; local training uses momentum 0.9 as the
+    FedMA authors' (IBM/FedMA main.py, train_net)."""
 
     rounds: int = 1
+    momentum: float = 0.9
 
     def check(self, where: str, experiment: ExperimentConfig) -> None:
         if self.rounds != 1:
@@ -248,11 +300,15 @@ DEFAULT_EXPERIMENT: dict[str, Any] = {
     "model": {"name": "digits_cnn"},
     "engine": {"backend": "ray", "clients_per_round": 10},
     "runs": [
-        {"algorithm": "fedavg", "rounds": 30, "local_epochs": 2, "lr": 0.05, "batch_size": 16},
-        {"algorithm": "fedprox", "rounds": 30, "local_epochs": 2, "lr": 0.05, "batch_size": 16,
-         "mu": 0.01},
+        {"algorithm": "fedavg", "rounds": 26, "local_epochs": 2, "lr": 0.05, "batch_size": 16},
+        {"algorithm": "fedprox", "rounds": 26, "local_epochs": 2, "lr": 0.05, "batch_size": 16, "mu": 0.01},
+        {"algorithm": "fedpart", "optimizer": "sgd", "lr": 0.05, "local_epochs": 2, "batch_size": 16,
+         "warmup_rounds": 5, "rounds_per_group": 2, "cycles": 2},
+        {"algorithm": "fedma", "rounds": 3, "local_epochs": 2, "retrain_epochs": 2, "lr": 0.05, "batch_size": 16},
     ],
 }
+"""The built-in experiment (``fedsim run`` with no file; the same as jobs/digits.yaml): FedAvg,
+FedProx, FedPart and FedMA side by side on the same 10 Dirichlet(0.5) digits clients."""
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
@@ -338,8 +394,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 RUN_CONFIGS: dict[str, type[RunConfig]] = {
-    "fedavg": RunConfig, "fedprox": FedProxConfig, "moon": MoonConfig, "fedpart": FedPartConfig,
-    "fedma": FedMAConfig, "pfnm": PFNMConfig, "ensemble": OneShotConfig, "entire_data": RunConfig,
+    "fedavg": FullNetworkConfig, "fedprox": FedProxConfig, "moon": MoonConfig, "fedpart": FedPartConfig,
+    "fedma": FedMAConfig, "pfnm": PFNMConfig, "ensemble": OneShotConfig, "local": OneShotConfig,
+    "entire_data": RunConfig,
 }
 """``algorithm:`` name -> its run-config class (each algorithm's ``Config`` in
 :data:`fedsim.algorithms.ALGORITHMS`)."""

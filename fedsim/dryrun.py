@@ -11,7 +11,9 @@ which draws no features). The projection replays, per round, what the engine wou
 * bytes (:func:`fedsim.accounting.project_run`): per cohort client the uploaded tensors (all
   parameters in a full round, the active group's in a partial one; BatchNorm running statistics
   too only under ``bn_stats: shared``), and the whole ``state_dict`` down every round (that is
-  what the engine broadcasts, whatever it uses);
+  what the engine broadcasts, whatever it uses), except round 0 under ``init: independent``,
+  when every client starts from its own initialisation and nothing goes down (0 bytes; FedMA
+  App. A, IBM/FedMA main.py; :meth:`fedsim.algorithms.base.Algorithm.starts_from_own_init`);
 * compute: ``sum_{j in cohort} n_j * local_epochs * (3F full | 2F partial)`` multiply-accumulates,
   F counted the way ``thop`` counts (FedPart, NeurIPS 2024, section 5 and its cost table), the
   same convention as the ``flops`` column the engine logs; MOON's loss (``moon``, or ``fedpart``
@@ -37,7 +39,7 @@ from fedsim.errors import FedsimError
 #: Algorithms whose every round trains and moves the whole network.
 FULL_NETWORK = ("fedavg", "fedprox", "moon")
 #: Algorithms whose single round uploads each client's locally trained model and sends nothing down.
-ONE_SHOT = ("pfnm", "ensemble")
+ONE_SHOT = ("pfnm", "ensemble", "local")
 #: Algorithms that cannot be projected before running, with the reason.
 NOT_PROJECTABLE = {
     "fedma": "not projectable: the global model's size depends on matching (each layer grows "
@@ -303,10 +305,11 @@ def project_experiment(cfg: ExperimentConfig) -> tuple[ClientSizes, list[DryRun]
 
     Per run: fedavg/fedprox/moon: ``rounds`` full rounds; fedpart: its algorithm's schedule
     (FedPart, NeurIPS 2024, section 5; ``bn_stats: shared`` sends BatchNorm statistics with their
-    layer, ``local`` keeps them home); pfnm/ensemble: one round, each cohort client uploads its
+    layer, ``local`` keeps them home); pfnm/ensemble/local: one round, each cohort client uploads its
     whole model (PFNM adds its class counts, K int64), nothing goes down; entire_data: pooled
     training, no bytes, compute over all clients' examples; fedma: not projectable (a note, no
-    rounds). Compute counts 3F per example and epoch in a full round, 2F in a partial one, and
+    rounds). Under ``init: independent`` (fedavg, fedprox, moon, fedpart) round 0 sends nothing
+    down, as the engine logs it. Compute counts 3F per example and epoch in a full round, 2F in a partial one, and
     MOON's frozen forward passes (2F) for clients that trained in an earlier round.
 
     Returns:
@@ -360,6 +363,8 @@ def project_experiment(cfg: ExperimentConfig) -> tuple[ClientSizes, list[DryRun]
             returning = int(sizes.sizes[[c for c in cohort if c in seen]].sum())
             seen.update(cohort)
             up, down, clients, global_params = rp.bytes_up, k * state_bytes, k, params
+            if algo.starts_from_own_init(rp.round):  # init: independent's round 0: clients use their own inits
+                down = 0
             phase = rp.phase
             if rp.phase == "partial":
                 trainable = sum(named[t].numel() for t in groups[rp.group].tensors if t in named)

@@ -174,3 +174,28 @@ def test_ensemble_predicts_the_uniform_mean_of_its_members_softmax():
     assert loss == pytest.approx(float(-torch.log(mix[torch.arange(len(y)), y]).mean()), rel=1e-5)
     single = float(-torch.log(probs[0][torch.arange(len(y)), y]).mean())
     assert abs(loss - single) > 1e-3  # one member alone would not pass
+
+
+def test_local_models_report_the_mean_of_each_members_own_accuracy_and_loss():
+    # FedMA paper, Figure 1's "local models": every client's model on the global test set, averaged.
+    from fedsim.algorithms.baselines import LocalModels
+
+    ds = toy_dataset(n_clients=3, per_client=5)
+    cfg = config.parse(tiny_experiment(data={"dataset": "digits", "num_clients": 3},
+                                       engine={"backend": "sequential", "clients_per_round": 3},
+                                       runs=[{"algorithm": "local"}]))
+    algo = LocalModels(cfg.runs[0], cfg, 10, (1, 8, 8))
+    members = [build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8), generator=torch_rng(s, "init"))
+               for s in (1, 2, 3)]
+    state0 = algo.init_state(P.clone(members[0].state_dict()))
+    results = [ClientResult(client_id=j, round=0, upload=P.to_numpy(m.state_dict()), n_examples=5, train_loss=0.0,
+                            bytes_up=0, bytes_down=0, seconds=0.0) for j, m in enumerate(members)]
+    state = algo.aggregate(state0, algo.plan_round(state0, 0, (0, 1, 2)), results)
+    acc, loss = algo.evaluate(state, build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8)), ds.test, 7)
+    x, y = torch.from_numpy(ds.test.x), torch.from_numpy(ds.test.y)
+    with torch.no_grad():
+        logits = [m.eval()(x) for m in members]
+    accs = [float((z.argmax(1) == y).float().mean()) for z in logits]
+    losses = [float(torch.nn.functional.cross_entropy(z, y)) for z in logits]
+    assert acc == pytest.approx(sum(accs) / 3)
+    assert loss == pytest.approx(sum(losses) / 3, rel=1e-5)

@@ -46,7 +46,7 @@ def _real_run_dir(root: Path) -> Path:
     """A finished tiny run, made once, to resume with a different config."""
     out = root / "done"
     r = subprocess.run([sys.executable, "-m", "fedsim.cli", "run", "--no-progress", "--out", str(out),
-                        "--set", "engine.backend=sequential", "--set", "runs.0.rounds=1", "--set", "runs.1.rounds=1",
+                        "--set", "engine.backend=sequential", "--set", "runs=[{algorithm: fedavg, rounds: 1, local_epochs: 2, lr: 0.05, batch_size: 16}, {algorithm: fedprox, rounds: 1, local_epochs: 2, lr: 0.05, batch_size: 16, mu: 0.01}]",
                         "--set", "data.num_clients=3", "--set", "engine.clients_per_round=3"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

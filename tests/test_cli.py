@@ -27,10 +27,10 @@ def only_run_dir(out: Path) -> Path:
 
 def test_default_experiment_reaches_90_percent_and_prints_the_summary(tmp_path):
     # The built-in main job's FedAvg run, unchanged except for the in-process backend
-    # (tests/test_engine.py proves both backends give identical results); its FedProx run, whose
-    # accuracy is not asserted here, is cut to one round to keep the suite short.
-    r = fedsim("run", "--set", "engine.backend=sequential", "--set", "runs.1.rounds=1", "--out", str(tmp_path),
-               "--no-progress")
+    # (tests/test_engine.py proves both backends give identical results); its FedProx, FedPart and
+    # FedMA runs, whose accuracy is not asserted here, are cut short to keep the suite short.
+    r = fedsim("run", "--set", "engine.backend=sequential", "--set", "runs.1.rounds=1", "--set", "runs.2.cycles=1",
+               "--set", "runs.3.rounds=1", "--out", str(tmp_path), "--no-progress")
     assert r.returncode == 0, r.stderr
     for col in ("run", "final_acc", "best_acc", "MB_up", "MB_down", "wall_s"):
         assert col in r.stdout
@@ -39,11 +39,11 @@ def test_default_experiment_reaches_90_percent_and_prints_the_summary(tmp_path):
     rounds = pd.read_parquet(run_dir / "rounds.parquet")
     final = rounds[rounds.run_id == "fedavg"].sort_values("round")["test_accuracy"].iloc[-1]
     assert final >= 0.90
-    assert set(pd.read_parquet(run_dir / "runs.parquet")["algorithm"]) == {"fedavg", "fedprox"}
+    assert set(pd.read_parquet(run_dir / "runs.parquet")["algorithm"]) == {"fedavg", "fedprox", "fedpart", "fedma"}
 
 
 def test_run_with_ray_backend_and_overrides_writes_three_tables(tmp_path):
-    r = fedsim("run", "jobs/digits.yaml", "--set", "runs.0.rounds=2", "--set", "runs.1.rounds=1",
+    r = fedsim("run", "jobs/digits.yaml", "--set", "runs=[{algorithm: fedavg, rounds: 2, local_epochs: 2, lr: 0.05, batch_size: 16}, {algorithm: fedprox, rounds: 1, local_epochs: 2, lr: 0.05, batch_size: 16, mu: 0.01}]",
                "--set", "data.num_clients=4", "--set", "engine.clients_per_round=2", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr
     run_dir = only_run_dir(tmp_path)
@@ -57,7 +57,7 @@ def test_run_with_ray_backend_and_overrides_writes_three_tables(tmp_path):
 # --- Failing fast and leaving nothing half-made (in-process where nothing can hang) ---------------
 
 TINY = ["--no-progress", "--set", "engine.backend=sequential", "--set", "data.num_clients=3",
-        "--set", "engine.clients_per_round=3", "--set", "runs.0.rounds=2", "--set", "runs.1.rounds=1"]
+        "--set", "engine.clients_per_round=3", "--set", "runs=[{algorithm: fedavg, rounds: 2, local_epochs: 2, lr: 0.05, batch_size: 16}, {algorithm: fedprox, rounds: 1, local_epochs: 2, lr: 0.05, batch_size: 16, mu: 0.01}]"]
 
 
 def _closed_port() -> int:

@@ -303,6 +303,7 @@ CONTRACT = {
     "fedma": ({"rounds": 1, "iterations": 1}, "digits_cnn"),
     "pfnm": ({"iterations": 1}, "digits_cnn"),
     "ensemble": ({}, "digits_cnn"),
+    "local": ({}, "digits_cnn"),
     "entire_data": ({"rounds": 2}, "digits_cnn"),
 }
 

@@ -42,7 +42,7 @@ BIN = Path(sys.executable).parent
 PORT_FLAGS = ("port", "dashboard-port", "ray-client-server-port", "node-manager-port", "object-manager-port",
               "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
               "metrics-export-port")
-TINY = ["--set", "runs.0.rounds=2", "--set", "runs.1.rounds=1", "--set", "data.num_clients=4",
+TINY = ["--set", "runs=[{algorithm: fedavg, rounds: 2, local_epochs: 2, lr: 0.05, batch_size: 16}, {algorithm: fedprox, rounds: 1, local_epochs: 2, lr: 0.05, batch_size: 16, mu: 0.01}]", "--set", "data.num_clients=4",
         "--set", "engine.clients_per_round=2", "--set", "engine.worker_resources={fedsim_worker: 0.001}"]
 
 

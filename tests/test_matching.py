@@ -737,3 +737,23 @@ def test_slicing_heterogeneous_clients_restores_their_architectures(cls):
         back = slice_to_client(glob, layers, [res.assignments[j] for res in results])
         assert {k: tuple(v.shape) for k, v in back.items()} == {k: tuple(v.shape) for k, v in st.items()}
         run(cls, back, x)  # loads into a model of the client's own widths
+
+
+def test_growth_budget_follows_the_authors_rule():
+    # IBM/FedMA matching/pfnm.py, compute_cost: a client is offered min(L_j, max(B - L, 1)) new neurons.
+    # Three clients of 5 mutually orthogonal atoms each and a huge IBP mass, so every offered new column is
+    # taken: the first opens 5 (L = 5), the second is offered min(5, max(7 - 5, 1)) = 2 (L = 7), the third
+    # min(5, max(0, 1)) = 1 (L = 8). Without the budget every atom opens a neuron (L = 15).
+    eye = np.eye(15)
+    atoms = [eye[0:5] * 3, eye[5:10] * 3, eye[10:15] * 3]
+    kw = dict(sigma2=0.01, sigma0_2=1.0, gamma=1e6, iterations=0)
+    assert bbp_map(atoms, **kw).n_global == 15
+    res = bbp_map(atoms, growth_budget=7, **kw)
+    assert res.n_global == 8
+    assert [int((a >= L).sum()) for a, L in zip(res.assignments[1:], (5, 7))] == [2, 1]  # new neurons opened
+    # a client with more neurons than L + 1 columns still gets one column per neuron
+    big = [eye[0:2] * 3, eye[2:8] * 3]
+    res = bbp_map(big, growth_budget=1, **kw)
+    assert sorted(res.assignments[1].tolist()) == list(range(6))
+    with pytest.raises(ValueError, match="growth_budget"):
+        bbp_map(atoms, growth_budget=0, **kw)

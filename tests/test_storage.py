@@ -118,7 +118,7 @@ def test_an_unusable_output_uri_is_one_line_naming_it(out, needle):
 def test_cli_run_accepts_a_file_uri_for_out(tmp_path):
     out = f"file://{tmp_path}/res"
     r = subprocess.run([sys.executable, "-m", "fedsim.cli", "run", "--set", "engine.backend=sequential",
-                        "--set", "runs.0.rounds=1", "--set", "runs.1.rounds=1", "--set", "data.num_clients=4",
+                        "--set", "runs=[{algorithm: fedavg, rounds: 1, local_epochs: 2, lr: 0.05, batch_size: 16}, {algorithm: fedprox, rounds: 1, local_epochs: 2, lr: 0.05, batch_size: 16, mu: 0.01}]", "--set", "data.num_clients=4",
                         "--set", "engine.clients_per_round=2", "--out", out, "--no-progress"],
                        cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True,
                        timeout=300)

@@ -1,14 +1,14 @@
 """Algorithm registry: ``algorithm:`` name -> class. Each algorithm is one small module."""
 
 from fedsim.algorithms.base import Algorithm, ClientContext, ClientResult, ClientTask, RoundPlan, ServerState
-from fedsim.algorithms.baselines import Ensemble, EntireData
+from fedsim.algorithms.baselines import Ensemble, EntireData, LocalModels
 from fedsim.algorithms.fedavg import FedAvg
 from fedsim.algorithms.fedma import PFNM, FedMA
 from fedsim.algorithms.fedpart import FedPart
 from fedsim.algorithms.moon import MOON
 from fedsim.algorithms.fedprox import FedProx
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FedAvg, FedProx, MOON, FedPart, FedMA, PFNM, Ensemble, EntireData)}
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FedAvg, FedProx, MOON, FedPart, FedMA, PFNM, Ensemble, LocalModels, EntireData)}
 
 __all__ = ["ALGORITHMS", "Algorithm", "ClientContext", "ClientResult", "ClientTask", "FedAvg", "FedMA", "FedPart", "FedProx", "MOON", "PFNM",
            "RoundPlan", "ServerState"]

@@ -10,6 +10,7 @@ the aggregation. Round plans and client results are frozen dataclasses with type
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -43,6 +44,11 @@ class RoundPlan:
             (False in the middle of FedMA's layer-wise pass).
         pooled: one task trains on the union of all clients' data and nothing crosses a wire
             (the entire-data baseline); its bytes are 0.
+        own_init: every client starts from its own initialisation (:meth:`Algorithm.own_init`)
+            instead of the server's model, the server sends nothing (0 downlink bytes), and the
+            local loss is the plain cross-entropy: round 0 under ``init: independent``, the FedMA
+            paper's baselines "without a shared initialisation" (App. A; IBM/FedMA main.py,
+            ``local_train`` before ``averaged_weights``).
     """
 
     round: int
@@ -57,6 +63,7 @@ class RoundPlan:
     upload: tuple[str, ...] | None = None
     evaluate: bool = True
     pooled: bool = False
+    own_init: bool = False
 
 
 @dataclass(frozen=True)
@@ -212,15 +219,26 @@ class Algorithm:
         """Server state before round 0, from the initial global weights."""
         return ServerState(params=P.clone(params))
 
+    def starts_from_own_init(self, round: int) -> bool:
+        """Whether ``round``'s clients start from their own initialisations with nothing sent down:
+        round 0 under ``init: independent`` (the FedMA paper's FedAvg/FedProx baselines "without a
+        shared initialisation", App. A; IBM/FedMA main.py trains each client's own init in
+        ``local_train``, averages them into ``averaged_weights`` and runs ``fedavg_comm`` from
+        there). The plan (:attr:`RoundPlan.own_init`) and the dry run's bytes both come from here."""
+        return round == 0 and getattr(self.cfg, "init", "shared") == "independent"
+
     def plan_round(self, state: ServerState, round: int, cohort: tuple[int, ...]) -> RoundPlan:
         """The plan of ``round`` for the engine-sampled ``cohort`` (same cohort for every algorithm)."""
         c = self.cfg
         return RoundPlan(round=round, cohort=cohort, local_epochs=c.local_epochs, lr=c.lr,
-                         momentum=c.momentum, weight_decay=c.weight_decay)
+                         momentum=c.momentum, weight_decay=c.weight_decay,
+                         own_init=self.starts_from_own_init(round))
 
     def downlink(self, state: ServerState, plan: RoundPlan) -> P.Params:
-        """Tensors broadcast to every cohort client (put in the object store once per round)."""
-        return state.params
+        """Tensors broadcast to every cohort client (put in the object store once per round):
+        the global model, or nothing (0 bytes) when the plan's clients start from their own
+        initialisations (``plan.own_init``)."""
+        return {} if plan.own_init else state.params
 
     def client_downlink(self, state: ServerState, plan: RoundPlan, client_id: int) -> P.Params | None:
         """Tensors sent to one client on top of the broadcast (FedMA: its sliced model or its
@@ -268,8 +286,12 @@ class Algorithm:
                 its state_dict (FedMA's clients start from independent initialisations).
 
         The default trains the received global model at the experiment's widths, with the
-        client's own BatchNorm statistics under ``bn_stats: local``.
+        client's own BatchNorm statistics under ``bn_stats: local``; when the plan says
+        ``own_init`` (round 0 under ``init: independent``; nothing was received) it trains the
+        client's own initialisation (:meth:`own_init`) instead, whole state_dict included.
         """
+        if task.plan.own_init:
+            return None, self.own_init(task, init)
         if self.keeps_bn_local and state and "bn" in state:
             device = next(iter(received.values())).device
             received = {**received, **{k: v.to(device) for k, v in P.from_numpy(state["bn"]).items()}}
@@ -277,8 +299,10 @@ class Algorithm:
 
     def own_init(self, task: ClientTask, init: Callable[[torch.Generator], P.Params]) -> P.Params:
         """The client's own initial weights, shared with no other client (FedMA, PFNM and the
-        ensemble start from them): drawn from the (seed, "init", 0, client + 1) stream, so they
-        differ from the global model's (seed, "init", 0, 0) initialisation."""
+        ensemble start from them, and round 0 of a full-network run under ``init: independent``):
+        drawn from the (seed, "init", 0, client + 1) stream, so they differ from the global
+        model's (seed, "init", 0, 0) initialisation. Returns the state_dict ``init`` builds
+        (name -> tensor, the model's shapes and dtypes)."""
         from fedsim.rng import torch_rng
 
         return init(torch_rng(self.experiment.seed, "init", 0, task.client_id + 1))
@@ -297,8 +321,13 @@ class Algorithm:
 
         Batches come from a fresh permutation per epoch drawn from ``ctx.generator``; the last
         batch of an epoch may be smaller. Parameters outside ``plan.trainable`` get no gradient.
+        In an ``own_init`` round the objective is the plain cross-entropy of
+        :meth:`Algorithm.batch_loss` whatever the algorithm: nothing was received, so there is no
+        global model for FedProx's proximal or MOON's contrastive term to refer to (the FedMA
+        authors' ``local_train`` trains with cross-entropy alone, IBM/FedMA main.py ``train_net``).
         """
         model, plan, opt = ctx.model, ctx.plan, ctx.optimizer
+        batch_loss = partial(Algorithm.batch_loss, self) if plan.own_init else self.batch_loss
         n = ctx.y.shape[0]
         bs = self.cfg.batch_size
         model.train()
@@ -309,7 +338,7 @@ class Algorithm:
                 idx = order[start:start + bs]
                 xb, yb = ctx.augment(ctx.x[idx]), ctx.y[idx]
                 opt.zero_grad(set_to_none=True)
-                objective, ce = self.batch_loss(ctx, xb, yb)
+                objective, ce = batch_loss(ctx, xb, yb)
                 objective.backward()
                 opt.step()
                 loss_sum += float(ce.detach()) * len(idx)

@@ -3,6 +3,8 @@ Figure 1; ALGORITHMS.md section 4), runnable from the same experiment file as th
 
 * ``ensemble``: every client trains its own model from its own initialisation, uploads it once,
   and the prediction is the uniform average of the J local models' softmax outputs;
+* ``local``: the same local models, each evaluated on its own; the reported accuracy and loss
+  are their means over the J clients (Figure 1's "local models");
 * ``entire_data``: one model trained on the union of all clients' data (no communication).
 """
 
@@ -58,6 +60,24 @@ class Ensemble(Algorithm):
 
     def global_size(self, state: ServerState, model) -> int:
         return len(state.extra.get("members", [None])) * sum(w.numel() for w in model.parameters())
+
+
+class LocalModels(Ensemble):
+    """The clients' own models, each trained from its own initialisation and never aggregated
+    (FedMA paper, Figure 1, "local models"). Bytes are the ensemble's: each model is uploaded once
+    so that the server can evaluate it. The reported test accuracy is the mean over the J models
+    of each model's accuracy on the global test set (unweighted), the loss likewise."""
+
+    name = "local"
+
+    def evaluate(self, state: ServerState, model, split, batch_size: int) -> tuple[float, float]:
+        from fedsim.engine.loop import evaluate
+
+        scores = []
+        for member in state.extra["members"]:
+            model.load_state_dict(member)
+            scores.append(evaluate(model, split, batch_size))
+        return (sum(a for a, _ in scores) / len(scores), sum(l for _, l in scores) / len(scores))
 
 
 class EntireData(Algorithm):

@@ -5,9 +5,11 @@ All of FedAvg's behaviour is the :class:`~fedsim.algorithms.base.Algorithm` defa
 """
 
 from fedsim.algorithms.base import Algorithm
+from fedsim.config import FullNetworkConfig
 
 
 class FedAvg(Algorithm):
     """Federated averaging: w <- sum_j (n_j / n) w_j over the round's cohort."""
 
     name = "fedavg"
+    Config = FullNetworkConfig

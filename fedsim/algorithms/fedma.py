@@ -13,8 +13,9 @@ rounds, each a row of rounds.parquet (``phase``/``layer`` columns). With ``p, k 
   local neuron). The client puts the global layer in place of its own, moves its layer k's input
   axis to global positions (zero-padded), freezes layers 0..k-1, retrains layers k.. for
   ``retrain_epochs`` and uploads layer k, which the server matches.
-* k = N-1: as above, but only the classifier is left to train: lr / 10, weight decay 1e-4 and 3x
-  the epochs (paper, Appendix A). The client uploads the classifier and its class counts; the
+* k = N-1: as above, but only the classifier is left to train, with weight decay 1e-4 and, under
+  ``classifier_retrain: appendix_a`` (the default for CNNs), lr / 10 and 3x the epochs (paper,
+  Appendix A), or under ``plain`` (the default for LSTMs) the run's lr and the retrain epochs. The client uploads the classifier and its class counts; the
   server averages class k's column weighted by n_jk / sum_j n_jk (a class absent everywhere gets
   the plain mean). The global model (matched layers + classifier) is evaluated.
 
@@ -39,6 +40,7 @@ from fedsim.matching.atoms import (
     atoms_to_layer,
     layer_atoms,
     n_units,
+    outgoing_atoms,
     permute_next_input,
     permute_recurrent,
     slice_to_client,
@@ -54,24 +56,49 @@ def _tensors_of(layer: MatchLayer) -> tuple[str, ...]:
     return tuple(k for k in (layer.weight, layer.bias, *layer.recurrent) if k is not None)
 
 
-def match_layer(uploads: list[P.Params], layer: MatchLayer, cfg: FedMAConfig, seed: int) -> tuple[P.Params, list[np.ndarray]]:
-    """Match one layer across clients: BBP-MAP over the clients' atoms (ALGORITHMS.md section 2).
+def match_layer(uploads: list[P.Params], layer: MatchLayer, cfg: FedMAConfig, seed: int,
+                outgoing: bool = False) -> tuple[P.Params, list[np.ndarray]]:
+    """Match one layer across clients: BBP-MAP over the clients' atoms (docs/algorithms.md section 2).
 
     Args:
         uploads: J dicts holding the layer's tensors (input axis already in global order), e.g.
-            a linear layer's weight ``(L_j, in)`` and bias ``(L_j,)``.
-        layer: the layer's metadata; cfg: the run's BBP-MAP hyper-parameters; seed: sweep seed.
+            a linear layer's weight ``(L_j, in)`` and bias ``(L_j,)``; with ``outgoing`` also the
+            next layer's weight.
+        layer: the layer's metadata; cfg: the run's BBP-MAP hyper-parameters and protocol options
+            (``growth_budget``, ``lstm_estimate``); seed: sweep seed.
+        outgoing: append each unit's outgoing weights (:func:`fedsim.matching.outgoing_atoms`) to
+            its atom for the matching, with prior mean 0 and the same precision 1/sigma2 (PFNM's
+            authors weigh them by the client's share of each class instead; fedsim's matcher takes
+            one precision for every client). They only steer the assignment: the returned tensors
+            are the layer's own.
 
     Returns:
-        (global tensors of the layer with L units, J int64 assignments of lengths L_j). For an
+        (global tensors of the layer with L units, J int64 assignments of lengths L_j). A global
+        neuron is the prior-shrunk MAP estimate G_i / P_i, except for embedding and LSTM layers
+        under ``lstm_estimate: mean``: there it is the plain mean of its matched clients' atoms,
+        as in the authors' LSTM code (IBM/FedMA language_modeling/lstm_fedma_with_comm.py, lines
+        366-371 for the embedding, 385-398 for the input-to-hidden weights and biases). For an
         LSTM, the recurrent tensors are (1/J) sum_j Pi_j H_j Pi_j^T per gate (section 3).
     """
     atoms = [layer_atoms(u, layer) for u in uploads]
-    prior = atom_prior_mean(layer, atoms[0].shape[1])
+    D = atoms[0].shape[1]
+    prior = atom_prior_mean(layer, D)
+    if outgoing:
+        extra = [outgoing_atoms(u, layer) for u in uploads]
+        atoms = [torch.cat([a, e.to(a.dtype)], 1) for a, e in zip(atoms, extra)]
+        prior = np.concatenate([prior, np.zeros(extra[0].shape[1])])
     res = bbp_map(atoms, sigma2=cfg.sigma2, sigma0_2=cfg.sigma0_2, gamma=cfg.gamma, prior_mean=prior,
-                  iterations=cfg.iterations, seed=seed, max_global_neurons=cfg.max_global_neurons)
+                  iterations=cfg.iterations, seed=seed, max_global_neurons=cfg.max_global_neurons,
+                  growth_budget=cfg.growth_budget)
     L = int(res.global_atoms.shape[0])
-    out = atoms_to_layer(res.global_atoms, layer, uploads[0])
+    if layer.kind in ("embedding", "lstm") and cfg.lstm_estimate == "mean":
+        sums = torch.zeros((L, atoms[0].shape[1]), dtype=torch.float64)
+        for a, idx in zip(atoms, res.assignments):
+            sums.index_add_(0, torch.as_tensor(idx), a.to(torch.float64).cpu())
+        global_atoms = (sums / torch.as_tensor(res.counts, dtype=torch.float64)[:, None]).numpy()
+    else:
+        global_atoms = res.global_atoms
+    out = atoms_to_layer(global_atoms[:, :D], layer, uploads[0])
     if layer.recurrent:
         placed = [permute_recurrent(u, layer, a, L) for u, a in zip(uploads, res.assignments)]
         for key in layer.recurrent:
@@ -117,12 +144,27 @@ class FedMA(Algorithm):
             raise FedsimError(f"model {experiment.model.name!r} has no matchable layers; {self.name} needs one "
                               "of lenet, vgg9, char_lstm, digits_cnn")
         self.N = len(self.layers) + 1
+        rule = self.cfg.classifier_retrain
+        if rule == "auto":
+            rule = "plain" if any(layer.kind == "lstm" for layer in self.layers) else "appendix_a"
+        self.classifier_rule: str = rule
         self.base_widths = dict(ref.widths)
         self.param_names = tuple(name for name, _ in ref.named_parameters())
 
     # ---- schedule --------------------------------------------------------------------------
     def num_rounds(self) -> int:
         return self.cfg.rounds * self.N
+
+    def _outgoing(self, k: int) -> bool:
+        """Whether layer k is matched with its outgoing weights: only the last hidden layer (the one
+        feeding the classifier), under ``match_outgoing``."""
+        return self.cfg.match_outgoing and self.layers[k].next_weight == self.classifier_keys[0]
+
+    def _upload(self, k: int) -> tuple[str, ...]:
+        """Keys clients upload for matching layer k: its tensors, plus the classifier's weight when
+        the layer is matched with its outgoing weights."""
+        layer = self.layers[k]
+        return _tensors_of(layer) + ((layer.next_weight,) if self._outgoing(k) else ())
 
     def _frozen(self, k: int) -> set[str]:
         return {t for layer in self.layers[:k] for t in _tensors_of(layer)}
@@ -134,13 +176,17 @@ class FedMA(Algorithm):
         if k == 0:
             return RoundPlan(round=round, cohort=cohort, local_epochs=c.local_epochs, lr=c.lr, momentum=c.momentum,
                              weight_decay=c.weight_decay, phase="match", layer=0,
-                             upload=_tensors_of(self.layers[0]), evaluate=False)
+                             upload=self._upload(0), evaluate=False)
         trainable = tuple(n for n in self.param_names if n not in self._frozen(k))
         if k < self.N - 1:  # retraining layers k..N-1 after layer k-1 was matched: no weight decay (App. A)
             return RoundPlan(round=round, cohort=cohort, local_epochs=retrain, lr=c.lr, momentum=c.momentum,
                              weight_decay=0.0, phase="match", layer=k, trainable=trainable,
-                             upload=_tensors_of(self.layers[k]), evaluate=False)
-        return RoundPlan(round=round, cohort=cohort, local_epochs=3 * retrain, lr=c.lr / 10, momentum=c.momentum,
+                             upload=self._upload(k), evaluate=False)
+        if self.classifier_rule == "appendix_a":  # paper App. A; IBM/FedMA main.py, local_retrain
+            epochs, lr = 3 * retrain, c.lr / 10
+        else:  # IBM/FedMA language_modeling/lstm_fedma_with_comm.py: the decoder at the run's lr
+            epochs, lr = retrain, c.lr
+        return RoundPlan(round=round, cohort=cohort, local_epochs=epochs, lr=lr, momentum=c.momentum,
                          weight_decay=1e-4, phase="classifier", layer=k, trainable=trainable,
                          upload=self.classifier_keys, evaluate=True)
 
@@ -168,7 +214,7 @@ class FedMA(Algorithm):
             extra["assign"], extra["layers"] = {}, {}
         if k < self.N - 1:
             seed = seed_for(self.experiment.seed, "matching", plan.round, k)
-            tensors, assigns = match_layer(uploads, self.layers[k], self.cfg, seed)
+            tensors, assigns = match_layer(uploads, self.layers[k], self.cfg, seed, self._outgoing(k))
             extra["layers"] = {**extra["layers"], k: tensors}
             extra["assign"] = {r.client_id: [*extra["assign"].get(r.client_id, []), a] for r, a in zip(results, assigns)}
             return ServerState(params=state.params, extra=extra)
@@ -252,7 +298,7 @@ class PFNM(FedMA):
         matched = []
         for k, layer in enumerate(self.layers):
             seed = seed_for(self.experiment.seed, "matching", plan.round, k)
-            tensors, assigns = match_layer(uploads, layer, self.cfg, seed)
+            tensors, assigns = match_layer(uploads, layer, self.cfg, seed, self._outgoing(k))
             L = n_units(tensors, layer)
             uploads = [permute_next_input(u, layer, a, L) for u, a in zip(uploads, assigns)]
             matched.append(tensors)

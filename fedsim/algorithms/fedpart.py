@@ -9,6 +9,11 @@ group by the example-weighted mean. The optimiser is recreated each round over t
 tensors (the paper: Adam, lr 1e-3). The local objective is FedAvg's, FedProx's or MOON's,
 unchanged except that only the active group trains. The schedule is the one
 :func:`fedsim.accounting.fedpart_schedule` lays out, so dry-run projections and runs agree.
+
+Under ``init: independent`` round 0 (a full-network warm-up round; the config requires
+``warmup_rounds >= 1``) starts every client from its own initialisation and sends nothing down,
+as for FedAvg (FedMA App. A; IBM/FedMA main.py): the base plan carries ``own_init``, the base
+downlink is then empty, and the local objective's client side trains the client's own init.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from fedsim.algorithms.fedavg import FedAvg
 from fedsim.algorithms.fedprox import FedProx
 from fedsim.algorithms.moon import MOON
 from fedsim.config import ExperimentConfig, FedPartConfig, RunConfig
+from fedsim.errors import FedsimError
 from fedsim.rng import numpy_rng
 
 OBJECTIVES = {"fedavg": FedAvg, "fedprox": FedProx, "moon": MOON}
@@ -56,10 +62,13 @@ class FedPart(Algorithm):
         return len(self.schedule)
 
     def plan_round(self, state: ServerState, round: int, cohort: tuple[int, ...]) -> RoundPlan:
-        plan = super().plan_round(state, round, cohort)
+        plan = super().plan_round(state, round, cohort)  # carries own_init in round 0 (init: independent)
         spec = self.schedule[round]
         if spec.phase == "full":
             return plan
+        if plan.own_init:  # parse() rejects this config; guard a FedPart built around it
+            raise FedsimError(f"fedpart run {self.cfg.label!r}: init: independent needs a full-network round 0; "
+                              "set warmup_rounds >= 1 or init: shared")
         tensors = self.groups[spec.group].tensors
         return RoundPlan(round=round, cohort=cohort, local_epochs=plan.local_epochs, lr=plan.lr,
                          momentum=plan.momentum, weight_decay=plan.weight_decay, phase="partial",

@@ -8,7 +8,9 @@ or any ``<model>+moon``). The local loss is CE + mu * l_con with (paper eq. 3)
 where z_glob comes from the frozen global model the client received and z_prev from the client's
 own model at the end of its previous local training (frozen; both in eval mode). The previous
 model is client state kept by the engine's store; in a client's first participation there is no
-negative and l_con = 0.
+negative and l_con = 0. Under ``init: independent`` round 0 receives no global model (every client
+trains its own initialisation, FedMA App. A; IBM/FedMA main.py ``local_train``), so there is no
+positive either and l_con = 0 too; its trained model still becomes the client's previous model.
 """
 
 from __future__ import annotations
@@ -73,11 +75,19 @@ class MOON(Algorithm):
             needs_projection_head(self)
 
     def local_update(self, ctx: ClientContext) -> tuple[P.Params, float]:
-        ctx.aux["glob"] = _frozen(ctx.model)  # the received global model, before any local step
+        """Local training with CE + mu * l_con; sets the client's new previous model (its state).
+
+        l_con needs both a received global model (``ctx.received`` non-empty; empty in round 0
+        under ``init: independent``, when the model holds the client's own initialisation) and a
+        previous model (``ctx.state["prev"]``, absent in a first participation); without either
+        it is 0 and no frozen forward pass is counted (nothing received: no frozen model is built).
+        """
         prev = (ctx.state or {}).get("prev")
-        if prev is not None:
-            ctx.aux["prev"] = _frozen(ctx.model, prev)
-            ctx.frozen_forwards = self.frozen_forwards
+        if ctx.received:
+            ctx.aux["glob"] = _frozen(ctx.model)  # the received global model, before any local step
+            if prev is not None:
+                ctx.aux["prev"] = _frozen(ctx.model, prev)
+                ctx.frozen_forwards = self.frozen_forwards
         upload, loss = super().local_update(ctx)
         ctx.new_state = {**(ctx.new_state or {}), "prev": P.to_numpy(ctx.model.state_dict())}
         return upload, loss
@@ -85,7 +95,7 @@ class MOON(Algorithm):
     def batch_loss(self, ctx: ClientContext, x: torch.Tensor, y: torch.Tensor):
         logits, z = ctx.model(x, return_projection=True)
         ce = F.cross_entropy(logits, y)
-        if "prev" not in ctx.aux:  # first participation: no negative, l_con = 0
+        if "prev" not in ctx.aux or "glob" not in ctx.aux:  # no negative or no positive: l_con = 0
             return ce, ce
         with torch.no_grad():
             z_glob = ctx.aux["glob"](x, return_projection=True)[1]

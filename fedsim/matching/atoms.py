@@ -37,6 +37,7 @@ __all__ = [
     "atoms_to_layer",
     "layer_atoms",
     "n_units",
+    "outgoing_atoms",
     "permute_next_input",
     "permute_recurrent",
     "permute_units",
@@ -197,6 +198,38 @@ def layer_atoms(state: Mapping[str, torch.Tensor], layer: MatchLayer) -> torch.T
     if b is None:
         return rows.clone()
     return torch.cat([rows, b.reshape(L, 1).to(w.dtype)], 1)
+
+
+def outgoing_atoms(state: Mapping[str, torch.Tensor], layer: MatchLayer) -> torch.Tensor:
+    """Each unit's OUTGOING weights: its slot of the next layer's input axis, one row per unit.
+
+    PFNM (Yurochkin et al., ICML 2019, section 3) matches the last hidden layer's neurons together
+    with their weights into the output layer, so that neurons voting for different classes are not
+    merged; its authors' code appends them to that layer's atoms (IBM/probabilistic-federated-
+    neural-matching, ``matching/pfnm.py``, ``layer_group_descent``, the branch
+    ``c == n_layers - 1``).
+
+    Args:
+        state: tensors holding ``layer.next_weight`` of shape (out, L * next_block, ...).
+        layer: the layer whose units are the rows.
+
+    Returns:
+        (L, out * next_block * rest) tensor, dtype and device of the next weight (a copy): row l
+        holds every entry of the next weight that unit l feeds.
+
+    Raises:
+        ValueError: the next weight is missing or its input axis is not a multiple of next_block.
+    """
+    _check_kind(layer)
+    nw = _next_weight(state, layer)
+    if nw.ndim < 2 or nw.shape[1] % layer.next_block:
+        raise ValueError(
+            f"layer {layer.name!r}: next weight {layer.next_weight!r} of shape {tuple(nw.shape)} has an "
+            f"input axis that is not a multiple of next_block {layer.next_block}"
+        )
+    L = nw.shape[1] // layer.next_block
+    v = nw.reshape(nw.shape[0], L, -1)  # (out, L, next_block * rest)
+    return v.permute(1, 0, 2).reshape(L, -1).clone()
 
 
 def atoms_to_layer(

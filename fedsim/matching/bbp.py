@@ -324,7 +324,7 @@ class _GlobalState:
     scores and, on the fast path, |w'|^2 per row) are computed once.
     """
 
-    def __init__(self, wp: list[torch.Tensor], prior: _Prior, cap: int | None) -> None:
+    def __init__(self, wp: list[torch.Tensor], prior: _Prior, cap: int | None, budget: int | None = None) -> None:
         self.wp = wp
         self.wsq = [(w * w).sum(1) if prior.scalar is not None else None for w in wp]
         # new-neuron scores, negated for the minimising solver: -(row term) (L_j,) float64
@@ -333,6 +333,7 @@ class _GlobalState:
         ]
         self.prior = prior
         self.cap = cap
+        self.budget = budget
         like = wp[0]
         max_rows = max(int(w.shape[0]) for w in wp)
         self.buf = torch.empty((max(1, 2 * max_rows), like.shape[1]), dtype=like.dtype, device=like.device)
@@ -376,6 +377,10 @@ class _GlobalState:
             self.initialise(j)
             return
         K = L_j if self.cap is None else min(L_j, self.cap - L)
+        if self.budget is not None:
+            # authors' rule (IBM/FedMA matching/pfnm.py, compute_cost: max_added = min(L_j, max(700 - L, 1))),
+            # raised to L_j - L where fewer columns than rows would leave a neuron unassigned
+            K = min(K, max(self.budget - L, 1, L_j - L))
         # cost = -score, float64, built block by block (scipy would copy to float64 anyway)
         cost = np.empty((L_j, L + K), dtype=np.float64)
         exist = _existing_scores(wp, self.G, self.counts, self.prior, self.wsq[j])  # (L_j, L)
@@ -453,6 +458,7 @@ def bbp_map(
     iterations: int = 5,
     seed: int | np.random.Generator = 0,
     max_global_neurons: int | None = None,
+    growth_budget: int | None = None,
 ) -> MatchResult:
     """Match J clients' neurons into global neurons by BBP-MAP (PFNM's MAP solver, FedMA's matcher).
 
@@ -490,7 +496,13 @@ def bbp_map(
         max_global_neurons: optional cap on L. When matching a client, only
             K = min(L_j, cap - L) new-neuron columns are offered, so L never exceeds the cap; since
             every row still needs its own column, the cap must be >= max_j L_j. None: no cap
-            (K = L_j), as ALGORITHMS.md prescribes by default.
+            (K = L_j).
+        growth_budget: optional soft budget B on L, the authors' growth rule (IBM/FedMA
+            ``matching/pfnm.py``, ``compute_cost``: ``max_added = min(Lj, max(700 - L, 1))``, B = 700
+            in all their experiments): a client is offered K = min(L_j, max(B - L, 1)) new-neuron
+            columns, so once L reaches B each client can still open one neuron. Where that leaves
+            fewer columns than the client has neurons (L + K < L_j), K is raised to L_j - L so that
+            every neuron has a column (the authors' code would fail there). None: no budget.
 
     Returns:
         :class:`MatchResult` with assignments in the clients' input order, global_atoms (L, D)
@@ -499,7 +511,7 @@ def bbp_map(
     Raises:
         ValueError: no clients, an atom array is not 2-D, D differs or is 0, devices differ,
             values are not finite, a variance or gamma is not > 0, prior_mean has the wrong
-            length, iterations < 0, max_global_neurons < max_j L_j, or the scores overflow the
+            length, iterations < 0, max_global_neurons < max_j L_j, growth_budget < 1, or the scores overflow the
             dtype (finite but huge inputs).
     """
     ts = _prepare_atoms(atoms)
@@ -518,10 +530,14 @@ def bbp_map(
                 f"(each neuron of the largest client needs its own global neuron); "
                 f"got {max_global_neurons!r}"
             )
+    if growth_budget is not None and (isinstance(growth_budget, bool) or int(growth_budget) != growth_budget
+                                      or growth_budget < 1):
+        raise ValueError(f"growth_budget must be an integer >= 1 (the authors use 700); got {growth_budget!r}")
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
 
     unit_s = prior.scalar is not None and prior.scalar[0] == 1.0
-    state = _GlobalState([t if unit_s else t * prior.s for t in ts], prior, cap)
+    state = _GlobalState([t if unit_s else t * prior.s for t in ts], prior, cap,
+                         None if growth_budget is None else int(growth_budget))
     order = np.argsort(-sizes, kind="stable")
     state.initialise(int(order[0]))
     for j in order[1:]:
