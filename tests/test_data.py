@@ -389,6 +389,79 @@ def test_shakespeare_examples_per_client_caps_training_windows():
     assert len(ds.test) == len(full.test)
 
 
+def _role_windows(ds, j):
+    """Client j's kept train starts and its role's test starts, relative to the role's text, and
+    the role's training window count: ``(kept, test, n_train)``."""
+    lengths = [len(S.role_texts()[n]) for n in ds.client_names]
+    s0, L = int(np.sum(lengths[:j])), lengths[j]
+    kept = ds.train.x[ds.client_indices[j]] - s0
+    test = ds.test.x[(ds.test.x >= s0) & (ds.test.x < s0 + L)] - s0
+    np.testing.assert_array_equal(ds.train.y[ds.client_indices[j]], ds.train.text[s0 + kept + 80])
+    return kept, test, math.floor(0.8 * (L - 80))
+
+
+def test_shakespeare_capped_client_windows_span_the_whole_role():
+    ds = S.load_shakespeare(4, examples_per_client=1_000, seed=3)
+    for j in range(4):
+        kept, _, n_train = _role_windows(ds, j)
+        assert n_train > 10_000  # the cap keeps under a tenth of the role
+        # The kept starts cover > 80% of the role's train range (the first 1,000 cover < 10%) ...
+        assert (kept.max() - kept.min() + 1) / n_train > 0.8
+        # ... and every tenth of it holds roughly its share (100 of 1,000), not one passage.
+        tenths = np.bincount(kept * 10 // n_train, minlength=10)
+        assert tenths.shape == (10,) and tenths.min() >= 50, tenths
+
+
+def test_shakespeare_capped_selection_is_seeded():
+    a = S.load_shakespeare(3, examples_per_client=1_000, seed=5)
+    b = S.load_shakespeare(3, examples_per_client=1_000, seed=5)
+    c = S.load_shakespeare(3, examples_per_client=1_000, seed=6)
+    for j in range(3):
+        np.testing.assert_array_equal(a.train.x[a.client_indices[j]], b.train.x[b.client_indices[j]])
+        assert not np.array_equal(a.train.x[a.client_indices[j]], c.train.x[c.client_indices[j]])
+    np.testing.assert_array_equal(a.test.x, c.test.x)  # the seed never moves the test windows
+    # A role's draw is its own (seed, client) stream: the same whatever the other clients are.
+    d = S.load_shakespeare(5, examples_per_client=1_000, seed=5)
+    np.testing.assert_array_equal(a.train.x[a.client_indices[2]], d.train.x[d.client_indices[2]])
+    # Prefixes of one permutation: a larger cap keeps a superset of a smaller cap's windows.
+    small = S.load_shakespeare(3, examples_per_client=300, seed=5)
+    assert set(small.train.x[small.client_indices[1]]) <= set(a.train.x[a.client_indices[1]])
+
+
+def test_shakespeare_capped_train_windows_stay_before_the_test_windows():
+    ds = S.load_shakespeare(6, examples_per_client=5_000, seed=0, train_fraction=0.8)
+    full = S.load_shakespeare(6, seed=0)
+    np.testing.assert_array_equal(ds.test.x, full.test.x)
+    for j in range(6):
+        kept, test, n_train = _role_windows(ds, j)
+        assert kept.min() >= 0 and kept.max() < n_train
+        # No kept window or label shares a character with a test window: the split is chronological.
+        assert kept.max() + 80 < test.min() and test.min() == n_train + 80
+
+
+def test_shakespeare_capped_sizes_are_min_of_available_and_cap():
+    from fedsim import config, dryrun
+
+    counts = sorted(S.role_sample_counts().values(), reverse=True)
+    cap = math.floor(0.8 * counts[3])  # clients 0-3 have at least this many, clients 4-9 fewer
+    ds = S.load_shakespeare(10, examples_per_client=cap, seed=1)
+    full = S.load_shakespeare(10, seed=1)
+    avail = [len(i) for i in full.client_indices]
+    expected = [min(a, cap) for a in avail]
+    assert expected[:4] == [cap] * 4 and all(e < cap for e in expected[4:])
+    assert [len(i) for i in ds.client_indices] == expected
+    for j in range(10):  # distinct windows: sampled without replacement
+        x = ds.train.x[ds.client_indices[j]]
+        assert np.all(np.diff(x) > 0)
+    # The dry run projects these sizes exactly.
+    cfg = config.parse({"seed": 1, "model": {"name": "logreg"}, "engine": {"clients_per_round": 1},
+                        "data": {"dataset": "shakespeare", "partition": "natural", "num_clients": 10,
+                                 "examples_per_client": cap},
+                        "runs": [{"algorithm": "fedavg"}]})
+    sizes = dryrun.client_sizes(cfg)
+    assert sizes.exact and sizes.sizes.tolist() == expected
+
+
 def test_unknown_characters_are_mapped_by_the_documented_rule():
     assert S.map_char("\u2019") == "'" and S.map_char("\u201c") == '"'
     assert S.map_char("\u2014") == "--" and S.map_char("\u2013") == "-"
@@ -557,3 +630,13 @@ def test_cifar_augment_returns_each_image_reflect_padded_cropped_and_maybe_flipp
     assert len({(dy, dx) for dy, dx, _ in seen}) > 1 and {flip for *_, flip in seen} == {False, True}
     assert torch.equal(out, augmenter("cifar", torch.Generator().manual_seed(5))(x))
     assert not torch.equal(out, augmenter("cifar", torch.Generator().manual_seed(6))(x))
+
+
+def test_the_experiment_seed_selects_a_capped_shakespeare_clients_windows():
+    # load_federated passes the experiment's seed down, so two seeds keep different windows
+    from fedsim.data import load_federated
+
+    kw = dict(dataset="shakespeare", partition="natural", num_clients=2, alpha=None, data_dir=None, min_samples=10000,
+              examples_per_client=50)
+    a, b = (load_federated(seed=s, **kw) for s in (0, 1))
+    assert not np.array_equal(a.train.x[a.client_indices[0]], b.train.x[b.client_indices[0]])

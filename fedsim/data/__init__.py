@@ -92,7 +92,8 @@ def load_federated(
     stratified 80/20) and partition the training set with ``iid`` or ``dirichlet`` (FedMA's
     hetero-dir recipe, see :func:`fedsim.data.partition.dirichlet`), drawn from
     ``numpy_rng(seed, "partition")``. Shakespeare uses the ``natural`` partition (one client per
-    play and role, see :func:`fedsim.data.shakespeare.load_shakespeare`) and needs no randomness.
+    play and role, see :func:`fedsim.data.shakespeare.load_shakespeare`); its only randomness is
+    which training windows a client capped by ``examples_per_client`` keeps (a seeded sample).
 
     Args:
         dataset: one of :data:`DATASETS`.
@@ -101,7 +102,8 @@ def load_federated(
         num_clients: J >= 1, at most the number of training examples.
         alpha: Dirichlet concentration > 0, used by ``dirichlet`` only.
         data_dir: folder of the torchvision files (mnist, cifar10, cifar100); ignored otherwise.
-        seed: experiment seed; only the ``"partition"`` stream is drawn from.
+        seed: experiment seed; the ``"partition"`` stream is drawn from (and the ``"data"`` stream
+            for synthetic data and capped Shakespeare clients).
         download: let torchvision download missing files into ``data_dir``.
         train_fraction: Shakespeare's per-role train fraction in (0, 1); ignored otherwise.
         min_samples: Shakespeare's role filter (keep roles with more windows than this; None
@@ -139,6 +141,7 @@ def load_federated(
             min_samples=min_samples,
             train_fraction=train_fraction,
             examples_per_client=examples_per_client,
+            seed=seed,
         )
 
     if dataset == "digits":

