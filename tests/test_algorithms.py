@@ -148,25 +148,30 @@ def test_fedprox_with_large_mu_keeps_local_weights_closer_to_global():
     assert dist["fedprox"] < 0.5 * dist["fedavg"]
 
 
-def test_ensemble_predicts_the_uniform_mean_of_its_members_softmax():
-    # FedMA paper, Figure 1's ensemble: p(y|x) = (1/J) sum_j softmax(f_j(x)); accuracy and
-    # cross-entropy of that mixture, computed here by hand from three members.
-    from fedsim.algorithms.baselines import Ensemble
+def _evaluate_three_members(algorithm: str):
+    """A one-shot baseline of three digits-CNN members from seeds 1, 2, 3, evaluated on a toy test
+    set: (accuracy, loss, the members, x, y)."""
+    from fedsim.algorithms import ALGORITHMS
 
     ds = toy_dataset(n_clients=3, per_client=5)
     cfg = config.parse(tiny_experiment(data={"dataset": "digits", "num_clients": 3},
                                        engine={"backend": "sequential", "clients_per_round": 3},
-                                       runs=[{"algorithm": "ensemble"}]))
-    algo = Ensemble(cfg.runs[0], cfg, 10, (1, 8, 8))
+                                       runs=[{"algorithm": algorithm}]))
+    algo = ALGORITHMS[algorithm](cfg.runs[0], cfg, 10, (1, 8, 8))
     members = [build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8), generator=torch_rng(s, "init"))
                for s in (1, 2, 3)]
     state0 = algo.init_state(P.clone(members[0].state_dict()))
-    plan = algo.plan_round(state0, 0, (0, 1, 2))
     results = [ClientResult(client_id=j, round=0, upload=P.to_numpy(m.state_dict()), n_examples=5, train_loss=0.0,
                             bytes_up=0, bytes_down=0, seconds=0.0) for j, m in enumerate(members)]
-    state = algo.aggregate(state0, plan, results)
+    state = algo.aggregate(state0, algo.plan_round(state0, 0, (0, 1, 2)), results)
     acc, loss = algo.evaluate(state, build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8)), ds.test, 7)
-    x, y = torch.from_numpy(ds.test.x), torch.from_numpy(ds.test.y)
+    return acc, loss, members, torch.from_numpy(ds.test.x), torch.from_numpy(ds.test.y)
+
+
+def test_ensemble_predicts_the_uniform_mean_of_its_members_softmax():
+    # FedMA paper, Figure 1's ensemble: p(y|x) = (1/J) sum_j softmax(f_j(x)); accuracy and
+    # cross-entropy of that mixture, computed here by hand from three members.
+    acc, loss, members, x, y = _evaluate_three_members("ensemble")
     with torch.no_grad():
         probs = [torch.softmax(m.eval()(x), 1) for m in members]
     mix = (probs[0] + probs[1] + probs[2]) / 3
@@ -178,21 +183,7 @@ def test_ensemble_predicts_the_uniform_mean_of_its_members_softmax():
 
 def test_local_models_report_the_mean_of_each_members_own_accuracy_and_loss():
     # FedMA paper, Figure 1's "local models": every client's model on the global test set, averaged.
-    from fedsim.algorithms.baselines import LocalModels
-
-    ds = toy_dataset(n_clients=3, per_client=5)
-    cfg = config.parse(tiny_experiment(data={"dataset": "digits", "num_clients": 3},
-                                       engine={"backend": "sequential", "clients_per_round": 3},
-                                       runs=[{"algorithm": "local"}]))
-    algo = LocalModels(cfg.runs[0], cfg, 10, (1, 8, 8))
-    members = [build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8), generator=torch_rng(s, "init"))
-               for s in (1, 2, 3)]
-    state0 = algo.init_state(P.clone(members[0].state_dict()))
-    results = [ClientResult(client_id=j, round=0, upload=P.to_numpy(m.state_dict()), n_examples=5, train_loss=0.0,
-                            bytes_up=0, bytes_down=0, seconds=0.0) for j, m in enumerate(members)]
-    state = algo.aggregate(state0, algo.plan_round(state0, 0, (0, 1, 2)), results)
-    acc, loss = algo.evaluate(state, build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8)), ds.test, 7)
-    x, y = torch.from_numpy(ds.test.x), torch.from_numpy(ds.test.y)
+    acc, loss, members, x, y = _evaluate_three_members("local")
     with torch.no_grad():
         logits = [m.eval()(x) for m in members]
     accs = [float((z.argmax(1) == y).float().mean()) for z in logits]

@@ -220,13 +220,7 @@ def outgoing_atoms(state: Mapping[str, torch.Tensor], layer: MatchLayer) -> torc
     Raises:
         ValueError: the next weight is missing or its input axis is not a multiple of next_block.
     """
-    _check_kind(layer)
-    nw = _next_weight(state, layer)
-    if nw.ndim < 2 or nw.shape[1] % layer.next_block:
-        raise ValueError(
-            f"layer {layer.name!r}: next weight {layer.next_weight!r} of shape {tuple(nw.shape)} has an "
-            f"input axis that is not a multiple of next_block {layer.next_block}"
-        )
+    nw = _checked_next_weight(state, layer)
     L = nw.shape[1] // layer.next_block
     v = nw.reshape(nw.shape[0], L, -1)  # (out, L, next_block * rest)
     return v.permute(1, 0, 2).reshape(L, -1).clone()
@@ -322,6 +316,22 @@ def _next_weight(state, layer: MatchLayer) -> torch.Tensor:
     return _get(state, layer.next_weight, f"next layer weight of {layer.name}")
 
 
+def _checked_next_weight(state, layer: MatchLayer) -> torch.Tensor:
+    """The next layer's weight, checked to have an input axis of whole ``next_block`` blocks.
+
+    Raises:
+        ValueError: an unknown layer kind, a missing key, or a ragged input axis.
+    """
+    _check_kind(layer)
+    nw = _next_weight(state, layer)
+    if nw.ndim < 2 or nw.shape[1] % layer.next_block:
+        raise ValueError(
+            f"layer {layer.name!r}: next weight {layer.next_weight!r} of shape {tuple(nw.shape)} has an "
+            f"input axis that is not a multiple of next_block {layer.next_block}"
+        )
+    return nw
+
+
 def permute_next_input(
     state: Mapping[str, torch.Tensor], layer: MatchLayer, assignment: Any, global_width: int
 ) -> dict[str, torch.Tensor]:
@@ -346,13 +356,7 @@ def permute_next_input(
     Raises:
         ValueError: missing key, input axis not a multiple of next_block, or a bad assignment.
     """
-    _check_kind(layer)
-    nw = _next_weight(state, layer)
-    if nw.ndim < 2 or nw.shape[1] % layer.next_block:
-        raise ValueError(
-            f"layer {layer.name!r}: next weight {layer.next_weight!r} of shape {tuple(nw.shape)} has an "
-            f"input axis that is not a multiple of next_block {layer.next_block}"
-        )
+    nw = _checked_next_weight(state, layer)
     L_j = nw.shape[1] // layer.next_block
     idx = _as_index(assignment, L_j, int(global_width), f"layer {layer.name!r}", nw.device)
     out = dict(state)
