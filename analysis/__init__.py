@@ -6,17 +6,19 @@ fedsim itself, so it works on a machine with only pandas, pyarrow and matplotlib
     from analysis import load_runs, bytes_to_target
     df = load_runs(["runs/digits-20261121-101500", "s3://bucket/runs/digits-seed1"])
     df.pivot_table(index="round", columns="run_id", values="test_accuracy")
+    sweep = load_sweep("runs/digits-grid-sweep-20261205-104228")  # + trial_id and the grid's columns
 """
 
 from analysis.errors import AnalysisError, MixedRunsWarning
 from analysis.load import load_runs, read_tables
+from analysis.sweep import load_sweep
 from analysis.tables import (accuracy_vs_bytes, accuracy_vs_round, bytes_to_target, mixed_runs, over_seeds,
                              run_table)
 
 __all__ = [
-    "AnalysisError", "MixedRunsWarning", "load_runs", "read_tables", "accuracy_vs_round", "accuracy_vs_bytes",
-    "bytes_to_target", "run_table", "over_seeds", "mixed_runs", "plot_convergence", "plot_cost", "save_figure",
-    "figure_bytes",
+    "AnalysisError", "MixedRunsWarning", "load_runs", "load_sweep", "read_tables", "accuracy_vs_round",
+    "accuracy_vs_bytes", "bytes_to_target", "run_table", "over_seeds", "mixed_runs", "plot_convergence", "plot_cost",
+    "save_figure", "figure_bytes",
 ]
 
 _PLOTS = {"plot_convergence", "plot_cost", "save_figure", "figure_bytes"}

@@ -12,6 +12,10 @@ are left out (a line says so); a report of dry runs only is refused. When runs r
 name differ in more than the seed, or repeat a seed, the mean ± std table is still shown, under a
 one-line warning naming what differs. Also runnable without fedsim installed:
 ``python -m analysis.report RUN_DIR ... [--out DIR]``.
+
+A sweep directory (``fedsim sweep``: it holds ``sweep.parquet``), given alone, gets the sweep
+report of :mod:`analysis.sweep` instead: mean and sample std over seeds per grid cell and run, and
+``sweep.png`` / ``.svg`` (accuracy against bytes per cell, with a band for the spread).
 """
 
 from __future__ import annotations
@@ -196,13 +200,23 @@ def write_report(paths: str | os.PathLike | Iterable[str | os.PathLike], out: st
         target_fraction: ``MB_to_target`` is measured at this fraction of the best accuracy.
 
     Returns:
-        A :class:`Report`.
+        A :class:`Report`, or for one sweep directory an :class:`analysis.sweep.SweepReport`
+        (:func:`analysis.sweep.write_sweep_report`).
 
     Raises:
         AnalysisError: a path that is missing, empty or not a fedsim experiment directory; an
-            unwritable ``out``; only dry-run projections; no evaluated round anywhere.
+            unwritable ``out``; only dry-run projections; no evaluated round anywhere; a sweep
+            directory given with other paths.
     """
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    from analysis import sweep
+
+    swept = [p for p in paths if sweep.is_sweep_dir(p)]
+    if swept:
+        if len(paths) > 1:
+            raise AnalysisError(f"{os.fspath(swept[0])!r} is a sweep directory; report it alone (its report pools "
+                                "its trials over seeds), or pass its trial directories instead")
+        return sweep.write_sweep_report(paths[0], out, target_fraction)
     df, dry_dirs = real_runs(load_runs(paths))
     full, cols, target, note = _per_run(df, target_fraction)
     summary = full[cols]

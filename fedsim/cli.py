@@ -9,8 +9,11 @@ nothing: it prints and writes the projected schedule, bytes and compute (:mod:`f
 directory in which a round completed (and names the ``--resume`` command) and removes one in which
 none did.
 
-``fedsim report RUN_DIR...`` writes plots and a Markdown summary (:mod:`analysis.report`);
-``fedsim submit CONFIG`` runs an experiment as a Ray job on a cluster (:mod:`fedsim.submit`).
+``fedsim sweep CONFIG --grid KEY=V1,V2 [--seeds 0,1] [--max-concurrent N]`` runs one experiment per
+grid cell and seed as Ray Tune trials (:mod:`fedsim.sweep`); ``--resume SWEEP_DIR`` continues one.
+``fedsim report RUN_DIR...`` writes plots and a Markdown summary (:mod:`analysis.report`; of a sweep
+directory: mean and std over seeds per grid cell); ``fedsim submit CONFIG`` runs an experiment as a
+Ray job on a cluster, ``--sweep`` the file's ``sweep:`` section (:mod:`fedsim.submit`).
 """
 
 from __future__ import annotations
@@ -88,12 +91,23 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise FedsimError("--dry-run and --resume cannot be combined: a dry run trains nothing; drop one")
         from fedsim import dryrun
 
-        return dryrun.run_cli(args.config, args.set, args.out)
+        swept = config.load(args.config, args.set).sweep is not None
+        if swept:  # a bad sweep fails before the projection is printed or written
+            from fedsim import sweep
+
+            the_plan = sweep.plan(args.config, args.set)
+        code = dryrun.run_cli(args.config, args.set, args.out)
+        if swept:
+            print(sweep.project(the_plan))
+        return code
     if args.resume:
         if args.out:
             raise FedsimError("--out and --resume cannot be combined: a resumed run continues in its own directory")
     else:
         cfg = config.load(args.config, args.set)  # imports no torch: a bad config fails in well under a second
+        if cfg.sweep is not None:
+            print("fedsim: note: this experiment has a sweep: section; 'fedsim run' runs the experiment once "
+                  "without it, 'fedsim sweep' runs the sweep", file=sys.stderr)
     from tqdm import tqdm
 
     from fedsim.engine import api
@@ -187,8 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     sbm = sub.add_parser("submit", help="run an experiment as a Ray job on a cluster and follow it")
     submit.add_arguments(sbm)
     sbm.set_defaults(func=submit.cmd_submit)
-    rep = sub.add_parser("report", help="plots and a Markdown summary of experiment directories")
-    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="experiment directories (or pyarrow URIs)")
+    from fedsim import sweep
+
+    swp = sub.add_parser("sweep", help="run an experiment over a grid of config values and seeds (Ray Tune trials)")
+    sweep.add_arguments(swp)
+    swp.set_defaults(func=sweep.cmd_sweep)
+    rep = sub.add_parser("report", help="plots and a Markdown summary of experiment or sweep directories")
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                     help="experiment directories (or pyarrow URIs), or one sweep directory")
     rep.add_argument("--out", help="report directory (default: the first RUN_DIR/report)")
     rep.set_defaults(func=cmd_report)
     return parser

@@ -187,6 +187,74 @@ class FedPartConfig(FullNetworkConfig):
                               "warmup_rounds 0 fedpart's round 0 is partial; set warmup_rounds >= 1 or init: shared")
 
 
+class FedAvgMConfig(FullNetworkConfig):
+    """FedAvgM run (Hsu et al. 2019; Reddi et al., ICLR 2021): server SGD with momentum on the
+    pseudo-gradient. ``server_lr``: eta_s (1.0); ``server_momentum``: beta (0.9). With
+    ``server_momentum: 0`` and ``server_lr: 1`` it is FedAvg."""
+
+    server_lr: float = 1.0
+    server_momentum: float = 0.9
+
+    def check(self, where: str, experiment: ExperimentConfig) -> None:
+        if not self.server_lr > 0 or not 0 <= self.server_momentum < 1:
+            raise FedsimError(f"config keys '{where}.server_lr' > 0 and 0 <= '{where}.server_momentum' < 1 are "
+                              f"required (got server_lr={self.server_lr}, server_momentum={self.server_momentum})")
+
+
+class FedAdagradConfig(FullNetworkConfig):
+    """FedAdagrad run (Reddi et al., ICLR 2021, Algorithm 2): ``server_lr`` eta (0.01), ``beta1``
+    the first-moment decay (0.9), ``epsilon`` the paper's tau (1e-3, also v's initial value's root)."""
+
+    server_lr: float = 0.01
+    beta1: float = 0.9
+    epsilon: float = 1e-3
+
+    def check(self, where: str, experiment: ExperimentConfig) -> None:
+        if not self.server_lr > 0 or not self.epsilon > 0 or not 0 <= self.beta1 < 1:
+            raise FedsimError(f"config keys '{where}.server_lr' > 0, '{where}.epsilon' > 0 and "
+                              f"0 <= '{where}.beta1' < 1 are required (got server_lr={self.server_lr}, "
+                              f"epsilon={self.epsilon}, beta1={self.beta1})")
+
+
+class FedAdamConfig(FedAdagradConfig):
+    """FedAdam and FedYogi runs (Reddi et al., ICLR 2021, Algorithm 2): FedAdagrad's keys plus
+    ``beta2``, the second-moment decay (0.99)."""
+
+    beta2: float = 0.99
+
+    def check(self, where: str, experiment: ExperimentConfig) -> None:
+        super().check(where, experiment)
+        if not 0 <= self.beta2 < 1:
+            raise FedsimError(f"config key '{where}.beta2' must be in [0, 1) (got {self.beta2})")
+
+
+class ScaffoldConfig(FullNetworkConfig):
+    """SCAFFOLD run (Karimireddy et al., ICML 2020, Algorithm 1, option II): ``server_lr`` is the
+    global step size eta_g (1.0). Local training must be SGD (the paper's setting; option II's
+    control variate divides the model's displacement by K * lr)."""
+
+    server_lr: float = 1.0
+
+    def check(self, where: str, experiment: ExperimentConfig) -> None:
+        if not self.server_lr > 0:
+            raise FedsimError(f"config key '{where}.server_lr' must be > 0 (got {self.server_lr})")
+        if self.optimizer != "sgd":
+            raise FedsimError(f"config key '{where}.optimizer': scaffold's control variates assume local SGD; "
+                              "set optimizer: sgd")
+
+
+class FedNovaConfig(FullNetworkConfig):
+    """FedNova run (Wang et al., NeurIPS 2020): no keys of its own; local training must be SGD
+    (with momentum < 1 or without), whose steps FedNova's normalisation ||a_i||_1 counts."""
+
+    def check(self, where: str, experiment: ExperimentConfig) -> None:
+        if self.optimizer != "sgd":
+            raise FedsimError(f"config key '{where}.optimizer': fednova normalises local SGD steps; "
+                              "set optimizer: sgd")
+        if not self.momentum < 1:
+            raise FedsimError(f"config key '{where}.momentum' must be < 1 for fednova (got {self.momentum})")
+
+
 class FedMAConfig(RunConfig):
     """FedMA run. ``rounds`` counts FedMA rounds (each N communication rounds for N layers).
 
@@ -272,6 +340,18 @@ class OneShotConfig(RunConfig):
                               f"(got {self.rounds})")
 
 
+class SweepConfig(_Strict):
+    """``sweep:`` section, read by ``fedsim sweep`` (:mod:`fedsim.sweep`; ``fedsim run`` runs the
+    experiment without it). ``grid`` maps a key path as ``--set`` takes it (``runs.0.lr``) to the
+    values to try; each combination is one trial, run once per seed of ``seeds`` (default: the
+    experiment's ``seed``); ``max_concurrent`` caps the trials running at once (default: as many
+    as the cluster fits). Range checks: :func:`fedsim.sweep.plan`."""
+
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    seeds: list[int] | None = None
+    max_concurrent: int | None = None
+
+
 class ExperimentConfig(_Strict):
     """A whole experiment file, resolved (defaults filled in)."""
 
@@ -282,10 +362,12 @@ class ExperimentConfig(_Strict):
     model: ModelConfig = ModelConfig()
     engine: EngineConfig = EngineConfig()
     runs: tuple[RunConfig, ...] = ()
+    sweep: SweepConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain, JSON-serialisable dict with every run's algorithm-specific keys."""
-        d = self.model_dump(mode="json", exclude={"runs"})
+        """Plain, JSON-serialisable dict with every run's algorithm-specific keys (``sweep`` only
+        when set, so an experiment without one writes what it did before sweeps existed)."""
+        d = self.model_dump(mode="json", exclude={"runs"} if self.sweep is not None else {"runs", "sweep"})
         d["runs"] = [r.model_dump(mode="json") for r in self.runs]
         return d
 
@@ -397,6 +479,8 @@ RUN_CONFIGS: dict[str, type[RunConfig]] = {
     "fedavg": FullNetworkConfig, "fedprox": FedProxConfig, "moon": MoonConfig, "fedpart": FedPartConfig,
     "fedma": FedMAConfig, "pfnm": PFNMConfig, "ensemble": OneShotConfig, "local": OneShotConfig,
     "entire_data": RunConfig,
+    "fedavgm": FedAvgMConfig, "fedadam": FedAdamConfig, "fedyogi": FedAdamConfig, "fedadagrad": FedAdagradConfig,
+    "scaffold": ScaffoldConfig, "fednova": FedNovaConfig,
 }
 """``algorithm:`` name -> its run-config class (each algorithm's ``Config`` in
 :data:`fedsim.algorithms.ALGORITHMS`)."""

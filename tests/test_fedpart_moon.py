@@ -305,6 +305,12 @@ CONTRACT = {
     "ensemble": ({}, "digits_cnn"),
     "local": ({}, "digits_cnn"),
     "entire_data": ({"rounds": 2}, "digits_cnn"),
+    "fedavgm": ({"rounds": 2}, "digits_cnn"),
+    "fedadam": ({"rounds": 2}, "digits_cnn"),
+    "fedyogi": ({"rounds": 2}, "digits_cnn"),
+    "fedadagrad": ({"rounds": 2}, "digits_cnn"),
+    "scaffold": ({"rounds": 2}, "digits_cnn"),
+    "fednova": ({"rounds": 2}, "digits_cnn"),
 }
 
 

@@ -95,6 +95,9 @@ class ClientResult:
             of the model it trained (thop's count).
         trainable_params: parameters its local training updated, counted on the model it trained
             (FedMA: its partly matched local model, not the global one).
+        local_steps: optimizer steps (minibatches) its local training took, tau_i in FedNova
+            (Wang et al., NeurIPS 2020) and K in SCAFFOLD (Karimireddy et al., ICML 2020); 0 for a
+            dropped client. Reported here only, not in clients.parquet (whose schema is fixed).
     """
 
     client_id: int
@@ -111,6 +114,7 @@ class ClientResult:
     dropped: bool = False
     macs: int = 0
     trainable_params: int = 0
+    local_steps: int = 0
 
 
 @dataclass
@@ -134,13 +138,16 @@ class ClientContext:
         optimizer: the worker's optimizer, reset for this client, over the trainable tensors.
         state: the client's persistent state from the store (stateful algorithms), else None: a
             dict of named parts ("bn": its BatchNorm statistics under ``bn_stats: local``,
-            "prev": MOON's previous model, "local": FedMA's partially matched model).
+            "prev": MOON's previous model, "local": FedMA's partially matched model, "c": SCAFFOLD's
+            control variate c_i).
         new_state: the parts a local update sets; the engine stores them for the client.
         aux: scratch space for the algorithm during one client's update (e.g. MOON's frozen models).
         frozen_forwards: forward passes per example and local epoch through models that are not
             trained (MOON's global and previous model: 2 for a returning client), set by the local
             update; the round's ``flops`` add ``frozen_forwards * F`` per example and epoch to the
             training cost (3F full, 2F partial).
+        local_steps: optimizer steps taken so far by :meth:`Algorithm.local_update` (one per
+            minibatch); the engine reports the final count as :attr:`ClientResult.local_steps`.
     """
 
     model: "FedModel"
@@ -155,6 +162,7 @@ class ClientContext:
     new_state: Any = None
     aux: dict[str, Any] = field(default_factory=dict)
     frozen_forwards: int = 0
+    local_steps: int = 0
 
 
 class Algorithm:
@@ -162,7 +170,7 @@ class Algorithm:
 
     Class attributes: ``name`` (the ``algorithm:`` value), ``Config`` (its run-config class).
     ``stateful`` is True when clients keep state between rounds through the engine's store (here:
-    only their BatchNorm statistics under ``bn_stats: local``; FedMA and MOON set it).
+    only their BatchNorm statistics under ``bn_stats: local``; FedMA, MOON and SCAFFOLD set it).
     """
 
     name: ClassVar[str] = "fedavg"
@@ -316,11 +324,17 @@ class Algorithm:
         ce = F.cross_entropy(ctx.model(x), y)
         return ce, ce
 
+    def before_step(self, ctx: ClientContext) -> None:
+        """Called for every minibatch after ``backward`` and before ``optimizer.step``, with each
+        trainable parameter's gradient in its ``.grad``. FedAvg: nothing (SCAFFOLD adds its
+        control-variate correction c - c_i here)."""
+
     def local_update(self, ctx: ClientContext) -> tuple[P.Params, float]:
         """E local epochs of minibatch training on the client's data; returns (upload, mean CE).
 
         Batches come from a fresh permutation per epoch drawn from ``ctx.generator``; the last
-        batch of an epoch may be smaller. Parameters outside ``plan.trainable`` get no gradient.
+        batch of an epoch may be smaller; every batch is one optimizer step, counted in
+        ``ctx.local_steps``. Parameters outside ``plan.trainable`` get no gradient.
         In an ``own_init`` round the objective is the plain cross-entropy of
         :meth:`Algorithm.batch_loss` whatever the algorithm: nothing was received, so there is no
         global model for FedProx's proximal or MOON's contrastive term to refer to (the FedMA
@@ -340,7 +354,9 @@ class Algorithm:
                 opt.zero_grad(set_to_none=True)
                 objective, ce = batch_loss(ctx, xb, yb)
                 objective.backward()
+                self.before_step(ctx)
                 opt.step()
+                ctx.local_steps += 1
                 loss_sum += float(ce.detach()) * len(idx)
                 seen += len(idx)
         state = model.state_dict()

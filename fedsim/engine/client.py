@@ -215,4 +215,4 @@ class ClientRunner:
             bytes_down=0 if plan.pooled else P.nbytes({**received, **(extra or {})}),
             seconds=time.perf_counter() - t0, worker=self.worker_id, attempt=task.attempt,
             state=ctx.new_state, macs=int(macs),
-            trainable_params=trainable_count(model, trainable))
+            trainable_params=trainable_count(model, trainable), local_steps=ctx.local_steps)

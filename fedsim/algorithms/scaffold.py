@@ -1,0 +1,113 @@
+"""SCAFFOLD (Karimireddy et al., "SCAFFOLD: Stochastic Controlled Averaging for Federated
+Learning", ICML 2020, Algorithm 1 with option II control variates).
+
+State: the server's control variate c (server state, ``ServerState.extra["scaffold_c"]``,
+checkpointed with the global model) and each client's c_i (client state in the engine's store,
+``state["c"]``, 0 at a client's first participation; checkpointed with the store). Both hold one
+tensor per stepped key (:mod:`fedsim.algorithms.deltas`: for fedsim's models the parameters),
+with the parameter's shape and dtype (float32).
+
+Client i (Algorithm 1, the client lines), from y = x:
+
+    y = y - eta_l (g_i(y) - c_i + c)            K times, one per minibatch (c - c_i is added to
+                                                each parameter's gradient before the SGD step)
+    c_i+ = c_i - c + (x - y) / (K eta_l)        option II, K the steps actually taken
+    upload y and Delta c_i = c_i+ - c_i         (y instead of Delta y = y - x: the same bytes)
+
+Server (Algorithm 1, the server lines), over the kept clients S of N = data.num_clients:
+
+    x = x + eta_g (1/|S|) sum_S (y_i - x)       the unweighted mean of the paper, not FedAvg's
+    c = c + (|S| / N) (1/|S|) sum_S Delta c_i     example weights; eta_g = ``server_lr``
+
+BatchNorm running statistics and integer counters are set to FedAvg's example-weighted mean.
+
+Bytes: the broadcast is the global state_dict plus c, the upload FedAvg's plus Delta c: for a
+model without BatchNorm buffers exactly twice FedAvg's bytes each way (buffers have no control
+variate). Under ``init: independent`` round 0 sends nothing down, clients train their own
+initialisations with plain SGD and upload only y (FedAvg's bytes), the aggregate is FedAvg's
+weighted mean (FedMA App. A) and every control variate stays 0.
+
+Local optimiser: plain SGD is the paper's setting (``optimizer: adam`` is rejected). With
+``momentum`` the corrected gradient g - c_i + c is what the momentum buffer accumulates, and
+option II's (x - y) / (K eta_l) then measures the momentum-amplified mean step (about 1 / (1 -
+momentum) times larger), so the control variates are scaled accordingly: not the paper's
+setting. ``weight_decay`` is added by the optimiser after the correction, and c_i+ absorbs it
+through x - y. A parameter that gets no gradient in a batch (``.grad`` None) gets no correction.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedsim import params as P
+from fedsim.algorithms.base import Algorithm, ClientContext, ClientResult, RoundPlan, ServerState
+from fedsim.algorithms.deltas import averaged, combine, stepped_keys
+from fedsim.config import ScaffoldConfig
+
+#: Prefix of c's tensors in the broadcast and of Delta c_i's in an upload (never a state_dict key).
+C_PREFIX = "scaffold.c:"
+DC_PREFIX = "scaffold.dc:"
+EXTRA_KEY = "scaffold_c"
+
+
+class Scaffold(Algorithm):
+    """SCAFFOLD: local SGD corrected by control variates; clients keep c_i in the engine's store."""
+
+    name = "scaffold"
+    Config = ScaffoldConfig
+    stateful = True
+
+    # ---- server side
+    def init_state(self, params: P.Params) -> ServerState:
+        """x0 and c = 0 over the stepped keys."""
+        state = super().init_state(params)
+        c = {k: torch.zeros_like(params[k]) for k in stepped_keys(params)}
+        return ServerState(params=state.params, extra={**state.extra, EXTRA_KEY: c})
+
+    def downlink(self, state: ServerState, plan: RoundPlan) -> P.Params:
+        """The global state_dict and c (nothing in an ``own_init`` round)."""
+        down = super().downlink(state, plan)
+        if plan.own_init:
+            return down
+        return {**down, **{C_PREFIX + k: v for k, v in state.extra[EXTRA_KEY].items()}}
+
+    def aggregate(self, state: ServerState, plan: RoundPlan, results: list[ClientResult]) -> ServerState:
+        if plan.own_init:  # uploads hold only y; c stays 0
+            return super().aggregate(state, plan, results)
+        c = state.extra[EXTRA_KEY]
+        ys = [{k: v for k, v in r.upload.items() if not k.startswith(DC_PREFIX)} for r in results]
+        dcs = [{k: r.upload[DC_PREFIX + k] for k in c} for r in results]
+        s, n = len(results), self.experiment.data.num_clients
+        dy = combine(ys, [1.0 / s] * s, list(c), origin=state.params)        # (1/|S|) sum (y_i - x)
+        x = {k: state.params[k] + self.cfg.server_lr * dy[k] for k in c}
+        dc = combine(dcs, [1.0 / n] * s, list(c))                           # (|S|/N) mean Delta c_i
+        mean = averaged(ys, [r.n_examples for r in results], [k for k in ys[0] if k not in c])
+        extra = {**state.extra, EXTRA_KEY: {k: c[k] + dc[k] for k in c}}
+        return ServerState(params={**state.params, **mean, **x}, extra=extra)
+
+    # ---- client side
+    def local_update(self, ctx: ClientContext) -> tuple[P.Params, float]:
+        """Corrected local SGD; returns (y plus Delta c_i, mean CE) and sets c_i+ as the client's
+        state. In an ``own_init`` round (nothing received): plain SGD, y only, c_i unchanged."""
+        if ctx.plan.own_init:
+            return super().local_update(ctx)
+        c = {k[len(C_PREFIX):]: v for k, v in ctx.received.items() if k.startswith(C_PREFIX)}
+        stored = (ctx.state or {}).get("c")
+        c_i = ({k: v.to(c[k].device) for k, v in P.from_numpy(stored).items()} if stored is not None
+               else {k: torch.zeros_like(v) for k, v in c.items()})
+        x = {k: ctx.received[k] for k in c}
+        ctx.aux["correction"] = [(w, c[k] - c_i[k]) for k, w in ctx.model.named_parameters()
+                                 if k in c and w.requires_grad]
+        upload, loss = super().local_update(ctx)
+        steps, lr = ctx.local_steps, ctx.plan.lr
+        y = ctx.model.state_dict()
+        c_new = ({k: c_i[k] - c[k] + (x[k] - y[k].detach()) / (steps * lr) for k in c} if steps
+                 else c_i)  # no step taken (no examples): nothing learnt about the client's drift
+        ctx.new_state = {**(ctx.new_state or {}), "c": P.to_numpy(c_new)}
+        return {**upload, **{DC_PREFIX + k: c_new[k] - c_i[k] for k in c}}, loss
+
+    def before_step(self, ctx: ClientContext) -> None:
+        """grad += c - c_i for every trainable parameter (Algorithm 1's corrected local step)."""
+        for w, correction in ctx.aux.get("correction", ()):
+            if w.grad is not None:
+                w.grad.add_(correction)

@@ -1,0 +1,282 @@
+"""Server optimisers (FedAvgM; FedAdagrad, FedAdam, FedYogi of Reddi et al., ICLR 2021, Algorithm 2):
+FedAvgM without momentum is FedAvg, first and second steps against hand computations written
+here in numpy (not by calling the code under test), BatchNorm statistics averaged not stepped,
+the optimiser state surviving a resume, and every new algorithm on the Ray backend.
+
+Helpers used by tests/test_scaffold.py and tests/test_fednova.py live here too."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from fedsim import config
+from fedsim import params as P
+from fedsim.algorithms import ALGORITHMS, ClientResult
+from fedsim.data.base import FederatedDataset, Split
+from fedsim.engine import api
+from fedsim.engine.backends import SequentialBackend
+from fedsim.engine.loop import run_experiment
+from fedsim.io import checkpoint
+from fedsim.models import build_model
+from fedsim.rng import torch_rng
+from tests.conftest import tiny_experiment
+
+WIDTHS = {"conv1": 4, "conv2": 4, "fc1": 8}
+VOLATILE = ["wall_seconds", "seconds", "worker", "started_at", "finished_at", "versions_json"]
+NEW = ["fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold", "fednova"]
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def dataset(sizes, shape=(1, 8, 8), seed=0) -> FederatedDataset:
+    """Random 'images' of ``shape``, 10 classes, client j holding sizes[j] contiguous examples."""
+    g = np.random.default_rng(seed)
+    n = sum(sizes)
+    train = Split(x=g.normal(size=(n, *shape)).astype(np.float32), y=g.integers(0, 10, n).astype(np.int64))
+    test = Split(x=g.normal(size=(20, *shape)).astype(np.float32), y=g.integers(0, 10, 20).astype(np.int64))
+    ends = np.cumsum((0, *sizes))
+    idx = [np.arange(ends[j], ends[j + 1]) for j in range(len(sizes))]
+    counts = np.stack([np.bincount(train.y[i], minlength=10) for i in idx])
+    return FederatedDataset("toy", train, test, 10, shape, idx, counts)
+
+
+def experiment(runs: list[dict], clients: int, per_round: int | None = None, **engine) -> config.ExperimentConfig:
+    """A sequential experiment on ``clients`` clients of a small digits CNN (``WIDTHS``)."""
+    return config.parse({"name": "opt", "seed": 2,
+                         "data": {"dataset": "digits", "partition": "iid", "num_clients": clients},
+                         "model": {"name": "digits_cnn", "widths": WIDTHS},
+                         "engine": {"backend": "sequential", "clients_per_round": per_round or clients, **engine},
+                         "runs": [{"local_epochs": 1, "batch_size": 8, "lr": 0.1, **r} for r in runs]})
+
+
+def run_all(cfg, ds, out) -> dict[str, dict]:
+    """Run ``cfg`` on ``ds`` (sequential backend); run id -> its final checkpoint."""
+    list(run_experiment(cfg, ds, str(out), SequentialBackend(cfg, ds)))
+    return {r.label: checkpoint.load(out, r.label) for r in cfg.runs}
+
+
+def tables(run_dir) -> dict[str, pd.DataFrame]:
+    out = {}
+    for name in ("runs", "rounds", "clients"):
+        df = pd.read_parquet(run_dir / f"{name}.parquet")
+        out[name] = df.drop(columns=[c for c in VOLATILE if c in df.columns]).reset_index(drop=True)
+    return out
+
+
+def resumed_equals_uninterrupted(cfg, ds, tmp_path) -> tuple[dict, dict]:
+    """Run ``cfg`` (one run, 3 rounds, checkpoint_every 1) uninterrupted, and again stopped after
+    round 1 and resumed from its checkpoint; asserts the tables agree and returns both final
+    checkpoints (uninterrupted, resumed)."""
+    (run,) = cfg.runs
+    clean = run_all(cfg, ds, tmp_path / "clean")[run.label]
+    crashed = tmp_path / "crashed"
+    events = run_experiment(cfg, ds, str(crashed), SequentialBackend(cfg, ds))
+    for event in events:
+        if event["kind"] == "round" and event["round"] == 1:
+            break
+    events.close()
+    assert int(checkpoint.load(crashed, run.label)["round"]) == 1
+    list(run_experiment(cfg, ds, str(crashed), SequentialBackend(cfg, ds), resume=True))
+    a, b = tables(tmp_path / "clean"), tables(crashed)
+    for name in a:
+        pd.testing.assert_frame_equal(a[name], b[name], check_dtype=False, obj=name)
+    return clean, checkpoint.load(crashed, run.label)
+
+
+def result(j: int, upload: dict, n: int, steps: int = 0) -> ClientResult:
+    return ClientResult(client_id=j, round=0, upload=P.to_numpy(upload), n_examples=n, train_loss=0.0,
+                        bytes_up=0, bytes_down=0, seconds=0.0, local_steps=steps)
+
+
+def algorithm(name: str, **keys):
+    cfg = config.parse(tiny_experiment(runs=[{"algorithm": name, **keys}]))
+    return ALGORITHMS[name](cfg.runs[0], cfg)
+
+
+# ------------------------------------------------------------------------------------ tests
+
+
+def test_fedavgm_without_momentum_and_unit_lr_gives_fedavgs_global_weights(tmp_path):
+    # unequal clients, so that a plain (unweighted) mean would differ from FedAvg's
+    cfg = experiment([{"algorithm": "fedavg", "rounds": 3},
+                      {"algorithm": "fedavgm", "rounds": 3, "server_momentum": 0.0, "server_lr": 1.0}], clients=4)
+    ckpt = run_all(cfg, dataset((5, 12, 20, 9)), tmp_path)
+    fedavg, fedavgm = ckpt["fedavg"]["params"], ckpt["fedavgm"]["params"]
+    moved = max(float((fedavg[k] - build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8), widths=WIDTHS,
+                                                 generator=torch_rng(2, "init")).state_dict()[k]).abs().max())
+                for k in fedavg)
+    assert moved > 1e-2  # training moved the weights, so the comparison is not vacuous
+    for k in fedavg:
+        torch.testing.assert_close(fedavgm[k], fedavg[k], rtol=0, atol=1e-6)
+    r = pd.read_parquet(tmp_path / "rounds.parquet")
+    np.testing.assert_allclose(r[r.run_id == "fedavgm"]["test_loss"], r[r.run_id == "fedavg"]["test_loss"], rtol=1e-5)
+
+
+def _step(algo, state, round, uploads, n):
+    """One aggregate of ``uploads`` (client j holding n[j] examples) from ``state``."""
+    plan = algo.plan_round(state, round, tuple(range(len(n))))
+    return algo.aggregate(state, plan, [result(j, u, n[j]) for j, u in enumerate(uploads)])
+
+
+def _toy_weights(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"w": scale * torch.randn(3, 4, generator=g), "b": scale * torch.randn(4, generator=g)}
+
+
+def _clients(x: dict, seed: int, n_clients: int = 3) -> list[dict]:
+    """Client models x + noise of mixed magnitudes, so |Delta| falls on both sides of tau = 1e-3."""
+    g = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_clients):
+        noise = {k: g.normal(size=v.shape) * 10.0 ** g.integers(-5, -1, v.shape) for k, v in x.items()}
+        out.append({k: v + torch.from_numpy(noise[k].astype(np.float32)) for k, v in x.items()})
+    return out
+
+
+def _delta(x: dict, uploads: list[dict], n: list[int]) -> dict[str, np.ndarray]:
+    """Delta = sum_i n_i / sum n (y_i - x), in float64."""
+    p = np.array(n, dtype=np.float64) / sum(n)
+    return {k: sum(pi * (u[k].numpy().astype(np.float64) - x[k].numpy().astype(np.float64))
+                   for pi, u in zip(p, uploads)) for k in x}
+
+
+def test_fedavgm_takes_two_momentum_steps_as_written_by_hand():
+    eta, beta, n = 0.7, 0.9, [2, 3, 5]
+    x0 = _toy_weights(0)
+    first = _clients(x0, 1)
+    algo = algorithm("fedavgm", server_lr=eta, server_momentum=beta)
+    s1 = _step(algo, algo.init_state(x0), 0, first, n)
+    second = _clients(s1.params, 2)
+    s2 = _step(algo, s1, 1, second, n)
+    d1, d2 = _delta(x0, first, n), _delta(s1.params, second, n)
+    for k in x0:
+        v1 = -d1[k]                      # v = beta * 0 + (-Delta)
+        x1 = x0[k].numpy() - eta * v1
+        v2 = beta * v1 - d2[k]
+        x2 = s1.params[k].numpy().astype(np.float64) - eta * v2
+        np.testing.assert_allclose(s1.params[k].numpy(), x1, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(s2.params[k].numpy(), x2, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedadagrad"])
+def test_adaptive_first_and_second_steps_equal_algorithm_2_by_hand(name):
+    # Reddi et al. 2021, Algorithm 2: m_0 = 0, v_0 = tau^2, no bias correction
+    eta, b1, b2, tau, n = 0.05, 0.9, 0.99, 1e-3, [4, 1, 7]
+    keys = {"server_lr": eta, "beta1": b1, "epsilon": tau, **({} if name == "fedadagrad" else {"beta2": b2})}
+    algo = algorithm(name, **keys)
+    x0 = _toy_weights(3)
+    first = _clients(x0, 4)
+    s1 = _step(algo, algo.init_state(x0), 0, first, n)
+    second = _clients(s1.params, 5)
+    s2 = _step(algo, s1, 1, second, n)
+    d1, d2 = _delta(x0, first, n), _delta(s1.params, second, n)
+
+    def v_next(v, d):
+        if name == "fedadagrad":
+            return v + d * d
+        if name == "fedadam":
+            return b2 * v + (1 - b2) * d * d
+        return v - (1 - b2) * d * d * np.sign(v - d * d)
+
+    every = np.abs(np.concatenate([d.ravel() for d in (*d1.values(), *d2.values())]))
+    assert (every > tau).sum() > 3 and (every < tau).sum() > 3  # both branches of Yogi's sign
+    for k in x0:
+        m1 = (1 - b1) * d1[k]
+        v1 = v_next(np.full_like(d1[k], tau ** 2), d1[k])
+        x1 = x0[k].numpy().astype(np.float64) + eta * m1 / (np.sqrt(v1) + tau)
+        m2 = b1 * m1 + (1 - b1) * d2[k]
+        v2 = v_next(v1, d2[k])
+        x2 = s1.params[k].numpy().astype(np.float64) + eta * m2 / (np.sqrt(v2) + tau)
+        np.testing.assert_allclose(s1.params[k].numpy() - x0[k].numpy(), x1 - x0[k].numpy(), rtol=1e-4, atol=2e-7)
+        np.testing.assert_allclose(s2.params[k].numpy() - s1.params[k].numpy(), x2 - s1.params[k].numpy(),
+                                   rtol=1e-4, atol=2e-7)
+
+
+def test_batchnorm_statistics_are_averaged_not_stepped_under_fedadam():
+    w0 = build_model("resnet8", num_classes=10, input_shape=(3, 32, 32), widths={"layer1": 4, "layer2": 4, "layer3": 4},
+                     generator=torch_rng(0, "init")).state_dict()
+    stats = [k for k in w0 if k.endswith(("running_mean", "running_var"))]
+    counters = [k for k in w0 if k.endswith("num_batches_tracked")]
+    assert stats and counters
+    g = torch.Generator().manual_seed(1)
+    uploads = []
+    for j, steps in enumerate((3, 8)):
+        u = {k: (v + 0.01 * torch.randn(v.shape, generator=g)) if v.is_floating_point() else v for k, v in w0.items()}
+        u.update({k: torch.rand(w0[k].shape, generator=g) + j for k in stats})
+        u.update({k: torch.tensor(steps) for k in counters})
+        uploads.append(u)
+    n = [1, 3]
+    algo = algorithm("fedadam")
+    state = algo.aggregate(algo.init_state(w0), algo.plan_round(None, 0, (0, 1)),
+                           [result(j, u, n[j]) for j, u in enumerate(uploads)])
+    for k in stats:  # FedAvg's weighted mean (1 * a + 3 * b) / 4
+        hand = (uploads[0][k].double() * 0.25 + uploads[1][k].double() * 0.75).float()
+        torch.testing.assert_close(state.params[k], hand, rtol=1e-6, atol=1e-7)
+    for k in counters:  # floor of (1 * 3 + 3 * 8) / 4 = 6.75, an integer tensor as before
+        assert state.params[k].dtype == torch.int64 and int(state.params[k]) == 6
+    opt = state.extra["server_opt"]
+    assert not set(opt["m"]) & set(stats + counters) and not set(opt["v"]) & set(stats + counters)
+    conv = "conv1.weight"
+    assert conv in opt["m"]
+    mean = uploads[0][conv] * 0.25 + uploads[1][conv] * 0.75
+    assert (state.params[conv] - mean).abs().max() > 1e-3  # weights are stepped, not averaged
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedavgm"])
+def test_server_optimiser_state_survives_resume(name, tmp_path):
+    cfg = experiment([{"algorithm": name, "rounds": 3, **({"server_lr": 0.05} if name == "fedadam" else {})}],
+                     clients=3, checkpoint_every=1)
+    clean, resumed = resumed_equals_uninterrupted(cfg, dataset((6, 10, 14)), tmp_path)
+    assert clean["extra"]["server_opt"]["step"] == resumed["extra"]["server_opt"]["step"] == 3
+    for part in ("m", "v"):
+        for k, v in clean["extra"]["server_opt"][part].items():
+            assert torch.equal(v, resumed["extra"]["server_opt"][part][k]), (part, k)
+    for k, v in clean["params"].items():
+        assert torch.equal(v, resumed["params"][k]), k
+
+
+@pytest.mark.parametrize("name", ["fedavgm", "fedadam", "scaffold", "fednova"])
+def test_round_0_under_init_independent_is_fedavgs_mean_of_the_own_inits(name, tmp_path):
+    # no common x to difference from: FedAvg's weighted mean (FedMA App. A), no server step yet
+    cfg = experiment([{"algorithm": "fedavg", "rounds": 1, "init": "independent"},
+                      {"algorithm": name, "rounds": 1, "init": "independent"}], clients=3)
+    ckpt = run_all(cfg, dataset((5, 12, 20)), tmp_path)
+    for k, v in ckpt["fedavg"]["params"].items():
+        assert torch.equal(ckpt[name]["params"][k], v), k
+    assert "server_opt" not in ckpt[name]["extra"]
+    if name == "scaffold":
+        assert all(bool((c == 0).all()) for c in ckpt[name]["extra"]["scaffold_c"].values())
+
+
+@pytest.mark.parametrize("name,keys,match", [
+    ("fedavgm", {"server_lr": 0.0}, "server_lr"), ("fedavgm", {"server_momentum": 1.0}, "server_momentum"),
+    ("fedadam", {"beta1": 1.0}, "beta1"), ("fedyogi", {"beta2": -0.1}, "beta2"),
+    ("fedadagrad", {"epsilon": 0.0}, "epsilon"),
+    ("fedadagrad", {"beta2": 0.99}, "unknown config key 'runs.0.beta2'"),
+])
+def test_config_range_checks_name_the_key(name, keys, match):
+    from fedsim.errors import FedsimError
+
+    with pytest.raises(FedsimError, match=match):
+        config.parse(tiny_experiment(runs=[{"algorithm": name, **keys}]))
+
+
+def test_every_new_algorithm_runs_on_ray_as_on_the_sequential_backend(ray_local, tmp_path):
+    runs = [{"algorithm": a, "rounds": 2, "local_epochs": 1, "batch_size": 8} for a in NEW]
+    ds = dataset((6, 10, 14))
+    logged = {}
+    for backend in ("sequential", "ray"):
+        cfg = experiment(runs, clients=3, per_round=2, num_workers=2) if backend == "ray" else experiment(runs, 3, 2)
+        cfg = cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"backend": backend})})
+        out = tmp_path / backend
+        out.mkdir()
+        events = list(api.execute(cfg, ds, out))
+        assert [e["status"] for e in events if e["kind"] == "end"] == ["finished"] * len(NEW)
+        logged[backend] = tables(out)
+    for name in ("rounds", "clients"):
+        pd.testing.assert_frame_equal(logged["sequential"][name], logged["ray"][name], obj=name)
+    assert set(logged["ray"]["rounds"]["run_id"]) == set(NEW)
