@@ -12,13 +12,31 @@ fedsim itself, so it works on a machine with only pandas, pyarrow and matplotlib
 from analysis.errors import AnalysisError, MixedRunsWarning
 from analysis.load import load_runs, read_tables
 from analysis.sweep import load_sweep
-from analysis.tables import (accuracy_vs_bytes, accuracy_vs_round, bytes_to_target, mixed_runs, over_seeds,
-                             run_table)
+from analysis.tables import (
+    accuracy_vs_bytes,
+    accuracy_vs_round,
+    bytes_to_target,
+    mixed_runs,
+    over_seeds,
+    run_table,
+)
 
 __all__ = [
-    "AnalysisError", "MixedRunsWarning", "load_runs", "load_sweep", "read_tables", "accuracy_vs_round",
-    "accuracy_vs_bytes", "bytes_to_target", "run_table", "over_seeds", "mixed_runs", "plot_convergence", "plot_cost",
-    "save_figure", "figure_bytes",
+    "AnalysisError",
+    "MixedRunsWarning",
+    "accuracy_vs_bytes",
+    "accuracy_vs_round",
+    "bytes_to_target",
+    "figure_bytes",
+    "load_runs",
+    "load_sweep",
+    "mixed_runs",
+    "over_seeds",
+    "plot_convergence",
+    "plot_cost",
+    "read_tables",
+    "run_table",
+    "save_figure",
 ]
 
 _PLOTS = {"plot_convergence", "plot_cost", "save_figure", "figure_bytes"}

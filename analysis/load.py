@@ -28,16 +28,37 @@ KEYS = ["experiment_dir", "run_id"]
 # Columns analysis relies on; a file without them was not written by fedsim.
 _REQUIRED = {
     "runs": {"run_id", "algorithm", "config_json", "seed", "status"},
-    "rounds": {"run_id", "algorithm", "round", "test_accuracy", "bytes_up", "bytes_down", "cum_bytes_up",
-               "cum_bytes_down", "cum_bytes", "wall_seconds"},
+    "rounds": {
+        "run_id",
+        "algorithm",
+        "round",
+        "test_accuracy",
+        "bytes_up",
+        "bytes_down",
+        "cum_bytes_up",
+        "cum_bytes_down",
+        "cum_bytes",
+        "wall_seconds",
+    },
     "clients": {"run_id", "round", "client_id"},
 }
 # Columns of runs.parquet carried into load_runs (config_json is also flattened; versions_json dropped).
-_RUN_COLUMNS = ["experiment", "seed", "status", "dry_run", "message", "started_at", "finished_at",
-                "fedsim_version", "config_json"]
-DRY_RUN_HINT = ("a dry-run projection ('fedsim run --dry-run': projected traffic and compute, no trained "
-                "model), so it has no results to report; run the experiment without --dry-run and use its "
-                "directory")
+_RUN_COLUMNS = [
+    "experiment",
+    "seed",
+    "status",
+    "dry_run",
+    "message",
+    "started_at",
+    "finished_at",
+    "fedsim_version",
+    "config_json",
+]
+DRY_RUN_HINT = (
+    "a dry-run projection ('fedsim run --dry-run': projected traffic and compute, no trained "
+    "model), so it has no results to report; run the experiment without --dry-run and use its "
+    "directory"
+)
 _HINT = "pass a directory written by 'fedsim run', e.g. runs/digits-20261121-101500"
 
 
@@ -59,8 +80,10 @@ def _locate(path: str | os.PathLike) -> _Location:
         try:
             fs, inner = pafs.FileSystem.from_uri(text)
         except (pa.ArrowException, ValueError, OSError) as err:
-            raise AnalysisError(f"cannot open {text!r} ({_first_line(err)}); pass a local directory or a URI "
-                                "that pyarrow.fs understands, such as s3://bucket/runs/digits-...") from None
+            raise AnalysisError(
+                f"cannot open {text!r} ({_first_line(err)}); pass a local directory or a URI "
+                "that pyarrow.fs understands, such as s3://bucket/runs/digits-..."
+            ) from None
         inner = inner.rstrip("/") or "/"
         # file:// names the same directory as its path: show (and deduplicate) it as that path
         return _Location(fs, inner, inner if isinstance(fs, pafs.LocalFileSystem) else text.rstrip("/"))
@@ -88,8 +111,9 @@ def _check_dir(loc: _Location) -> None:
         info = loc.fs.get_file_info(loc.path)
         files = loc.fs.get_file_info([_join(loc, f"{t}.parquet") for t in TABLE_NAMES])
     except (pa.ArrowException, OSError) as err:
-        raise AnalysisError(f"cannot read {loc.name!r} ({_first_line(err)}); check the path and your "
-                            "access to it") from None
+        raise AnalysisError(
+            f"cannot read {loc.name!r} ({_first_line(err)}); check the path and your access to it"
+        ) from None
     if info.type == pafs.FileType.NotFound:
         raise AnalysisError(f"experiment directory {loc.name!r} does not exist; {_HINT}")
     if info.type != pafs.FileType.Directory:
@@ -98,13 +122,19 @@ def _check_dir(loc: _Location) -> None:
     if len(missing) == len(TABLE_NAMES):
         children = _children_with_runs(loc)
         if children:
-            raise AnalysisError(f"{loc.name!r} is not a fedsim experiment directory but holds {len(children)} "
-                                f"of them; pass those instead, e.g. {_join(loc, children[0])}")
-        raise AnalysisError(f"{loc.name!r} is not a fedsim experiment directory (no runs.parquet, "
-                            f"rounds.parquet, clients.parquet); {_HINT}")
+            raise AnalysisError(
+                f"{loc.name!r} is not a fedsim experiment directory but holds {len(children)} "
+                f"of them; pass those instead, e.g. {_join(loc, children[0])}"
+            )
+        raise AnalysisError(
+            f"{loc.name!r} is not a fedsim experiment directory (no runs.parquet, "
+            f"rounds.parquet, clients.parquet); {_HINT}"
+        )
     if missing:
-        raise AnalysisError(f"{loc.name!r} lacks {', '.join(missing)}, so it is not a complete fedsim "
-                            f"experiment directory; {_HINT}")
+        raise AnalysisError(
+            f"{loc.name!r} lacks {', '.join(missing)}, so it is not a complete fedsim "
+            f"experiment directory; {_HINT}"
+        )
 
 
 def _read_table(loc: _Location, name: str) -> pa.Table:
@@ -112,12 +142,15 @@ def _read_table(loc: _Location, name: str) -> pa.Table:
     try:
         table = ds.dataset(_join(loc, f"{name}.parquet"), filesystem=loc.fs, format="parquet").to_table()
     except (pa.ArrowException, OSError) as err:
-        raise AnalysisError(f"{where} is not a readable Parquet file ({_first_line(err)}); re-run the "
-                            "experiment or copy the file again") from None
+        raise AnalysisError(
+            f"{where} is not a readable Parquet file ({_first_line(err)}); re-run the "
+            "experiment or copy the file again"
+        ) from None
     lacking = sorted(_REQUIRED[name].difference(table.column_names))
     if lacking:
-        raise AnalysisError(f"{where} has no column(s) {', '.join(lacking)}, so it was not written by "
-                            f"fedsim; {_HINT}")
+        raise AnalysisError(
+            f"{where} has no column(s) {', '.join(lacking)}, so it was not written by fedsim; {_HINT}"
+        )
     return table.append_column("experiment_dir", pa.array([loc.name] * table.num_rows, pa.string()))
 
 
@@ -137,8 +170,9 @@ def _locations(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[_
     return locs
 
 
-def read_tables(paths: str | os.PathLike | Iterable[str | os.PathLike],
-                tables: Iterable[str] = TABLE_NAMES) -> dict[str, pd.DataFrame]:
+def read_tables(
+    paths: str | os.PathLike | Iterable[str | os.PathLike], tables: Iterable[str] = TABLE_NAMES
+) -> dict[str, pd.DataFrame]:
     """Read the raw tables of one or many experiment directories, concatenated.
 
     Args:
@@ -182,8 +216,9 @@ def _flatten_config(config_json: str, where: str) -> dict:
     try:
         cfg = json.loads(config_json)
     except (TypeError, ValueError):
-        raise AnalysisError(f"{where}: config_json is not JSON; the runs table is damaged, re-run the "
-                            "experiment") from None
+        raise AnalysisError(
+            f"{where}: config_json is not JSON; the runs table is damaged, re-run the experiment"
+        ) from None
     sections = {k: v for k, v in cfg.items() if isinstance(v, dict)}
     runs = cfg.get("runs")
     if isinstance(runs, list) and len(runs) == 1 and isinstance(runs[0], dict):
@@ -237,19 +272,30 @@ def load_runs(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> pd.Data
             mine = runs[runs["experiment_dir"] == loc.name]
             if len(mine) and mine["dry_run"].all():
                 raise AnalysisError(f"experiment directory {loc.name!r} is {DRY_RUN_HINT}")
-            raise AnalysisError(f"experiment directory {loc.name!r} has no completed round yet; wait for "
-                                "its first round or pass another directory")
+            raise AnalysisError(
+                f"experiment directory {loc.name!r} has no completed round yet; wait for "
+                "its first round or pass another directory"
+            )
     dir_order = {loc.name: i for i, loc in enumerate(locs)}
-    runs = runs.assign(_dir=runs["experiment_dir"].map(dir_order), _run=runs.groupby("experiment_dir").cumcount())
-    config = pd.DataFrame([_flatten_config(c, f"{d}/runs.parquet (run {r!r})")
-                           for c, d, r in zip(runs["config_json"], runs["experiment_dir"], runs["run_id"])],
-                          index=runs.index)
+    runs = runs.assign(
+        _dir=runs["experiment_dir"].map(dir_order), _run=runs.groupby("experiment_dir").cumcount()
+    )
+    config = pd.DataFrame(
+        [
+            _flatten_config(c, f"{d}/runs.parquet (run {r!r})")
+            for c, d, r in zip(runs["config_json"], runs["experiment_dir"], runs["run_id"])
+        ],
+        index=runs.index,
+    )
     meta = pd.concat([runs[KEYS + ["_dir", "_run"] + [c for c in _RUN_COLUMNS if c in runs]], config], axis=1)
     df = rounds.merge(meta, on=KEYS, how="left", validate="many_to_one")
     df = df.sort_values(["_dir", "_run", "round"], kind="stable").drop(columns=["_dir", "_run"])
     df = df.reset_index(drop=True)
-    df.insert(df.columns.get_loc("wall_seconds") + 1, "cum_wall_seconds",
-              df.groupby(KEYS, sort=False)["wall_seconds"].cumsum())
+    df.insert(
+        df.columns.get_loc("wall_seconds") + 1,
+        "cum_wall_seconds",
+        df.groupby(KEYS, sort=False)["wall_seconds"].cumsum(),
+    )
     first = ["experiment_dir"] + [c for c in rounds.columns if c != "experiment_dir"]
     return df[first + [c for c in df.columns if c not in first]]
 
@@ -264,5 +310,6 @@ def write_bytes(fs: pafs.FileSystem, path: str, data: bytes, shown: str) -> None
         with fs.open_output_stream(path) as out:
             out.write(data)
     except (pa.ArrowException, OSError) as err:
-        raise AnalysisError(f"cannot write {shown} ({_first_line(err)}); pass --out with a "
-                            "writable directory") from None
+        raise AnalysisError(
+            f"cannot write {shown} ({_first_line(err)}); pass --out with a writable directory"
+        ) from None

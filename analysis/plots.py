@@ -21,7 +21,14 @@ from matplotlib.figure import Figure
 
 from analysis.errors import AnalysisError
 from analysis.load import write_bytes
-from analysis.tables import KEYS, _is_dry, accuracy_vs_bytes, accuracy_vs_round, no_evaluation_message, run_table
+from analysis.tables import (
+    KEYS,
+    _is_dry,
+    accuracy_vs_bytes,
+    accuracy_vs_round,
+    no_evaluation_message,
+    run_table,
+)
 
 ROUNDS_LABEL = "communication rounds"
 ACCURACY_LABEL = "test accuracy"
@@ -43,8 +50,13 @@ def _colors(run_ids: list[str]) -> dict[str, tuple]:
     return {r: cycle[i % len(cycle)] for i, r in enumerate(dict.fromkeys(run_ids))}
 
 
-def plot_convergence(df: pd.DataFrame, unit: str = "MB", upload_only: bool = False,
-                     target: float | None = None, title: str | None = None) -> Figure:
+def plot_convergence(
+    df: pd.DataFrame,
+    unit: str = "MB",
+    upload_only: bool = False,
+    target: float | None = None,
+    title: str | None = None,
+) -> Figure:
     """Test accuracy against message size and against rounds, the shape of FedMA's Figure 2.
 
     Wang et al., "Federated Learning with Matched Averaging" (ICLR 2020), Figure 2 compares
@@ -82,8 +94,13 @@ def plot_convergence(df: pd.DataFrame, unit: str = "MB", upload_only: bool = Fal
         if run_id not in labelled:
             labelled.add(run_id)
             label = run_id if counts[run_id] == 1 else f"{run_id} ({counts[run_id]} runs)"
-        style = dict(color=colors[run_id], marker="o", markersize=3, linewidth=1.5,
-                     alpha=1.0 if counts[run_id] == 1 else 0.7)
+        style = dict(
+            color=colors[run_id],
+            marker="o",
+            markersize=3,
+            linewidth=1.5,
+            alpha=1.0 if counts[run_id] == 1 else 0.7,
+        )
         ax_bytes.plot(sized[xcol], sized["test_accuracy"], label=label, **style)
         ax_rounds.plot(curve["round"] + 1, curve["test_accuracy"], label=label, **style)
     ax_bytes.set_xlabel(bytes_label(unit, upload_only))
@@ -133,8 +150,10 @@ def plot_cost(df: pd.DataFrame, unit: str = "auto", title: str | None = None) ->
         unit = "GB" if max(table["MB_up"].max(), table["MB_down"].max()) >= 1e3 else "MB"
     scale = 1e3 if unit == "GB" else 1.0
     table["up"], table["down"] = table["MB_up"] / scale, table["MB_down"] / scale
-    panels = [("test accuracy", ["final_acc", "best_acc"], ["final", "best"]),
-              (f"communication ({unit})", ["up", "down"], ["up", "down"])]
+    panels = [
+        ("test accuracy", ["final_acc", "best_acc"], ["final", "best"]),
+        (f"communication ({unit})", ["up", "down"], ["up", "down"]),
+    ]
     if "TMACs" in table.columns:
         panels.append(("compute (10^12 MACs)", ["TMACs"], ["total"]))
     g = table.groupby("run_id", sort=False)
@@ -149,16 +168,32 @@ def plot_cost(df: pd.DataFrame, unit: str = "auto", title: str | None = None) ->
         for k, (col, name) in enumerate(zip(cols, legend)):
             mean, std = g[col].mean().to_numpy(), g[col].std(ddof=1).to_numpy()
             yerr = None if np.all(np.isnan(std)) else np.nan_to_num(std)
-            bars = ax.bar(x + (k - (len(cols) - 1) / 2) * width, np.nan_to_num(mean), width, yerr=yerr,
-                          capsize=3, label=name)
-            ax.bar_label(bars, labels=["n/a" if np.isnan(v) else f"{v:.3g}" for v in mean],
-                         fontsize="xx-small" if crowded else "x-small", rotation=90 if crowded else 0, padding=2)
+            bars = ax.bar(
+                x + (k - (len(cols) - 1) / 2) * width,
+                np.nan_to_num(mean),
+                width,
+                yerr=yerr,
+                capsize=3,
+                label=name,
+            )
+            ax.bar_label(
+                bars,
+                labels=["n/a" if np.isnan(v) else f"{v:.3g}" for v in mean],
+                fontsize="xx-small" if crowded else "x-small",
+                rotation=90 if crowded else 0,
+                padding=2,
+            )
         ax.set_xticks(x, names, rotation=30 if len(names) > 4 else 0)
         ax.set_ylabel(ylabel)
         ax.set_ylim(0, ax.get_ylim()[1] * 1.1)
         if len(cols) > 1:
-            ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=len(cols), fontsize="small",
-                      frameon=False)
+            ax.legend(
+                loc="lower center",
+                bbox_to_anchor=(0.5, 1.0),
+                ncols=len(cols),
+                fontsize="small",
+                frameon=False,
+            )
         ax.grid(True, axis="y", alpha=0.3)
     if title:
         fig.suptitle(title)
@@ -193,8 +228,9 @@ def save_figure(fig: Figure, directory: str | os.PathLike, stem: str) -> list[st
     try:
         fs.create_dir(directory, recursive=True)
     except (pa.ArrowException, OSError) as err:
-        raise AnalysisError(f"cannot create {directory!r} ({str(err).strip().splitlines()[0]}); pass a "
-                            "writable directory") from None
+        raise AnalysisError(
+            f"cannot create {directory!r} ({str(err).strip().splitlines()[0]}); pass a writable directory"
+        ) from None
     paths = []
     for fmt in ("png", "svg"):
         path = f"{directory}/{stem}.{fmt}"

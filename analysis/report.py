@@ -34,13 +34,39 @@ import pyarrow.fs as pafs
 
 from analysis.errors import AnalysisError, MixedRunsWarning
 from analysis.load import _locate, load_runs, write_bytes
-from analysis.tables import KEYS, _is_dry, bytes_to_target, mixed_runs, no_evaluation_message, over_seeds, run_table
+from analysis.tables import (
+    KEYS,
+    _is_dry,
+    bytes_to_target,
+    mixed_runs,
+    no_evaluation_message,
+    over_seeds,
+    run_table,
+)
 
 TARGET_FRACTION = 0.9
-SUMMARY_COLUMNS = ["run", "algorithm", "final_acc", "best_acc", "rounds", "MB_up", "MB_down", "wall_s",
-                   "MB_to_target"]
-_FORMATS = {"final_acc": "{:.4f}", "best_acc": "{:.4f}", "MB_up": "{:.2f}", "MB_down": "{:.2f}",
-            "wall_s": "{:.1f}", "MB_to_target": "{:.2f}", "TMACs": "{:.3g}", "rounds": "{:d}", "seed": "{:d}"}
+SUMMARY_COLUMNS = [
+    "run",
+    "algorithm",
+    "final_acc",
+    "best_acc",
+    "rounds",
+    "MB_up",
+    "MB_down",
+    "wall_s",
+    "MB_to_target",
+]
+_FORMATS = {
+    "final_acc": "{:.4f}",
+    "best_acc": "{:.4f}",
+    "MB_up": "{:.2f}",
+    "MB_down": "{:.2f}",
+    "wall_s": "{:.1f}",
+    "MB_to_target": "{:.2f}",
+    "TMACs": "{:.3g}",
+    "rounds": "{:d}",
+    "seed": "{:d}",
+}
 
 
 @dataclass(frozen=True)
@@ -125,9 +151,11 @@ def _per_run(df: pd.DataFrame, target_fraction: float) -> tuple[pd.DataFrame, li
         cols[2:2] = ["experiment", "seed"]
     cols += [c for c in ("TMACs", "status") if c in table.columns]
     where = f" in {best['experiment_dir']}" if table["experiment_dir"].nunique() > 1 else ""
-    note = (f"MB_to_target: cumulative traffic (up + down, MB = 1e6 bytes) when test accuracy first "
-            f"reached {target:.4f} = {target_fraction:.0%} of the best accuracy observed "
-            f"({float(best['best_acc']):.4f}, run {best['run_id']}{where}); '-': never reached")
+    note = (
+        f"MB_to_target: cumulative traffic (up + down, MB = 1e6 bytes) when test accuracy first "
+        f"reached {target:.4f} = {target_fraction:.0%} of the best accuracy observed "
+        f"({float(best['best_acc']):.4f}, run {best['run_id']}{where}); '-': never reached"
+    )
     return table.reset_index(drop=True), cols, target, note
 
 
@@ -180,17 +208,24 @@ def _out_location(paths: Sequence[str], out: str | os.PathLike | None):
     try:
         info = loc.fs.get_file_info(loc.path)
         if info.type not in (pafs.FileType.NotFound, pafs.FileType.Directory):
-            raise AnalysisError(f"report location {loc.name!r} exists and is not a directory; pass --out "
-                                "with a directory path")
+            raise AnalysisError(
+                f"report location {loc.name!r} exists and is not a directory; pass --out "
+                "with a directory path"
+            )
         loc.fs.create_dir(loc.path, recursive=True)
     except (pa.ArrowException, OSError) as err:
-        raise AnalysisError(f"cannot create report directory {loc.name!r} "
-                            f"({str(err).strip().splitlines()[0]}); pass --out with a writable directory") from None
+        raise AnalysisError(
+            f"cannot create report directory {loc.name!r} "
+            f"({str(err).strip().splitlines()[0]}); pass --out with a writable directory"
+        ) from None
     return loc
 
 
-def write_report(paths: str | os.PathLike | Iterable[str | os.PathLike], out: str | os.PathLike | None = None,
-                 target_fraction: float = TARGET_FRACTION) -> Report:
+def write_report(
+    paths: str | os.PathLike | Iterable[str | os.PathLike],
+    out: str | os.PathLike | None = None,
+    target_fraction: float = TARGET_FRACTION,
+) -> Report:
     """Load the runs of ``paths``, write the figures and ``summary.md`` into ``out``.
 
     Args:
@@ -214,8 +249,10 @@ def write_report(paths: str | os.PathLike | Iterable[str | os.PathLike], out: st
     swept = [p for p in paths if sweep.is_sweep_dir(p)]
     if swept:
         if len(paths) > 1:
-            raise AnalysisError(f"{os.fspath(swept[0])!r} is a sweep directory; report it alone (its report pools "
-                                "its trials over seeds), or pass its trial directories instead")
+            raise AnalysisError(
+                f"{os.fspath(swept[0])!r} is a sweep directory; report it alone (its report pools "
+                "its trials over seeds), or pass its trial directories instead"
+            )
         return sweep.write_sweep_report(paths[0], out, target_fraction)
     df, dry_dirs = real_runs(load_runs(paths))
     full, cols, target, note = _per_run(df, target_fraction)
@@ -225,8 +262,10 @@ def write_report(paths: str | os.PathLike | Iterable[str | os.PathLike], out: st
 
     loc = _out_location([os.fspath(p) for p in paths], out)
     title = ", ".join(dict.fromkeys(df["experiment"].dropna())) if "experiment" in df.columns else None
-    figures = {"convergence": plot_convergence(df, unit="MB", target=target, title=title),
-               "cost": plot_cost(df, title=title)}
+    figures = {
+        "convergence": plot_convergence(df, unit="MB", target=target, title=title),
+        "cost": plot_cost(df, title=title),
+    }
     files = []
     for stem, fig in figures.items():
         for fmt in ("png", "svg"):
@@ -239,8 +278,10 @@ def write_report(paths: str | os.PathLike | Iterable[str | os.PathLike], out: st
     md += [f"- `{d}`" for d in dict.fromkeys(df["experiment_dir"])]
     md += ["", "## Runs", "", markdown_table(shown), "", note.replace("'-'", "`-`"), ""]
     if dry_dirs:
-        left_out = (f"left out: {', '.join(dry_dirs)} (dry-run projection{'s' if len(dry_dirs) > 1 else ''}, "
-                    "no results)")
+        left_out = (
+            f"left out: {', '.join(dry_dirs)} (dry-run projection{'s' if len(dry_dirs) > 1 else ''}, "
+            "no results)"
+        )
         text += "\n" + left_out
         md += [left_out, ""]
     if seeds is not None:
@@ -251,19 +292,40 @@ def write_report(paths: str | os.PathLike | Iterable[str | os.PathLike], out: st
         text += "\nmean ± sample std over repeated runs:\n" + seed_shown.to_string(index=False)
         md += ["## Over seeds", ""]
         md += [f"**Warning:** {problem}.", ""] if problem else []
-        md += ["Mean ± sample standard deviation over runs of the same name; MB_to_target "
-               "over the runs that reached the target (`reached`: how many did).", "",
-               markdown_table(seed_shown), ""]
-    md += ["## Figures", "",
-           "Test accuracy against cumulative message size (MB, up + down) and against communication "
-           "rounds; the dotted line is the target accuracy.", "",
-           "![convergence](convergence.png)", "",
-           "Accuracy and cost per run (bars: mean over repeated runs, error bars: sample std).", "",
-           "![cost](cost.png)", "", "Vector versions: `convergence.svg`, `cost.svg`.", ""]
+        md += [
+            "Mean ± sample standard deviation over runs of the same name; MB_to_target "
+            "over the runs that reached the target (`reached`: how many did).",
+            "",
+            markdown_table(seed_shown),
+            "",
+        ]
+    md += [
+        "## Figures",
+        "",
+        "Test accuracy against cumulative message size (MB, up + down) and against communication "
+        "rounds; the dotted line is the target accuracy.",
+        "",
+        "![convergence](convergence.png)",
+        "",
+        "Accuracy and cost per run (bars: mean over repeated runs, error bars: sample std).",
+        "",
+        "![cost](cost.png)",
+        "",
+        "Vector versions: `convergence.svg`, `cost.svg`.",
+        "",
+    ]
     write_bytes(loc.fs, f"{loc.path}/summary.md", "\n".join(md).encode(), f"{loc.name}/summary.md")
     files.insert(0, f"{loc.name}/summary.md")
-    return Report(out_dir=loc.name, files=tuple(files), summary=summary, seeds=seeds, target=target, text=text,
-                  dry_run_dirs=dry_dirs, seeds_warning=problem)
+    return Report(
+        out_dir=loc.name,
+        files=tuple(files),
+        summary=summary,
+        seeds=seeds,
+        target=target,
+        text=text,
+        dry_run_dirs=dry_dirs,
+        seeds_warning=problem,
+    )
 
 
 def run(paths: Sequence[str], out: str | None = None, stream: TextIO | None = None) -> Report:

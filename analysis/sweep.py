@@ -57,8 +57,10 @@ def read_index(path: str | os.PathLike) -> tuple[pd.DataFrame, list[str]]:
         with loc.fs.open_input_file(f"{loc.path}/{INDEX}") as f:
             table = pq.read_table(f)
     except (pa.ArrowException, OSError) as err:
-        raise AnalysisError(f"{loc.name!r} is not a readable fedsim sweep directory ({_first_line(err)}); pass "
-                            "the directory that 'fedsim sweep' printed after 'results:'") from None
+        raise AnalysisError(
+            f"{loc.name!r} is not a readable fedsim sweep directory ({_first_line(err)}); pass "
+            "the directory that 'fedsim sweep' printed after 'results:'"
+        ) from None
     meta = table.schema.metadata or {}
     if b"fedsim.sweep.grid_keys" in meta:
         keys = json.loads(meta[b"fedsim.sweep.grid_keys"])
@@ -93,8 +95,10 @@ def load_sweep(path: str | os.PathLike) -> pd.DataFrame:
     index, keys = read_index(path)
     with_rounds = index[[_has_rounds(loc, rel) for rel in index["experiment_dir"]]]
     if with_rounds.empty:
-        raise AnalysisError(f"no trial of the sweep {loc.name!r} has completed a round yet; wait for one, or "
-                            "continue the sweep with 'fedsim sweep --resume'")
+        raise AnalysisError(
+            f"no trial of the sweep {loc.name!r} has completed a round yet; wait for one, or "
+            "continue the sweep with 'fedsim sweep --resume'"
+        )
     dirs = [f"{loc.name}/{rel}" for rel in with_rounds["experiment_dir"]]
     df = load_runs(dirs)
     names = [_locate(d).name for d in dirs]
@@ -115,8 +119,9 @@ def _cell_labels(df: pd.DataFrame, keys: list[str]) -> list[str]:
     return [", ".join(f"{k}={v}" for k, v in zip(keys, row)) for row in df[keys].itertuples(index=False)]
 
 
-def cell_table(df: pd.DataFrame, keys: list[str],
-               target_fraction: float = TARGET_FRACTION) -> tuple[pd.DataFrame, float, str]:
+def cell_table(
+    df: pd.DataFrame, keys: list[str], target_fraction: float = TARGET_FRACTION
+) -> tuple[pd.DataFrame, float, str]:
     """Mean and sample std over seeds per grid cell and run, of the per-run metrics that
     ``fedsim report`` computes (:func:`analysis.report._per_run`: final and best accuracy,
     ``MB_to_target`` at ``target_fraction`` x the best accuracy of any run of the sweep, and
@@ -154,7 +159,9 @@ def cell_table(df: pd.DataFrame, keys: list[str],
     for m in metrics:
         out[f"{m}_mean"] = seeds[f"{m}_mean"].to_numpy()
         out[f"{m}_std"] = seeds[f"{m}_std"].to_numpy()
-    out["reached"] = table.groupby("_key", sort=False)["MB_to_target"].count().reindex(seeds["_key"]).to_numpy()
+    out["reached"] = (
+        table.groupby("_key", sort=False)["MB_to_target"].count().reindex(seeds["_key"]).to_numpy()
+    )
     return out, target, note
 
 
@@ -170,13 +177,16 @@ def shown_table(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     out["seeds"] = table["seeds"].map(lambda s: ", ".join(map(str, s)))
     for m, spec in _SPECS.items():
         if f"{m}_mean" in table.columns:
-            out[m] = [f"{_fmt(a, spec)} ± {_fmt(s, spec)}" for a, s in zip(table[f"{m}_mean"], table[f"{m}_std"])]
+            out[m] = [
+                f"{_fmt(a, spec)} ± {_fmt(s, spec)}" for a, s in zip(table[f"{m}_mean"], table[f"{m}_std"])
+            ]
     out["reached"] = [f"{r}/{n}" for r, n in zip(table["reached"], table["n_seeds"])]
     return out
 
 
-def plot_sweep(df: pd.DataFrame, keys: list[str], unit: str = "MB", target: float | None = None,
-               title: str | None = None):
+def plot_sweep(
+    df: pd.DataFrame, keys: list[str], unit: str = "MB", target: float | None = None, title: str | None = None
+):
     """Test accuracy against cumulative message size (both directions), one panel per run name,
     one line per grid cell: at each round the mean over seeds of the accuracy against the mean
     cumulative size, with a band of ± one sample std of the accuracy (no band for one seed).
@@ -194,7 +204,9 @@ def plot_sweep(df: pd.DataFrame, keys: list[str], unit: str = "MB", target: floa
         raise AnalysisError(f"unknown size unit {unit!r}; choose one of {', '.join(UNITS)}")
     ev = df[df["test_accuracy"].notna()].copy()
     if ev.empty:
-        raise AnalysisError("no run of the sweep has an evaluated round; run more rounds or lower engine.eval_every")
+        raise AnalysisError(
+            "no run of the sweep has an evaluated round; run more rounds or lower engine.eval_every"
+        )
     ev["_cell"] = _cell_labels(ev, keys)
     ev["_size"] = ev["cum_bytes"].astype(float) / UNITS[unit]
     runs = list(dict.fromkeys(ev["run_id"]))
@@ -204,15 +216,32 @@ def plot_sweep(df: pd.DataFrame, keys: list[str], unit: str = "MB", target: floa
     for ax, run in zip(axes, runs):
         mine = ev[ev["run_id"] == run]
         for cell, g in mine.groupby("_cell", sort=False):
-            per_round = g.groupby("round").agg(acc=("test_accuracy", "mean"), sd=("test_accuracy", "std"),
-                                               size=("_size", "mean"), n=("seed", "nunique"))
+            per_round = g.groupby("round").agg(
+                acc=("test_accuracy", "mean"),
+                sd=("test_accuracy", "std"),
+                size=("_size", "mean"),
+                n=("seed", "nunique"),
+            )
             n = int(per_round["n"].max())
-            ax.plot(per_round["size"], per_round["acc"], color=colors[cell], marker="o", markersize=3,
-                    linewidth=1.5, label=f"{cell} ({n} seed{'s' if n > 1 else ''})")
+            ax.plot(
+                per_round["size"],
+                per_round["acc"],
+                color=colors[cell],
+                marker="o",
+                markersize=3,
+                linewidth=1.5,
+                label=f"{cell} ({n} seed{'s' if n > 1 else ''})",
+            )
             if n > 1:
                 sd = per_round["sd"].fillna(0.0)
-                ax.fill_between(per_round["size"], per_round["acc"] - sd, per_round["acc"] + sd,
-                                color=colors[cell], alpha=0.18, linewidth=0)
+                ax.fill_between(
+                    per_round["size"],
+                    per_round["acc"] - sd,
+                    per_round["acc"] + sd,
+                    color=colors[cell],
+                    alpha=0.18,
+                    linewidth=0,
+                )
         if target is not None:
             ax.axhline(target, color="0.4", linestyle=":", linewidth=1)
         ax.set_title(run)
@@ -244,8 +273,9 @@ class SweepReport:
     left_out: tuple[str, ...] = ()
 
 
-def write_sweep_report(path: str | os.PathLike, out: str | os.PathLike | None = None,
-                       target_fraction: float = TARGET_FRACTION) -> SweepReport:
+def write_sweep_report(
+    path: str | os.PathLike, out: str | os.PathLike | None = None, target_fraction: float = TARGET_FRACTION
+) -> SweepReport:
     """Write ``summary.md`` (the per-cell table, the trials, the figure) and ``sweep.png``/``.svg``
     for a sweep directory into ``out`` (default ``<sweep dir>/report``).
 
@@ -261,41 +291,86 @@ def write_sweep_report(path: str | os.PathLike, out: str | os.PathLike | None = 
     df = load_sweep(path)
     table, target, note = cell_table(df, keys, target_fraction)
     shown = shown_table(table, keys)
-    fig = plot_sweep(df, keys, target=target, title=df["experiment"].iloc[0] if "experiment" in df.columns else None)
+    fig = plot_sweep(
+        df, keys, target=target, title=df["experiment"].iloc[0] if "experiment" in df.columns else None
+    )
     dest = _out_location([os.fspath(path)], out)
     files = []
     for fmt in ("png", "svg"):
         write_bytes(dest.fs, f"{dest.path}/sweep.{fmt}", figure_bytes(fig, fmt), f"{dest.name}/sweep.{fmt}")
         files.append(f"{dest.name}/sweep.{fmt}")
     logged = set(df["trial_id"])
-    left_out = tuple(f"{r.trial_id} ({r.status}{': ' + r.message if r.message else ''})"
-                     for r in index.itertuples() if r.trial_id not in logged)
+    left_out = tuple(
+        f"{r.trial_id} ({r.status}{': ' + r.message if r.message else ''})"
+        for r in index.itertuples()
+        if r.trial_id not in logged
+    )
     counts = index["status"].value_counts()
-    status_line = (f"{len(index)} trials: " + ", ".join(f"{n} {s}" for s, n in counts.items())
-                   + f"; grid {', '.join(keys) if keys else '(seeds only)'}")
-    mean_note = ("mean ± sample std over seeds (ddof = 1; '-' for one seed); MB_to_target over the seeds that "
-                 "reached the target (reached); TMACs = 10^12 multiply-accumulates of local training")
-    text = "\n".join([status_line, shown.to_string(index=False), note, mean_note]
-                     + ([f"left out (no completed round): {', '.join(left_out)}"] if left_out else []))
+    status_line = (
+        f"{len(index)} trials: "
+        + ", ".join(f"{n} {s}" for s, n in counts.items())
+        + f"; grid {', '.join(keys) if keys else '(seeds only)'}"
+    )
+    mean_note = (
+        "mean ± sample std over seeds (ddof = 1; '-' for one seed); MB_to_target over the seeds that "
+        "reached the target (reached); TMACs = 10^12 multiply-accumulates of local training"
+    )
+    text = "\n".join(
+        [status_line, shown.to_string(index=False), note, mean_note]
+        + ([f"left out (no completed round): {', '.join(left_out)}"] if left_out else [])
+    )
     trials = index[["trial_id", *keys, "seed", "status", "message", "experiment_dir", "wall_seconds"]].copy()
     trials["wall_seconds"] = trials["wall_seconds"].map(lambda v: _fmt(v, "{:.1f}"))
-    md = ["# fedsim sweep report", "", f"Sweep directory: `{loc.name}`", "", status_line, "",
-          "## Per grid cell and run", "", markdown_table(shown), "", note.replace("'-'", "`-`"), "",
-          mean_note.replace("'-'", "`-`") + ".", ""]
+    md = [
+        "# fedsim sweep report",
+        "",
+        f"Sweep directory: `{loc.name}`",
+        "",
+        status_line,
+        "",
+        "## Per grid cell and run",
+        "",
+        markdown_table(shown),
+        "",
+        note.replace("'-'", "`-`"),
+        "",
+        mean_note.replace("'-'", "`-`") + ".",
+        "",
+    ]
     if left_out:
         md += [f"Left out (no completed round): {', '.join(left_out)}", ""]
-    md += ["## Accuracy against bytes", "",
-           "Mean test accuracy over seeds against the mean cumulative message size (MB = 1e6 bytes, up + "
-           "down), one panel per run, one line per grid cell; the band is ± one sample std over seeds, the "
-           "dotted line the target accuracy.", "", "![sweep](sweep.png)", "", "Vector version: `sweep.svg`.", "",
-           "## Trials", "", markdown_table(trials.astype(str)), ""]
+    md += [
+        "## Accuracy against bytes",
+        "",
+        "Mean test accuracy over seeds against the mean cumulative message size (MB = 1e6 bytes, up + "
+        "down), one panel per run, one line per grid cell; the band is ± one sample std over seeds, the "
+        "dotted line the target accuracy.",
+        "",
+        "![sweep](sweep.png)",
+        "",
+        "Vector version: `sweep.svg`.",
+        "",
+        "## Trials",
+        "",
+        markdown_table(trials.astype(str)),
+        "",
+    ]
     write_bytes(dest.fs, f"{dest.path}/summary.md", "\n".join(md).encode(), f"{dest.name}/summary.md")
     files.insert(0, f"{dest.name}/summary.md")
-    return SweepReport(out_dir=dest.name, files=tuple(files), table=table, keys=tuple(keys), target=target,
-                       text=text, left_out=left_out)
+    return SweepReport(
+        out_dir=dest.name,
+        files=tuple(files),
+        table=table,
+        keys=tuple(keys),
+        target=target,
+        text=text,
+        left_out=left_out,
+    )
 
 
-def run(path: str | os.PathLike, out: str | os.PathLike | None = None, stream: TextIO | None = None) -> SweepReport:
+def run(
+    path: str | os.PathLike, out: str | os.PathLike | None = None, stream: TextIO | None = None
+) -> SweepReport:
     """:func:`write_sweep_report`, then print the summary and where it went (default stdout).
 
     Raises:

@@ -28,8 +28,9 @@ NOT_COMPARED = ("seed", "name", "output_dir")
 def _need(df: pd.DataFrame, columns: Sequence[str]) -> None:
     lacking = [c for c in columns if c not in df.columns]
     if lacking:
-        raise AnalysisError(f"the frame has no column(s) {', '.join(lacking)}; pass the frame returned by "
-                            "analysis.load_runs")
+        raise AnalysisError(
+            f"the frame has no column(s) {', '.join(lacking)}; pass the frame returned by analysis.load_runs"
+        )
 
 
 def _ids(df: pd.DataFrame) -> list[str]:
@@ -54,11 +55,18 @@ def no_evaluation_message(df: pd.DataFrame) -> str:
     dry = _is_dry(df)
     if len(df) and dry.all():
         dirs = list(dict.fromkeys(df["experiment_dir"])) if "experiment_dir" in df.columns else []
-        what = (f"experiment directory {dirs[0]!r} is" if len(dirs) == 1
-                else "every run given is" if not dirs else f"every directory given ({', '.join(dirs)}) is")
+        what = (
+            f"experiment directory {dirs[0]!r} is"
+            if len(dirs) == 1
+            else "every run given is"
+            if not dirs
+            else f"every directory given ({', '.join(dirs)}) is"
+        )
         return f"{what} {DRY_RUN_HINT}"
-    return ("no run has an evaluated round (test_accuracy is null everywhere); run more rounds or lower "
-            "engine.eval_every")
+    return (
+        "no run has an evaluated round (test_accuracy is null everywhere); run more rounds or lower "
+        "engine.eval_every"
+    )
 
 
 def _evaluated(df: pd.DataFrame) -> pd.DataFrame:
@@ -136,7 +144,8 @@ def bytes_to_target(df: pd.DataFrame, target: float) -> pd.DataFrame:
         raise AnalysisError(f"target accuracy must be between 0 and 1 (got {target}); e.g. 0.9 for 90%")
     _need(df, KEYS + ["round", "test_accuracy", "cum_bytes", "cum_bytes_up", "cum_bytes_down"])
     cost = ["round", "cum_bytes", "cum_bytes_up", "cum_bytes_down"] + (
-        ["cum_wall_seconds"] if "cum_wall_seconds" in df.columns else [])
+        ["cum_wall_seconds"] if "cum_wall_seconds" in df.columns else []
+    )
     ids = _ids(df) + [c for c in ("dry_run",) if c in df.columns]
     tail = [c for c in ("config_json",) if c in df.columns]
     runs = df[ids + tail].drop_duplicates(KEYS).reset_index(drop=True)
@@ -268,12 +277,15 @@ def mixed_runs(table: pd.DataFrame, by: str = "run_id") -> str | None:
         parts.append(f"the runs of {_listed(repeat_groups)} repeat seed{plural} {_listed(repeated)}")
     if not parts:
         return None
-    return ("; ".join(parts) + ": their mean ± std is not a spread over seeds; pass experiment "
-            "directories that differ only in the seed")
+    return (
+        "; ".join(parts) + ": their mean ± std is not a spread over seeds; pass experiment "
+        "directories that differ only in the seed"
+    )
 
 
-def over_seeds(table: pd.DataFrame, metrics: Sequence[str] = ("final_acc", "best_acc"),
-               by: str = "run_id") -> pd.DataFrame:
+def over_seeds(
+    table: pd.DataFrame, metrics: Sequence[str] = ("final_acc", "best_acc"), by: str = "run_id"
+) -> pd.DataFrame:
     """Mean and standard deviation of per-run metrics over repeated runs (different seeds).
 
     Runs of the same ``by`` value (the run name, which defaults to the algorithm) from different

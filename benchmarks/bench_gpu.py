@@ -47,8 +47,17 @@ def cifar_shaped(num_clients: int, per_client: int, seed: int = 0):
     test = Split(x=g.standard_normal((256, 3, 32, 32), dtype=np.float32), y=g.integers(0, 10, 256))
     parts = [np.arange(j * per_client, (j + 1) * per_client, dtype=np.int64) for j in range(num_clients)]
     counts = np.stack([np.bincount(train.y[p], minlength=10) for p in parts]).astype(np.int64)
-    return FederatedDataset(name="cifar10", train=train, test=test, num_classes=10, input_shape=(3, 32, 32),
-                            client_indices=parts, class_counts=counts, augment=None, client_names=[])
+    return FederatedDataset(
+        name="cifar10",
+        train=train,
+        test=test,
+        num_classes=10,
+        input_shape=(3, 32, 32),
+        client_indices=parts,
+        class_counts=counts,
+        augment=None,
+        client_names=[],
+    )
 
 
 class GpuMemory(Poller):
@@ -59,8 +68,11 @@ class GpuMemory(Poller):
         self.peak: dict[int, int] = {}
 
     def poll(self) -> None:
-        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True).stdout
+        out = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+        ).stdout
         for line in out.splitlines():
             pid, used = (x.strip() for x in line.split(","))
             if used.isdigit():
@@ -72,17 +84,37 @@ def one(fraction: float, args) -> dict:
     from fedsim import config
     from fedsim.engine import api
 
-    cfg = config.parse({
-        "name": f"bench-gpu-{fraction}", "seed": 0,
-        "data": {"dataset": "cifar10", "partition": "iid", "num_clients": args.clients,
-                 "examples_per_client": args.examples, "data_dir": "/nonexistent"},
-        "model": {"name": "vgg9"},
-        "engine": {"backend": "ray", "clients_per_round": args.cohort, "num_workers": "auto",
-                   "cpus_per_worker": 1, "gpus_per_worker": 0 if args.cpu else fraction,
-                   "eval_every": args.rounds},
-        "runs": [{"algorithm": "fedavg", "rounds": args.rounds, "local_epochs": 1, "lr": 0.01,
-                  "batch_size": args.batch}],
-    })
+    cfg = config.parse(
+        {
+            "name": f"bench-gpu-{fraction}",
+            "seed": 0,
+            "data": {
+                "dataset": "cifar10",
+                "partition": "iid",
+                "num_clients": args.clients,
+                "examples_per_client": args.examples,
+                "data_dir": "/nonexistent",
+            },
+            "model": {"name": "vgg9"},
+            "engine": {
+                "backend": "ray",
+                "clients_per_round": args.cohort,
+                "num_workers": "auto",
+                "cpus_per_worker": 1,
+                "gpus_per_worker": 0 if args.cpu else fraction,
+                "eval_every": args.rounds,
+            },
+            "runs": [
+                {
+                    "algorithm": "fedavg",
+                    "rounds": args.rounds,
+                    "local_epochs": 1,
+                    "lr": 0.01,
+                    "batch_size": args.batch,
+                }
+            ],
+        }
+    )
     dataset = cifar_shaped(args.clients, args.examples)
     api.start_ray(cfg, num_cpus=round(1 / fraction) if args.cpu else None)
     import ray
@@ -99,16 +131,28 @@ def one(fraction: float, args) -> dict:
                 t = timed_fedsim_run(cfg, dataset, out)
     used = sorted(sampler.peak.values()) if sampler else []
     gaps = [b - a for a, b in zip(t["t_round"], t["t_round"][1:])]
-    return {"fraction": fraction, "workers": workers, "gpu": ray.cluster_resources().get("GPU", 0.0),
-            "tasks_per_s": args.cohort * len(gaps) / (t["t_round"][-1] - t["t_round"][0]),
-            "s_per_round": median(gaps), "mem_mib": used}
+    return {
+        "fraction": fraction,
+        "workers": workers,
+        "gpu": ray.cluster_resources().get("GPU", 0.0),
+        "tasks_per_s": args.cohort * len(gaps) / (t["t_round"][-1] - t["t_round"][0]),
+        "s_per_round": median(gaps),
+        "mem_mib": used,
+    }
 
 
 def gpu_name() -> str:
     if not shutil.which("nvidia-smi"):
         return "no nvidia-smi"
-    out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                         capture_output=True, text=True).stdout.strip().splitlines()
+    out = (
+        subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+        )
+        .stdout.strip()
+        .splitlines()
+    )
     return out[0] if out else "no GPU listed by nvidia-smi"
 
 
@@ -120,7 +164,9 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=250, help="examples per client")
     ap.add_argument("--cohort", type=int, default=32, help="clients per round")
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--cpu", action="store_true", help="CPU workers instead of GPU fractions (a check of the script)")
+    ap.add_argument(
+        "--cpu", action="store_true", help="CPU workers instead of GPU fractions (a check of the script)"
+    )
     ap.add_argument("--one", type=float, default=None, help=argparse.SUPPRESS)  # child mode
     args = ap.parse_args()
     if args.rounds < 2:
@@ -135,33 +181,54 @@ def main() -> None:
         import torch
 
         if not torch.cuda.is_available():
-            ap.exit(2, "bench_gpu: torch sees no GPU on this machine; run it on a machine with one GPU, "
-                       "or pass --cpu to check the script with CPU workers\n")
+            ap.exit(
+                2,
+                "bench_gpu: torch sees no GPU on this machine; run it on a machine with one GPU, "
+                "or pass --cpu to check the script with CPU workers\n",
+            )
     device = "CPU workers (--cpu: a check of the script, not GPU figures)" if args.cpu else gpu_name()
-    print(f"workload: FedAvg, vgg9, random CIFAR-shaped data, {args.clients} clients x {args.examples} examples, "
-          f"cohort {args.cohort}, 1 epoch, batch {args.batch}, {args.rounds} rounds; device: {device}", flush=True)
+    print(
+        f"workload: FedAvg, vgg9, random CIFAR-shaped data, {args.clients} clients x {args.examples} examples, "
+        f"cohort {args.cohort}, 1 epoch, batch {args.batch}, {args.rounds} rounds; device: {device}",
+        flush=True,
+    )
     rows = []
     for f in args.fractions:
         cmd = [sys.executable, __file__, "--one", str(f)] + [
-            x for k in ("rounds", "clients", "examples", "cohort", "batch") for x in (f"--{k}", str(getattr(args, k)))]
-        proc = subprocess.run(cmd + (["--cpu"] if args.cpu else []), capture_output=True, text=True,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            x
+            for k in ("rounds", "clients", "examples", "cohort", "batch")
+            for x in (f"--{k}", str(getattr(args, k)))
+        ]
+        proc = subprocess.run(
+            cmd + (["--cpu"] if args.cpu else []),
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
             sys.exit(f"bench_gpu: the run at gpus_per_worker {f} failed:\n{proc.stderr[-3000:]}")
-        r = json.loads(lines[-1][len("RESULT "):])
+        r = json.loads(lines[-1][len("RESULT ") :])
         rows.append(r)
-        mem = (f"GPU memory per worker mean {sum(r['mem_mib']) / len(r['mem_mib']):,.0f} MiB, "
-               f"max {max(r['mem_mib']):,} MiB, all {sum(r['mem_mib']):,} MiB ({len(r['mem_mib'])} processes)"
-               if r["mem_mib"] else "GPU memory n/a")
+        mem = (
+            f"GPU memory per worker mean {sum(r['mem_mib']) / len(r['mem_mib']):,.0f} MiB, "
+            f"max {max(r['mem_mib']):,} MiB, all {sum(r['mem_mib']):,} MiB ({len(r['mem_mib'])} processes)"
+            if r["mem_mib"]
+            else "GPU memory n/a"
+        )
         label = "cpu workers" if args.cpu else f"gpus_per_worker {f:<5}"
-        print(f"{label} {r['workers']:>2} workers | {r['tasks_per_s']:7.2f} client tasks/s | "
-              f"{r['s_per_round']:7.3f} s/round | {mem}", flush=True)
+        print(
+            f"{label} {r['workers']:>2} workers | {r['tasks_per_s']:7.2f} client tasks/s | "
+            f"{r['s_per_round']:7.3f} s/round | {mem}",
+            flush=True,
+        )
     best = max(rows, key=lambda r: r["tasks_per_s"])
     base = next((r for r in rows if r["workers"] == 1), rows[0])
-    print(f"highest throughput: {best['workers']} workers (gpus_per_worker {best['fraction']}), "
-          f"{best['tasks_per_s']:.2f} client tasks/s = {best['tasks_per_s'] / base['tasks_per_s']:.2f}x "
-          f"{base['workers']} worker(s)")
+    print(
+        f"highest throughput: {best['workers']} workers (gpus_per_worker {best['fraction']}), "
+        f"{best['tasks_per_s']:.2f} client tasks/s = {best['tasks_per_s'] / base['tasks_per_s']:.2f}x "
+        f"{base['workers']} worker(s)"
+    )
 
 
 if __name__ == "__main__":

@@ -77,8 +77,12 @@ def main() -> None:
         c0 = time.process_time()
         t0 = time.perf_counter()
         res = bbp_map(
-            atoms, sigma2=sigma2, sigma0_2=sigma0_2, gamma=args.gamma,
-            iterations=args.iterations, seed=args.seed,
+            atoms,
+            sigma2=sigma2,
+            sigma0_2=sigma0_2,
+            gamma=args.gamma,
+            iterations=args.iterations,
+            seed=args.seed,
         )
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()

@@ -43,7 +43,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-
 from _common import median, timed_fedsim_run
 
 from fedsim import config
@@ -56,24 +55,43 @@ TARGET = 1.15
 
 
 def experiment(rounds: int, workers: int | str = "auto", cpus: float = 1.0) -> config.ExperimentConfig:
-    return config.parse({
-        "name": "bench-overhead", "seed": 0,
-        "data": {"dataset": "digits", "partition": "dirichlet", "alpha": 0.5, "num_clients": 100,
-                 "examples_per_client": 14},
-        "model": {"name": "digits_cnn"},
-        "engine": {"backend": "ray", "clients_per_round": 10, "num_workers": workers,
-                   "cpus_per_worker": cpus, "eval_every": rounds},
-        "runs": [{"algorithm": "fedavg", "rounds": rounds, "local_epochs": 1, "lr": 0.05,
-                  "batch_size": 16}],
-    })
+    return config.parse(
+        {
+            "name": "bench-overhead",
+            "seed": 0,
+            "data": {
+                "dataset": "digits",
+                "partition": "dirichlet",
+                "alpha": 0.5,
+                "num_clients": 100,
+                "examples_per_client": 14,
+            },
+            "model": {"name": "digits_cnn"},
+            "engine": {
+                "backend": "ray",
+                "clients_per_round": 10,
+                "num_workers": workers,
+                "cpus_per_worker": cpus,
+                "eval_every": rounds,
+            },
+            "runs": [
+                {"algorithm": "fedavg", "rounds": rounds, "local_epochs": 1, "lr": 0.05, "batch_size": 16}
+            ],
+        }
+    )
 
 
 def bare_fedavg(cfg: config.ExperimentConfig, dataset, threads: int) -> dict:
     """FedAvg as a plain PyTorch loop in this process; returns per-round seconds, acc, loss."""
     torch.set_num_threads(threads)
     run = cfg.runs[0]
-    model = build_model(cfg.model.name, num_classes=dataset.num_classes, input_shape=dataset.input_shape,
-                        widths=cfg.model.widths, generator=torch_rng(cfg.seed, "init"))
+    model = build_model(
+        cfg.model.name,
+        num_classes=dataset.num_classes,
+        input_shape=dataset.input_shape,
+        widths=cfg.model.widths,
+        generator=torch_rng(cfg.seed, "init"),
+    )
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt = torch.optim.SGD(model.parameters(), lr=run.lr)
     seconds = []
@@ -91,7 +109,7 @@ def bare_fedavg(cfg: config.ExperimentConfig, dataset, threads: int) -> dict:
             for _ in range(run.local_epochs):
                 order = torch.randperm(len(idx), generator=g)
                 for s in range(0, len(idx), run.batch_size):
-                    b = order[s:s + run.batch_size]
+                    b = order[s : s + run.batch_size]
                     opt.zero_grad(set_to_none=True)
                     F.cross_entropy(model(x[b]), y[b]).backward()
                     opt.step()
@@ -117,8 +135,8 @@ def _evaluate(model, weights, dataset, batch_size):
     model.eval()
     n, correct, loss = len(dataset.test), 0, 0.0
     for s in range(0, n, batch_size):
-        x = torch.from_numpy(dataset.test.x[s:s + batch_size])
-        y = torch.from_numpy(dataset.test.y[s:s + batch_size])
+        x = torch.from_numpy(dataset.test.x[s : s + batch_size])
+        y = torch.from_numpy(dataset.test.y[s : s + batch_size])
         logits = model(x)
         loss += float(F.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(1) == y).sum())
@@ -129,8 +147,12 @@ def fedsim_once(cfg, dataset) -> dict:
     with tempfile.TemporaryDirectory() as out:
         t = timed_fedsim_run(cfg, dataset, out)
     last = t["rounds"][-1]
-    return {"to_round0": t["t_round"][0] - t["t_start"], "steady": t["t_round"][-1] - t["t_round"][0],
-            "accuracy": last["test_accuracy"], "loss": last["test_loss"]}
+    return {
+        "to_round0": t["t_round"][0] - t["t_start"],
+        "steady": t["t_round"][-1] - t["t_round"][0],
+        "accuracy": last["test_accuracy"],
+        "loss": last["test_loss"],
+    }
 
 
 def main() -> None:
@@ -166,39 +188,59 @@ def main() -> None:
     startup = ray_init + median([f["to_round0"] for f in main_runs]) - bare_round0[best]
 
     R = args.rounds
-    print(f"workload: FedAvg, digits, digits_cnn, 100 clients (14 images each, Dir(0.5) classes), "
-          f"10 per round, 1 epoch, batch 16, {R} rounds; medians of {args.repeats} runs")
+    print(
+        f"workload: FedAvg, digits, digits_cnn, 100 clients (14 images each, Dir(0.5) classes), "
+        f"10 per round, 1 epoch, batch 16, {R} rounds; medians of {args.repeats} runs"
+    )
     print(f"{'':34s} {'rounds 1..' + str(R - 1):>12s} {'per round':>10s} {'test acc':>9s} {'test loss':>12s}")
     for th, runs in bare.items():
-        print(f"{'bare loop, 1 process x ' + str(th) + ' thread' + ('s' if th > 1 else ''):34s} "
-              f"{bare_steady[th]:11.3f}s {bare_steady[th] / (R - 1) * 1e3:8.1f}ms "
-              f"{runs[0]['accuracy']:9.4f} {runs[0]['loss']:12.8f}")
+        print(
+            f"{'bare loop, 1 process x ' + str(th) + ' thread' + ('s' if th > 1 else ''):34s} "
+            f"{bare_steady[th]:11.3f}s {bare_steady[th] / (R - 1) * 1e3:8.1f}ms "
+            f"{runs[0]['accuracy']:9.4f} {runs[0]['loss']:12.8f}"
+        )
     for name, runs in fed.items():
         s = median([f["steady"] for f in runs])
-        print(f"{name:34s} {s:11.3f}s {s / (R - 1) * 1e3:8.1f}ms {runs[0]['accuracy']:9.4f} "
-              f"{runs[0]['loss']:12.8f}")
+        print(
+            f"{name:34s} {s:11.3f}s {s / (R - 1) * 1e3:8.1f}ms {runs[0]['accuracy']:9.4f} "
+            f"{runs[0]['loss']:12.8f}"
+        )
     same = all(f["accuracy"] == bare[1][0]["accuracy"] and f["loss"] == bare[1][0]["loss"] for f in main_runs)
-    print(f"identical training (fedsim 2x1 vs bare 1 thread: equal test accuracy and loss): "
-          f"{'yes' if same else 'NO'}")
-    print(f"Ray start-up (excluded): ray.init {ray_init:.2f}s + workers up and round 0 "
-          f"{median([f['to_round0'] for f in main_runs]):.2f}s - bare round 0 {bare_round0[best]:.3f}s "
-          f"= {startup:.2f}s")
+    print(
+        f"identical training (fedsim 2x1 vs bare 1 thread: equal test accuracy and loss): "
+        f"{'yes' if same else 'NO'}"
+    )
+    print(
+        f"Ray start-up (excluded): ray.init {ray_init:.2f}s + workers up and round 0 "
+        f"{median([f['to_round0'] for f in main_runs]):.2f}s - bare round 0 {bare_round0[best]:.3f}s "
+        f"= {startup:.2f}s"
+    )
     ratio = fed_steady / bare_steady[best]
     # The machine's speed drifts between minutes; each repeat runs fedsim and the bare loops back
     # to back, so the ratio within a repeat cancels the drift. Judged on the median of those, each
     # against the same bare configuration (the faster by median), not the faster run of the repeat.
     per_repeat = [f["steady"] / sum(bare[best][i]["seconds"][1:]) for i, f in enumerate(main_runs)]
     paired = median(per_repeat)
-    print(f"ratio of medians fedsim / bare ({best} thread{'s' if best > 1 else ''}), rounds 1..{R - 1}: {ratio:.2f}x")
-    print(f"median of per-repeat ratios fedsim / bare ({best} thread{'s' if best > 1 else ''}): {paired:.2f}x "
-          f"(target <= {TARGET}x: {'met' if paired <= TARGET else 'NOT met'}); each repeat: "
-          f"{', '.join(f'{x:.2f}' for x in per_repeat)}")
-    old_rule = median([f["steady"] / min(sum(bare[th][i]["seconds"][1:]) for th in bare) for i, f in enumerate(main_runs)])
-    print(f"(the previous rule, fedsim / the faster of each repeat's bare runs, biased low for bare: {old_rule:.2f}x)")
+    print(
+        f"ratio of medians fedsim / bare ({best} thread{'s' if best > 1 else ''}), rounds 1..{R - 1}: {ratio:.2f}x"
+    )
+    print(
+        f"median of per-repeat ratios fedsim / bare ({best} thread{'s' if best > 1 else ''}): {paired:.2f}x "
+        f"(target <= {TARGET}x: {'met' if paired <= TARGET else 'NOT met'}); each repeat: "
+        f"{', '.join(f'{x:.2f}' for x in per_repeat)}"
+    )
+    old_rule = median(
+        [f["steady"] / min(sum(bare[th][i]["seconds"][1:]) for th in bare) for i, f in enumerate(main_runs)]
+    )
+    print(
+        f"(the previous rule, fedsim / the faster of each repeat's bare runs, biased low for bare: {old_rule:.2f}x)"
+    )
     if not args.no_concurrency:
         one = median([f["steady"] for f in fed["fedsim 1 worker x 2 threads"]])
-        print(f"concurrency: 2 workers x 1 thread {fed_steady:.3f}s vs 1 worker x 2 threads {one:.3f}s "
-              f"({one / fed_steady:.2f}x)")
+        print(
+            f"concurrency: 2 workers x 1 thread {fed_steady:.3f}s vs 1 worker x 2 threads {one:.3f}s "
+            f"({one / fed_steady:.2f}x)"
+        )
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import TreeSampler, median, mb, timed_fedsim_run
+from _common import TreeSampler, mb, median, timed_fedsim_run
 
 TARGET = 1.2
 
@@ -38,17 +38,27 @@ TARGET = 1.2
 def experiment(num_clients: int, rounds: int, epc: int | None):
     from fedsim import config
 
-    data = {"dataset": "synthetic", "partition": "natural", "num_clients": num_clients,
-            "synthetic_alpha": 1.0, "synthetic_beta": 1.0}
+    data = {
+        "dataset": "synthetic",
+        "partition": "natural",
+        "num_clients": num_clients,
+        "synthetic_alpha": 1.0,
+        "synthetic_beta": 1.0,
+    }
     if epc is not None:
         data["examples_per_client"] = epc
-    return config.parse({
-        "name": f"bench-scale-{num_clients}", "seed": 0, "data": data,
-        "model": {"name": "logreg"},
-        "engine": {"backend": "ray", "clients_per_round": 10, "num_workers": "auto"},
-        "runs": [{"algorithm": "fedavg", "rounds": rounds, "local_epochs": 1, "lr": 0.01,
-                  "batch_size": 10}],
-    })
+    return config.parse(
+        {
+            "name": f"bench-scale-{num_clients}",
+            "seed": 0,
+            "data": data,
+            "model": {"name": "logreg"},
+            "engine": {"backend": "ray", "clients_per_round": 10, "num_workers": "auto"},
+            "runs": [
+                {"algorithm": "fedavg", "rounds": rounds, "local_epochs": 1, "lr": 0.01, "batch_size": 10}
+            ],
+        }
+    )
 
 
 def one(num_clients: int, rounds: int, epc: int | None) -> dict:
@@ -62,9 +72,17 @@ def one(num_clients: int, rounds: int, epc: int | None) -> dict:
         cfg = experiment(num_clients, rounds, epc)
         t0 = time.perf_counter()
         d = cfg.data
-        ds = load_federated("synthetic", partition="natural", num_clients=d.num_clients, alpha=None,
-                            data_dir=None, seed=cfg.seed, examples_per_client=d.examples_per_client,
-                            synthetic_alpha=d.synthetic_alpha, synthetic_beta=d.synthetic_beta)
+        ds = load_federated(
+            "synthetic",
+            partition="natural",
+            num_clients=d.num_clients,
+            alpha=None,
+            data_dir=None,
+            seed=cfg.seed,
+            examples_per_client=d.examples_per_client,
+            synthetic_alpha=d.synthetic_alpha,
+            synthetic_beta=d.synthetic_beta,
+        )
         data_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         api.start_ray(cfg)
@@ -74,19 +92,31 @@ def one(num_clients: int, rounds: int, epc: int | None) -> dict:
             clients = pd.read_parquet(Path(t["run_dir"]) / "clients.parquet")
     gaps = [b - a for a, b in zip(t["t_round"], t["t_round"][1:])]
     per_round = clients.groupby("round")["n_examples"].sum()
-    return {"clients": num_clients, "examples": len(ds.train), "data_s": data_s, "ray_init_s": ray_s,
-            "to_round0_s": t["t_round"][0] - t["t_start"], "s_per_round": median(gaps),
-            "examples_per_round": float(per_round.iloc[1:].median()),
-            "peak_pss": mem.peak_pss, "peak_rss": mem.peak_rss, "procs": mem.peak_procs,
-            "accuracy": t["rounds"][-1]["test_accuracy"]}
+    return {
+        "clients": num_clients,
+        "examples": len(ds.train),
+        "data_s": data_s,
+        "ray_init_s": ray_s,
+        "to_round0_s": t["t_round"][0] - t["t_start"],
+        "s_per_round": median(gaps),
+        "examples_per_round": float(per_round.iloc[1:].median()),
+        "peak_pss": mem.peak_pss,
+        "peak_rss": mem.peak_rss,
+        "procs": mem.peak_procs,
+        "accuracy": t["rounds"][-1]["test_accuracy"],
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000, 10000])
     ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--examples-per-client", type=int, default=None,
-                    help="fixed client size instead of FedProx's log-normal sizes")
+    ap.add_argument(
+        "--examples-per-client",
+        type=int,
+        default=None,
+        help="fixed client size instead of FedProx's log-normal sizes",
+    )
     ap.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # child mode
     args = ap.parse_args()
     if args.one is not None:
@@ -102,19 +132,24 @@ def main() -> None:
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
             sys.exit(f"bench_scale: the run with {n} clients failed:\n{proc.stderr[-3000:]}")
-        rows.append(json.loads(lines[-1][len("RESULT "):]))
+        rows.append(json.loads(lines[-1][len("RESULT ") :]))
         r = rows[-1]
-        print(f"{r['clients']:>6,} clients {r['examples']:>10,} examples | peak PSS {mb(r['peak_pss']):>10s} "
-              f"RSS {mb(r['peak_rss']):>10s} ({r['procs']} procs) | start-up: data {r['data_s']:5.2f}s "
-              f"ray.init {r['ray_init_s']:5.2f}s to end of round 0 {r['to_round0_s']:5.2f}s | "
-              f"{r['s_per_round']:6.3f} s/round ({r['examples_per_round']:,.0f} examples/round) | "
-              f"acc {r['accuracy']:.3f}", flush=True)
+        print(
+            f"{r['clients']:>6,} clients {r['examples']:>10,} examples | peak PSS {mb(r['peak_pss']):>10s} "
+            f"RSS {mb(r['peak_rss']):>10s} ({r['procs']} procs) | start-up: data {r['data_s']:5.2f}s "
+            f"ray.init {r['ray_init_s']:5.2f}s to end of round 0 {r['to_round0_s']:5.2f}s | "
+            f"{r['s_per_round']:6.3f} s/round ({r['examples_per_round']:,.0f} examples/round) | "
+            f"acc {r['accuracy']:.3f}",
+            flush=True,
+        )
     small = min(rows, key=lambda r: r["clients"])
     large = max(rows, key=lambda r: r["clients"])
     ratio = large["peak_pss"] / small["peak_pss"]
-    print(f"peak PSS {large['clients']:,} / {small['clients']:,} clients: {ratio:.2f}x "
-          f"(target <= {TARGET}x: {'met' if ratio <= TARGET else 'NOT met'}); "
-          f"RSS ratio {large['peak_rss'] / small['peak_rss']:.2f}x")
+    print(
+        f"peak PSS {large['clients']:,} / {small['clients']:,} clients: {ratio:.2f}x "
+        f"(target <= {TARGET}x: {'met' if ratio <= TARGET else 'NOT met'}); "
+        f"RSS ratio {large['peak_rss'] / small['peak_rss']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

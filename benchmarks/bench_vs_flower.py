@@ -48,7 +48,6 @@ import tempfile
 import time
 
 import numpy as np
-
 from _common import TreeSampler, mb, median, timed_fedsim_run
 
 SEED, CLIENTS, COHORT, EPC = 0, 100, 10, 14
@@ -64,8 +63,15 @@ the two cores instead of 28%, and none of the timed process's GIL (Flower's serv
 def load_data():
     from fedsim.data import load_federated
 
-    return load_federated("digits", partition="dirichlet", num_clients=CLIENTS, alpha=0.5, data_dir=None,
-                          seed=SEED, examples_per_client=EPC)
+    return load_federated(
+        "digits",
+        partition="dirichlet",
+        num_clients=CLIENTS,
+        alpha=0.5,
+        data_dir=None,
+        seed=SEED,
+        examples_per_client=EPC,
+    )
 
 
 def init_ray(cpus: int) -> None:
@@ -85,21 +91,45 @@ def run_fedsim(rounds: int, cpus: int) -> dict:
 
     importlib.import_module("fedsim.data")  # load_data's import, with torch (counted as imports)
     t0 = time.perf_counter()  # imports done
-    cfg = config.parse({
-        "name": "bench-vs-flower", "seed": SEED,
-        "data": {"dataset": "digits", "partition": "dirichlet", "alpha": 0.5, "num_clients": CLIENTS,
-                 "examples_per_client": EPC},
-        "model": {"name": "digits_cnn"},
-        "engine": {"backend": "ray", "clients_per_round": COHORT, "num_workers": "auto", "cpus_per_worker": 1},
-        "runs": [{"algorithm": "fedavg", "rounds": rounds, "local_epochs": EPOCHS, "lr": LR,
-                  "batch_size": BATCH}],
-    })
+    cfg = config.parse(
+        {
+            "name": "bench-vs-flower",
+            "seed": SEED,
+            "data": {
+                "dataset": "digits",
+                "partition": "dirichlet",
+                "alpha": 0.5,
+                "num_clients": CLIENTS,
+                "examples_per_client": EPC,
+            },
+            "model": {"name": "digits_cnn"},
+            "engine": {
+                "backend": "ray",
+                "clients_per_round": COHORT,
+                "num_workers": "auto",
+                "cpus_per_worker": 1,
+            },
+            "runs": [
+                {
+                    "algorithm": "fedavg",
+                    "rounds": rounds,
+                    "local_epochs": EPOCHS,
+                    "lr": LR,
+                    "batch_size": BATCH,
+                }
+            ],
+        }
+    )
     dataset = load_data()
     api.start_ray(cfg, num_cpus=cpus)  # a local Ray as `fedsim run` starts it
     with tempfile.TemporaryDirectory() as out:
         t = timed_fedsim_run(cfg, dataset, out)
-    return {"t0": t0, "round_ends": t["t_round"], "t_end": time.perf_counter(),
-            "accuracy": t["rounds"][-1]["test_accuracy"]}
+    return {
+        "t0": t0,
+        "round_ends": t["t_round"],
+        "t_end": time.perf_counter(),
+        "accuracy": t["rounds"][-1]["test_accuracy"],
+    }
 
 
 # ---------------------------------------------------------------- Flower
@@ -118,8 +148,12 @@ def run_flower(rounds: int, cpus: int, cohorts: list[list[int]]) -> dict:
     from fedsim.rng import torch_rng
 
     def new_model(init: bool = False):
-        return build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8),
-                           generator=torch_rng(SEED, "init") if init else None)
+        return build_model(
+            "digits_cnn",
+            num_classes=10,
+            input_shape=(1, 8, 8),
+            generator=torch_rng(SEED, "init") if init else None,
+        )
 
     t0 = time.perf_counter()  # imports done
     cache: dict = {}  # per process: the Ray actor loads the partition data once
@@ -149,12 +183,13 @@ def run_flower(rounds: int, cpus: int, cohorts: list[list[int]]) -> dict:
         for _ in range(EPOCHS):
             order = torch.randperm(len(idx), generator=g)
             for s in range(0, len(idx), BATCH):
-                b = order[s:s + BATCH]
+                b = order[s : s + BATCH]
                 opt.zero_grad(set_to_none=True)
                 F.cross_entropy(model(x[b]), y[b]).backward()
                 opt.step()
-        content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
-                              "metrics": MetricRecord({"num-examples": len(idx)})})
+        content = RecordDict(
+            {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord({"num-examples": len(idx)})}
+        )
         return Message(content=content, reply_to=msg)
 
     class SameCohorts(FedAvg):
@@ -188,21 +223,39 @@ def run_flower(rounds: int, cpus: int, cohorts: list[list[int]]) -> dict:
     def main(grid: Grid, context: Context) -> None:
         while len(list(grid.get_node_ids())) < CLIENTS:
             time.sleep(0.05)
-        ask = [Message(RecordDict({"config": ConfigRecord({})}), message_type=MessageType.QUERY, dst_node_id=n)
-               for n in grid.get_node_ids()]
-        SameCohorts.node_of = {int(m.content["config"]["partition-id"]): m.metadata.src_node_id
-                               for m in grid.send_and_receive(ask)}
-        strategy = SameCohorts(fraction_train=COHORT / CLIENTS, fraction_evaluate=0.0,
-                               min_available_nodes=CLIENTS)
-        strategy.start(grid=grid, initial_arrays=ArrayRecord(new_model(init=True).state_dict()),
-                       num_rounds=rounds, train_config=ConfigRecord({"lr": LR}), evaluate_fn=evaluate)
+        ask = [
+            Message(RecordDict({"config": ConfigRecord({})}), message_type=MessageType.QUERY, dst_node_id=n)
+            for n in grid.get_node_ids()
+        ]
+        SameCohorts.node_of = {
+            int(m.content["config"]["partition-id"]): m.metadata.src_node_id
+            for m in grid.send_and_receive(ask)
+        }
+        strategy = SameCohorts(
+            fraction_train=COHORT / CLIENTS, fraction_evaluate=0.0, min_available_nodes=CLIENTS
+        )
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(new_model(init=True).state_dict()),
+            num_rounds=rounds,
+            train_config=ConfigRecord({"lr": LR}),
+            evaluate_fn=evaluate,
+        )
 
     torch.set_num_threads(1)
     init_ray(cpus)
-    run_simulation(server_app=server, client_app=client, num_supernodes=CLIENTS,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
-    return {"t0": t0, "round_ends": out["round_ends"], "t_end": time.perf_counter(),
-            "accuracy": out["accuracy"]}
+    run_simulation(
+        server_app=server,
+        client_app=client,
+        num_supernodes=CLIENTS,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+    )
+    return {
+        "t0": t0,
+        "round_ends": out["round_ends"],
+        "t_end": time.perf_counter(),
+        "accuracy": out["accuracy"],
+    }
 
 
 # ---------------------------------------------------------------- driver
@@ -225,10 +278,17 @@ def child(framework: str, rounds: int, cpus: int, cohorts_file: str | None) -> d
             res = run_flower(rounds, cpus, json.load(f))
     ends = res["round_ends"]
     gaps = np.diff(ends)  # rounds 2..R
-    return {"framework": framework, "wall": res["t_end"] - start, "imports": res["t0"] - start,
-            "startup": ends[0] - start,
-            "rounds_2_to_R": ends[-1] - ends[0], "p50": float(np.percentile(gaps, 50)),
-            "p95": float(np.percentile(gaps, 95)), "rounds": len(ends), "accuracy": res["accuracy"]}
+    return {
+        "framework": framework,
+        "wall": res["t_end"] - start,
+        "imports": res["t0"] - start,
+        "startup": ends[0] - start,
+        "rounds_2_to_R": ends[-1] - ends[0],
+        "p50": float(np.percentile(gaps, 50)),
+        "p95": float(np.percentile(gaps, 95)),
+        "rounds": len(ends),
+        "accuracy": res["accuracy"],
+    }
 
 
 def main() -> None:
@@ -253,40 +313,65 @@ def main() -> None:
     results: dict[str, list[dict]] = {"fedsim": [], "flower": []}
     for _ in range(args.repeats):
         for fw in results:
-            cmd = [sys.executable, __file__, "--child", fw, "--rounds", str(args.rounds), "--cpus", str(args.cpus),
-                   "--cohorts", cohorts.name]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                fw,
+                "--rounds",
+                str(args.rounds),
+                "--cpus",
+                str(args.cpus),
+                "--cohorts",
+                cohorts.name,
+            ]
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            with TreeSampler(root=proc.pid, interval=MEMORY_INTERVAL_S) as mem:  # from outside the timed process
+            with TreeSampler(
+                root=proc.pid, interval=MEMORY_INTERVAL_S
+            ) as mem:  # from outside the timed process
                 stdout, stderr = proc.communicate()
             lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
                 sys.exit(f"bench_vs_flower: the {fw} run failed:\n{stderr[-4000:]}\n{stdout[-2000:]}")
-            results[fw].append({**json.loads(lines[-1][len("RESULT "):]), "peak_pss": mem.peak_pss,
-                                "peak_rss": mem.peak_rss})
+            results[fw].append(
+                {
+                    **json.loads(lines[-1][len("RESULT ") :]),
+                    "peak_pss": mem.peak_pss,
+                    "peak_rss": mem.peak_rss,
+                }
+            )
 
     def med(fw: str, key: str) -> float:
         return median([r[key] for r in results[fw]])
 
-    print(f"workload: FedAvg, digits, digits_cnn, {CLIENTS} clients ({EPC} images each, Dir(0.5) classes), "
-          f"cohort {COHORT}, {args.rounds} rounds, 1 epoch, batch {BATCH}; {args.cpus} workers x 1 thread; "
-          f"medians of {args.repeats} run(s)")
-    print(f"{'':8s} {'wall':>8s} {'imports':>8s} {'start-up+r1':>12s} {'rounds 2..R':>12s} {'p50/round':>10s} "
-          f"{'p95/round':>10s} {'peak PSS':>10s} {'peak RSS':>10s} {'final acc':>9s}")
+    print(
+        f"workload: FedAvg, digits, digits_cnn, {CLIENTS} clients ({EPC} images each, Dir(0.5) classes), "
+        f"cohort {COHORT}, {args.rounds} rounds, 1 epoch, batch {BATCH}; {args.cpus} workers x 1 thread; "
+        f"medians of {args.repeats} run(s)"
+    )
+    print(
+        f"{'':8s} {'wall':>8s} {'imports':>8s} {'start-up+r1':>12s} {'rounds 2..R':>12s} {'p50/round':>10s} "
+        f"{'p95/round':>10s} {'peak PSS':>10s} {'peak RSS':>10s} {'final acc':>9s}"
+    )
     for fw in results:
-        print(f"{fw:8s} {med(fw, 'wall'):7.1f}s {med(fw, 'imports'):7.1f}s {med(fw, 'startup'):11.1f}s "
-              f"{med(fw, 'rounds_2_to_R'):11.1f}s "
-              f"{med(fw, 'p50') * 1e3:8.1f}ms {med(fw, 'p95') * 1e3:8.1f}ms {mb(med(fw, 'peak_pss')):>10s} "
-              f"{mb(med(fw, 'peak_rss')):>10s} {med(fw, 'accuracy'):9.4f}")
+        print(
+            f"{fw:8s} {med(fw, 'wall'):7.1f}s {med(fw, 'imports'):7.1f}s {med(fw, 'startup'):11.1f}s "
+            f"{med(fw, 'rounds_2_to_R'):11.1f}s "
+            f"{med(fw, 'p50') * 1e3:8.1f}ms {med(fw, 'p95') * 1e3:8.1f}ms {mb(med(fw, 'peak_pss')):>10s} "
+            f"{mb(med(fw, 'peak_rss')):>10s} {med(fw, 'accuracy'):9.4f}"
+        )
     os.unlink(cohorts.name)
     walls = {fw: ", ".join(f"{r['wall']:.1f}" for r in results[fw]) for fw in results}
     print(f"wall per repeat (s): fedsim {walls['fedsim']}; Flower {walls['flower']}")
     wall = med("flower", "wall") / med("fedsim", "wall")
     rounds = med("flower", "rounds_2_to_R") / med("fedsim", "rounds_2_to_R")
-    print(f"Flower / fedsim: wall {wall:.2f}x, rounds 2..R {rounds:.2f}x, p50 "
-          f"{med('flower', 'p50') / med('fedsim', 'p50'):.2f}x, peak PSS "
-          f"{med('flower', 'peak_pss') / med('fedsim', 'peak_pss'):.2f}x; accuracy difference "
-          f"{abs(med('flower', 'accuracy') - med('fedsim', 'accuracy')):.4f} "
-          f"(target: fedsim >= {TARGET}x faster: {'met' if wall >= TARGET else 'NOT met'} on wall time)")
+    print(
+        f"Flower / fedsim: wall {wall:.2f}x, rounds 2..R {rounds:.2f}x, p50 "
+        f"{med('flower', 'p50') / med('fedsim', 'p50'):.2f}x, peak PSS "
+        f"{med('flower', 'peak_pss') / med('fedsim', 'peak_pss'):.2f}x; accuracy difference "
+        f"{abs(med('flower', 'accuracy') - med('fedsim', 'accuracy')):.4f} "
+        f"(target: fedsim >= {TARGET}x faster: {'met' if wall >= TARGET else 'NOT met'} on wall time)"
+    )
 
 
 if __name__ == "__main__":

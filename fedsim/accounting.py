@@ -1,4 +1,4 @@
-"""Communication and computation accounting, and its projection for a whole run (ALGORITHMS.md
+"""Communication and computation accounting, and its projection for a whole run (docs/algorithms.md
 section 6; FedPart: Wang et al., "Why Go Full? Elevating Federated Learning Through Partial Network
 Updates", NeurIPS 2024, section 5 and its cost table).
 
@@ -56,8 +56,15 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # Leaf modules thop registers as zero cost, or does not register (counted as zero, with a warning).
 _ZERO_WITH_PARAMS = (nn.Embedding, nn.GroupNorm)
 _NOT_IMPLEMENTED = (
-    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Upsample, nn.RNN, nn.GRU,
-    nn.RNNCell, nn.GRUCell, nn.LSTMCell,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    nn.Upsample,
+    nn.RNN,
+    nn.GRU,
+    nn.RNNCell,
+    nn.GRUCell,
+    nn.LSTMCell,
 )
 
 
@@ -101,8 +108,15 @@ def thop_layer_macs(model: nn.Module, input_shape: Sequence[int]) -> dict[str, i
     """
     shape = _input_shape(input_shape)
     known = (
-        *_CONV, nn.Linear, *_NORM_TYPES, *_AVG_POOL, *_ADAPTIVE_AVG_POOL, nn.PReLU, nn.Softmax,
-        nn.LSTM, *_ZERO_WITH_PARAMS,
+        *_CONV,
+        nn.Linear,
+        *_NORM_TYPES,
+        *_AVG_POOL,
+        *_ADAPTIVE_AVG_POOL,
+        nn.PReLU,
+        nn.Softmax,
+        nn.LSTM,
+        *_ZERO_WITH_PARAMS,
     )
     for name, sub in model.named_modules():
         if isinstance(sub, _NOT_IMPLEMENTED):
@@ -153,7 +167,13 @@ def thop_layer_macs(model: nn.Module, input_shape: Sequence[int]) -> dict[str, i
         counts[name] = counts.get(name, 0) + int(ops)
 
     counted = (
-        *_CONV, nn.Linear, *_NORM_TYPES, *_AVG_POOL, *_ADAPTIVE_AVG_POOL, nn.PReLU, nn.Softmax,
+        *_CONV,
+        nn.Linear,
+        *_NORM_TYPES,
+        *_AVG_POOL,
+        *_ADAPTIVE_AVG_POOL,
+        nn.PReLU,
+        nn.Softmax,
         nn.LSTM,
     )
     probe_forward(model, shape, counted, count)
@@ -212,7 +232,7 @@ def fedpart_gb(nbytes: float) -> float:
 
 @dataclass(frozen=True)
 class FedPartSchedule:
-    """FedPart's round layout (ALGORITHMS.md section 5).
+    """FedPart's round layout (docs/algorithms.md section 5).
 
     Attributes:
         warmup_rounds: W, full-network rounds at the start of every cycle (paper: 5).
@@ -272,9 +292,7 @@ def fedpart_schedule(
     if order == "random" and rng is None:
         raise FedsimError("order 'random' needs a generator; pass rng=fedsim.rng.numpy_rng(...)")
     if isinstance(order, str) and order not in ("sequential", "reverse", "random"):
-        raise FedsimError(
-            f"unknown FedPart order {order!r}; use 'sequential', 'reverse' or 'random'"
-        )
+        raise FedsimError(f"unknown FedPart order {order!r}; use 'sequential', 'reverse' or 'random'")
     if not isinstance(order, str) and sorted(order) != list(range(g)):
         raise FedsimError(
             f"FedPart order {tuple(order)!r} is not a permutation of the {g} group indices 0..{g - 1}"
@@ -372,7 +390,7 @@ def project_run(
     convention: Literal["thop", "fedsim"] = "thop",
 ) -> RunProjection:
     """Project the bytes and multiply-accumulates of a FedPart or full-network run, per round,
-    in total and per client, without training (ALGORITHMS.md sections 5 and 6).
+    in total and per client, without training (docs/algorithms.md sections 5 and 6).
 
     Per participating client and round (FedPart, section 5):
 
@@ -410,19 +428,13 @@ def project_run(
     n = _positive("num_clients", num_clients)
     k = _positive("clients_per_round", clients_per_round)
     if k > n:
-        raise FedsimError(
-            f"clients_per_round ({k}) exceeds num_clients ({n}); lower clients_per_round"
-        )
+        raise FedsimError(f"clients_per_round ({k}) exceeds num_clients ({n}); lower clients_per_round")
     examples = _positive("examples_per_client", examples_per_client)
     epochs = _positive("local_epochs", local_epochs)
     if partial_download not in ("model", "group"):
-        raise FedsimError(
-            f"unknown partial_download {partial_download!r}; use 'model' or 'group'"
-        )
+        raise FedsimError(f"unknown partial_download {partial_download!r}; use 'model' or 'group'")
     if not isinstance(model, FedModel):
-        raise FedsimError(
-            f"project_run needs a fedsim model (got {type(model).__name__}); use build_model"
-        )
+        raise FedsimError(f"project_run needs a fedsim model (got {type(model).__name__}); use build_model")
     groups = model.layer_groups()
     if (schedule is None) == (rounds is None):
         raise FedsimError("give either schedule (FedPart) or rounds (full-network training)")
@@ -461,8 +473,14 @@ def project_run(
         per_client = training_macs(forward, examples, epochs, s.phase)
         out.append(
             RoundProjection(
-                round=s.round, cycle=s.cycle, phase=s.phase, group=s.group, group_name=name,
-                bytes_up=k * up, bytes_down=k * down, macs=k * per_client,
+                round=s.round,
+                cycle=s.cycle,
+                phase=s.phase,
+                group=s.group,
+                group_name=name,
+                bytes_up=k * up,
+                bytes_down=k * down,
+                macs=k * per_client,
             )
         )
     total_up = sum(r.bytes_up for r in out)

@@ -37,24 +37,32 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2 (argparse prints usage + message by default)
         self.exit(EXIT_BAD_INPUT, f"fedsim: error: {message}; see '{self.prog} --help'\n")
 
-    def parse_args(self, args=None, namespace=None):  # noqa: D102
+    def parse_args(self, args=None, namespace=None):
         # argparse reports a subcommand's unrecognized arguments from the top-level parser; let
         # the subcommand's parser report them, so the hint names its help.
         parsed, extra = self.parse_known_args(args, namespace)
         if extra:
             (self.commands or {}).get(getattr(parsed, "command", None), self).error(
-                f"unrecognized arguments: {' '.join(extra)}")
+                f"unrecognized arguments: {' '.join(extra)}"
+            )
         return parsed
 
 
-def _summary(events: list[dict]) -> "object":
+def _summary(events: list[dict]) -> object:
     import pandas as pd
 
     rows = {}
     for e in events:
         if e["kind"] == "start":
-            rows[e["run"]] = {"run": e["run"], "final_acc": None, "best_acc": None, "MB_up": 0.0,
-                              "MB_down": 0.0, "wall_s": 0.0, "status": "running"}
+            rows[e["run"]] = {
+                "run": e["run"],
+                "final_acc": None,
+                "best_acc": None,
+                "MB_up": 0.0,
+                "MB_down": 0.0,
+                "wall_s": 0.0,
+                "status": "running",
+            }
         elif e["kind"] == "round":
             r = rows[e["run_id"]]
             if e["test_accuracy"] is not None:
@@ -78,8 +86,11 @@ def _interrupted(run_dir: str | os.PathLike | None, created: bool) -> int:
         api.remove_run_dir(run_dir)
         print(f"fedsim: interrupted before any round completed; removed {run_dir}", file=sys.stderr)
     else:
-        print(f"fedsim: interrupted; completed rounds are in {run_dir}; continue with "
-              f"'fedsim run --resume {run_dir}'", file=sys.stderr)
+        print(
+            f"fedsim: interrupted; completed rounds are in {run_dir}; continue with "
+            f"'fedsim run --resume {run_dir}'",
+            file=sys.stderr,
+        )
     return 130
 
 
@@ -102,12 +113,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         return code
     if args.resume:
         if args.out:
-            raise FedsimError("--out and --resume cannot be combined: a resumed run continues in its own directory")
+            raise FedsimError(
+                "--out and --resume cannot be combined: a resumed run continues in its own directory"
+            )
     else:
-        cfg = config.load(args.config, args.set)  # imports no torch: a bad config fails in well under a second
+        cfg = config.load(
+            args.config, args.set
+        )  # imports no torch: a bad config fails in well under a second
         if cfg.sweep is not None:
-            print("fedsim: note: this experiment has a sweep: section; 'fedsim run' runs the experiment once "
-                  "without it, 'fedsim sweep' runs the sweep", file=sys.stderr)
+            print(
+                "fedsim: note: this experiment has a sweep: section; 'fedsim run' runs the experiment once "
+                "without it, 'fedsim sweep' runs the sweep",
+                file=sys.stderr,
+            )
     from tqdm import tqdm
 
     from fedsim.engine import api
@@ -115,8 +133,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.resume:
         run_dir, cfg = api.open_for_resume(args.resume, args.config, args.set)
         if not api.unfinished_runs(run_dir, cfg):
-            print(f"fedsim: nothing to resume: every run in {run_dir} has already ended; its tables are "
-                  "unchanged", file=sys.stderr)
+            print(
+                f"fedsim: nothing to resume: every run in {run_dir} has already ended; its tables are "
+                "unchanged",
+                file=sys.stderr,
+            )
             return 0
     else:
         run_dir = None
@@ -131,19 +152,29 @@ def cmd_run(args: argparse.Namespace) -> int:
             run_dir, created = api.new_run_dir(args.out or cfg.output_dir, cfg.name), True
         if cfg.engine.backend == "ray":
             api.start_ray(cfg)
-        print(f"fedsim: experiment {cfg.name!r}: {len(cfg.runs)} run(s), {dataset.num_clients} clients of "
-              f"{dataset.name}, {cfg.engine.clients_per_round} per round, backend {cfg.engine.backend}; "
-              f"{'resuming' if args.resume else 'writing'} {run_dir}", file=sys.stderr)
+        print(
+            f"fedsim: experiment {cfg.name!r}: {len(cfg.runs)} run(s), {dataset.num_clients} clients of "
+            f"{dataset.name}, {cfg.engine.clients_per_round} per round, backend {cfg.engine.backend}; "
+            f"{'resuming' if args.resume else 'writing'} {run_dir}",
+            file=sys.stderr,
+        )
         stream = api.execute(cfg, dataset, run_dir, resume=bool(args.resume))
         for e in stream:
             events.append(e)
             if e["kind"] == "start":
-                bar = tqdm(total=e["rounds"], desc=e["run"], unit="round", disable=args.no_progress,
-                           dynamic_ncols=True, file=sys.stderr)
+                bar = tqdm(
+                    total=e["rounds"],
+                    desc=e["run"],
+                    unit="round",
+                    disable=args.no_progress,
+                    dynamic_ncols=True,
+                    file=sys.stderr,
+                )
             elif e["kind"] == "round":
                 acc = e["test_accuracy"]
-                bar.set_postfix_str(f"acc={'-' if acc is None else f'{acc:.3f}'} "
-                                    f"MB={e['cum_bytes'] / 1e6:.2f}", refresh=False)
+                bar.set_postfix_str(
+                    f"acc={'-' if acc is None else f'{acc:.3f}'} MB={e['cum_bytes'] / 1e6:.2f}", refresh=False
+                )
                 bar.update(1)
             elif e["kind"] == "end":
                 bar.close()
@@ -185,16 +216,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.commands = sub.choices
     run = sub.add_parser("run", help="run an experiment (the built-in digits experiment if no CONFIG)")
     run.add_argument("config", nargs="?", help="experiment YAML, e.g. jobs/digits.yaml")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config key, e.g. --set data.num_clients=50 --set runs.0.rounds=3")
-    run.add_argument("--out", help="directory or URI (s3://bucket/prefix, file:///path) under which the run "
-                                   "directory is created (default: output_dir)")
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set data.num_clients=50 --set runs.0.rounds=3",
+    )
+    run.add_argument(
+        "--out",
+        help="directory or URI (s3://bucket/prefix, file:///path) under which the run "
+        "directory is created (default: output_dir)",
+    )
     run.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    run.add_argument("--resume", metavar="RUN_DIR",
-                     help="continue an interrupted experiment in RUN_DIR from its last checkpoint")
-    run.add_argument("--dry-run", action="store_true",
-                     help="train nothing: print each run's round schedule and projected bytes and compute, "
-                          "and write them as Parquet rows (dry_run = true); reads no dataset files")
+    run.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue an interrupted experiment in RUN_DIR from its last checkpoint",
+    )
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="train nothing: print each run's round schedule and projected bytes and compute, "
+        "and write them as Parquet rows (dry_run = true); reads no dataset files",
+    )
     run.set_defaults(func=cmd_run)
     from fedsim import submit
 
@@ -203,12 +248,18 @@ def build_parser() -> argparse.ArgumentParser:
     sbm.set_defaults(func=submit.cmd_submit)
     from fedsim import sweep
 
-    swp = sub.add_parser("sweep", help="run an experiment over a grid of config values and seeds (Ray Tune trials)")
+    swp = sub.add_parser(
+        "sweep", help="run an experiment over a grid of config values and seeds (Ray Tune trials)"
+    )
     sweep.add_arguments(swp)
     swp.set_defaults(func=sweep.cmd_sweep)
     rep = sub.add_parser("report", help="plots and a Markdown summary of experiment or sweep directories")
-    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
-                     help="experiment directories (or pyarrow URIs), or one sweep directory")
+    rep.add_argument(
+        "run_dirs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="experiment directories (or pyarrow URIs), or one sweep directory",
+    )
     rep.add_argument("--out", help="report directory (default: the first RUN_DIR/report)")
     rep.set_defaults(func=cmd_report)
     return parser

@@ -71,8 +71,10 @@ class EngineConfig(_Strict):
     timeout_policy: Literal["wait", "drop", "fail"] = "drop"
     checkpoint_every: int = 1
     worker_resources: dict[str, float] | None = Field(
-        None, description="extra Ray resources each ClientWorker requests, e.g. {fedsim_worker: 0.001} "
-                          "to place workers only on nodes that advertise fedsim_worker (ray_cluster.yaml)")
+        None,
+        description="extra Ray resources each ClientWorker requests, e.g. {fedsim_worker: 0.001} "
+        "to place workers only on nodes that advertise fedsim_worker (ray_cluster.yaml)",
+    )
 
 
 class RunConfig(_Strict):
@@ -101,7 +103,7 @@ class RunConfig(_Strict):
         """The run's id within its experiment: ``name`` or the algorithm's name."""
         return self.name or self.algorithm
 
-    def check(self, where: str, experiment: "ExperimentConfig") -> None:
+    def check(self, where: str, experiment: ExperimentConfig) -> None:
         """Algorithm-specific range checks; ``where`` is the run's key path, e.g. ``runs.1``.
 
         Raises:
@@ -141,8 +143,10 @@ class FedProxConfig(FullNetworkConfig):
 
     def check(self, where: str, experiment: ExperimentConfig) -> None:
         if self.mu < 0:
-            raise FedsimError(f"config key '{where}.mu' must be >= 0 (got {self.mu}); FedProx's grid is "
-                              "0.001, 0.01, 0.1, 0.5, 1")
+            raise FedsimError(
+                f"config key '{where}.mu' must be >= 0 (got {self.mu}); FedProx's grid is "
+                "0.001, 0.01, 0.1, 0.5, 1"
+            )
 
 
 class MoonConfig(FullNetworkConfig):
@@ -154,8 +158,10 @@ class MoonConfig(FullNetworkConfig):
 
     def check(self, where: str, experiment: ExperimentConfig) -> None:
         if self.mu < 0 or not self.tau > 0:
-            raise FedsimError(f"config keys '{where}.mu' >= 0 and '{where}.tau' > 0 are required "
-                              f"(got mu={self.mu}, tau={self.tau})")
+            raise FedsimError(
+                f"config keys '{where}.mu' >= 0 and '{where}.tau' > 0 are required "
+                f"(got mu={self.mu}, tau={self.tau})"
+            )
 
 
 class FedPartConfig(FullNetworkConfig):
@@ -178,13 +184,19 @@ class FedPartConfig(FullNetworkConfig):
 
     def check(self, where: str, experiment: ExperimentConfig) -> None:
         if self.rounds is not None:
-            raise FedsimError(f"config key '{where}.rounds': fedpart's rounds follow from cycles, warmup_rounds "
-                              "and rounds_per_group; remove rounds and set cycles")
+            raise FedsimError(
+                f"config key '{where}.rounds': fedpart's rounds follow from cycles, warmup_rounds "
+                "and rounds_per_group; remove rounds and set cycles"
+            )
         if self.warmup_rounds < 0 or self.rounds_per_group < 1 or self.cycles < 1:
-            raise FedsimError(f"'{where}': fedpart needs warmup_rounds >= 0, rounds_per_group >= 1 and cycles >= 1")
+            raise FedsimError(
+                f"'{where}': fedpart needs warmup_rounds >= 0, rounds_per_group >= 1 and cycles >= 1"
+            )
         if self.init == "independent" and self.warmup_rounds == 0:
-            raise FedsimError(f"config key '{where}.init': independent needs a whole-network round 0, but with "
-                              "warmup_rounds 0 fedpart's round 0 is partial; set warmup_rounds >= 1 or init: shared")
+            raise FedsimError(
+                f"config key '{where}.init': independent needs a whole-network round 0, but with "
+                "warmup_rounds 0 fedpart's round 0 is partial; set warmup_rounds >= 1 or init: shared"
+            )
 
 
 class FedAvgMConfig(FullNetworkConfig):
@@ -197,8 +209,10 @@ class FedAvgMConfig(FullNetworkConfig):
 
     def check(self, where: str, experiment: ExperimentConfig) -> None:
         if not self.server_lr > 0 or not 0 <= self.server_momentum < 1:
-            raise FedsimError(f"config keys '{where}.server_lr' > 0 and 0 <= '{where}.server_momentum' < 1 are "
-                              f"required (got server_lr={self.server_lr}, server_momentum={self.server_momentum})")
+            raise FedsimError(
+                f"config keys '{where}.server_lr' > 0 and 0 <= '{where}.server_momentum' < 1 are "
+                f"required (got server_lr={self.server_lr}, server_momentum={self.server_momentum})"
+            )
 
 
 class FedAdagradConfig(FullNetworkConfig):
@@ -211,9 +225,11 @@ class FedAdagradConfig(FullNetworkConfig):
 
     def check(self, where: str, experiment: ExperimentConfig) -> None:
         if not self.server_lr > 0 or not self.epsilon > 0 or not 0 <= self.beta1 < 1:
-            raise FedsimError(f"config keys '{where}.server_lr' > 0, '{where}.epsilon' > 0 and "
-                              f"0 <= '{where}.beta1' < 1 are required (got server_lr={self.server_lr}, "
-                              f"epsilon={self.epsilon}, beta1={self.beta1})")
+            raise FedsimError(
+                f"config keys '{where}.server_lr' > 0, '{where}.epsilon' > 0 and "
+                f"0 <= '{where}.beta1' < 1 are required (got server_lr={self.server_lr}, "
+                f"epsilon={self.epsilon}, beta1={self.beta1})"
+            )
 
 
 class FedAdamConfig(FedAdagradConfig):
@@ -239,8 +255,10 @@ class ScaffoldConfig(FullNetworkConfig):
         if not self.server_lr > 0:
             raise FedsimError(f"config key '{where}.server_lr' must be > 0 (got {self.server_lr})")
         if self.optimizer != "sgd":
-            raise FedsimError(f"config key '{where}.optimizer': scaffold's control variates assume local SGD; "
-                              "set optimizer: sgd")
+            raise FedsimError(
+                f"config key '{where}.optimizer': scaffold's control variates assume local SGD; "
+                "set optimizer: sgd"
+            )
 
 
 class FedNovaConfig(FullNetworkConfig):
@@ -249,8 +267,9 @@ class FedNovaConfig(FullNetworkConfig):
 
     def check(self, where: str, experiment: ExperimentConfig) -> None:
         if self.optimizer != "sgd":
-            raise FedsimError(f"config key '{where}.optimizer': fednova normalises local SGD steps; "
-                              "set optimizer: sgd")
+            raise FedsimError(
+                f"config key '{where}.optimizer': fednova normalises local SGD steps; set optimizer: sgd"
+            )
         if not self.momentum < 1:
             raise FedsimError(f"config key '{where}.momentum' must be < 1 for fednova (got {self.momentum})")
 
@@ -267,7 +286,7 @@ class FedMAConfig(RunConfig):
     Protocol options (docs/algorithms.md section 4; each default is the authors' code):
 
     * ``classifier_retrain``: how clients retrain when only the classifier is left. ``appendix_a``:
-      lr / 10, weight decay 1e-4, 3x the retrain epochs (paper App. A; IBM/FedMA main.py, 
+      lr / 10, weight decay 1e-4, 3x the retrain epochs (paper App. A; IBM/FedMA main.py,
       local_retrain, for every CNN); ``plain``: the run's lr, weight decay 1e-4, the retrain epochs
       (IBM/FedMA language_modeling/lstm_fedma_with_comm.py, the LSTM's decoder); ``auto``:
       ``plain`` for a model with an LSTM layer, else ``appendix_a``.
@@ -301,16 +320,22 @@ class FedMAConfig(RunConfig):
         if self.iterations < 0:
             raise FedsimError(f"config key '{where}.iterations' must be >= 0 (got {self.iterations})")
         if self.growth_budget is not None and self.growth_budget < 1:
-            raise FedsimError(f"config key '{where}.growth_budget' must be >= 1 or null (got {self.growth_budget}); "
-                              "the authors use 700")
+            raise FedsimError(
+                f"config key '{where}.growth_budget' must be >= 1 or null (got {self.growth_budget}); "
+                "the authors use 700"
+            )
         if experiment.engine.clients_per_round != experiment.data.num_clients:
-            raise FedsimError(f"{self.algorithm} matches every client's model: set engine.clients_per_round to "
-                              f"data.num_clients ({experiment.data.num_clients})")
+            raise FedsimError(
+                f"{self.algorithm} matches every client's model: set engine.clients_per_round to "
+                f"data.num_clients ({experiment.data.num_clients})"
+            )
         e = experiment.engine
         if e.round_timeout_s is not None and e.timeout_policy == "drop":
-            raise FedsimError(f"{self.algorithm} matches every client's model in every round of a pass, so no client "
-                              "may be dropped: set engine.timeout_policy to wait or fail, or engine.round_timeout_s "
-                              "to null")
+            raise FedsimError(
+                f"{self.algorithm} matches every client's model in every round of a pass, so no client "
+                "may be dropped: set engine.timeout_policy to wait or fail, or engine.round_timeout_s "
+                "to null"
+            )
 
 
 class PFNMConfig(FedMAConfig):
@@ -324,7 +349,9 @@ class PFNMConfig(FedMAConfig):
     def check(self, where: str, experiment: ExperimentConfig) -> None:
         super().check(where, experiment)
         if self.rounds != 1:
-            raise FedsimError(f"config key '{where}.rounds': pfnm is one-shot, set rounds: 1 (got {self.rounds})")
+            raise FedsimError(
+                f"config key '{where}.rounds': pfnm is one-shot, set rounds: 1 (got {self.rounds})"
+            )
 
 
 class OneShotConfig(RunConfig):
@@ -336,8 +363,10 @@ class OneShotConfig(RunConfig):
 
     def check(self, where: str, experiment: ExperimentConfig) -> None:
         if self.rounds != 1:
-            raise FedsimError(f"config key '{where}.rounds': {self.algorithm} is one-shot, set rounds: 1 "
-                              f"(got {self.rounds})")
+            raise FedsimError(
+                f"config key '{where}.rounds': {self.algorithm} is one-shot, set rounds: 1 "
+                f"(got {self.rounds})"
+            )
 
 
 class SweepConfig(_Strict):
@@ -384,9 +413,24 @@ DEFAULT_EXPERIMENT: dict[str, Any] = {
     "runs": [
         {"algorithm": "fedavg", "rounds": 26, "local_epochs": 2, "lr": 0.05, "batch_size": 16},
         {"algorithm": "fedprox", "rounds": 26, "local_epochs": 2, "lr": 0.05, "batch_size": 16, "mu": 0.01},
-        {"algorithm": "fedpart", "optimizer": "sgd", "lr": 0.05, "local_epochs": 2, "batch_size": 16,
-         "warmup_rounds": 5, "rounds_per_group": 2, "cycles": 2},
-        {"algorithm": "fedma", "rounds": 3, "local_epochs": 2, "retrain_epochs": 2, "lr": 0.05, "batch_size": 16},
+        {
+            "algorithm": "fedpart",
+            "optimizer": "sgd",
+            "lr": 0.05,
+            "local_epochs": 2,
+            "batch_size": 16,
+            "warmup_rounds": 5,
+            "rounds_per_group": 2,
+            "cycles": 2,
+        },
+        {
+            "algorithm": "fedma",
+            "rounds": 3,
+            "local_epochs": 2,
+            "retrain_epochs": 2,
+            "lr": 0.05,
+            "batch_size": 16,
+        },
     ],
 }
 """The built-in experiment (``fedsim run`` with no file; the same as jobs/digits.yaml): FedAvg,
@@ -400,8 +444,9 @@ def _loc(loc: tuple[Any, ...]) -> str:
 
 
 def _unknown_key(key: str) -> FedsimError:
-    return FedsimError(f"unknown config key '{key}'; remove it or check its spelling "
-                       "(see the README's config reference)")
+    return FedsimError(
+        f"unknown config key '{key}'; remove it or check its spelling (see the README's config reference)"
+    )
 
 
 def _raise_from(err: ValidationError, prefix: str, raw: Any) -> None:
@@ -411,8 +456,9 @@ def _raise_from(err: ValidationError, prefix: str, raw: Any) -> None:
         raise _unknown_key(key) from None
     got = e.get("input")
     shown = json.dumps(got) if isinstance(got, (str, int, float, bool, type(None))) else type(got).__name__
-    raise FedsimError(f"config key '{key}': {e['msg'].rstrip('.')} (got {shown}); "
-                      "fix it in the YAML file or with --set") from None
+    raise FedsimError(
+        f"config key '{key}': {e['msg'].rstrip('.')} (got {shown}); fix it in the YAML file or with --set"
+    ) from None
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -421,7 +467,10 @@ class _YamlLoader(yaml.SafeLoader):
 
 
 _YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 def load_yaml(text: str | bytes) -> Any:
@@ -436,8 +485,10 @@ def load_yaml(text: str | bytes) -> Any:
 
 def _check_mapping(x: Any, what: str) -> dict[str, Any]:
     if not isinstance(x, dict):
-        raise FedsimError(f"{what} must be a YAML mapping of keys to values (got {type(x).__name__}); "
-                          "see jobs/digits.yaml for the layout")
+        raise FedsimError(
+            f"{what} must be a YAML mapping of keys to values (got {type(x).__name__}); "
+            "see jobs/digits.yaml for the layout"
+        )
     return x
 
 
@@ -461,11 +512,15 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             last = i == len(keys) - 1
             if isinstance(node, list):
                 if not k.isdigit() or int(k) >= len(node):
-                    raise FedsimError(f"--set {path}: '{'.'.join(keys[:i])}' has {len(node)} entries; "
-                                      f"use an index from 0 to {len(node) - 1}")
+                    raise FedsimError(
+                        f"--set {path}: '{'.'.join(keys[:i])}' has {len(node)} entries; "
+                        f"use an index from 0 to {len(node) - 1}"
+                    )
                 k = int(k)
             elif not isinstance(node, dict):
-                raise FedsimError(f"--set {path}: '{'.'.join(keys[:i])}' is not a section; check the key path")
+                raise FedsimError(
+                    f"--set {path}: '{'.'.join(keys[:i])}' is not a section; check the key path"
+                )
             if last:
                 node[k] = value
             else:
@@ -476,11 +531,21 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 RUN_CONFIGS: dict[str, type[RunConfig]] = {
-    "fedavg": FullNetworkConfig, "fedprox": FedProxConfig, "moon": MoonConfig, "fedpart": FedPartConfig,
-    "fedma": FedMAConfig, "pfnm": PFNMConfig, "ensemble": OneShotConfig, "local": OneShotConfig,
+    "fedavg": FullNetworkConfig,
+    "fedprox": FedProxConfig,
+    "moon": MoonConfig,
+    "fedpart": FedPartConfig,
+    "fedma": FedMAConfig,
+    "pfnm": PFNMConfig,
+    "ensemble": OneShotConfig,
+    "local": OneShotConfig,
     "entire_data": RunConfig,
-    "fedavgm": FedAvgMConfig, "fedadam": FedAdamConfig, "fedyogi": FedAdamConfig, "fedadagrad": FedAdagradConfig,
-    "scaffold": ScaffoldConfig, "fednova": FedNovaConfig,
+    "fedavgm": FedAvgMConfig,
+    "fedadam": FedAdamConfig,
+    "fedyogi": FedAdamConfig,
+    "fedadagrad": FedAdagradConfig,
+    "scaffold": ScaffoldConfig,
+    "fednova": FedNovaConfig,
 }
 """``algorithm:`` name -> its run-config class (each algorithm's ``Config`` in
 :data:`fedsim.algorithms.ALGORITHMS`)."""
@@ -500,8 +565,9 @@ def parse(raw: Any, overrides: list[str] | None = None) -> ExperimentConfig:
         raise _unknown_key(str(unknown[0]))
     runs_raw = raw.get("runs")
     if runs_raw is None or (isinstance(runs_raw, list) and not runs_raw):
-        raise FedsimError("the experiment has no runs; add a 'runs:' list such as "
-                          "[{algorithm: fedavg, rounds: 20}]")
+        raise FedsimError(
+            "the experiment has no runs; add a 'runs:' list such as [{algorithm: fedavg, rounds: 20}]"
+        )
     if not isinstance(runs_raw, list):
         raise FedsimError(f"config key 'runs' must be a list of run mappings (got {type(runs_raw).__name__})")
     try:
@@ -513,8 +579,10 @@ def parse(raw: Any, overrides: list[str] | None = None) -> ExperimentConfig:
         r = _check_mapping(r, f"runs.{i}")
         algo = r.get("algorithm")
         if algo not in RUN_CONFIGS:
-            raise FedsimError(f"config key 'runs.{i}.algorithm': unknown algorithm {algo!r}; "
-                              f"choose one of {', '.join(sorted(RUN_CONFIGS))}")
+            raise FedsimError(
+                f"config key 'runs.{i}.algorithm': unknown algorithm {algo!r}; "
+                f"choose one of {', '.join(sorted(RUN_CONFIGS))}"
+            )
         try:
             runs.append(RUN_CONFIGS[algo].model_validate(r))
         except ValidationError as err:
@@ -535,7 +603,9 @@ def validate(cfg: ExperimentConfig) -> None:
     if cfg.seed < 0:
         raise FedsimError(f"config key 'seed' must be >= 0 (got {cfg.seed}); use a non-negative integer")
     if d.partition == "dirichlet" and not d.alpha > 0:
-        raise FedsimError(f"data.alpha must be > 0 (got {d.alpha}); use a positive Dirichlet alpha such as 0.5")
+        raise FedsimError(
+            f"data.alpha must be > 0 (got {d.alpha}); use a positive Dirichlet alpha such as 0.5"
+        )
     if d.num_clients < 1:
         raise FedsimError(f"data.num_clients must be >= 1 (got {d.num_clients})")
     if not 0 < d.train_fraction < 1:
@@ -543,8 +613,10 @@ def validate(cfg: ExperimentConfig) -> None:
     if e.clients_per_round < 1:
         raise FedsimError(f"engine.clients_per_round must be >= 1 (got {e.clients_per_round})")
     if e.clients_per_round > d.num_clients:
-        raise FedsimError(f"engine.clients_per_round ({e.clients_per_round}) is larger than data.num_clients "
-                          f"({d.num_clients}); lower clients_per_round or add clients")
+        raise FedsimError(
+            f"engine.clients_per_round ({e.clients_per_round}) is larger than data.num_clients "
+            f"({d.num_clients}); lower clients_per_round or add clients"
+        )
     if e.num_workers != "auto" and e.num_workers < 1:
         raise FedsimError(f"engine.num_workers must be 'auto' or >= 1 (got {e.num_workers})")
     if not e.cpus_per_worker > 0:
@@ -565,8 +637,10 @@ def validate(cfg: ExperimentConfig) -> None:
         raise FedsimError(f"engine.checkpoint_every must be >= 1 (got {e.checkpoint_every})")
     for key, amount in (e.worker_resources or {}).items():
         if key in ("CPU", "GPU") or not amount > 0:
-            raise FedsimError(f"engine.worker_resources.{key} must be a custom resource with an amount > 0 "
-                              f"(got {amount}); use engine.cpus_per_worker / gpus_per_worker for CPU and GPU")
+            raise FedsimError(
+                f"engine.worker_resources.{key} must be a custom resource with an amount > 0 "
+                f"(got {amount}); use engine.cpus_per_worker / gpus_per_worker for CPU and GPU"
+            )
     labels = [r.label for r in cfg.runs]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
@@ -593,8 +667,10 @@ def _check_name(name: str, key: str) -> None:
         FedsimError: ``name`` could escape or misplace its directory.
     """
     if not name or name.startswith(".") or any(c in name for c in "/\\\0"):
-        raise FedsimError(f"config key '{key}' is {name!r}; use a name without '/', '\\' or a leading '.', "
-                          "such as digits-fedavg")
+        raise FedsimError(
+            f"config key '{key}' is {name!r}; use a name without '/', '\\' or a leading '.', "
+            "such as digits-fedavg"
+        )
 
 
 def load(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -607,13 +683,17 @@ def load(path: str | Path | None, overrides: list[str] | None = None) -> Experim
         return parse(copy.deepcopy(DEFAULT_EXPERIMENT), overrides)
     p = Path(path)
     if not p.is_file():
-        raise FedsimError(f"config file {str(p)!r} does not exist; pass the path of an experiment YAML "
-                          "such as jobs/digits.yaml")
+        raise FedsimError(
+            f"config file {str(p)!r} does not exist; pass the path of an experiment YAML "
+            "such as jobs/digits.yaml"
+        )
     try:
         raw = load_yaml(p.read_text())
     except (OSError, UnicodeDecodeError) as err:
-        raise FedsimError(f"cannot read config file {str(p)!r} ({err.__class__.__name__}); check its "
-                          "permissions and encoding") from None
+        raise FedsimError(
+            f"cannot read config file {str(p)!r} ({err.__class__.__name__}); check its "
+            "permissions and encoding"
+        ) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -49,7 +49,7 @@ ONE_SHOT = ("pfnm", "ensemble", "local")
 #: Algorithms that cannot be projected before running, with the reason.
 NOT_PROJECTABLE = {
     "fedma": "not projectable: the global model's size depends on matching (each layer grows "
-             "between max_j L_j and sum_j L_j neurons), so the bytes of later rounds are unknown",
+    "between max_j L_j and sum_j L_j neurons), so the bytes of later rounds are unknown",
 }
 
 
@@ -142,17 +142,23 @@ def client_sizes(cfg: ExperimentConfig) -> ClientSizes:
     _check_clients(n, j)
     if epc is not None:
         _check_examples_per_client(n, j, epc)
-        return ClientSizes(np.full(j, epc, dtype=np.int64), True,
-                           f"exact: {epc} each (data.examples_per_client)")
+        return ClientSizes(
+            np.full(j, epc, dtype=np.int64), True, f"exact: {epc} each (data.examples_per_client)"
+        )
     if d.partition == "iid":
-        return ClientSizes(_even_split(n, j), True, f"exact: iid split of {n:,} examples, {n // j:,} or "
-                                                    f"{-(-n // j):,} each")
+        return ClientSizes(
+            _even_split(n, j), True, f"exact: iid split of {n:,} examples, {n // j:,} or {-(-n // j):,} each"
+        )
     if d.partition == "bias":
-        return ClientSizes(np.full(2, n // 2, dtype=np.int64), True,
-                           f"exact: half of {n:,} class-balanced examples each")
-    return ClientSizes(_even_split(n, j), False,
-                       f"uniform estimate: N // J = {n:,} // {j} = {n // j:,} each (Dirichlet sizes "
-                       "vary; set data.examples_per_client for exact sizes)")
+        return ClientSizes(
+            np.full(2, n // 2, dtype=np.int64), True, f"exact: half of {n:,} class-balanced examples each"
+        )
+    return ClientSizes(
+        _even_split(n, j),
+        False,
+        f"uniform estimate: N // J = {n:,} // {j} = {n // j:,} each (Dirichlet sizes "
+        "vary; set data.examples_per_client for exact sizes)",
+    )
 
 
 def _shakespeare_sizes(cfg: ExperimentConfig) -> ClientSizes:
@@ -163,17 +169,25 @@ def _shakespeare_sizes(cfg: ExperimentConfig) -> ClientSizes:
 
     d = cfg.data
     min_samples = DEFAULT_MIN_SAMPLES if d.min_samples is None else d.min_samples
-    eligible = sorted((-n, name) for name, n in role_sample_counts().items()
-                      if n > min_samples and train_test_windows(n, d.train_fraction)[0] >= 1)
+    eligible = sorted(
+        (-n, name)
+        for name, n in role_sample_counts().items()
+        if n > min_samples and train_test_windows(n, d.train_fraction)[0] >= 1
+    )
     if len(eligible) < d.num_clients:
-        raise FedsimError(f"only {len(eligible)} Shakespeare roles have more than {min_samples} examples but "
-                          f"data.num_clients={d.num_clients}; lower data.num_clients to <= {len(eligible)} "
-                          "or lower data.min_samples")
+        raise FedsimError(
+            f"only {len(eligible)} Shakespeare roles have more than {min_samples} examples but "
+            f"data.num_clients={d.num_clients}; lower data.num_clients to <= {len(eligible)} "
+            "or lower data.min_samples"
+        )
     sizes = [train_test_windows(-neg, d.train_fraction)[0] for neg, _ in eligible[: d.num_clients]]
     if d.examples_per_client is not None:
         sizes = [min(s, d.examples_per_client) for s in sizes]
-    return ClientSizes(np.array(sizes, dtype=np.int64), True,
-                       "exact: training windows of the largest roles of the bundled plays")
+    return ClientSizes(
+        np.array(sizes, dtype=np.int64),
+        True,
+        "exact: training windows of the largest roles of the bundled plays",
+    )
 
 
 # ------------------------------------------------------------------------------------ projection
@@ -269,6 +283,7 @@ def describe_schedule(rows: tuple[RoundRow, ...] | list[RoundRow], cycle_length:
     """The rounds as one line of consecutive segments, e.g. ``"rounds 0-4 full; 5-6 group 0
     (conv1); ..."``. With ``cycle_length`` L and every cycle laid out alike, only the first
     cycle is spelled out, followed by how often it repeats."""
+
     def segments(part) -> list[tuple[tuple, list[int]]]:
         out: list[tuple[tuple, list[int]]] = []
         for r in part:
@@ -288,7 +303,10 @@ def describe_schedule(rows: tuple[RoundRow, ...] | list[RoundRow], cycle_length:
         return ""
     cycles = 1
     if cycle_length and len(rows) > cycle_length and len(rows) % cycle_length == 0:
-        keys = [[(r.phase, r.layer) for r in rows[c:c + cycle_length]] for c in range(0, len(rows), cycle_length)]
+        keys = [
+            [(r.phase, r.layer) for r in rows[c : c + cycle_length]]
+            for c in range(0, len(rows), cycle_length)
+        ]
         if all(k == keys[0] for k in keys):
             cycles = len(rows) // cycle_length
             rows = rows[:cycle_length]
@@ -302,8 +320,9 @@ def describe_schedule(rows: tuple[RoundRow, ...] | list[RoundRow], cycle_length:
 def _build(cfg: ExperimentConfig, facts: DatasetFacts):
     from fedsim.models import build_model
 
-    return build_model(cfg.model.name, num_classes=facts.num_classes, input_shape=facts.input_shape,
-                       widths=cfg.model.widths)
+    return build_model(
+        cfg.model.name, num_classes=facts.num_classes, input_shape=facts.input_shape, widths=cfg.model.widths
+    )
 
 
 def project_experiment(cfg: ExperimentConfig) -> tuple[ClientSizes, list[DryRun]]:
@@ -351,14 +370,25 @@ def project_experiment(cfg: ExperimentConfig) -> tuple[ClientSizes, list[DryRun]
             out.append(DryRun(run.label, run.algorithm, note=NOT_PROJECTABLE[run.algorithm], num_clients=j))
             continue
         if run.algorithm not in (*FULL_NETWORK, *CONTROL_VARIATES, *ONE_SHOT, "fedpart", "entire_data"):
-            out.append(DryRun(run.label, run.algorithm, num_clients=j,
-                              note=f"not projectable: the dry run does not know algorithm {run.algorithm!r}"))
+            out.append(
+                DryRun(
+                    run.label,
+                    run.algorithm,
+                    num_clients=j,
+                    note=f"not projectable: the dry run does not know algorithm {run.algorithm!r}",
+                )
+            )
             continue
         share = run.bn_stats == "shared"
         # project_run lays out the rounds and their bytes; compute comes from each round's cohort
         # and the clients' own sizes below (examples_per_client=1 leaves its MACs unused)
-        common = dict(num_clients=j, clients_per_round=k, examples_per_client=1,
-                      local_epochs=run.local_epochs, share_bn_stats=share)
+        common = dict(
+            num_clients=j,
+            clients_per_round=k,
+            examples_per_client=1,
+            local_epochs=run.local_epochs,
+            share_bn_stats=share,
+        )
         if run.algorithm == "fedpart":
             specs = algo.schedule
             proj = accounting.project_run(model, facts.input_shape, schedule=specs, **common)
@@ -372,7 +402,9 @@ def project_experiment(cfg: ExperimentConfig) -> tuple[ClientSizes, list[DryRun]
             returning = int(sizes.sizes[[c for c in cohort if c in seen]].sum())
             seen.update(cohort)
             up, down, clients, global_params = rp.bytes_up, k * state_bytes, k, params
-            if algo.starts_from_own_init(rp.round):  # init: independent's round 0: clients use their own inits
+            if algo.starts_from_own_init(
+                rp.round
+            ):  # init: independent's round 0: clients use their own inits
                 down = 0
             elif run.algorithm in CONTROL_VARIATES:  # c down, Delta c_i up, to and from every client
                 up, down = up + k * variate_bytes, down + k * variate_bytes
@@ -391,17 +423,40 @@ def project_experiment(cfg: ExperimentConfig) -> tuple[ClientSizes, list[DryRun]
             elif run.algorithm == "entire_data":
                 phase, up, down, clients = "pooled", 0, 0, 1
                 examples = int(sizes.sizes.sum())
-            flops = (examples * accounting.TRAIN_COST[rp.phase]
-                     + returning * algo.frozen_forwards) * run.local_epochs * forward
-            rows.append(RoundRow(round=rp.round, phase=phase, layer=rp.group, group_name=rp.group_name,
-                                 bytes_up=up, bytes_down=down, flops=flops, clients=clients,
-                                 trainable_params=trainable, global_params=global_params))
+            flops = (
+                (examples * accounting.TRAIN_COST[rp.phase] + returning * algo.frozen_forwards)
+                * run.local_epochs
+                * forward
+            )
+            rows.append(
+                RoundRow(
+                    round=rp.round,
+                    phase=phase,
+                    layer=rp.group,
+                    group_name=rp.group_name,
+                    bytes_up=up,
+                    bytes_down=down,
+                    flops=flops,
+                    clients=clients,
+                    trainable_params=trainable,
+                    global_params=global_params,
+                )
+            )
         cycle = None
         if run.algorithm == "fedpart":
             cycle = run.warmup_rounds + run.rounds_per_group * len(groups)
-        out.append(DryRun(run.label, run.algorithm, rounds=tuple(rows), schedule=describe_schedule(rows, cycle),
-                          forward_macs=forward, num_clients=j, full_network=run.algorithm in FULL_NETWORK,
-                          frozen_forwards=algo.frozen_forwards))
+        out.append(
+            DryRun(
+                run.label,
+                run.algorithm,
+                rounds=tuple(rows),
+                schedule=describe_schedule(rows, cycle),
+                forward_macs=forward,
+                num_clients=j,
+                full_network=run.algorithm in FULL_NETWORK,
+                frozen_forwards=algo.frozen_forwards,
+            )
+        )
     return sizes, out
 
 
@@ -422,9 +477,11 @@ def format_report(cfg: ExperimentConfig, sizes: ClientSizes, runs: list[DryRun])
     import pandas as pd
 
     d = cfg.data
-    lines = [f"fedsim dry run of {cfg.name!r}: {d.num_clients} clients of {d.dataset} ({d.partition}), "
-             f"{cfg.engine.clients_per_round} per round, model {cfg.model.name}; nothing is trained",
-             f"examples per client: {sizes.source}; total {int(sizes.sizes.sum()):,}"]
+    lines = [
+        f"fedsim dry run of {cfg.name!r}: {d.num_clients} clients of {d.dataset} ({d.partition}), "
+        f"{cfg.engine.clients_per_round} per round, model {cfg.model.name}; nothing is trained",
+        f"examples per client: {sizes.source}; total {int(sizes.sizes.sum()):,}",
+    ]
     for r in runs:
         lines.append("")
         lines.append(f"run {r.run_id} ({r.algorithm})")
@@ -434,22 +491,37 @@ def format_report(cfg: ExperimentConfig, sizes: ClientSizes, runs: list[DryRun])
         lines.append(f"  schedule: {r.schedule}")
         lines.append(f"  bytes up:   {r.bytes_up:,} ({_gb(r.bytes_up)} GB)")
         lines.append(f"  bytes down: {r.bytes_down:,} ({_gb(r.bytes_down)} GB)")
-        lines.append(f"  compute:    {r.flops:.4e} MACs in all, {r.per_client_flops:.4e} per client "
-                     f"(F = {r.forward_macs:,} MACs per example, thop convention; 3F full, 2F partial"
-                     f"{f', +{r.frozen_forwards}F for returning clients (MOON)' if r.frozen_forwards else ''})")
+        lines.append(
+            f"  compute:    {r.flops:.4e} MACs in all, {r.per_client_flops:.4e} per client "
+            f"(F = {r.forward_macs:,} MACs per example, thop convention; 3F full, 2F partial"
+            f"{f', +{r.frozen_forwards}F for returning clients (MOON)' if r.frozen_forwards else ''})"
+        )
     done = [r for r in runs if r.projectable]
     if done:
         base = next((r for r in done if r.full_network), done[0])
-        table = pd.DataFrame([{
-            "run": r.run_id, "algorithm": r.algorithm, "rounds": len(r.rounds),
-            "bytes_up": r.bytes_up, "GB_up": _gb(r.bytes_up), "bytes_down": r.bytes_down,
-            "GB_down": _gb(r.bytes_down), "MACs": f"{r.flops:.4e}",
-            "MACs/client": f"{r.per_client_flops:.4e}",
-            "up_ratio": f"{r.bytes_up / base.bytes_up:.3f}" if base.bytes_up else "-",
-            "MACs_ratio": f"{r.flops / base.flops:.3f}" if base.flops else "-",
-        } for r in done])
-        lines += ["", f"comparison (ratios to run {base.run_id!r}; GB = bytes / 1e6 / 1024):",
-                  table.to_string(index=False)]
+        table = pd.DataFrame(
+            [
+                {
+                    "run": r.run_id,
+                    "algorithm": r.algorithm,
+                    "rounds": len(r.rounds),
+                    "bytes_up": r.bytes_up,
+                    "GB_up": _gb(r.bytes_up),
+                    "bytes_down": r.bytes_down,
+                    "GB_down": _gb(r.bytes_down),
+                    "MACs": f"{r.flops:.4e}",
+                    "MACs/client": f"{r.per_client_flops:.4e}",
+                    "up_ratio": f"{r.bytes_up / base.bytes_up:.3f}" if base.bytes_up else "-",
+                    "MACs_ratio": f"{r.flops / base.flops:.3f}" if base.flops else "-",
+                }
+                for r in done
+            ]
+        )
+        lines += [
+            "",
+            f"comparison (ratios to run {base.run_id!r}; GB = bytes / 1e6 / 1024):",
+            table.to_string(index=False),
+        ]
     return "\n".join(lines)
 
 
@@ -469,21 +541,47 @@ def write_run_dir(cfg: ExperimentConfig, runs: list[DryRun], run_dir: str | Path
     now = datetime.now(timezone.utc)
     version_json = json.dumps(versions(), sort_keys=True)
     for r, run in zip(runs, cfg.runs):
-        log.add("runs", {"run_id": r.run_id, "experiment": cfg.name, "algorithm": r.algorithm,
-                         "config_json": json.dumps({**cfg.to_dict(), "runs": [run.model_dump(mode="json")]},
-                                                   sort_keys=True),
-                         "seed": cfg.seed, "fedsim_version": fedsim.__version__, "versions_json": version_json,
-                         "status": "dry_run", "message": r.note, "started_at": now, "finished_at": now,
-                         "dry_run": True})
+        log.add(
+            "runs",
+            {
+                "run_id": r.run_id,
+                "experiment": cfg.name,
+                "algorithm": r.algorithm,
+                "config_json": json.dumps(
+                    {**cfg.to_dict(), "runs": [run.model_dump(mode="json")]}, sort_keys=True
+                ),
+                "seed": cfg.seed,
+                "fedsim_version": fedsim.__version__,
+                "versions_json": version_json,
+                "status": "dry_run",
+                "message": r.note,
+                "started_at": now,
+                "finished_at": now,
+                "dry_run": True,
+            },
+        )
         cum_up = cum_down = 0
         for row in r.rounds:
             cum_up, cum_down = cum_up + row.bytes_up, cum_down + row.bytes_down
-            log.add("rounds", {"run_id": r.run_id, "algorithm": r.algorithm, "round": row.round,
-                               "phase": row.phase, "layer": row.layer, "bytes_up": row.bytes_up,
-                               "bytes_down": row.bytes_down, "cum_bytes_up": cum_up, "cum_bytes_down": cum_down,
-                               "cum_bytes": cum_up + cum_down, "global_params": row.global_params,
-                               "trainable_params": row.trainable_params, "flops": row.flops,
-                               "clients": row.clients})
+            log.add(
+                "rounds",
+                {
+                    "run_id": r.run_id,
+                    "algorithm": r.algorithm,
+                    "round": row.round,
+                    "phase": row.phase,
+                    "layer": row.layer,
+                    "bytes_up": row.bytes_up,
+                    "bytes_down": row.bytes_down,
+                    "cum_bytes_up": cum_up,
+                    "cum_bytes_down": cum_down,
+                    "cum_bytes": cum_up + cum_down,
+                    "global_params": row.global_params,
+                    "trainable_params": row.trainable_params,
+                    "flops": row.flops,
+                    "clients": row.clients,
+                },
+            )
     log.flush()
 
 

@@ -82,12 +82,14 @@ def weighted_mean(ps: Sequence[Mapping[str, torch.Tensor | np.ndarray]], weights
         for a, c in zip(arrays, coef):
             acc += a * c
         dtype = arrays[0].dtype
-        out[k] = torch.from_numpy(np.asarray(acc if np.issubdtype(dtype, np.floating) else np.floor(acc)).astype(dtype))
+        out[k] = torch.from_numpy(
+            np.asarray(acc if np.issubdtype(dtype, np.floating) else np.floor(acc)).astype(dtype)
+        )
     return out
 
 
 def nbytes(p: Mapping[str, torch.Tensor | np.ndarray]) -> int:
-    """Bytes on the wire: sum of numel x element size over every tensor (ALGORITHMS.md section 6)."""
+    """Bytes on the wire: sum of numel x element size over every tensor (docs/algorithms.md section 6)."""
     total = 0
     for v in p.values():
         total += int(v.nbytes) if isinstance(v, np.ndarray) else v.numel() * v.element_size()
@@ -109,8 +111,10 @@ def from_numpy(p: Mapping[str, np.ndarray | torch.Tensor]) -> Params:
     """Torch tensors that own their memory (object-store buffers are read-only, so we copy).
     Tensors are cloned as they are: client state restored from a checkpoint holds tensors where
     it stored arrays (see :mod:`fedsim.io.checkpoint`)."""
-    return {k: v.detach().clone() if isinstance(v, torch.Tensor) else torch.from_numpy(np.array(v, copy=True))
-            for k, v in p.items()}
+    return {
+        k: v.detach().clone() if isinstance(v, torch.Tensor) else torch.from_numpy(np.array(v, copy=True))
+        for k, v in p.items()
+    }
 
 
 def all_finite(p: Mapping[str, torch.Tensor]) -> bool:

@@ -1,4 +1,4 @@
-"""Randomness as a pure function of (seed, stream, round, client) (DESIGN.md decision 4).
+"""Randomness as a pure function of (seed, stream, round, client) (docs/design.md decision 4).
 
 No code in fedsim calls a global seeding function. Every random draw comes from a generator built
 here, so cohorts, initialisation, shuffling, augmentation and matching sweeps do not depend on call

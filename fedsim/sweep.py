@@ -78,6 +78,7 @@ RESERVED_KEYS = {
 
 # --------------------------------------------------------------------------- planning (no torch)
 
+
 def split_values(text: str) -> list[str]:
     """``"0.01,0.05,[1, 2]"`` -> ``["0.01", "0.05", "[1, 2]"]``: commas inside brackets, braces or
     quotes do not split."""
@@ -114,15 +115,18 @@ def parse_grid_option(item: str) -> tuple[str, list[Any]]:
         raise FedsimError(f"--grid expects KEY=V1,V2,... (got {item!r}); e.g. --grid runs.0.lr=0.01,0.05")
     texts = split_values(text) if text.strip() else []
     if not texts or any(t == "" for t in texts):
-        raise FedsimError(f"--grid {item!r} has an empty value list or an empty value; list the values "
-                          "separated by commas, e.g. --grid runs.0.lr=0.01,0.05")
+        raise FedsimError(
+            f"--grid {item!r} has an empty value list or an empty value; list the values "
+            "separated by commas, e.g. --grid runs.0.lr=0.01,0.05"
+        )
     values = []
     for t in texts:
         try:
             values.append(config.load_yaml(t))
         except yaml.YAMLError:
-            raise FedsimError(f"--grid {key}: value {t!r} is not valid YAML; quote strings that hold "
-                              "YAML syntax") from None
+            raise FedsimError(
+                f"--grid {key}: value {t!r} is not valid YAML; quote strings that hold YAML syntax"
+            ) from None
     return key, values
 
 
@@ -136,7 +140,9 @@ def parse_seeds_option(text: str) -> list[int]:
     try:
         return [int(p) for p in parts]
     except ValueError:
-        raise FedsimError(f"--seeds expects comma-separated integers (got {text!r}); e.g. --seeds 0,1,2") from None
+        raise FedsimError(
+            f"--seeds expects comma-separated integers (got {text!r}); e.g. --seeds 0,1,2"
+        ) from None
 
 
 def value_text(value: Any) -> str:
@@ -198,15 +204,23 @@ class Plan:
 
     def spec(self) -> dict[str, Any]:
         """What sweep.yaml stores (plain YAML types)."""
-        return {"fedsim_sweep": SPEC_VERSION, "base": self.base, "grid": self.grid, "seeds": self.seeds,
-                "max_concurrent": self.max_concurrent}
+        return {
+            "fedsim_sweep": SPEC_VERSION,
+            "base": self.base,
+            "grid": self.grid,
+            "seeds": self.seeds,
+            "max_concurrent": self.max_concurrent,
+        }
 
 
-def _check_sweep(grid: dict[str, list[Any]], seeds: list[int], explicit_seeds: bool,
-                 max_concurrent: int | None) -> None:
+def _check_sweep(
+    grid: dict[str, list[Any]], seeds: list[int], explicit_seeds: bool, max_concurrent: int | None
+) -> None:
     if not grid and not explicit_seeds:
-        raise FedsimError("the sweep's grid is empty; give one or more --grid KEY=V1,V2 (or a sweep: grid: "
-                          "section), e.g. --grid runs.0.lr=0.01,0.05")
+        raise FedsimError(
+            "the sweep's grid is empty; give one or more --grid KEY=V1,V2 (or a sweep: grid: "
+            "section), e.g. --grid runs.0.lr=0.01,0.05"
+        )
     for key, values in grid.items():
         root = key.split(".")[0]
         reserved = RESERVED_KEYS.get(key) or (RESERVED_KEYS["sweep"] if root == "sweep" else None)
@@ -219,7 +233,9 @@ def _check_sweep(grid: dict[str, list[Any]], seeds: list[int], explicit_seeds: b
         if dup is not None:
             raise FedsimError(f"grid key {key!r} lists {dup} twice; list each value once")
     if not seeds:
-        raise FedsimError("the sweep's seed list is empty; give --seeds 0,1,2 or leave it out (the experiment's seed)")
+        raise FedsimError(
+            "the sweep's seed list is empty; give --seeds 0,1,2 or leave it out (the experiment's seed)"
+        )
     if any(s < 0 for s in seeds):
         raise FedsimError(f"sweep seeds must be >= 0 (got {seeds})")
     if len(set(seeds)) != len(seeds):
@@ -228,8 +244,13 @@ def _check_sweep(grid: dict[str, list[Any]], seeds: list[int], explicit_seeds: b
         raise FedsimError(f"--max-concurrent (sweep.max_concurrent) must be >= 1 (got {max_concurrent})")
 
 
-def build_plan(base: dict[str, Any], grid: dict[str, list[Any]], seeds: list[int], max_concurrent: int | None,
-               explicit_seeds: bool = True) -> Plan:
+def build_plan(
+    base: dict[str, Any],
+    grid: dict[str, list[Any]],
+    seeds: list[int],
+    max_concurrent: int | None,
+    explicit_seeds: bool = True,
+) -> Plan:
     """Validate a sweep and every trial's config (:func:`fedsim.config.parse`), in trial order.
 
     Raises:
@@ -255,14 +276,18 @@ def build_plan(base: dict[str, Any], grid: dict[str, list[Any]], seeds: list[int
             for k, v in zip(keys, cell):
                 back = config.load_yaml(value_text(v))
                 if back != v or type(back) is not type(v):
-                    raise FedsimError(f"grid value {v!r} of {k!r} does not survive as --set text; use a "
-                                      "number, string, boolean, null, list or mapping")
+                    raise FedsimError(
+                        f"grid value {v!r} of {k!r} does not survive as --set text; use a "
+                        "number, string, boolean, null, list or mapping"
+                    )
             try:
                 configs[trial.trial_id] = config.parse(base, list(sets))
             except FedsimError as err:
                 raise FedsimError(f"sweep trial {trial.label}: {err}") from None
             trials.append(trial)
-    return Plan(base, {k: list(v) for k, v in grid.items()}, list(seeds), max_concurrent, tuple(trials), configs)
+    return Plan(
+        base, {k: list(v) for k, v in grid.items()}, list(seeds), max_concurrent, tuple(trials), configs
+    )
 
 
 def _raw_experiment(config_path: str | None) -> dict[str, Any]:
@@ -273,8 +298,13 @@ def _raw_experiment(config_path: str | None) -> dict[str, Any]:
     return config.load_yaml(Path(config_path).read_text())
 
 
-def plan(config_path: str | None, overrides: list[str] | None = None, grid: list[tuple[str, list[Any]]] | None = None,
-         seeds: list[int] | None = None, max_concurrent: int | None = None) -> Plan:
+def plan(
+    config_path: str | None,
+    overrides: list[str] | None = None,
+    grid: list[tuple[str, list[Any]]] | None = None,
+    seeds: list[int] | None = None,
+    max_concurrent: int | None = None,
+) -> Plan:
     """The sweep of an experiment file: its ``sweep:`` section, with ``grid`` (if given) replacing
     the section's grid and ``seeds`` / ``max_concurrent`` (if given) replacing its values.
 
@@ -321,14 +351,22 @@ def load_plan(sweep_dir: str | os.PathLike) -> Plan:
     try:
         spec = config.load_yaml(storage.read_bytes(storage.join(sweep_dir, SPEC)))
     except (OSError, ValueError, yaml.YAMLError):
-        raise FedsimError(f"{str(sweep_dir)!r} is not a fedsim sweep directory (no readable {SPEC}); pass the "
-                          "directory that 'fedsim sweep' printed after 'results:'") from None
+        raise FedsimError(
+            f"{str(sweep_dir)!r} is not a fedsim sweep directory (no readable {SPEC}); pass the "
+            "directory that 'fedsim sweep' printed after 'results:'"
+        ) from None
     parts = ("base", "grid", "seeds", "max_concurrent")
-    if not isinstance(spec, dict) or spec.get("fedsim_sweep") != SPEC_VERSION or any(k not in spec for k in parts) \
-            or not isinstance(spec["base"], dict) or not isinstance(spec["grid"], dict) \
-            or not isinstance(spec["seeds"], list):
-        raise FedsimError(f"the {SPEC} in {str(sweep_dir)!r} is damaged or from another fedsim version; start a "
-                          "new sweep")
+    if (
+        not isinstance(spec, dict)
+        or spec.get("fedsim_sweep") != SPEC_VERSION
+        or any(k not in spec for k in parts)
+        or not isinstance(spec["base"], dict)
+        or not isinstance(spec["grid"], dict)
+        or not isinstance(spec["seeds"], list)
+    ):
+        raise FedsimError(
+            f"the {SPEC} in {str(sweep_dir)!r} is damaged or from another fedsim version; start a new sweep"
+        )
     return build_plan(spec["base"], spec["grid"], spec["seeds"], spec["max_concurrent"])
 
 
@@ -362,8 +400,14 @@ def check_trials(plan: Plan) -> None:
             api.check_gpus(cfg)
             if cfg.engine.backend == "ray":
                 api.check_ray_target(cfg)
-        for cfg in distinct(configs, lambda c: [c.data.model_dump(mode="json"), c.model.model_dump(mode="json"),
-                                                [r.model_dump(mode="json") for r in c.runs]]):
+        for cfg in distinct(
+            configs,
+            lambda c: [
+                c.data.model_dump(mode="json"),
+                c.model.model_dump(mode="json"),
+                [r.model_dump(mode="json") for r in c.runs],
+            ],
+        ):
             where = label[id(cfg)]
             api.prepare(cfg)
     except FedsimError as err:
@@ -387,14 +431,18 @@ def trial_bundles(cfg, resources: dict[str, float]) -> list[dict[str, float]]:
     from fedsim.engine.backends import pool_size
 
     e = cfg.engine
-    worker = {"CPU": float(e.cpus_per_worker), "GPU": float(e.gpus_per_worker),
-              **{k: float(v) for k, v in (e.worker_resources or {}).items()}}
+    worker = {
+        "CPU": float(e.cpus_per_worker),
+        "GPU": float(e.gpus_per_worker),
+        **{k: float(v) for k, v in (e.worker_resources or {}).items()},
+    }
     if e.backend == "sequential":
         return [worker]
     return [{"CPU": DRIVER_CPUS}] + [dict(worker) for _ in range(pool_size(cfg, resources))]
 
 
 # --------------------------------------------------------------------------- one trial
+
 
 def experiment_status(run_dir: str | os.PathLike) -> tuple[str, str]:
     """(status, message) of an experiment directory from its runs.parquet: ``failed`` if a run
@@ -406,19 +454,28 @@ def experiment_status(run_dir: str | os.PathLike) -> tuple[str, str]:
     from fedsim.io import storage
 
     try:
-        rows = pq.read_table(pa.BufferReader(storage.read_bytes(storage.join(run_dir, "runs.parquet")))).to_pylist()
+        rows = pq.read_table(
+            pa.BufferReader(storage.read_bytes(storage.join(run_dir, "runs.parquet")))
+        ).to_pylist()
     except (OSError, ValueError):
         return "failed", "the experiment wrote no runs table"
     bad = [r for r in rows if r["status"] != "finished"]
-    status = ("failed" if not rows or any(r["status"] in ("failed", "running") for r in rows)
-              else "diverged" if bad else "finished")
-    message = "; ".join(f"run {r['run_id']!r} {r['status']}" + (f": {r['message']}" if r["message"] else "")
-                        for r in bad)
+    status = (
+        "failed"
+        if not rows or any(r["status"] in ("failed", "running") for r in rows)
+        else "diverged"
+        if bad
+        else "finished"
+    )
+    message = "; ".join(
+        f"run {r['run_id']!r} {r['status']}" + (f": {r['message']}" if r["message"] else "") for r in bad
+    )
     return status, message
 
 
-def run_trial(base: dict[str, Any], overrides: list[str], run_dir: str | os.PathLike,
-              workers: int | None = None) -> tuple[str, str]:
+def run_trial(
+    base: dict[str, Any], overrides: list[str], run_dir: str | os.PathLike, workers: int | None = None
+) -> tuple[str, str]:
     """Run one trial's experiment into ``run_dir`` through :mod:`fedsim.engine.api`, as
     ``fedsim run --set ...`` would (on the Ray this process is connected to, for the Ray backend).
 
@@ -449,8 +506,10 @@ def run_trial(base: dict[str, Any], overrides: list[str], run_dir: str | os.Path
     if resume:
         run_dir, stored = api.open_for_resume(run_dir, None, [])
         if stored != cfg:
-            raise FedsimError(f"{str(run_dir)!r} was written by another config than this trial's; remove it "
-                              "to run the trial again")
+            raise FedsimError(
+                f"{str(run_dir)!r} was written by another config than this trial's; remove it "
+                "to run the trial again"
+            )
         if not api.unfinished_runs(run_dir, cfg):
             return experiment_status(run_dir)
     else:
@@ -464,8 +523,10 @@ def run_trial(base: dict[str, Any], overrides: list[str], run_dir: str | os.Path
 
         now = pool_size(cfg, ray.cluster_resources())
         if now != workers:
-            raise FedsimError(f"the trial reserved {workers} worker(s), but the cluster's resources now make "
-                              f"engine.num_workers: auto start {now}; set engine.num_workers explicitly")
+            raise FedsimError(
+                f"the trial reserved {workers} worker(s), but the cluster's resources now make "
+                f"engine.num_workers: auto start {now}; set engine.num_workers explicitly"
+            )
     dataset = api.prepare(cfg)
     for _ in api.execute(cfg, dataset, run_dir, resume=resume):
         pass
@@ -485,12 +546,13 @@ def _trainable(config: dict[str, Any], specs: dict[str, dict[str, Any]], cwd: st
     t0 = time.monotonic()
     try:
         status, message = run_trial(spec["base"], spec["overrides"], spec["run_dir"], spec["workers"])
-    except Exception as err:  # noqa: BLE001 - recorded in sweep.parquet
+    except Exception as err:
         status, message = "failed", _one_line(err)
     return {"status": status, "message": message, "wall_seconds": time.monotonic() - t0}
 
 
 # --------------------------------------------------------------------------- the index
+
 
 class Index:
     """sweep.parquet, kept in memory and rewritten atomically (temporary file + rename) on change."""
@@ -500,8 +562,16 @@ class Index:
         self.keys = list(plan.grid)
         self.rows: dict[str, dict[str, Any]] = {}
         for t in plan.trials:
-            row = {"trial_id": t.trial_id, **dict(t.cell), "seed": t.seed, "status": "pending", "message": "",
-                   "experiment_dir": t.trial_id, "wall_seconds": None, "overrides": json.dumps(list(t.overrides))}
+            row = {
+                "trial_id": t.trial_id,
+                **dict(t.cell),
+                "seed": t.seed,
+                "status": "pending",
+                "message": "",
+                "experiment_dir": t.trial_id,
+                "wall_seconds": None,
+                "overrides": json.dumps(list(t.overrides)),
+            }
             old = (previous or {}).get(t.trial_id)
             if old is not None:
                 row.update({k: old.get(k) for k in ("status", "message", "wall_seconds")})
@@ -517,7 +587,9 @@ class Index:
         from fedsim.io import storage
 
         try:
-            rows = pq.read_table(pa.BufferReader(storage.read_bytes(storage.join(sweep_dir, INDEX)))).to_pylist()
+            rows = pq.read_table(
+                pa.BufferReader(storage.read_bytes(storage.join(sweep_dir, INDEX)))
+            ).to_pylist()
         except (OSError, ValueError):
             return {}
         return {r["trial_id"]: r for r in rows}
@@ -531,8 +603,13 @@ class Index:
 
         try:
             arr = pa.array(values)
-            if pa.types.is_boolean(arr.type) or pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type) \
-                    or pa.types.is_string(arr.type) or pa.types.is_null(arr.type):
+            if (
+                pa.types.is_boolean(arr.type)
+                or pa.types.is_integer(arr.type)
+                or pa.types.is_floating(arr.type)
+                or pa.types.is_string(arr.type)
+                or pa.types.is_null(arr.type)
+            ):
                 return arr
         except (pa.ArrowException, TypeError, ValueError):
             pass
@@ -549,9 +626,19 @@ class Index:
         for k in ("status", "message", "experiment_dir", "overrides"):
             cols[k] = pa.array([r[k] for r in rows], pa.string())
         cols["wall_seconds"] = pa.array([r["wall_seconds"] for r in rows], pa.float64())
-        order = ["trial_id", *self.keys, "seed", "status", "message", "experiment_dir", "wall_seconds", "overrides"]
-        return pa.table({k: cols[k] for k in order},
-                        metadata={"fedsim.sweep.grid_keys": json.dumps(self.keys)})
+        order = [
+            "trial_id",
+            *self.keys,
+            "seed",
+            "status",
+            "message",
+            "experiment_dir",
+            "wall_seconds",
+            "overrides",
+        ]
+        return pa.table(
+            {k: cols[k] for k in order}, metadata={"fedsim.sweep.grid_keys": json.dumps(self.keys)}
+        )
 
     def write(self) -> None:
         from fedsim.io import storage
@@ -560,6 +647,7 @@ class Index:
 
 
 # --------------------------------------------------------------------------- running
+
 
 def _progress_callback(index: Index, plan: Plan, bar, done: dict[str, float]):
     from ray import tune
@@ -589,32 +677,48 @@ def _progress_callback(index: Index, plan: Plan, bar, done: dict[str, float]):
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             r = trial.last_result or {}
-            self._end(trial.config["trial_id"], r.get("status", "failed"),
-                      r.get("message", "the trial reported no result"), r.get("wall_seconds"))
+            self._end(
+                trial.config["trial_id"],
+                r.get("status", "failed"),
+                r.get("message", "the trial reported no result"),
+                r.get("wall_seconds"),
+            )
 
         def on_trial_error(self, iteration, trials, trial, **info):
             err = trial.get_error()
-            text = " ".join(str(err).split()).replace("\x1b[36m", "").replace("\x1b[39m", "")[:300] if err else ""
+            text = (
+                " ".join(str(err).split()).replace("\x1b[36m", "").replace("\x1b[39m", "")[:300]
+                if err
+                else ""
+            )
             self._end(trial.config["trial_id"], "failed", f"the trial's process failed: {text}", None)
 
     return Progress()
 
 
-def _summary(index: Index, sweep_dir) -> "object":
+def _summary(index: Index, sweep_dir) -> object:
     import pandas as pd
 
     from fedsim.io import storage
 
     rows = []
     for r in index.rows.values():
-        row = {"trial": r["trial_id"], **{k: value_text(r[k]) for k in index.keys}, "seed": r["seed"],
-               "status": r["status"], "wall_s": None if r["wall_seconds"] is None else round(r["wall_seconds"], 1)}
+        row = {
+            "trial": r["trial_id"],
+            **{k: value_text(r[k]) for k in index.keys},
+            "seed": r["seed"],
+            "status": r["status"],
+            "wall_s": None if r["wall_seconds"] is None else round(r["wall_seconds"], 1),
+        }
         try:
             import io
 
-            rounds = pd.read_parquet(io.BytesIO(storage.read_bytes(storage.join(sweep_dir, r["experiment_dir"],
-                                                                                "rounds.parquet"))))
-            acc = rounds.dropna(subset=["test_accuracy"]).groupby("run_id", sort=False)["test_accuracy"].last()
+            rounds = pd.read_parquet(
+                io.BytesIO(storage.read_bytes(storage.join(sweep_dir, r["experiment_dir"], "rounds.parquet")))
+            )
+            acc = (
+                rounds.dropna(subset=["test_accuracy"]).groupby("run_id", sort=False)["test_accuracy"].last()
+            )
             row.update({f"acc:{k}": v for k, v in acc.items()})
         except (OSError, ValueError, KeyError):
             pass
@@ -628,8 +732,13 @@ def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def execute_sweep(plan: Plan, sweep_dir: str | os.PathLike, *, progress: bool = True,
-                  previous: dict[str, dict] | None = None) -> tuple[Index, bool]:
+def execute_sweep(
+    plan: Plan,
+    sweep_dir: str | os.PathLike,
+    *,
+    progress: bool = True,
+    previous: dict[str, dict] | None = None,
+) -> tuple[Index, bool]:
     """Run the plan's trials that have not ended (``previous``: the index rows of an earlier
     command on ``sweep_dir``) as Ray Tune trials on the Ray this process is connected to, keeping
     sweep.parquet current. Prints one line per trial as it starts and ends on stderr, under a
@@ -644,7 +753,9 @@ def execute_sweep(plan: Plan, sweep_dir: str | os.PathLike, *, progress: bool = 
     """
     import logging
 
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's progress tables off (verbose=0 silences the rest)
+    os.environ.setdefault(
+        "RAY_AIR_NEW_OUTPUT", "0"
+    )  # Tune's progress tables off (verbose=0 silences the rest)
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no result.json/progress.csv per trial
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C interrupts fit(), as in fedsim run
     import ray
@@ -662,28 +773,52 @@ def execute_sweep(plan: Plan, sweep_dir: str | os.PathLike, *, progress: bool = 
         return index, True
     resources = ray.cluster_resources()
     bundles = {t.trial_id: trial_bundles(plan.configs[t.trial_id], resources) for t in todo}
-    specs = {t.trial_id: {"base": plan.base, "overrides": list(t.overrides),
-                          "run_dir": str(storage.join(sweep_dir, t.trial_id)),
-                          "workers": (len(bundles[t.trial_id]) - 1
-                                      if plan.configs[t.trial_id].engine.backend == "ray" else None)}
-             for t in todo}
+    specs = {
+        t.trial_id: {
+            "base": plan.base,
+            "overrides": list(t.overrides),
+            "run_dir": str(storage.join(sweep_dir, t.trial_id)),
+            "workers": (
+                len(bundles[t.trial_id]) - 1 if plan.configs[t.trial_id].engine.backend == "ray" else None
+            ),
+        }
+        for t in todo
+    }
     factories = {tid: tune.PlacementGroupFactory(b) for tid, b in bundles.items()}
-    trainable = tune.with_resources(tune.with_parameters(_trainable, specs=specs, cwd=os.getcwd()),
-                                    lambda c: factories[c["trial_id"]])
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, specs=specs, cwd=os.getcwd()), lambda c: factories[c["trial_id"]]
+    )
     local = storage.local_path(sweep_dir)
     tune_root = str((local.resolve() / TUNE_DIR) if local is not None else storage.join(sweep_dir, TUNE_DIR))
     name = time.strftime("fit-%Y%m%d-%H%M%S")
     done: dict[str, float] = {}
-    bar = tqdm(total=len(plan.trials), initial=len(plan.trials) - len(todo), desc=plan.name, unit="trial",
-               disable=not progress, dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(
+        total=len(plan.trials),
+        initial=len(plan.trials) - len(todo),
+        desc=plan.name,
+        unit="trial",
+        disable=not progress,
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
     tuner = tune.Tuner(
-        trainable, param_space={"trial_id": tune.grid_search([t.trial_id for t in todo])},
-        tune_config=tune.TuneConfig(max_concurrent_trials=plan.max_concurrent,
-                                    trial_name_creator=lambda tr: tr.config["trial_id"],
-                                    trial_dirname_creator=lambda tr: tr.config["trial_id"], reuse_actors=True),
-        run_config=tune.RunConfig(name=name, storage_path=tune_root, verbose=0, log_to_file=False,
-                                  callbacks=[_progress_callback(index, plan, bar, done)],
-                                  failure_config=tune.FailureConfig(max_failures=0)))
+        trainable,
+        param_space={"trial_id": tune.grid_search([t.trial_id for t in todo])},
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=plan.max_concurrent,
+            trial_name_creator=lambda tr: tr.config["trial_id"],
+            trial_dirname_creator=lambda tr: tr.config["trial_id"],
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=tune_root,
+            verbose=0,
+            log_to_file=False,
+            callbacks=[_progress_callback(index, plan, bar, done)],
+            failure_config=tune.FailureConfig(max_failures=0),
+        ),
+    )
     tune_logger = logging.getLogger("ray.tune")
     level = tune_logger.level
     tune_logger.setLevel(logging.CRITICAL)  # a trial process that dies is recorded in the index instead
@@ -731,19 +866,28 @@ def project(plan: Plan) -> str:
             raise FedsimError(f"sweep trial {t.label}: {err}") from None
         done = [r for r in runs if r.projectable]
         skipped.update(f"{r.run_id} ({r.algorithm})" for r in runs if not r.projectable)
-        rows.append({"trial": t.trial_id, **{k: value_text(v) for k, v in t.cell}, "seed": t.seed,
-                     "bytes_up": sum(r.bytes_up for r in done), "bytes_down": sum(r.bytes_down for r in done),
-                     "MACs": sum(r.flops for r in done)})
+        rows.append(
+            {
+                "trial": t.trial_id,
+                **{k: value_text(v) for k, v in t.cell},
+                "seed": t.seed,
+                "bytes_up": sum(r.bytes_up for r in done),
+                "bytes_down": sum(r.bytes_down for r in done),
+                "MACs": sum(r.flops for r in done),
+            }
+        )
     table = pd.DataFrame(rows)
     cells = len(plan.trials) // len(plan.seeds)
     cap = f", at most {plan.max_concurrent} at a time" if plan.max_concurrent else ""
     up, down, macs = int(table["bytes_up"].sum()), int(table["bytes_down"].sum()), int(table["MACs"].sum())
     shown = table.assign(MACs=table["MACs"].map(lambda v: f"{v:.4e}"))
-    lines = [f"sweep: {len(plan.trials)} trials ({cells} grid cell(s) x {len(plan.seeds)} seed(s)){cap}; "
-             "'fedsim sweep' with this file runs them",
-             shown.to_string(index=False),
-             f"whole sweep: bytes up {up:,} ({up / 1e9:.3g} GB), bytes down {down:,} ({down / 1e9:.3g} GB), "
-             f"compute {macs:.4e} MACs"]
+    lines = [
+        f"sweep: {len(plan.trials)} trials ({cells} grid cell(s) x {len(plan.seeds)} seed(s)){cap}; "
+        "'fedsim sweep' with this file runs them",
+        shown.to_string(index=False),
+        f"whole sweep: bytes up {up:,} ({up / 1e9:.3g} GB), bytes down {down:,} ({down / 1e9:.3g} GB), "
+        f"compute {macs:.4e} MACs",
+    ]
     if skipped:
         lines.append(f"not projected (matching decides the model's size): {', '.join(sorted(skipped))}")
     return "\n".join(lines)
@@ -751,24 +895,47 @@ def project(plan: Plan) -> str:
 
 # --------------------------------------------------------------------------- the command
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``fedsim sweep`` options."""
     parser.add_argument("config", nargs="?", help="experiment YAML (default: the built-in digits experiment)")
-    parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
-                        help="a grid dimension: a config key and its values (YAML, comma-separated), e.g. "
-                             "--grid runs.0.lr=0.01,0.05; repeat for more keys (replaces the file's sweep.grid)")
-    parser.add_argument("--seeds", metavar="S1,S2,...", help="seeds to run every grid cell with, e.g. 0,1,2 "
-                                                            "(default: sweep.seeds, else the experiment's seed)")
-    parser.add_argument("--max-concurrent", type=int, metavar="N",
-                        help="run at most N trials at a time (default: as many as the cluster fits)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a key of the base experiment, e.g. --set engine.num_workers=1")
-    parser.add_argument("--out", help="directory or URI under which the sweep directory is created "
-                                      "(default: output_dir)")
+    parser.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="a grid dimension: a config key and its values (YAML, comma-separated), e.g. "
+        "--grid runs.0.lr=0.01,0.05; repeat for more keys (replaces the file's sweep.grid)",
+    )
+    parser.add_argument(
+        "--seeds",
+        metavar="S1,S2,...",
+        help="seeds to run every grid cell with, e.g. 0,1,2 "
+        "(default: sweep.seeds, else the experiment's seed)",
+    )
+    parser.add_argument(
+        "--max-concurrent",
+        type=int,
+        metavar="N",
+        help="run at most N trials at a time (default: as many as the cluster fits)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of the base experiment, e.g. --set engine.num_workers=1",
+    )
+    parser.add_argument(
+        "--out", help="directory or URI under which the sweep directory is created (default: output_dir)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.add_argument("--resume", metavar="SWEEP_DIR",
-                        help="continue an interrupted sweep: keep ended trials, resume interrupted ones from "
-                             "their checkpoints, run missing ones")
+    parser.add_argument(
+        "--resume",
+        metavar="SWEEP_DIR",
+        help="continue an interrupted sweep: keep ended trials, resume interrupted ones from "
+        "their checkpoints, run missing ones",
+    )
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -782,21 +949,40 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from fedsim.io import storage
 
     if args.resume:
-        given = [o for o, v in (("CONFIG", args.config), ("--grid", args.grid), ("--seeds", args.seeds),
-                                ("--set", args.set), ("--out", args.out)) if v]
+        given = [
+            o
+            for o, v in (
+                ("CONFIG", args.config),
+                ("--grid", args.grid),
+                ("--seeds", args.seeds),
+                ("--set", args.set),
+                ("--out", args.out),
+            )
+            if v
+        ]
         if given:
-            raise FedsimError(f"{given[0]} and --resume cannot be combined: a resumed sweep runs the trials in its "
-                              "sweep.yaml; drop it")
+            raise FedsimError(
+                f"{given[0]} and --resume cannot be combined: a resumed sweep runs the trials in its "
+                "sweep.yaml; drop it"
+            )
         sweep_dir = args.resume if storage.is_uri(args.resume) else Path(args.resume)
         the_plan = load_plan(sweep_dir)
         if args.max_concurrent is not None:
             _check_sweep(the_plan.grid, the_plan.seeds, True, args.max_concurrent)
-            the_plan = Plan(the_plan.base, the_plan.grid, the_plan.seeds, args.max_concurrent, the_plan.trials,
-                            the_plan.configs)
+            the_plan = Plan(
+                the_plan.base,
+                the_plan.grid,
+                the_plan.seeds,
+                args.max_concurrent,
+                the_plan.trials,
+                the_plan.configs,
+            )
         previous = Index.read(sweep_dir)
         if previous and all(previous.get(t.trial_id, {}).get("status") in ENDED for t in the_plan.trials):
-            print(f"fedsim: nothing to resume: every trial in {sweep_dir} has ended; sweep.parquet is unchanged",
-                  file=sys.stderr)
+            print(
+                f"fedsim: nothing to resume: every trial in {sweep_dir} has ended; sweep.parquet is unchanged",
+                file=sys.stderr,
+            )
             return 0
     else:
         grid = [parse_grid_option(g) for g in args.grid] if args.grid else None
@@ -812,25 +998,36 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if not args.resume:
         sweep_dir = api.new_run_dir(args.out or first.output_dir, f"{the_plan.name}-sweep")
         created = True
-        storage.write_bytes(storage.join(sweep_dir, SPEC),
-                            yaml.safe_dump(the_plan.spec(), sort_keys=False).encode())
+        storage.write_bytes(
+            storage.join(sweep_dir, SPEC), yaml.safe_dump(the_plan.spec(), sort_keys=False).encode()
+        )
     cells = len(the_plan.trials) // len(the_plan.seeds)
     cap = f", at most {the_plan.max_concurrent} at a time" if the_plan.max_concurrent else ""
-    print(f"fedsim: sweep of {the_plan.name!r}: {len(the_plan.trials)} trials ({cells} grid cell(s) x "
-          f"{len(the_plan.seeds)} seed(s)){cap}; {'resuming' if args.resume else 'writing'} {sweep_dir}",
-          file=sys.stderr)
+    print(
+        f"fedsim: sweep of {the_plan.name!r}: {len(the_plan.trials)} trials ({cells} grid cell(s) x "
+        f"{len(the_plan.seeds)} seed(s)){cap}; {'resuming' if args.resume else 'writing'} {sweep_dir}",
+        file=sys.stderr,
+    )
     try:
         index, complete = execute_sweep(the_plan, sweep_dir, progress=not args.no_progress, previous=previous)
     except KeyboardInterrupt:
         complete = False
         index = None
     if not complete:
-        if created and not any(api.completed_rounds(storage.join(sweep_dir, t.trial_id)) for t in the_plan.trials):
+        if created and not any(
+            api.completed_rounds(storage.join(sweep_dir, t.trial_id)) for t in the_plan.trials
+        ):
             api.remove_run_dir(sweep_dir)
-            print(f"fedsim: interrupted before any trial completed a round; removed {sweep_dir}", file=sys.stderr)
+            print(
+                f"fedsim: interrupted before any trial completed a round; removed {sweep_dir}",
+                file=sys.stderr,
+            )
         else:
-            print(f"fedsim: interrupted; ended trials and completed rounds are in {sweep_dir}; continue with "
-                  f"'fedsim sweep --resume {sweep_dir}'", file=sys.stderr)
+            print(
+                f"fedsim: interrupted; ended trials and completed rounds are in {sweep_dir}; continue with "
+                f"'fedsim sweep --resume {sweep_dir}'",
+                file=sys.stderr,
+            )
         return 130
     table = _summary(index, sweep_dir)
     formats = {c: _fmt for c in table.columns if c.startswith("acc:")}

@@ -7,7 +7,6 @@ import logging
 import pytest
 
 
-
 @pytest.fixture(scope="session")
 def ray_local():
     """A local Ray with 2 CPUs and no dashboard, shared by every test that needs Ray."""

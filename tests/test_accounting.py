@@ -89,8 +89,7 @@ def test_thop_count_of_resnet8_matches_hand_count(resnet8):
 
 
 def test_thop_lstm_count_matches_hand_count():
-    model = build_model("char_lstm", num_classes=30, input_shape=(17,),
-                        widths={"embedding": 5, "lstm": 12})
+    model = build_model("char_lstm", num_classes=30, input_shape=(17,), widths={"embedding": 5, "lstm": 12})
     # per step: 4 gates * ((5 + 12) * 12 + 12 + 2 * 12) + 3 * 12 + 12 = 4 * 240 + 48 = 1,008
     # 17 steps = 17,136; decoder 12 * 30 = 360; embedding 0
     assert thop_macs(model, (17,)) == 17_136 + 360
@@ -134,12 +133,18 @@ def test_fedpart_cycle_is_warmup_then_two_rounds_per_group_shallow_to_deep():
 def test_fedpart_cycles_repeat_and_orders():
     two = fedpart_schedule(3, FedPartSchedule(warmup_rounds=1, rounds_per_group=1, cycles=2))
     assert [(s.cycle, s.phase, s.group) for s in two] == [
-        (0, "full", None), (0, "partial", 0), (0, "partial", 1), (0, "partial", 2),
-        (1, "full", None), (1, "partial", 0), (1, "partial", 1), (1, "partial", 2)]
+        (0, "full", None),
+        (0, "partial", 0),
+        (0, "partial", 1),
+        (0, "partial", 2),
+        (1, "full", None),
+        (1, "partial", 0),
+        (1, "partial", 1),
+        (1, "partial", 2),
+    ]
     rev = fedpart_schedule(3, FedPartSchedule(warmup_rounds=0, rounds_per_group=2, order="reverse"))
     assert [s.group for s in rev] == [2, 2, 1, 1, 0, 0]
-    explicit = fedpart_schedule(3, FedPartSchedule(warmup_rounds=0, rounds_per_group=1,
-                                                   order=(1, 0, 2)))
+    explicit = fedpart_schedule(3, FedPartSchedule(warmup_rounds=0, rounds_per_group=1, order=(1, 0, 2)))
     assert [s.group for s in explicit] == [1, 0, 2]
     sched = FedPartSchedule(warmup_rounds=1, rounds_per_group=2, cycles=3, order="random")
     a = fedpart_schedule(6, sched, np.random.default_rng(1))
@@ -203,8 +208,9 @@ def test_partial_rounds_move_only_the_active_group(resnet8):
     assert stem.macs == 40 * 500 * 8 * 2 * proj.forward_macs
     fc = proj.rounds[-1]
     assert fc.group_name == "fc" and fc.bytes_up == 40 * (256 * 10 + 10) * 4
-    shared = project_run(resnet8, CIFAR, schedule=FedPartSchedule(), share_bn_stats=True,
-                         partial_download="group", **PAPER)
+    shared = project_run(
+        resnet8, CIFAR, schedule=FedPartSchedule(), share_bn_stats=True, partial_download="group", **PAPER
+    )
     # + running_mean and running_var (64 float32 each) + num_batches_tracked (one int64)
     per_client = (3 * 64 * 49 + 2 * 64) * 4 + 2 * 64 * 4 + 8
     assert shared.rounds[5].bytes_up == shared.rounds[5].bytes_down == 40 * per_client
@@ -212,8 +218,16 @@ def test_partial_rounds_move_only_the_active_group(resnet8):
 
 
 def test_per_client_totals_average_over_the_federation_when_cohorts_are_smaller(resnet8):
-    proj = project_run(resnet8, CIFAR, rounds=3, num_clients=40, clients_per_round=10,
-                       examples_per_client=100, local_epochs=1, convention="fedsim")
+    proj = project_run(
+        resnet8,
+        CIFAR,
+        rounds=3,
+        num_clients=40,
+        clients_per_round=10,
+        examples_per_client=100,
+        local_epochs=1,
+        convention="fedsim",
+    )
     assert proj.forward_macs == 14_469_632
     assert proj.macs == 3 * 10 * 100 * 3 * 14_469_632
     assert proj.per_client_macs == proj.macs / 40

@@ -1,11 +1,11 @@
-"""Invariants of FedAvg and FedProx (STYLE.md): one SGD step, example weighting, mu = 0, the
+"""Invariants of FedAvg and FedProx: one SGD step, example weighting, mu = 0, the
 proximal gradient (alone and inside local training)."""
 
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import pandas as pd
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -25,8 +25,12 @@ def toy_dataset(n_clients=2, per_client=20, seed=0) -> FederatedDataset:
     """Random 8x8 'images' with 10 classes, split into equal contiguous clients."""
     rng = np.random.default_rng(seed)
     n = n_clients * per_client
-    train = Split(x=rng.normal(size=(n, 1, 8, 8)).astype(np.float32), y=rng.integers(0, 10, n).astype(np.int64))
-    test = Split(x=rng.normal(size=(30, 1, 8, 8)).astype(np.float32), y=rng.integers(0, 10, 30).astype(np.int64))
+    train = Split(
+        x=rng.normal(size=(n, 1, 8, 8)).astype(np.float32), y=rng.integers(0, 10, n).astype(np.int64)
+    )
+    test = Split(
+        x=rng.normal(size=(30, 1, 8, 8)).astype(np.float32), y=rng.integers(0, 10, 30).astype(np.int64)
+    )
     idx = [np.arange(i * per_client, (i + 1) * per_client) for i in range(n_clients)]
     counts = np.stack([np.bincount(train.y[i], minlength=10) for i in idx])
     return FederatedDataset("toy", train, test, 10, (1, 8, 8), idx, counts)
@@ -34,7 +38,10 @@ def toy_dataset(n_clients=2, per_client=20, seed=0) -> FederatedDataset:
 
 def test_proximal_term_is_squared_norm_with_gradient_mu_times_difference():
     g = torch.Generator().manual_seed(1)
-    w = {"a": torch.randn(3, 4, generator=g, requires_grad=True), "b": torch.randn(5, generator=g, requires_grad=True)}
+    w = {
+        "a": torch.randn(3, 4, generator=g, requires_grad=True),
+        "b": torch.randn(5, generator=g, requires_grad=True),
+    }
     anchor = {"a": torch.randn(3, 4, generator=g), "b": torch.randn(5, generator=g)}
     mu = 0.37
     term = proximal_term(w.items(), anchor, mu)
@@ -47,8 +54,11 @@ def test_proximal_term_is_squared_norm_with_gradient_mu_times_difference():
 
 def test_fedavg_with_one_client_and_one_step_is_one_sgd_step():
     ds = toy_dataset(n_clients=1, per_client=20)
-    raw = tiny_experiment(data={"dataset": "digits", "num_clients": 1}, engine={"backend": "sequential", "clients_per_round": 1},
-                          runs=[{"algorithm": "fedavg", "rounds": 1, "local_epochs": 1, "lr": 0.1, "batch_size": 64}])
+    raw = tiny_experiment(
+        data={"dataset": "digits", "num_clients": 1},
+        engine={"backend": "sequential", "clients_per_round": 1},
+        runs=[{"algorithm": "fedavg", "rounds": 1, "local_epochs": 1, "lr": 0.1, "batch_size": 64}],
+    )
     cfg = config.parse(raw)
     run = cfg.runs[0]
     model = build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8), generator=torch_rng(0, "init"))
@@ -56,7 +66,9 @@ def test_fedavg_with_one_client_and_one_step_is_one_sgd_step():
     algo = FedAvg(run, cfg)
     state = algo.init_state(w0)
     plan = algo.plan_round(state, 0, (0,))
-    results = SequentialBackend(cfg, ds).run_round(run, [ClientTask("fedavg", 0, 0, plan)], P.to_numpy(w0), [None], [None])
+    results = SequentialBackend(cfg, ds).run_round(
+        run, [ClientTask("fedavg", 0, 0, plan)], P.to_numpy(w0), [None], [None]
+    )
     new = algo.aggregate(state, plan, results).params
     # Independent reference: one full-batch gradient step on a fresh copy of the same weights.
     ref = build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8))
@@ -70,14 +82,29 @@ def test_fedavg_with_one_client_and_one_step_is_one_sgd_step():
 def test_fedavg_weights_each_upload_by_its_examples():
     # McMahan et al. 2017, Algorithm 1: w = sum_j n_j / n * w_j. Clients with 1 and 3 examples:
     # (1 * [4, 8, -2] + 3 * [0, 4, 2]) / 4 = [1, 5, 1]; a plain mean would give [2, 6, 0].
-    cfg = config.parse(tiny_experiment(data={"dataset": "digits", "num_clients": 2},
-                                       engine={"backend": "sequential", "clients_per_round": 2}))
+    cfg = config.parse(
+        tiny_experiment(
+            data={"dataset": "digits", "num_clients": 2},
+            engine={"backend": "sequential", "clients_per_round": 2},
+        )
+    )
     algo = FedAvg(cfg.runs[0], cfg)
     state = algo.init_state({"w": torch.zeros(3)})
     plan = algo.plan_round(state, 0, (0, 1))
     uploads = [np.array([4.0, 8.0, -2.0], dtype=np.float32), np.array([0.0, 4.0, 2.0], dtype=np.float32)]
-    results = [ClientResult(client_id=j, round=0, upload={"w": u}, n_examples=n, train_loss=0.0, bytes_up=12,
-                            bytes_down=12, seconds=0.0) for j, (u, n) in enumerate(zip(uploads, (1, 3)))]
+    results = [
+        ClientResult(
+            client_id=j,
+            round=0,
+            upload={"w": u},
+            n_examples=n,
+            train_loss=0.0,
+            bytes_up=12,
+            bytes_down=12,
+            seconds=0.0,
+        )
+        for j, (u, n) in enumerate(zip(uploads, (1, 3)))
+    ]
     new = algo.aggregate(state, plan, results).params["w"]
     assert new.dtype == torch.float32
     assert new.tolist() == [1.0, 5.0, 1.0]
@@ -88,15 +115,23 @@ def test_fedprox_local_steps_follow_the_cross_entropy_plus_proximal_gradient():
     # the second adds mu * (w1 - w0) to the cross-entropy gradient (Li et al. 2020, eq. 2).
     ds = toy_dataset(n_clients=1, per_client=20)
     mu, lr = 2.0, 0.1
-    cfg = config.parse(tiny_experiment(data={"dataset": "digits", "num_clients": 1},
-                                       engine={"backend": "sequential", "clients_per_round": 1},
-                                       runs=[{"algorithm": "fedprox", "mu": mu, "rounds": 1, "local_epochs": 2,
-                                              "lr": lr, "batch_size": 64}]))
-    w0 = build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8), generator=torch_rng(0, "init")).state_dict()
+    cfg = config.parse(
+        tiny_experiment(
+            data={"dataset": "digits", "num_clients": 1},
+            engine={"backend": "sequential", "clients_per_round": 1},
+            runs=[
+                {"algorithm": "fedprox", "mu": mu, "rounds": 1, "local_epochs": 2, "lr": lr, "batch_size": 64}
+            ],
+        )
+    )
+    w0 = build_model(
+        "digits_cnn", num_classes=10, input_shape=(1, 8, 8), generator=torch_rng(0, "init")
+    ).state_dict()
     algo = FedProx(cfg.runs[0], cfg)
     plan = algo.plan_round(algo.init_state(w0), 0, (0,))
-    res = SequentialBackend(cfg, ds).run_round(cfg.runs[0], [ClientTask("fedprox", 0, 0, plan)], P.to_numpy(w0),
-                                               [None], [None])[0]
+    res = SequentialBackend(cfg, ds).run_round(
+        cfg.runs[0], [ClientTask("fedprox", 0, 0, plan)], P.to_numpy(w0), [None], [None]
+    )[0]
     ref = build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8))
     ref.load_state_dict(w0)
     x, y = torch.from_numpy(ds.train.x), torch.from_numpy(ds.train.y)
@@ -124,8 +159,14 @@ def test_fedprox_with_mu_zero_equals_fedavg_exactly(tmp_path):
     common = {"rounds": 3, "local_epochs": 2, "lr": 0.05, "batch_size": 8}
     eng = {"backend": "sequential", "clients_per_round": 3}
     data = {"dataset": "digits", "num_clients": 4}
-    a, ca = _run(tiny_experiment(engine=eng, data=data, runs=[{"algorithm": "fedavg", **common}]), tmp_path, "a")
-    b, cb = _run(tiny_experiment(engine=eng, data=data, runs=[{"algorithm": "fedprox", "mu": 0.0, **common}]), tmp_path, "b")
+    a, ca = _run(
+        tiny_experiment(engine=eng, data=data, runs=[{"algorithm": "fedavg", **common}]), tmp_path, "a"
+    )
+    b, cb = _run(
+        tiny_experiment(engine=eng, data=data, runs=[{"algorithm": "fedprox", "mu": 0.0, **common}]),
+        tmp_path,
+        "b",
+    )
     for col in ("test_accuracy", "test_loss", "train_loss", "bytes_up", "bytes_down"):
         assert a[col].tolist() == b[col].tolist(), col
     assert ca["train_loss"].tolist() == cb["train_loss"].tolist()
@@ -135,15 +176,29 @@ def test_fedprox_with_large_mu_keeps_local_weights_closer_to_global():
     ds = toy_dataset(n_clients=1, per_client=40)
     dist = {}
     for algo_cls, extra in ((FedAvg, {}), (FedProx, {"mu": 10.0})):
-        raw = tiny_experiment(data={"dataset": "digits", "num_clients": 1},
-                              engine={"backend": "sequential", "clients_per_round": 1},
-                              runs=[{"algorithm": algo_cls.name, "rounds": 1, "local_epochs": 5, "lr": 0.05,
-                                     "batch_size": 8, **extra}])
+        raw = tiny_experiment(
+            data={"dataset": "digits", "num_clients": 1},
+            engine={"backend": "sequential", "clients_per_round": 1},
+            runs=[
+                {
+                    "algorithm": algo_cls.name,
+                    "rounds": 1,
+                    "local_epochs": 5,
+                    "lr": 0.05,
+                    "batch_size": 8,
+                    **extra,
+                }
+            ],
+        )
         cfg = config.parse(raw)
-        w0 = build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8), generator=torch_rng(0, "init")).state_dict()
+        w0 = build_model(
+            "digits_cnn", num_classes=10, input_shape=(1, 8, 8), generator=torch_rng(0, "init")
+        ).state_dict()
         algo = algo_cls(cfg.runs[0], cfg)
         plan = algo.plan_round(algo.init_state(w0), 0, (0,))
-        res = SequentialBackend(cfg, ds).run_round(cfg.runs[0], [ClientTask("r", 0, 0, plan)], P.to_numpy(w0), [None], [None])[0]
+        res = SequentialBackend(cfg, ds).run_round(
+            cfg.runs[0], [ClientTask("r", 0, 0, plan)], P.to_numpy(w0), [None], [None]
+        )[0]
         dist[algo_cls.name] = sum(float(((torch.from_numpy(res.upload[k]) - w0[k]) ** 2).sum()) for k in w0)
     assert dist["fedprox"] < 0.5 * dist["fedavg"]
 
@@ -154,17 +209,36 @@ def _evaluate_three_members(algorithm: str):
     from fedsim.algorithms import ALGORITHMS
 
     ds = toy_dataset(n_clients=3, per_client=5)
-    cfg = config.parse(tiny_experiment(data={"dataset": "digits", "num_clients": 3},
-                                       engine={"backend": "sequential", "clients_per_round": 3},
-                                       runs=[{"algorithm": algorithm}]))
+    cfg = config.parse(
+        tiny_experiment(
+            data={"dataset": "digits", "num_clients": 3},
+            engine={"backend": "sequential", "clients_per_round": 3},
+            runs=[{"algorithm": algorithm}],
+        )
+    )
     algo = ALGORITHMS[algorithm](cfg.runs[0], cfg, 10, (1, 8, 8))
-    members = [build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8), generator=torch_rng(s, "init"))
-               for s in (1, 2, 3)]
+    members = [
+        build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8), generator=torch_rng(s, "init"))
+        for s in (1, 2, 3)
+    ]
     state0 = algo.init_state(P.clone(members[0].state_dict()))
-    results = [ClientResult(client_id=j, round=0, upload=P.to_numpy(m.state_dict()), n_examples=5, train_loss=0.0,
-                            bytes_up=0, bytes_down=0, seconds=0.0) for j, m in enumerate(members)]
+    results = [
+        ClientResult(
+            client_id=j,
+            round=0,
+            upload=P.to_numpy(m.state_dict()),
+            n_examples=5,
+            train_loss=0.0,
+            bytes_up=0,
+            bytes_down=0,
+            seconds=0.0,
+        )
+        for j, m in enumerate(members)
+    ]
     state = algo.aggregate(state0, algo.plan_round(state0, 0, (0, 1, 2)), results)
-    acc, loss = algo.evaluate(state, build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8)), ds.test, 7)
+    acc, loss = algo.evaluate(
+        state, build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8)), ds.test, 7
+    )
     return acc, loss, members, torch.from_numpy(ds.test.x), torch.from_numpy(ds.test.y)
 
 

@@ -17,8 +17,17 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from analysis import (AnalysisError, MixedRunsWarning, accuracy_vs_bytes, bytes_to_target, load_runs, over_seeds,
-                      plot_convergence, plot_cost, run_table)
+from analysis import (
+    AnalysisError,
+    MixedRunsWarning,
+    accuracy_vs_bytes,
+    bytes_to_target,
+    load_runs,
+    over_seeds,
+    plot_convergence,
+    plot_cost,
+    run_table,
+)
 from fedsim import cli, config
 from fedsim.engine import api
 from fedsim.io.runlog import RunLog
@@ -64,8 +73,14 @@ def _first_reach(rounds: pd.DataFrame, run_id: str, target: float) -> tuple[floa
 
 
 def fedsim(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedsim.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "fedsim.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
 
 
 def test_load_runs_joins_config_columns_one_row_per_run_and_round(runs):
@@ -129,7 +144,9 @@ def test_accuracy_vs_bytes_counts_both_directions_or_upload_only(runs):
     for run_id, g in raw.groupby("run_id"):
         total = np.cumsum((g["bytes_up"] + g["bytes_down"]).to_numpy())
         np.testing.assert_allclose(both[both.run_id == run_id]["MB"], total / 1e6)
-        np.testing.assert_allclose(up[up.run_id == run_id]["GB_up"], np.cumsum(g["bytes_up"].to_numpy()) / 1e9)
+        np.testing.assert_allclose(
+            up[up.run_id == run_id]["GB_up"], np.cumsum(g["bytes_up"].to_numpy()) / 1e9
+        )
 
 
 def test_run_table_reports_final_and_best_accuracy_per_run(runs):
@@ -146,8 +163,10 @@ def test_run_table_reports_final_and_best_accuracy_per_run(runs):
 def test_over_seeds_gives_mean_and_sample_std_over_two_seeds(runs):
     table = over_seeds(run_table(load_runs(list(runs)))).set_index("run_id")
     raws = [_rounds(d) for d in runs]
-    finals = {r: [raw[raw.run_id == r].sort_values("round")["test_accuracy"].iloc[-1] for raw in raws]
-              for r in ("fedavg", "fedprox")}
+    finals = {
+        r: [raw[raw.run_id == r].sort_values("round")["test_accuracy"].iloc[-1] for raw in raws]
+        for r in ("fedavg", "fedprox")
+    }
     for run_id, (a, b) in finals.items():
         assert table.loc[run_id, "n_runs"] == 2 and table.loc[run_id, "seeds"] == [3, 4]
         assert table.loc[run_id, "final_acc_mean"] == pytest.approx((a + b) / 2)
@@ -167,14 +186,19 @@ def test_convergence_figure_has_fedma_figure_2_panels(runs):
     x, y = ax_rounds.lines[0].get_data()
     np.testing.assert_array_equal(x, [1, 2, 3])
     np.testing.assert_array_equal(y, fedavg["test_accuracy"])
-    np.testing.assert_allclose(ax_bytes.lines[0].get_xdata(),
-                               np.cumsum(fedavg["bytes_up"] + fedavg["bytes_down"]) / 1e6)
+    np.testing.assert_allclose(
+        ax_bytes.lines[0].get_xdata(), np.cumsum(fedavg["bytes_up"] + fedavg["bytes_down"]) / 1e6
+    )
 
 
 def test_cost_figure_has_a_compute_panel_only_when_rounds_have_flops(runs, tmp_path):
     df = load_runs(runs[0])
     fig = plot_cost(df)  # the engine logs flops (multiply-accumulates) for every round
-    assert [ax.get_ylabel() for ax in fig.axes] == ["test accuracy", "communication (MB)", "compute (10^12 MACs)"]
+    assert [ax.get_ylabel() for ax in fig.axes] == [
+        "test accuracy",
+        "communication (MB)",
+        "compute (10^12 MACs)",
+    ]
     assert [t.get_text() for t in fig.axes[2].get_xticklabels()] == ["fedavg", "fedprox"]
     raw = _rounds(runs[0])
     per_run = raw.groupby("run_id")["flops"].sum() / 1e12
@@ -198,19 +222,33 @@ def test_report_cli_writes_valid_png_svg_markdown_and_prints_the_table(runs, tmp
     r = fedsim("report", str(runs[0]), str(runs[1]), "--out", str(out))
     assert r.returncode == 0, r.stderr
     header = r.stdout.splitlines()[0].split()
-    assert header[:2] == ["run", "algorithm"] and {"final_acc", "best_acc", "rounds", "MB_up", "MB_down", "wall_s",
-                                                   "MB_to_target"} <= set(header)
+    assert header[:2] == ["run", "algorithm"] and {
+        "final_acc",
+        "best_acc",
+        "rounds",
+        "MB_up",
+        "MB_down",
+        "wall_s",
+        "MB_to_target",
+    } <= set(header)
     for stem in ("convergence", "cost"):
         png = out / f"{stem}.png"
         assert png.read_bytes()[:8] == PNG_MAGIC
         image = mpimg.imread(png)
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
-    assert {"message size (cumulative MB, up + down)", "communication rounds", "test accuracy",
-            "fedavg (2 runs)", "fedprox (2 runs)"} <= _svg_texts(out / "convergence.svg")
+    assert {
+        "message size (cumulative MB, up + down)",
+        "communication rounds",
+        "test accuracy",
+        "fedavg (2 runs)",
+        "fedprox (2 runs)",
+    } <= _svg_texts(out / "convergence.svg")
     assert {"test accuracy", "communication (MB)", "fedavg", "fedprox"} <= _svg_texts(out / "cost.svg")
     md = (out / "summary.md").read_text()
-    assert "| run | algorithm | experiment | seed | final_acc | best_acc | rounds | MB_up | MB_down | wall_s | " \
-           "MB_to_target |" in md
+    assert (
+        "| run | algorithm | experiment | seed | final_acc | best_acc | rounds | MB_up | MB_down | wall_s | "
+        "MB_to_target |" in md
+    )
     assert "![convergence](convergence.png)" in md and "## Over seeds" in md
     # every run's final accuracy and MB to 90% of the best accuracy, computed here from the Parquet files
     raws = [_rounds(d) for d in runs]
@@ -220,10 +258,15 @@ def test_report_cli_writes_valid_png_svg_markdown_and_prints_the_table(runs, tmp
             final = f"{g.sort_values('round')['test_accuracy'].iloc[-1]:.4f}"
             _, total = _first_reach(raw, run_id, target)
             mb = "-" if total != total else f"{total / 1e6:.2f}"
-            row = [line for line in md.splitlines()
-                   if line.startswith(f"| {run_id} |") and line.split(" | ")[3] == str(seed)]
+            row = [
+                line
+                for line in md.splitlines()
+                if line.startswith(f"| {run_id} |") and line.split(" | ")[3] == str(seed)
+            ]
             assert len(row) == 1 and f"| {final} |" in row[0] and row[0].split(" | ")[10] == mb, row
-            assert any(line.split()[:1] == [run_id] and final in line.split() for line in r.stdout.splitlines())
+            assert any(
+                line.split()[:1] == [run_id] and final in line.split() for line in r.stdout.splitlines()
+            )
 
 
 def test_report_defaults_to_the_first_run_dir(runs, tmp_path, capsys):
@@ -231,13 +274,21 @@ def test_report_defaults_to_the_first_run_dir(runs, tmp_path, capsys):
     shutil.copytree(runs[0], copy)
     assert cli.main(["report", str(copy)]) == 0
     assert sorted(p.name for p in (copy / "report").iterdir()) == [
-        "convergence.png", "convergence.svg", "cost.png", "cost.svg", "summary.md"]
+        "convergence.png",
+        "convergence.svg",
+        "cost.png",
+        "cost.svg",
+        "summary.md",
+    ]
     assert f"report: {copy / 'report' / 'summary.md'}" in capsys.readouterr().out
 
 
 def _no_rounds(path: Path) -> Path:
     log = RunLog(path)
-    log.add("runs", {"run_id": "fedavg", "algorithm": "fedavg", "config_json": "{}", "seed": 0, "status": "running"})
+    log.add(
+        "runs",
+        {"run_id": "fedavg", "algorithm": "fedavg", "config_json": "{}", "seed": 0, "status": "running"},
+    )
     log.flush()
     return path
 
@@ -250,7 +301,11 @@ def _damaged(path: Path, runs) -> Path:
 
 BAD_DIRS = [
     ("empty", lambda p, runs: (p / "empty").mkdir() or p / "empty", "not a fedsim experiment directory"),
-    ("other files", lambda p, runs: (p / "x.csv").write_text("a,b\n") and p, "not a fedsim experiment directory"),
+    (
+        "other files",
+        lambda p, runs: (p / "x.csv").write_text("a,b\n") and p,
+        "not a fedsim experiment directory",
+    ),
     ("no rounds yet", lambda p, runs: _no_rounds(p / "fresh"), "no completed round"),
     ("damaged table", lambda p, runs: _damaged(p / "bad", runs), "not a readable Parquet file"),
 ]
@@ -259,8 +314,10 @@ BAD_DIRS = [
 def test_report_on_a_missing_directory_exits_2_with_one_line(tmp_path):
     r = fedsim("report", str(tmp_path / "nope"))
     assert r.returncode == 2 and r.stdout == ""
-    assert r.stderr.splitlines() == [f"fedsim: error: experiment directory '{tmp_path / 'nope'}' does not exist; "
-                                     "pass a directory written by 'fedsim run', e.g. runs/digits-20261121-101500"]
+    assert r.stderr.splitlines() == [
+        f"fedsim: error: experiment directory '{tmp_path / 'nope'}' does not exist; "
+        "pass a directory written by 'fedsim run', e.g. runs/digits-20261121-101500"
+    ]
 
 
 @pytest.mark.parametrize("make,message", [b[1:] for b in BAD_DIRS], ids=[b[0] for b in BAD_DIRS])
@@ -275,20 +332,30 @@ def test_report_on_a_bad_directory_exits_2_with_one_line(runs, tmp_path, capsys,
 
 def test_analysis_never_imports_fedsim(runs, tmp_path):
     # fedsim is made unimportable; analysis must still load runs and write a whole report
-    code = ("import sys; sys.modules['fedsim'] = None\n"
-            "import analysis, analysis.report\n"
-            f"assert analysis.report.main([{str(runs[0])!r}, '--out', {str(tmp_path)!r}]) == 0\n"
-            "assert not [m for m in sys.modules if m.startswith('fedsim') and sys.modules[m] is not None]\n")
+    code = (
+        "import sys; sys.modules['fedsim'] = None\n"
+        "import analysis, analysis.report\n"
+        f"assert analysis.report.main([{str(runs[0])!r}, '--out', {str(tmp_path)!r}]) == 0\n"
+        "assert not [m for m in sys.modules if m.startswith('fedsim') and sys.modules[m] is not None]\n"
+    )
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "summary.md").is_file() and "fedavg" in r.stdout
 
 
-
 # ---- dry runs and runs that differ in more than the seed, on tiny tables written here --------------------------
 
-def _tiny_dir(path: Path, *, seed: int = 0, rounds: int = 3, dry_run: bool = False, name: str = "tiny",
-              output_dir: str = "runs", run_ids: tuple[str, ...] = ("fedavg", "fedprox")) -> Path:
+
+def _tiny_dir(
+    path: Path,
+    *,
+    seed: int = 0,
+    rounds: int = 3,
+    dry_run: bool = False,
+    name: str = "tiny",
+    output_dir: str = "runs",
+    run_ids: tuple[str, ...] = ("fedavg", "fedprox"),
+) -> Path:
     """An experiment directory as fedsim writes it, with made-up numbers: accuracy 0.5 + 0.1 seed +
     0.05 round (null in a dry run), 1000 bytes each way and 1e9 flops per round."""
     import json
@@ -298,32 +365,67 @@ def _tiny_dir(path: Path, *, seed: int = 0, rounds: int = 3, dry_run: bool = Fal
     path.mkdir(parents=True)
     runs, rows = [], []
     for k, run_id in enumerate(run_ids):
-        cfg = {"name": name, "seed": seed, "output_dir": output_dir, "data": {"alpha": 0.5, "num_clients": 4},
-               "model": {"name": "digits_cnn", "widths": None},
-               "runs": [{"algorithm": run_id, "name": None, "rounds": rounds, "lr": 0.05}]}
-        runs.append({"run_id": run_id, "experiment": name, "algorithm": run_id,
-                     "config_json": json.dumps(cfg, sort_keys=True), "seed": seed,
-                     "status": "dry_run" if dry_run else "finished", "dry_run": dry_run})
+        cfg = {
+            "name": name,
+            "seed": seed,
+            "output_dir": output_dir,
+            "data": {"alpha": 0.5, "num_clients": 4},
+            "model": {"name": "digits_cnn", "widths": None},
+            "runs": [{"algorithm": run_id, "name": None, "rounds": rounds, "lr": 0.05}],
+        }
+        runs.append(
+            {
+                "run_id": run_id,
+                "experiment": name,
+                "algorithm": run_id,
+                "config_json": json.dumps(cfg, sort_keys=True),
+                "seed": seed,
+                "status": "dry_run" if dry_run else "finished",
+                "dry_run": dry_run,
+            }
+        )
         for r in range(rounds):
-            rows.append({"run_id": run_id, "algorithm": run_id, "round": r,
-                           "test_accuracy": None if dry_run else 0.5 + 0.1 * seed + 0.05 * r + 0.01 * k,
-                           "bytes_up": 1000, "bytes_down": 1000, "cum_bytes_up": 1000 * (r + 1),
-                           "cum_bytes_down": 1000 * (r + 1), "cum_bytes": 2000 * (r + 1), "flops": 10**9,
-                           "wall_seconds": None if dry_run else 1.0})
+            rows.append(
+                {
+                    "run_id": run_id,
+                    "algorithm": run_id,
+                    "round": r,
+                    "test_accuracy": None if dry_run else 0.5 + 0.1 * seed + 0.05 * r + 0.01 * k,
+                    "bytes_up": 1000,
+                    "bytes_down": 1000,
+                    "cum_bytes_up": 1000 * (r + 1),
+                    "cum_bytes_down": 1000 * (r + 1),
+                    "cum_bytes": 2000 * (r + 1),
+                    "flops": 10**9,
+                    "wall_seconds": None if dry_run else 1.0,
+                }
+            )
     schema = {"test_accuracy": pa.float64(), "wall_seconds": pa.float64()}
     rounds_table = pa.Table.from_pylist(rows)
-    rounds_table = rounds_table.cast(pa.schema([pa.field(f.name, schema.get(f.name, f.type))
-                                                for f in rounds_table.schema]))
+    rounds_table = rounds_table.cast(
+        pa.schema([pa.field(f.name, schema.get(f.name, f.type)) for f in rounds_table.schema])
+    )
     pq.write_table(pa.Table.from_pylist(runs), path / "runs.parquet")
     pq.write_table(rounds_table, path / "rounds.parquet")
-    pq.write_table(pa.table({"run_id": pa.array([], pa.string()), "round": pa.array([], pa.int64()),
-                             "client_id": pa.array([], pa.int64())}), path / "clients.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "run_id": pa.array([], pa.string()),
+                "round": pa.array([], pa.int64()),
+                "client_id": pa.array([], pa.int64()),
+            }
+        ),
+        path / "clients.parquet",
+    )
     return path
 
 
 def test_over_seeds_leaves_out_dry_run_projections(tmp_path):
-    dirs = [_tiny_dir(tmp_path / "digits-0", seed=0), _tiny_dir(tmp_path / "digits-1", seed=1),
-            _tiny_dir(tmp_path / "digits-dry-run-0", seed=0, dry_run=True)]
+    dirs = [
+        _tiny_dir(tmp_path / "digits-0", seed=0),
+        _tiny_dir(tmp_path / "digits-1", seed=1),
+        _tiny_dir(tmp_path / "digits-dry-run-0", seed=0, dry_run=True),
+    ]
     table = run_table(load_runs(dirs))
     with warnings.catch_warnings():
         warnings.simplefilter("error", MixedRunsWarning)  # two distinct seeds, one config: no warning
@@ -365,8 +467,10 @@ def test_report_on_dry_runs_only_says_it_is_a_dry_run_projection(tmp_path, capsy
 
 
 def test_over_seeds_warns_only_when_runs_differ_in_more_than_seed_name_and_output_dir(tmp_path):
-    same = [_tiny_dir(tmp_path / "a", seed=0, name="tiny", output_dir="runs"),
-            _tiny_dir(tmp_path / "b", seed=1, name="tiny-again", output_dir="/elsewhere")]
+    same = [
+        _tiny_dir(tmp_path / "a", seed=0, name="tiny", output_dir="runs"),
+        _tiny_dir(tmp_path / "b", seed=1, name="tiny-again", output_dir="/elsewhere"),
+    ]
     with warnings.catch_warnings():
         warnings.simplefilter("error", MixedRunsWarning)
         assert over_seeds(run_table(load_runs(same)))["n_runs"].tolist() == [2, 2]

@@ -15,7 +15,9 @@ from tests.test_data import _make_cifar10
 def _is_grey(x: np.ndarray, mean, std) -> np.ndarray:
     """(B,) whether each normalised image has equal raw R, G, B values (checked independently)."""
     raw = x * np.asarray(std)[None, :, None, None] + np.asarray(mean)[None, :, None, None]
-    return np.isclose(raw[:, 0], raw[:, 1], atol=1e-5).all((1, 2)) & np.isclose(raw[:, 0], raw[:, 2], atol=1e-5).all((1, 2))
+    return np.isclose(raw[:, 0], raw[:, 1], atol=1e-5).all((1, 2)) & np.isclose(
+        raw[:, 0], raw[:, 2], atol=1e-5
+    ).all((1, 2))
 
 
 def test_grey_copies_raw_red_into_green_and_blue():

@@ -15,8 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def fedsim(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "fedsim.cli", *args], cwd=cwd or ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "fedsim.cli", *args],
+        cwd=cwd or ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def only_run_dir(out: Path) -> Path:
@@ -29,8 +35,20 @@ def test_default_experiment_reaches_90_percent_and_prints_the_summary(tmp_path):
     # The built-in main job's FedAvg run, unchanged except for the in-process backend
     # (tests/test_engine.py proves both backends give identical results); its FedProx, FedPart and
     # FedMA runs, whose accuracy is not asserted here, are cut short to keep the suite short.
-    r = fedsim("run", "--set", "engine.backend=sequential", "--set", "runs.1.rounds=1", "--set", "runs.2.cycles=1",
-               "--set", "runs.3.rounds=1", "--out", str(tmp_path), "--no-progress")
+    r = fedsim(
+        "run",
+        "--set",
+        "engine.backend=sequential",
+        "--set",
+        "runs.1.rounds=1",
+        "--set",
+        "runs.2.cycles=1",
+        "--set",
+        "runs.3.rounds=1",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+    )
     assert r.returncode == 0, r.stderr
     for col in ("run", "final_acc", "best_acc", "MB_up", "MB_down", "wall_s"):
         assert col in r.stdout
@@ -39,25 +57,52 @@ def test_default_experiment_reaches_90_percent_and_prints_the_summary(tmp_path):
     rounds = pd.read_parquet(run_dir / "rounds.parquet")
     final = rounds[rounds.run_id == "fedavg"].sort_values("round")["test_accuracy"].iloc[-1]
     assert final >= 0.90
-    assert set(pd.read_parquet(run_dir / "runs.parquet")["algorithm"]) == {"fedavg", "fedprox", "fedpart", "fedma"}
+    assert set(pd.read_parquet(run_dir / "runs.parquet")["algorithm"]) == {
+        "fedavg",
+        "fedprox",
+        "fedpart",
+        "fedma",
+    }
 
 
 def test_run_with_ray_backend_and_overrides_writes_three_tables(tmp_path):
-    r = fedsim("run", "jobs/digits.yaml", "--set", "runs=[{algorithm: fedavg, rounds: 2, local_epochs: 2, lr: 0.05, batch_size: 16}, {algorithm: fedprox, rounds: 1, local_epochs: 2, lr: 0.05, batch_size: 16, mu: 0.01}]",
-               "--set", "data.num_clients=4", "--set", "engine.clients_per_round=2", "--out", str(tmp_path))
+    r = fedsim(
+        "run",
+        "jobs/digits.yaml",
+        "--set",
+        "runs=[{algorithm: fedavg, rounds: 2, local_epochs: 2, lr: 0.05, batch_size: 16}, {algorithm: fedprox, rounds: 1, local_epochs: 2, lr: 0.05, batch_size: 16, mu: 0.01}]",
+        "--set",
+        "data.num_clients=4",
+        "--set",
+        "engine.clients_per_round=2",
+        "--out",
+        str(tmp_path),
+    )
     assert r.returncode == 0, r.stderr
     run_dir = only_run_dir(tmp_path)
     rounds = pd.read_parquet(run_dir / "rounds.parquet")
     assert rounds.groupby("run_id")["round"].max().to_dict() == {"fedavg": 1, "fedprox": 0}
     clients = pd.read_parquet(run_dir / "clients.parquet")
-    assert clients["worker"].str.startswith("worker-").all() and (clients.groupby(["run_id", "round"]).size() == 2).all()
+    assert (
+        clients["worker"].str.startswith("worker-").all()
+        and (clients.groupby(["run_id", "round"]).size() == 2).all()
+    )
     assert "fedavg" in r.stdout and "|" in r.stderr  # a progress bar was drawn
 
 
 # --- Failing fast and leaving nothing half-made (in-process where nothing can hang) ---------------
 
-TINY = ["--no-progress", "--set", "engine.backend=sequential", "--set", "data.num_clients=3",
-        "--set", "engine.clients_per_round=3", "--set", "runs=[{algorithm: fedavg, rounds: 2, local_epochs: 2, lr: 0.05, batch_size: 16}, {algorithm: fedprox, rounds: 1, local_epochs: 2, lr: 0.05, batch_size: 16, mu: 0.01}]"]
+TINY = [
+    "--no-progress",
+    "--set",
+    "engine.backend=sequential",
+    "--set",
+    "data.num_clients=3",
+    "--set",
+    "engine.clients_per_round=3",
+    "--set",
+    "runs=[{algorithm: fedavg, rounds: 2, local_epochs: 2, lr: 0.05, batch_size: 16}, {algorithm: fedprox, rounds: 1, local_epochs: 2, lr: 0.05, batch_size: 16, mu: 0.01}]",
+]
 
 
 def _closed_port() -> int:
@@ -68,11 +113,15 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("setting,key", [
-    ("engine.num_workers=10000", "engine.num_workers"),
-    ("engine.cpus_per_worker=100000", "engine.cpus_per_worker"),
-    ("engine.ray_address=127.0.0.1:{port}", "engine.ray_address"),
-], ids=["too-many-workers", "worker-bigger-than-machine", "nothing-at-ray-address"])
+@pytest.mark.parametrize(
+    "setting,key",
+    [
+        ("engine.num_workers=10000", "engine.num_workers"),
+        ("engine.cpus_per_worker=100000", "engine.cpus_per_worker"),
+        ("engine.ray_address=127.0.0.1:{port}", "engine.ray_address"),
+    ],
+    ids=["too-many-workers", "worker-bigger-than-machine", "nothing-at-ray-address"],
+)
 def test_unplaceable_pool_or_dead_ray_address_fails_fast_with_one_line_and_no_run_dir(tmp_path, setting, key):
     out = tmp_path / "out"
     try:  # without the checks Ray waits forever for the actors (or retries the GCS for minutes)
@@ -111,10 +160,12 @@ def test_a_bad_output_location_or_resume_directory_fails_before_torch_is_importe
     # torch takes seconds to import; these mistakes are reported without it
     afile = tmp_path / "afile"
     afile.write_text("x")
-    code = ("import sys\n"
-            "from fedsim.cli import main\n"
-            f"codes = [main(['run', '--out', {str(afile)!r}]), main(['run', '--resume', {str(tmp_path)!r}])]\n"
-            "print(codes, 'torch' in sys.modules)\n")
+    code = (
+        "import sys\n"
+        "from fedsim.cli import main\n"
+        f"codes = [main(['run', '--out', {str(afile)!r}]), main(['run', '--resume', {str(tmp_path)!r}])]\n"
+        "print(codes, 'torch' in sys.modules)\n"
+    )
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.stdout.split("\n")[0] == "[2, 2] False", r.stdout + r.stderr
     assert "exists and is not a directory" in r.stderr and "not a fedsim run directory" in r.stderr
@@ -148,7 +199,9 @@ def test_ctrl_c_before_the_first_round_removes_the_run_directory_and_says_so(tmp
     assert list(tmp_path.iterdir()) == []
 
 
-def test_ctrl_c_after_a_round_keeps_the_directory_names_resume_and_resume_finishes(tmp_path, monkeypatch, capsys):
+def test_ctrl_c_after_a_round_keeps_the_directory_names_resume_and_resume_finishes(
+    tmp_path, monkeypatch, capsys
+):
     from fedsim.cli import main
     from fedsim.engine import api
 
@@ -212,13 +265,16 @@ def test_dry_run_checks_the_output_location_before_printing_the_projection(tmp_p
     assert afile.read_text() == "x"
 
 
-@pytest.mark.parametrize("argv,hint", [
-    ([], "'fedsim --help'"),
-    (["bogus"], "'fedsim --help'"),
-    (["run", "--bogus"], "'fedsim run --help'"),
-    (["run", "a", "b"], "'fedsim run --help'"),
-    (["report", "a", "--bogus"], "'fedsim report --help'"),
-])
+@pytest.mark.parametrize(
+    "argv,hint",
+    [
+        ([], "'fedsim --help'"),
+        (["bogus"], "'fedsim --help'"),
+        (["run", "--bogus"], "'fedsim run --help'"),
+        (["run", "a", "b"], "'fedsim run --help'"),
+        (["report", "a", "--bogus"], "'fedsim report --help'"),
+    ],
+)
 def test_usage_errors_name_the_help_of_the_command_given(argv, hint, capsys):
     from fedsim.cli import main
 
@@ -235,6 +291,8 @@ def test_submit_finds_a_relative_config_inside_the_working_directory(tmp_path, m
     monkeypatch.chdir(tmp_path)  # jobs/digits.yaml is not here, but under --working-dir
     sub = build_submission("jobs/digits.yaml", working_dir=str(ROOT))
     assert sub.entrypoint == "fedsim run jobs/digits.yaml --no-progress" and sub.experiment == "digits"
-    with pytest.raises(FedsimError, match=f"neither in the current directory '{tmp_path}' nor in the "
-                                          f"working directory '{ROOT}'"):
+    with pytest.raises(
+        FedsimError,
+        match=f"neither in the current directory '{tmp_path}' nor in the working directory '{ROOT}'",
+    ):
         build_submission("jobs/missing.yaml", working_dir=str(ROOT))

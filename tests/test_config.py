@@ -18,24 +18,33 @@ def test_job_file_digits_is_the_builtin_default():
     assert config.load(ROOT / "jobs" / "digits.yaml") == config.load(None)
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("data.foo=1", "unknown config key 'data.foo'"),
-    ("engine.num_workers=many", "config key 'engine.num_workers'"),
-    ("data.num_clients=ten", "config key 'data.num_clients'"),
-    ("runs.0.lr=fast", "config key 'runs.0.lr'"),
-    ("runs.0.mu=0.1", "unknown config key 'runs.0.mu'"),  # mu is FedProx's, not FedAvg's
-    ("runs.0.rounds=true", "config key 'runs.0.rounds'"),  # a bool is not an int
-    ("bogus=1", "unknown config key 'bogus'"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("data.foo=1", "unknown config key 'data.foo'"),
+        ("engine.num_workers=many", "config key 'engine.num_workers'"),
+        ("data.num_clients=ten", "config key 'data.num_clients'"),
+        ("runs.0.lr=fast", "config key 'runs.0.lr'"),
+        ("runs.0.mu=0.1", "unknown config key 'runs.0.mu'"),  # mu is FedProx's, not FedAvg's
+        ("runs.0.rounds=true", "config key 'runs.0.rounds'"),  # a bool is not an int
+        ("bogus=1", "unknown config key 'bogus'"),
+    ],
+)
 def test_bad_key_or_type_names_the_key(override, needle):
     with pytest.raises(FedsimError, match=re.escape(needle)):
         config.parse(tiny_experiment(), [override])
 
 
 def test_set_overrides_index_lists_and_parse_values_as_yaml():
-    cfg = config.parse(tiny_experiment(), ["data.num_clients=5", "runs.0.rounds=7", "runs.0.lr=0.5",
-                                           "engine.num_workers=2"])
-    assert (cfg.data.num_clients, cfg.runs[0].rounds, cfg.runs[0].lr, cfg.engine.num_workers) == (5, 7, 0.5, 2)
+    cfg = config.parse(
+        tiny_experiment(), ["data.num_clients=5", "runs.0.rounds=7", "runs.0.lr=0.5", "engine.num_workers=2"]
+    )
+    assert (cfg.data.num_clients, cfg.runs[0].rounds, cfg.runs[0].lr, cfg.engine.num_workers) == (
+        5,
+        7,
+        0.5,
+        2,
+    )
 
 
 def test_set_past_the_end_of_runs_is_an_error():
@@ -50,30 +59,39 @@ def test_fedprox_takes_mu_and_rejects_negative():
         config.parse(tiny_experiment(runs=[{"algorithm": "fedprox", "mu": -1.0}]))
 
 
-@pytest.mark.parametrize("over,needle", [
-    ({"data": {"dataset": "digits", "alpha": 0.0}}, "data.alpha must be > 0"),
-    ({"data": {"dataset": "digits", "alpha": -2.0}}, "data.alpha must be > 0"),
-    ({"engine": {"clients_per_round": 20}}, "clients_per_round"),
-    ({"runs": [{"algorithm": "fedsgd"}]}, "unknown algorithm 'fedsgd'"),
-    ({"runs": []}, "no runs"),
-    ({"runs": [{"algorithm": "fedavg"}, {"algorithm": "fedavg"}]}, "distinct 'name:'"),
-    ({"runs": [{"algorithm": "fedavg", "lr": 0.0}]}, r"runs\.0\.lr"),
-    ({"runs": [{"algorithm": "fedavg", "momentum": -1.0}]}, r"runs\.0\.momentum' must be >= 0"),
-    ({"runs": [{"algorithm": "fedavg", "weight_decay": -0.1}]}, r"runs\.0\.weight_decay' must be >= 0"),
-    ({"seed": -1}, "'seed' must be >= 0"),
-    ({"engine": {"clients_per_round": 3, "eval_batch_size": 0}}, "eval_batch_size must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "over,needle",
+    [
+        ({"data": {"dataset": "digits", "alpha": 0.0}}, "data.alpha must be > 0"),
+        ({"data": {"dataset": "digits", "alpha": -2.0}}, "data.alpha must be > 0"),
+        ({"engine": {"clients_per_round": 20}}, "clients_per_round"),
+        ({"runs": [{"algorithm": "fedsgd"}]}, "unknown algorithm 'fedsgd'"),
+        ({"runs": []}, "no runs"),
+        ({"runs": [{"algorithm": "fedavg"}, {"algorithm": "fedavg"}]}, "distinct 'name:'"),
+        ({"runs": [{"algorithm": "fedavg", "lr": 0.0}]}, r"runs\.0\.lr"),
+        ({"runs": [{"algorithm": "fedavg", "momentum": -1.0}]}, r"runs\.0\.momentum' must be >= 0"),
+        ({"runs": [{"algorithm": "fedavg", "weight_decay": -0.1}]}, r"runs\.0\.weight_decay' must be >= 0"),
+        ({"seed": -1}, "'seed' must be >= 0"),
+        ({"engine": {"clients_per_round": 3, "eval_batch_size": 0}}, "eval_batch_size must be >= 1"),
+    ],
+)
 def test_out_of_range_values_are_rejected(over, needle):
     with pytest.raises(FedsimError, match=needle):
         config.parse(tiny_experiment(**over))
 
 
-@pytest.mark.parametrize("over,key", [
-    ({"name": "../escape"}, "name"), ({"name": "a/b"}, "name"), ({"name": ".hidden"}, "name"),
-    ({"name": ""}, "name"), ({"name": "a\\b"}, "name"),
-    ({"runs": [{"algorithm": "fedavg", "name": "a/b"}]}, "runs.0.name"),
-    ({"runs": [{"algorithm": "fedavg", "name": ".."}]}, "runs.0.name"),
-])
+@pytest.mark.parametrize(
+    "over,key",
+    [
+        ({"name": "../escape"}, "name"),
+        ({"name": "a/b"}, "name"),
+        ({"name": ".hidden"}, "name"),
+        ({"name": ""}, "name"),
+        ({"name": "a\\b"}, "name"),
+        ({"runs": [{"algorithm": "fedavg", "name": "a/b"}]}, "runs.0.name"),
+        ({"runs": [{"algorithm": "fedavg", "name": ".."}]}, "runs.0.name"),
+    ],
+)
 def test_names_that_would_leave_or_hide_their_directory_are_rejected(over, key):
     # the experiment's name becomes <output_dir>/<name>-<time>/, a run's checkpoints/<name>.pt
     with pytest.raises(FedsimError, match=re.escape(f"config key '{key}' is")):
@@ -124,9 +142,11 @@ def test_validating_every_shipped_job_imports_no_torch():
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    code = ("import json, sys\nfrom pathlib import Path\nfrom fedsim import config\n"
-            "cfgs = [config.load(None)] + [config.load(p) for p in sorted(Path('jobs').glob('*.yaml'))]\n"
-            "print(json.dumps([sorted({r.algorithm for c in cfgs for r in c.runs}), 'torch' in sys.modules]))\n")
+    code = (
+        "import json, sys\nfrom pathlib import Path\nfrom fedsim import config\n"
+        "cfgs = [config.load(None)] + [config.load(p) for p in sorted(Path('jobs').glob('*.yaml'))]\n"
+        "print(json.dumps([sorted({r.algorithm for c in cfgs for r in c.runs}), 'torch' in sys.modules]))\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     algorithms, torch_loaded = json.loads(out.stdout)

@@ -81,9 +81,11 @@ def test_loading_digits_does_not_import_scikit_learn():
     import subprocess
     import sys
 
-    code = ("import sys; from fedsim.data import load_federated; "
-            "load_federated('digits', partition='iid', num_clients=4, alpha=0.5, data_dir=None, seed=0); "
-            "print('sklearn' in sys.modules, 'pandas' in sys.modules)")
+    code = (
+        "import sys; from fedsim.data import load_federated; "
+        "load_federated('digits', partition='iid', num_clients=4, alpha=0.5, data_dir=None, seed=0); "
+        "print('sklearn' in sys.modules, 'pandas' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
 
@@ -112,7 +114,7 @@ def test_digits_split_is_fixed_across_seeds_and_calls():
     np.testing.assert_array_equal(a.test.y, b.test.y)
     raw = load_digits().target
     tr1, te1 = stratified_split(raw)
-    tr2, te2 = stratified_split(raw)
+    _tr2, te2 = stratified_split(raw)
     np.testing.assert_array_equal(te1, te2)
     assert np.intersect1d(tr1, te1).size == 0
     np.testing.assert_array_equal(np.sort(np.concatenate([tr1, te1])), np.arange(raw.shape[0]))
@@ -196,7 +198,7 @@ def test_smaller_alpha_gives_more_label_skew():
 
 
 def _hetero_dir_reference(labels, J, alpha, rng, min_size=10):
-    """ALGORITHMS.md section 7, written out plainly, sharing the generator's call order."""
+    """docs/algorithms.md section 7, written out plainly, sharing the generator's call order."""
     N = labels.shape[0]
     while True:
         clients = [[] for _ in range(J)]
@@ -208,7 +210,7 @@ def _hetero_dir_reference(labels, J, alpha, rng, min_size=10):
                 if len(clients[j]) >= N / J:
                     p[j] = 0.0
             p = p / p.sum()
-            bounds = [0] + [int(math.floor(c * len(idx))) for c in np.cumsum(p)[:-1]] + [len(idx)]
+            bounds = [0] + [math.floor(c * len(idx)) for c in np.cumsum(p)[:-1]] + [len(idx)]
             for j in range(J):
                 clients[j].extend(idx[bounds[j] : bounds[j + 1]].tolist())
         if min(len(c) for c in clients) >= min_size:
@@ -239,7 +241,7 @@ def test_dirichlet_impossible_min_size_is_a_fedsim_error():
         P.dirichlet(_synthetic_labels(per_class=5), 6, 0.5, numpy_rng(0, "partition"))
     # Feasible on paper (80 * 10 <= 900) but no draw at alpha=0.001 gives every client 10.
     labels = np.repeat(np.arange(6), 150)
-    with pytest.raises(FedsimError, match="fewer clients or a larger data.alpha"):
+    with pytest.raises(FedsimError, match=r"fewer clients or a larger data.alpha"):
         P.dirichlet(labels, 80, 0.001, numpy_rng(0, "partition"))
 
 
@@ -248,7 +250,7 @@ def test_dirichlet_impossible_min_size_is_a_fedsim_error():
 
 @pytest.mark.parametrize("alpha", [0.0, -1.0, float("nan"), None])
 def test_bad_alpha_is_a_fedsim_error(alpha):
-    with pytest.raises(FedsimError, match="data.alpha must be > 0"):
+    with pytest.raises(FedsimError, match=r"data.alpha must be > 0"):
         _load("digits", partition="dirichlet", alpha=alpha)
 
 
@@ -276,9 +278,7 @@ def test_unknown_dataset_lists_the_known_ones():
 def test_load_federated_digits_dirichlet_is_consistent():
     ds = _load("digits", partition="dirichlet", num_clients=10, alpha=0.5, seed=3)
     assert ds.num_clients == 10
-    np.testing.assert_array_equal(
-        np.sort(np.concatenate(ds.client_indices)), np.arange(len(ds.train))
-    )
+    np.testing.assert_array_equal(np.sort(np.concatenate(ds.client_indices)), np.arange(len(ds.train)))
     want = np.array([np.bincount(ds.train.y[i], minlength=10) for i in ds.client_indices])
     np.testing.assert_array_equal(ds.class_counts, want)
 
@@ -454,10 +454,20 @@ def test_shakespeare_capped_sizes_are_min_of_available_and_cap():
         x = ds.train.x[ds.client_indices[j]]
         assert np.all(np.diff(x) > 0)
     # The dry run projects these sizes exactly.
-    cfg = config.parse({"seed": 1, "model": {"name": "logreg"}, "engine": {"clients_per_round": 1},
-                        "data": {"dataset": "shakespeare", "partition": "natural", "num_clients": 10,
-                                 "examples_per_client": cap},
-                        "runs": [{"algorithm": "fedavg"}]})
+    cfg = config.parse(
+        {
+            "seed": 1,
+            "model": {"name": "logreg"},
+            "engine": {"clients_per_round": 1},
+            "data": {
+                "dataset": "shakespeare",
+                "partition": "natural",
+                "num_clients": 10,
+                "examples_per_client": cap,
+            },
+            "runs": [{"algorithm": "fedavg"}],
+        }
+    )
     sizes = dryrun.client_sizes(cfg)
     assert sizes.exact and sizes.sizes.tolist() == expected
 
@@ -527,7 +537,7 @@ def _make_cifar10(root, per_batch=4, n_test=6):
 
 
 def test_mnist_reads_idx_files_and_normalises(tmp_path):
-    tr_x, tr_y, te_x, te_y = _make_mnist(tmp_path)
+    _tr_x, tr_y, te_x, te_y = _make_mnist(tmp_path)
     ds = _load("mnist", data_dir=tmp_path, num_clients=3)
     assert ds.input_shape == (1, 28, 28) and ds.num_classes == 10 and ds.augment is None
     assert ds.train.x.shape == (30, 1, 28, 28) and ds.train.x.dtype == np.float32
@@ -540,7 +550,7 @@ def test_mnist_reads_idx_files_and_normalises(tmp_path):
 
 
 def test_cifar10_reads_python_batches_and_normalises(tmp_path):
-    tr_rows, tr_y, te_rows, te_y = _make_cifar10(tmp_path)
+    tr_rows, tr_y, _te_rows, te_y = _make_cifar10(tmp_path)
     ds = _load("cifar10", data_dir=tmp_path, num_clients=2)
     assert ds.input_shape == (3, 32, 32) and ds.augment == "cifar" and ds.num_classes == 10
     assert ds.train.x.shape == (20, 3, 32, 32) and ds.train.x.dtype == np.float32
@@ -598,14 +608,14 @@ def test_corrupt_or_missing_cifar_file_is_a_fedsim_error(tmp_path):
 
 
 def test_missing_data_dir_is_a_fedsim_error(tmp_path):
-    with pytest.raises(FedsimError, match="data.data_dir .* does not exist.*data.download"):
+    with pytest.raises(FedsimError, match=r"data.data_dir .* does not exist.*data.download"):
         _load("mnist", data_dir=tmp_path / "nowhere")
-    with pytest.raises(FedsimError, match="data.data_dir is not set"):
+    with pytest.raises(FedsimError, match=r"data.data_dir is not set"):
         _load("cifar10", data_dir=None)
 
 
 def test_cifar_augment_returns_each_image_reflect_padded_cropped_and_maybe_flipped():
-    # ALGORITHMS.md section 7: reflect-pad 4, random 32x32 crop, random horizontal flip. Every
+    # docs/algorithms.md section 7: reflect-pad 4, random 32x32 crop, random horizontal flip. Every
     # output image must be exactly one of the 9 x 9 x 2 candidates built here with numpy, the batch
     # must use more than one offset and both flip states, and the draws follow the generator.
     import torch
@@ -621,7 +631,7 @@ def test_cifar_augment_returns_each_image_reflect_padded_cropped_and_maybe_flipp
         hits = []
         for dy in range(9):
             for dx in range(9):
-                crop = padded[i, :, dy:dy + 32, dx:dx + 32]
+                crop = padded[i, :, dy : dy + 32, dx : dx + 32]
                 for flip, candidate in ((False, crop), (True, crop[..., ::-1])):
                     if np.array_equal(out[i].numpy(), candidate):
                         hits.append((dy, dx, flip))
@@ -636,7 +646,14 @@ def test_the_experiment_seed_selects_a_capped_shakespeare_clients_windows():
     # load_federated passes the experiment's seed down, so two seeds keep different windows
     from fedsim.data import load_federated
 
-    kw = dict(dataset="shakespeare", partition="natural", num_clients=2, alpha=None, data_dir=None, min_samples=10000,
-              examples_per_client=50)
+    kw = dict(
+        dataset="shakespeare",
+        partition="natural",
+        num_clients=2,
+        alpha=None,
+        data_dir=None,
+        min_samples=10000,
+        examples_per_client=50,
+    )
     a, b = (load_federated(seed=s, **kw) for s in (0, 1))
     assert not np.array_equal(a.train.x[a.client_indices[0]], b.train.x[b.client_indices[0]])

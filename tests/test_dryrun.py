@@ -26,8 +26,14 @@ RESNET8_F = 14_606_080  # its thop-convention forward MACs on 3x32x32, counted b
 
 def fedsim(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "FEDSIM_DEBUG": ""}
-    return subprocess.run([sys.executable, "-m", "fedsim.cli", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "fedsim.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def only_dir(parent: Path) -> Path:
@@ -42,7 +48,7 @@ def comparison_rows(stdout: str) -> dict[str, list[str]]:
     start = next(i for i, line in enumerate(lines) if line.startswith("comparison"))
     header = lines[start + 1].split()
     rows = {}
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if line.startswith("results:"):
             break
         cells = line.split()
@@ -53,8 +59,15 @@ def comparison_rows(stdout: str) -> dict[str, list[str]]:
 def test_dry_run_of_the_fedpart_job_reproduces_the_papers_table_without_data(tmp_path):
     missing = Path("/nonexistent")
     assert not missing.exists()
-    out = fedsim("run", "--dry-run", "jobs/fedpart_cifar10_resnet8.yaml", "--set", f"data.data_dir={missing}",
-                 "--out", str(tmp_path))
+    out = fedsim(
+        "run",
+        "--dry-run",
+        "jobs/fedpart_cifar10_resnet8.yaml",
+        "--set",
+        f"data.data_dir={missing}",
+        "--out",
+        str(tmp_path),
+    )
     assert out.returncode == 0, out.stderr
     assert not missing.exists()  # download: true in the job, yet nothing was fetched or read
     # the printed totals: exact bytes (paper's arithmetic) and their "GB" = bytes / 1e6 / 1024
@@ -109,25 +122,62 @@ def test_fedma_is_skipped_with_a_note_and_uniform_estimates_are_labelled(tmp_pat
 def test_bad_input_exits_2_and_writes_nothing(capsys, tmp_path):
     assert main(["run", "--dry-run", "--resume", "somewhere"]) == 2
     assert "--dry-run and --resume" in capsys.readouterr().err
-    assert main(["run", "--dry-run", "jobs/fedpart_digits.yaml", "--set", "model.name=resnet8",
-                 "--out", str(tmp_path)]) == 2
+    assert (
+        main(
+            [
+                "run",
+                "--dry-run",
+                "jobs/fedpart_digits.yaml",
+                "--set",
+                "model.name=resnet8",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
     assert "cannot take the dataset's input shape" in capsys.readouterr().err
-    assert main(["run", "--dry-run", "jobs/fedpart_digits.yaml", "--set", "data.num_clients=2000",
-                 "--set", "engine.clients_per_round=8", "--out", str(tmp_path)]) == 2
+    assert (
+        main(
+            [
+                "run",
+                "--dry-run",
+                "jobs/fedpart_digits.yaml",
+                "--set",
+                "data.num_clients=2000",
+                "--set",
+                "engine.clients_per_round=8",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
     assert "more than the 1438 training examples" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 
 def test_schedule_text_names_segments_and_folds_identical_cycles():
     def row(r, layer=None):
-        return dryrun.RoundRow(r, "full" if layer is None else "partial", layer, None if layer is None else f"g{layer}",
-                               0, 0, 0, 1, 1, 1)
+        return dryrun.RoundRow(
+            r,
+            "full" if layer is None else "partial",
+            layer,
+            None if layer is None else f"g{layer}",
+            0,
+            0,
+            0,
+            1,
+            1,
+            1,
+        )
 
     one = [row(0), row(1), row(2, 0), row(3, 0), row(4, 1), row(5, 1)]
     assert dryrun.describe_schedule(one, 6) == "rounds 0-1 full; 2-3 group 0 (g0); 4-5 group 1 (g1)"
     two = one + [row(6), row(7), row(8, 0), row(9, 0), row(10, 1), row(11, 1)]
-    assert dryrun.describe_schedule(two, 6) == ("rounds 0-1 full; 2-3 group 0 (g0); 4-5 group 1 (g1); "
-                                                "the same 6-round cycle 2 times (12 rounds)")
+    assert dryrun.describe_schedule(two, 6) == (
+        "rounds 0-1 full; 2-3 group 0 (g0); 4-5 group 1 (g1); the same 6-round cycle 2 times (12 rounds)"
+    )
     shuffled = one + [row(6), row(7), row(8, 1), row(9, 1), row(10, 0), row(11, 0)]
     assert dryrun.describe_schedule(shuffled, 6).endswith("8-9 group 1 (g1); 10-11 group 0 (g0)")
     assert dryrun.describe_schedule([row(0)]) == "round 0 full"
@@ -143,12 +193,26 @@ def test_client_sizes_equal_the_loaders_without_reading_their_files():
         {"dataset": "synthetic", "partition": "natural", "num_clients": 6},
     ]
     for data in cases:
-        cfg = config.parse({"seed": 4, "data": data, "model": {"name": "logreg"},
-                            "engine": {"clients_per_round": 1}, "runs": [{"algorithm": "fedavg"}]})
+        cfg = config.parse(
+            {
+                "seed": 4,
+                "data": data,
+                "model": {"name": "logreg"},
+                "engine": {"clients_per_round": 1},
+                "runs": [{"algorithm": "fedavg"}],
+            }
+        )
         sizes = dryrun.client_sizes(cfg)
         d = cfg.data
-        real = load_federated(d.dataset, partition=d.partition, num_clients=d.num_clients, alpha=d.alpha,
-                              data_dir=None, seed=4, examples_per_client=d.examples_per_client)
+        real = load_federated(
+            d.dataset,
+            partition=d.partition,
+            num_clients=d.num_clients,
+            alpha=d.alpha,
+            data_dir=None,
+            seed=4,
+            examples_per_client=d.examples_per_client,
+        )
         assert sizes.exact, data
         assert sizes.sizes.tolist() == [len(i) for i in real.client_indices], data
         facts = dryrun.DATASET_FACTS[d.dataset]
@@ -165,29 +229,64 @@ def _cifar_like(num_clients: int, per_client: int, seed: int = 0) -> FederatedDa
     test = Split(x=g.standard_normal((16, 3, 32, 32)).astype(np.float32), y=g.integers(0, 10, 16))
     parts = [np.arange(j * per_client, (j + 1) * per_client, dtype=np.int64) for j in range(num_clients)]
     counts = np.stack([np.bincount(train.y[p], minlength=10) for p in parts]).astype(np.int64)
-    return FederatedDataset(name="cifar10", train=train, test=test, num_classes=10, input_shape=(3, 32, 32),
-                            client_indices=parts, class_counts=counts, augment=None, client_names=[])
+    return FederatedDataset(
+        name="cifar10",
+        train=train,
+        test=test,
+        num_classes=10,
+        input_shape=(3, 32, 32),
+        client_indices=parts,
+        class_counts=counts,
+        augment=None,
+        client_names=[],
+    )
 
 
-COMPARED = ["round", "phase", "layer", "bytes_up", "bytes_down", "cum_bytes_up", "cum_bytes_down", "cum_bytes",
-            "flops", "clients", "trainable_params", "global_params"]
+COMPARED = [
+    "round",
+    "phase",
+    "layer",
+    "bytes_up",
+    "bytes_down",
+    "cum_bytes_up",
+    "cum_bytes_down",
+    "cum_bytes",
+    "flops",
+    "clients",
+    "trainable_params",
+    "global_params",
+]
 
 
 def test_projection_equals_what_the_engine_logs(tmp_path):
     from fedsim.engine import api
 
     raw = {
-        "name": "check", "seed": 5,
-        "data": {"dataset": "cifar10", "partition": "iid", "num_clients": 4, "examples_per_client": 6,
-                 "data_dir": "/nonexistent"},
+        "name": "check",
+        "seed": 5,
+        "data": {
+            "dataset": "cifar10",
+            "partition": "iid",
+            "num_clients": 4,
+            "examples_per_client": 6,
+            "data_dir": "/nonexistent",
+        },
         "model": {"name": "resnet8"},
         "engine": {"backend": "sequential", "clients_per_round": 2, "checkpoint_every": 100},
         "runs": [
             # BatchNorm statistics shared: uploaded with their layers
             {"algorithm": "fedavg", "rounds": 2, "local_epochs": 1, "batch_size": 8},
             # kept local: never uploaded, yet broadcast with the state_dict; a fresh order per cycle
-            {"algorithm": "fedpart", "cycles": 2, "warmup_rounds": 1, "rounds_per_group": 1, "order": "random",
-             "local_epochs": 2, "batch_size": 8, "bn_stats": "local"},
+            {
+                "algorithm": "fedpart",
+                "cycles": 2,
+                "warmup_rounds": 1,
+                "rounds_per_group": 1,
+                "order": "random",
+                "local_epochs": 2,
+                "batch_size": 8,
+                "bn_stats": "local",
+            },
             {"algorithm": "ensemble", "local_epochs": 1, "batch_size": 8},
             {"algorithm": "entire_data", "rounds": 1, "local_epochs": 1, "batch_size": 8},
         ],
@@ -215,10 +314,14 @@ def test_projection_equals_what_the_engine_logs(tmp_path):
 def test_pfnm_uploads_each_model_and_its_class_counts_like_the_engine(tmp_path):
     from fedsim.engine import api
 
-    raw = {"name": "pfnm", "seed": 1, "data": {"dataset": "digits", "partition": "iid", "num_clients": 2},
-           "model": {"name": "digits_cnn", "widths": {"conv1": 4, "conv2": 4, "fc1": 8}},
-           "engine": {"backend": "sequential", "clients_per_round": 2},
-           "runs": [{"algorithm": "pfnm", "local_epochs": 1, "batch_size": 64, "iterations": 1}]}
+    raw = {
+        "name": "pfnm",
+        "seed": 1,
+        "data": {"dataset": "digits", "partition": "iid", "num_clients": 2},
+        "model": {"name": "digits_cnn", "widths": {"conv1": 4, "conv2": 4, "fc1": 8}},
+        "engine": {"backend": "sequential", "clients_per_round": 2},
+        "runs": [{"algorithm": "pfnm", "local_epochs": 1, "batch_size": 64, "iterations": 1}],
+    }
     cfg = config.parse(raw)
     _, (projected,) = dryrun.project_experiment(cfg)
     for _ in api.execute(cfg, api.prepare(cfg), tmp_path):
@@ -235,19 +338,30 @@ def test_pfnm_uploads_each_model_and_its_class_counts_like_the_engine(tmp_path):
     assert row.global_params is None  # matching decides it
 
 
-
 def test_projection_of_moon_counts_frozen_forwards_like_the_engine(tmp_path):
     """MOON's loss (alone or as FedPart's local objective) adds 2F per example for returning
     clients; the dry run must know who returns from the same cohort sampling as the engine."""
     from fedsim.engine import api
 
-    raw = {"name": "moon-flops", "seed": 3, "data": {"dataset": "digits", "partition": "iid", "num_clients": 4},
-           "model": {"name": "digits_cnn+moon", "widths": {"conv1": 4, "conv2": 4, "fc1": 8}},
-           "engine": {"backend": "sequential", "clients_per_round": 2},
-           "runs": [{"algorithm": "moon", "rounds": 4, "local_epochs": 1, "batch_size": 64},
-                    {"algorithm": "fedpart", "local_objective": "moon", "warmup_rounds": 1, "rounds_per_group": 1,
-                     "local_epochs": 1, "batch_size": 64},
-                    {"algorithm": "fedavg", "rounds": 4, "local_epochs": 1, "batch_size": 64}]}
+    raw = {
+        "name": "moon-flops",
+        "seed": 3,
+        "data": {"dataset": "digits", "partition": "iid", "num_clients": 4},
+        "model": {"name": "digits_cnn+moon", "widths": {"conv1": 4, "conv2": 4, "fc1": 8}},
+        "engine": {"backend": "sequential", "clients_per_round": 2},
+        "runs": [
+            {"algorithm": "moon", "rounds": 4, "local_epochs": 1, "batch_size": 64},
+            {
+                "algorithm": "fedpart",
+                "local_objective": "moon",
+                "warmup_rounds": 1,
+                "rounds_per_group": 1,
+                "local_epochs": 1,
+                "batch_size": 64,
+            },
+            {"algorithm": "fedavg", "rounds": 4, "local_epochs": 1, "batch_size": 64},
+        ],
+    }
     cfg = config.parse(raw)
     _, projected = dryrun.project_experiment(cfg)
     dry_dir = tmp_path / "dry"
@@ -255,7 +369,10 @@ def test_projection_of_moon_counts_frozen_forwards_like_the_engine(tmp_path):
     (tmp_path / "real").mkdir()
     for _ in api.execute(cfg, api.prepare(cfg), tmp_path / "real"):
         pass
-    dry, real = (pd.DataFrame(RunLog.read(d).rows["rounds"])[["run_id", *COMPARED]] for d in (dry_dir, tmp_path / "real"))
+    dry, real = (
+        pd.DataFrame(RunLog.read(d).rows["rounds"])[["run_id", *COMPARED]]
+        for d in (dry_dir, tmp_path / "real")
+    )
     pd.testing.assert_frame_equal(dry, real)
     # the same cohorts cost more under MOON from the first round in which a client returns
     moon, fedavg = (real[real["run_id"] == r]["flops"].to_numpy() for r in ("moon", "fedavg"))

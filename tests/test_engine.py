@@ -29,8 +29,12 @@ def run_tables(raw, out: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame
     run_dir = api.new_run_dir(out, cfg.name)
     events = list(api.execute(cfg, ds, run_dir))
     assert [e["kind"] for e in events].count("end") == len(cfg.runs)
-    return (pd.read_parquet(run_dir / "runs.parquet"), pd.read_parquet(run_dir / "rounds.parquet"),
-            pd.read_parquet(run_dir / "clients.parquet"), run_dir)
+    return (
+        pd.read_parquet(run_dir / "runs.parquet"),
+        pd.read_parquet(run_dir / "rounds.parquet"),
+        pd.read_parquet(run_dir / "clients.parquet"),
+        run_dir,
+    )
 
 
 VOLATILE = {"wall_seconds", "seconds", "worker"}
@@ -69,7 +73,9 @@ def test_two_runs_of_the_same_config_are_identical(sequential_run, tmp_path):
 
 def test_every_algorithm_sees_the_same_cohorts(sequential_run):
     clients = sequential_run[2]
-    by_run = {r: sorted(map(tuple, g[["round", "client_id"]].to_numpy())) for r, g in clients.groupby("run_id")}
+    by_run = {
+        r: sorted(map(tuple, g[["round", "client_id"]].to_numpy())) for r, g in clients.groupby("run_id")
+    }
     assert by_run["fedavg"] == by_run["fedprox"]
     assert len(by_run["fedavg"]) == 3 * 3
 
@@ -96,10 +102,16 @@ def test_bytes_are_numel_times_element_size_per_direction(sequential_run):
 
 
 def test_parquet_files_have_the_fixed_schema_and_no_temporaries(sequential_run):
-    runs, rounds, clients, run_dir = sequential_run
+    runs, rounds, _clients, run_dir = sequential_run
     for name, schema in (("runs", RUNS_SCHEMA), ("rounds", ROUNDS_SCHEMA), ("clients", CLIENTS_SCHEMA)):
         assert pq.read_schema(run_dir / f"{name}.parquet").names == schema.names
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "clients.parquet", "config.yaml", "rounds.parquet", "runs.parquet"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "checkpoints",
+        "clients.parquet",
+        "config.yaml",
+        "rounds.parquet",
+        "runs.parquet",
+    ]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["fedavg.pt", "fedprox.pt"]
     assert runs["status"].tolist() == ["finished", "finished"]
     assert rounds.groupby("run_id")["round"].apply(list).tolist() == [[0, 1, 2], [0, 1, 2]]
@@ -108,8 +120,10 @@ def test_parquet_files_have_the_fixed_schema_and_no_temporaries(sequential_run):
 
 
 def test_nan_weights_stop_the_run_as_diverged_and_keep_other_runs(tmp_path):
-    runs_cfg = [{"algorithm": "fedavg", "name": "boom", "rounds": 3, "lr": 1e38, "batch_size": 16},
-                {"algorithm": "fedavg", "name": "fine", "rounds": 2, "lr": 0.05, "batch_size": 16}]
+    runs_cfg = [
+        {"algorithm": "fedavg", "name": "boom", "rounds": 3, "lr": 1e38, "batch_size": 16},
+        {"algorithm": "fedavg", "name": "fine", "rounds": 2, "lr": 0.05, "batch_size": 16},
+    ]
     runs, rounds, _, _ = run_tables(tiny_experiment(runs=runs_cfg), tmp_path)
     status = dict(zip(runs["run_id"], runs["status"]))
     assert status == {"boom": "diverged", "fine": "finished"}
@@ -146,8 +160,12 @@ def test_pool_size_follows_resources_and_cohort():
     cfg = config.parse(tiny_experiment(engine={"clients_per_round": 3, "cpus_per_worker": 1.0}))
     assert pool_size(cfg, {"CPU": 2.0}) == 2
     assert pool_size(cfg, {"CPU": 16.0}) == 3  # never more workers than the cohort
-    gpu = config.parse(tiny_experiment(data={"dataset": "digits", "num_clients": 6},
-                                       engine={"clients_per_round": 6, "cpus_per_worker": 1.0, "gpus_per_worker": 0.25}))
+    gpu = config.parse(
+        tiny_experiment(
+            data={"dataset": "digits", "num_clients": 6},
+            engine={"clients_per_round": 6, "cpus_per_worker": 1.0, "gpus_per_worker": 0.25},
+        )
+    )
     assert pool_size(gpu, {"CPU": 16.0, "GPU": 1.0}) == 4  # four workers share one GPU
 
 
@@ -156,7 +174,11 @@ def test_small_broadcasts_go_inline_and_no_round_sends_more_than_rays_inline_lim
     from fedsim.params import nbytes
 
     def broadcast_bytes(name):
-        return nbytes(build_model(name, num_classes=10, input_shape=(3, 32, 32) if name == "vgg9" else (1, 8, 8)).state_dict())
+        return nbytes(
+            build_model(
+                name, num_classes=10, input_shape=(3, 32, 32) if name == "vgg9" else (1, 8, 8)
+            ).state_dict()
+        )
 
     cnn = broadcast_bytes("digits_cnn")
     assert sends_inline(cnn, 2, LOCAL_INLINE_BYTES)  # the local Ray fedsim starts: no object store
@@ -176,12 +198,28 @@ def test_packed_uploads_round_trip_exactly_with_mixed_dtypes_and_shapes():
     from fedsim.engine.backends import pack_uploads, unpack_uploads
 
     rng = np.random.default_rng(0)
-    uploads = [{"w": rng.standard_normal((3, 5)).astype(np.float32), "steps": np.array(7, dtype=np.int64),
-                "b": rng.standard_normal(3).astype(np.float64)},
-               {"w": rng.standard_normal((2, 5)).astype(np.float32)},  # another width (FedMA)
-               {}]
-    results = [ClientResult(client_id=i, round=0, upload=u, n_examples=i + 1, train_loss=0.5, bytes_up=0,
-                            bytes_down=0, seconds=0.0) for i, u in enumerate(uploads)]
+    uploads = [
+        {
+            "w": rng.standard_normal((3, 5)).astype(np.float32),
+            "steps": np.array(7, dtype=np.int64),
+            "b": rng.standard_normal(3).astype(np.float64),
+        },
+        {"w": rng.standard_normal((2, 5)).astype(np.float32)},  # another width (FedMA)
+        {},
+    ]
+    results = [
+        ClientResult(
+            client_id=i,
+            round=0,
+            upload=u,
+            n_examples=i + 1,
+            train_loss=0.5,
+            bytes_up=0,
+            bytes_down=0,
+            seconds=0.0,
+        )
+        for i, u in enumerate(uploads)
+    ]
     packed, buffer = pack_uploads(results)
     assert buffer.dtype == np.uint8 and buffer.ndim == 1
     back = unpack_uploads((packed, buffer))
@@ -205,16 +243,20 @@ def test_balance_assigns_every_task_once_within_lpt_bound_of_the_best_split():
         batches = balance(costs, bins)
         assert sorted(i for b in batches for i in b) == list(range(n))
         assert len(batches) <= bins and all(b == sorted(b) and b for b in batches)
-        best = min(max(sum(c for c, a in zip(costs, assign) if a == k) for k in range(bins))
-                   for assign in itertools.product(range(bins), repeat=n))  # brute force
+        best = min(
+            max(sum(c for c, a in zip(costs, assign) if a == k) for k in range(bins))
+            for assign in itertools.product(range(bins), repeat=n)
+        )  # brute force
         # Graham (1969): LPT's largest load is at most (4/3 - 1/(3 bins)) x the optimum
         assert max(sum(costs[i] for i in b) for b in batches) <= (4 / 3 - 1 / (3 * bins)) * best + 1e-9
 
 
 def test_eval_every_evaluates_every_nth_round_and_the_last(tmp_path):
     run = [{"algorithm": "fedavg", "rounds": 5, "local_epochs": 1, "lr": 0.05, "batch_size": 16}]
-    _, rounds, _, _ = run_tables(tiny_experiment(runs=run, engine={"backend": "sequential", "clients_per_round": 3,
-                                                                   "eval_every": 2}), tmp_path)
+    _, rounds, _, _ = run_tables(
+        tiny_experiment(runs=run, engine={"backend": "sequential", "clients_per_round": 3, "eval_every": 2}),
+        tmp_path,
+    )
     evaluated = rounds.loc[rounds["test_accuracy"].notna(), "round"].tolist()
     assert evaluated == [1, 3, 4]  # rounds 2 and 4 (counting from 1), and the last
     assert rounds.loc[rounds["test_loss"].notna(), "round"].tolist() == evaluated
@@ -232,12 +274,16 @@ def test_round_train_loss_is_the_example_weighted_mean_of_its_clients(sequential
     assert unequal > 0  # the Dirichlet clients differ in size, so the plain mean would differ
 
 
-@pytest.mark.parametrize("run", [
-    {"algorithm": "fedavg", "momentum": 0.9, "weight_decay": 1e-3},
-    {"algorithm": "fedavg", "optimizer": "adam"},
-    {"algorithm": "fedprox", "mu": 0.1, "momentum": 0.9},
-    {"algorithm": "moon", "mu": 1.0},
-], ids=["sgd-momentum", "adam", "fedprox-momentum", "moon"])
+@pytest.mark.parametrize(
+    "run",
+    [
+        {"algorithm": "fedavg", "momentum": 0.9, "weight_decay": 1e-3},
+        {"algorithm": "fedavg", "optimizer": "adam"},
+        {"algorithm": "fedprox", "mu": 0.1, "momentum": 0.9},
+        {"algorithm": "moon", "mu": 1.0},
+    ],
+    ids=["sgd-momentum", "adam", "fedprox-momentum", "moon"],
+)
 def test_a_client_trains_the_same_on_a_worker_that_trained_others_before(run):
     # Workers keep their model and optimizer across clients; nothing of one client (momentum
     # buffers, Adam moments, MOON's models) may reach the next.
@@ -253,10 +299,19 @@ def test_a_client_trains_the_same_on_a_worker_that_trained_others_before(run):
     cfg = config.parse(raw)
     ds = api.prepare(cfg)
     algo = make_algorithm(cfg.runs[0], cfg, ds)
-    globals_ = [algo.init_state(P.clone(build_model(cfg.model.name, num_classes=ds.num_classes,
-                                                    input_shape=ds.input_shape,
-                                                    generator=torch.Generator().manual_seed(r)).state_dict()))
-                for r in range(2)]  # a different global model each round
+    globals_ = [
+        algo.init_state(
+            P.clone(
+                build_model(
+                    cfg.model.name,
+                    num_classes=ds.num_classes,
+                    input_shape=ds.input_shape,
+                    generator=torch.Generator().manual_seed(r),
+                ).state_dict()
+            )
+        )
+        for r in range(2)
+    ]  # a different global model each round
     states = {}  # client -> its state after its last round (MOON: its previous model)
 
     def train(runner, r, client):
@@ -265,8 +320,9 @@ def test_a_client_trains_the_same_on_a_worker_that_trained_others_before(run):
         received = P.to_numpy(algo.downlink(state, plan))
         extra = algo.client_downlink(state, plan, client)
         task = ClientTask(run_id=cfg.runs[0].label, round=r, client_id=client, plan=plan)
-        return runner.run(cfg.runs[0], task, received, states.get(client),
-                          None if extra is None else P.to_numpy(extra))
+        return runner.run(
+            cfg.runs[0], task, received, states.get(client), None if extra is None else P.to_numpy(extra)
+        )
 
     used = ClientRunner(cfg, ds, device="cpu", worker_id="used")
     for r, c in ((0, 0), (0, 2), (0, 1), (1, 3), (1, 0)):

@@ -48,14 +48,22 @@ def _tables(run_dir: Path) -> dict[str, pd.DataFrame]:
 
 
 def _cli(*args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "fedsim.cli", "run", "--no-progress", *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedsim.cli", "run", "--no-progress", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def test_sigkilled_driver_resumes_to_the_uninterrupted_results(tmp_path):
     cfg_file = tmp_path / "resumable.yaml"
     cfg_file.write_text(RESUMABLE)
-    clean_dir, clean_events = _ray_run(config.load_yaml(RESUMABLE), tmp_path / "clean")  # in-process, uninterrupted
+    clean_dir, clean_events = _ray_run(
+        config.load_yaml(RESUMABLE), tmp_path / "clean"
+    )  # in-process, uninterrupted
     list(clean_events)
 
     proc = _cli(str(cfg_file), "--out", str(tmp_path / "killed"))
@@ -85,12 +93,25 @@ def test_sigkilled_driver_resumes_to_the_uninterrupted_results(tmp_path):
         pd.testing.assert_frame_equal(a[name], b[name], check_dtype=False, obj=name)
     rounds = b["rounds"]
     assert not rounds.duplicated(["run_id", "round"]).any()
-    assert rounds.groupby("run_id")["round"].apply(list).to_dict() == {"fedma": list(range(8)), "fedavg": list(range(2))}
+    assert rounds.groupby("run_id")["round"].apply(list).to_dict() == {
+        "fedma": list(range(8)),
+        "fedavg": list(range(2)),
+    }
 
 
 def test_checkpoints_load_with_weights_only_and_refuse_pickled_objects(tmp_path):
-    path = checkpoint.save(tmp_path, "r", {"round": 3, "params": {"w": torch.ones(2)}, "extra": {"a": [1, 2]},
-                                           "store": {}, "cum_up": 1, "cum_down": 2})
+    path = checkpoint.save(
+        tmp_path,
+        "r",
+        {
+            "round": 3,
+            "params": {"w": torch.ones(2)},
+            "extra": {"a": [1, 2]},
+            "store": {},
+            "cum_up": 1,
+            "cum_down": 2,
+        },
+    )
     assert checkpoint.load(tmp_path, "r")["round"] == 3
 
     class Evil:
@@ -110,7 +131,9 @@ def _ray_run(raw, out: Path):
 
 
 def _client_worker_processes() -> list[psutil.Process]:
-    return [p for p in psutil.process_iter(["cmdline"]) if "ClientWorker" in " ".join(p.info["cmdline"] or [])]
+    return [
+        p for p in psutil.process_iter(["cmdline"]) if "ClientWorker" in " ".join(p.info["cmdline"] or [])
+    ]
 
 
 SLOW = [{"algorithm": "fedavg", "rounds": 2, "local_epochs": 15, "lr": 0.05, "batch_size": 8}]
@@ -141,10 +164,20 @@ def test_sigkilled_worker_is_replaced_and_the_run_matches_a_clean_one(ray_local,
 
 
 def test_round_timeout_drop_records_late_clients_and_fail_stops_only_that_run(ray_local, tmp_path):
-    runs = [{"algorithm": "fedavg", "name": "late", "rounds": 1, "local_epochs": 30, "batch_size": 4},
-            {"algorithm": "fedavg", "name": "next", "rounds": 1, "local_epochs": 1}]
-    raw = tiny_experiment(runs=runs, engine={"backend": "ray", "clients_per_round": 3, "num_workers": 2,
-                                             "round_timeout_s": 0.05, "timeout_policy": "drop"})
+    runs = [
+        {"algorithm": "fedavg", "name": "late", "rounds": 1, "local_epochs": 30, "batch_size": 4},
+        {"algorithm": "fedavg", "name": "next", "rounds": 1, "local_epochs": 1},
+    ]
+    raw = tiny_experiment(
+        runs=runs,
+        engine={
+            "backend": "ray",
+            "clients_per_round": 3,
+            "num_workers": 2,
+            "round_timeout_s": 0.05,
+            "timeout_policy": "drop",
+        },
+    )
     run_dir, events = _ray_run(raw, tmp_path / "drop")
     list(events)
     t = _tables(run_dir)
@@ -185,11 +218,23 @@ def _stand_in_worker_class(replacement_start_s: float, late_s: float = 60.0):
                     os._exit(1)
                 if t.client_id == 1:
                     time.sleep(late_s)
-            return pack_uploads([ClientResult(client_id=t.client_id, round=t.round, n_examples=10,
-                                              upload={"w": np.full(3, t.client_id, dtype=np.float32)},
-                                              train_loss=0.5, bytes_up=12, bytes_down=12, seconds=0.0, worker="w",
-                                              attempt=t.attempt)
-                                 for t in tasks])
+            return pack_uploads(
+                [
+                    ClientResult(
+                        client_id=t.client_id,
+                        round=t.round,
+                        n_examples=10,
+                        upload={"w": np.full(3, t.client_id, dtype=np.float32)},
+                        train_loss=0.5,
+                        bytes_up=12,
+                        bytes_down=12,
+                        seconds=0.0,
+                        worker="w",
+                        attempt=t.attempt,
+                    )
+                    for t in tasks
+                ]
+            )
 
     return StandIn
 
@@ -221,7 +266,8 @@ SLOW_START_S = 4.0  # a replacement's start, longer than DROP's deadline
 
 
 def test_drop_policy_keeps_the_clients_on_time_and_replaces_the_worker_of_a_late_one_whose_start_is_not_counted(
-        ray_local):
+    ray_local,
+):
     import ray
 
     cfg, backend, pool = _stand_in_backend(DROP, SLOW_START_S)
@@ -251,7 +297,11 @@ def test_a_client_retried_after_its_worker_died_mid_round_is_not_late_for_the_re
     cfg, backend, _ = _stand_in_backend(DROP, SLOW_START_S)
     try:  # client 5's worker dies; its replacement takes 4 s to start, the round's deadline is 2 s
         results = _round(cfg, backend, 0, (4, 5, 6))
-        assert [(x.client_id, x.dropped, x.attempt) for x in results] == [(4, False, 0), (5, False, 1), (6, False, 0)]
+        assert [(x.client_id, x.dropped, x.attempt) for x in results] == [
+            (4, False, 0),
+            (5, False, 1),
+            (6, False, 0),
+        ]
         assert results[1].upload["w"].tolist() == [5.0] * 3
     finally:
         backend.close()
@@ -293,21 +343,38 @@ class _RecordingBackend(SequentialBackend):
         return super().collect(pending)
 
 
-@pytest.mark.parametrize("algorithm,stop_after,ckpt_round", [
-    ("fedavg", 4, 3),  # checkpoints after rounds 1 and 3; round 4 is written but not checkpointed
-    ("fedma", 4, 3),   # 4 communication rounds per FedMA round: resumed at the second pass's start
-    ("fedma", 6, 5),   # ... and in the middle of the second pass
-], ids=["fedavg", "fedma-pass-boundary", "fedma-mid-pass"])
+@pytest.mark.parametrize(
+    "algorithm,stop_after,ckpt_round",
+    [
+        ("fedavg", 4, 3),  # checkpoints after rounds 1 and 3; round 4 is written but not checkpointed
+        ("fedma", 4, 3),  # 4 communication rounds per FedMA round: resumed at the second pass's start
+        ("fedma", 6, 5),  # ... and in the middle of the second pass
+    ],
+    ids=["fedavg", "fedma-pass-boundary", "fedma-mid-pass"],
+)
 def test_resume_continues_from_the_last_checkpoint_and_recomputes_only_the_rounds_after_it(
-        tmp_path, algorithm, stop_after, ckpt_round):
-    run = ({"algorithm": "fedavg", "rounds": 6, "local_epochs": 1, "lr": 0.05, "batch_size": 16}
-           if algorithm == "fedavg" else
-           {"algorithm": "fedma", "rounds": 2, "local_epochs": 1, "retrain_epochs": 1, "lr": 0.05,
-            "batch_size": 16, "iterations": 1})
-    cfg = config.parse(tiny_experiment(data={"dataset": "digits", "partition": "dirichlet", "alpha": 0.5,
-                                             "num_clients": 3},
-                                       engine={"backend": "sequential", "clients_per_round": 3, "checkpoint_every": 2},
-                                       runs=[run]))
+    tmp_path, algorithm, stop_after, ckpt_round
+):
+    run = (
+        {"algorithm": "fedavg", "rounds": 6, "local_epochs": 1, "lr": 0.05, "batch_size": 16}
+        if algorithm == "fedavg"
+        else {
+            "algorithm": "fedma",
+            "rounds": 2,
+            "local_epochs": 1,
+            "retrain_epochs": 1,
+            "lr": 0.05,
+            "batch_size": 16,
+            "iterations": 1,
+        }
+    )
+    cfg = config.parse(
+        tiny_experiment(
+            data={"dataset": "digits", "partition": "dirichlet", "alpha": 0.5, "num_clients": 3},
+            engine={"backend": "sequential", "clients_per_round": 3, "checkpoint_every": 2},
+            runs=[run],
+        )
+    )
     ds = api.prepare(cfg)
     list(run_experiment(cfg, ds, str(tmp_path / "clean"), SequentialBackend(cfg, ds)))
 

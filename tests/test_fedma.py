@@ -23,24 +23,38 @@ INPUT = (1, 8, 8)
 
 
 def experiment(algorithm="pfnm", num_clients=3, **run):
-    raw = tiny_experiment(data={"dataset": "digits", "partition": "dirichlet", "alpha": 0.5, "num_clients": num_clients},
-                          engine={"backend": "sequential", "clients_per_round": num_clients},
-                          runs=[{"algorithm": algorithm, **run}])
+    raw = tiny_experiment(
+        data={"dataset": "digits", "partition": "dirichlet", "alpha": 0.5, "num_clients": num_clients},
+        engine={"backend": "sequential", "clients_per_round": num_clients},
+        runs=[{"algorithm": algorithm, **run}],
+    )
     return config.parse(raw)
 
 
 def client_models(n: int, seed0: int = 10):
-    return [build_model("digits_cnn", num_classes=10, input_shape=INPUT, generator=torch_rng(seed0 + j, "init"))
-            for j in range(n)]
+    return [
+        build_model("digits_cnn", num_classes=10, input_shape=INPUT, generator=torch_rng(seed0 + j, "init"))
+        for j in range(n)
+    ]
 
 
 def pfnm_global(states, cfg, counts=None):
     """The server side of PFNM (FedMA's layer-wise matching recursion) over given client models."""
     algo = PFNM(cfg.runs[0], cfg, 10, INPUT)
     counts = counts or [np.full(10, 5, dtype=np.int64)] * len(states)
-    results = [ClientResult(client_id=j, round=0, upload={**P.to_numpy(s), CLASS_COUNTS: c}, n_examples=50,
-                            train_loss=0.0, bytes_up=0, bytes_down=0, seconds=0.0)
-               for j, (s, c) in enumerate(zip(states, counts))]
+    results = [
+        ClientResult(
+            client_id=j,
+            round=0,
+            upload={**P.to_numpy(s), CLASS_COUNTS: c},
+            n_examples=50,
+            train_loss=0.0,
+            bytes_up=0,
+            bytes_down=0,
+            seconds=0.0,
+        )
+        for j, (s, c) in enumerate(zip(states, counts))
+    ]
     plan = algo.plan_round(algo.init_state(states[0]), 0, tuple(range(len(states))))
     state = algo.aggregate(algo.init_state(states[0]), plan, results)
     return algo, state
@@ -63,7 +77,9 @@ def test_permuting_a_clients_hidden_units_leaves_its_function_unchanged():
     layers = m.match_layers()
     permuted = permute_units(m.state_dict(), layers, random_perms(m, np.random.default_rng(0)))
     x = torch.randn(16, *INPUT, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(forward(permuted, m.widths, x), forward(m.state_dict(), m.widths, x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        forward(permuted, m.widths, x), forward(m.state_dict(), m.widths, x), rtol=1e-5, atol=1e-5
+    )
     assert not torch.equal(permuted["conv1.weight"], m.state_dict()["conv1.weight"])
 
 
@@ -78,8 +94,12 @@ def test_matched_global_model_is_unchanged_when_one_client_is_permuted(which):
     assert base.extra["widths"] == other.extra["widths"]
     x = torch.randn(32, *INPUT, generator=torch.Generator().manual_seed(2))
     # The global neurons' order follows the first client's, so compare functions, not tensors.
-    torch.testing.assert_close(forward(other.params, other.extra["widths"], x),
-                               forward(base.params, base.extra["widths"], x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        forward(other.params, other.extra["widths"], x),
+        forward(base.params, base.extra["widths"], x),
+        rtol=1e-4,
+        atol=1e-4,
+    )
 
 
 MODELS_IN = {"digits_cnn": (1, 8, 8), "lenet": (1, 28, 28), "vgg9": (3, 32, 32), "char_lstm": (80,)}
@@ -92,21 +112,38 @@ def test_permuted_copies_of_one_network_match_back_to_that_network(name):
     # joining an existing neuron by only ||w||^2, which gamma = 7's new-neuron bonus would outweigh.
     shape = MODELS_IN[name]
     k = 80 if name == "char_lstm" else 10
-    raw = tiny_experiment(data={"dataset": "digits", "num_clients": 3}, model={"name": name},
-                          engine={"backend": "sequential", "clients_per_round": 3},
-                          runs=[{"algorithm": "pfnm", "sigma2": 1e-6, "gamma": 1e-3, "iterations": 1}])
+    raw = tiny_experiment(
+        data={"dataset": "digits", "num_clients": 3},
+        model={"name": name},
+        engine={"backend": "sequential", "clients_per_round": 3},
+        runs=[{"algorithm": "pfnm", "sigma2": 1e-6, "gamma": 1e-3, "iterations": 1}],
+    )
     cfg = config.parse(raw)
     m = build_model(name, num_classes=k, input_shape=shape, generator=torch_rng(4, "init"))
     rng = np.random.default_rng(5)
     copies = [permute_units(m.state_dict(), m.match_layers(), random_perms(m, rng)) for _ in range(3)]
     algo = PFNM(cfg.runs[0], cfg, k, shape)
-    results = [ClientResult(client_id=j, round=0, upload={**P.to_numpy(c), CLASS_COUNTS: np.ones(k, np.int64)},
-                            n_examples=10, train_loss=0.0, bytes_up=0, bytes_down=0, seconds=0.0)
-               for j, c in enumerate(copies)]
+    results = [
+        ClientResult(
+            client_id=j,
+            round=0,
+            upload={**P.to_numpy(c), CLASS_COUNTS: np.ones(k, np.int64)},
+            n_examples=10,
+            train_loss=0.0,
+            bytes_up=0,
+            bytes_down=0,
+            seconds=0.0,
+        )
+        for j, c in enumerate(copies)
+    ]
     state = algo.aggregate(algo.init_state(copies[0]), algo.plan_round(None, 0, (0, 1, 2)), results)
     assert state.extra["widths"] == m.widths  # one global neuron per original neuron
     g = torch.Generator().manual_seed(3)
-    x = torch.randint(0, k, (8, 80), generator=g) if name == "char_lstm" else torch.randn(8, *shape, generator=g)
+    x = (
+        torch.randint(0, k, (8, 80), generator=g)
+        if name == "char_lstm"
+        else torch.randn(8, *shape, generator=g)
+    )
     glob = build_model(name, num_classes=k, input_shape=shape, widths=state.extra["widths"])
     glob.load_state_dict(state.params)
     m.eval(), glob.eval()
@@ -118,8 +155,10 @@ def test_classifier_is_weighted_by_class_proportions():
     cfg = experiment()
     states = [m.state_dict() for m in client_models(2)]
     counts = [np.array([3, 0] + [1] * 8), np.array([1, 0] + [1] * 8)]
-    algo, state = pfnm_global([states[0], states[0]], cfg, counts)  # identical clients: rows must be unchanged
-    w, b = algo.classifier_keys
+    algo, state = pfnm_global(
+        [states[0], states[0]], cfg, counts
+    )  # identical clients: rows must be unchanged
+    _w, b = algo.classifier_keys
     torch.testing.assert_close(state.params[b], states[0][b])
     algo, state = pfnm_global(states, cfg, counts)
     # class 0: 3/4 of client 0 + 1/4 of client 1 on the bias, which no permutation moves
@@ -142,7 +181,8 @@ def test_slicing_the_global_model_back_gives_each_client_its_original_architectu
     assigns = {j: [] for j in range(3)}
     from fedsim.algorithms.fedma import match_layer
     from fedsim.matching import n_units, permute_next_input
-    for k, layer in enumerate(algo.layers):
+
+    for layer in algo.layers:
         tensors, a = match_layer(uploads, layer, cfg.runs[0], 0)
         for j in range(3):
             assigns[j].append(a[j])
@@ -151,14 +191,24 @@ def test_slicing_the_global_model_back_gives_each_client_its_original_architectu
     plan = fedma.plan_round(state, 0, (0, 1, 2))
     for j in range(3):
         sliced = fedma.client_downlink(state, plan, j)
-        assert {k: tuple(v.shape) for k, v in sliced.items()} == {k: tuple(v.shape) for k, v in copies[j].items()}
+        assert {k: tuple(v.shape) for k, v in sliced.items()} == {
+            k: tuple(v.shape) for k, v in copies[j].items()
+        }
         for k in sliced:
             torch.testing.assert_close(sliced[k], copies[j][k], rtol=1e-4, atol=1e-5)
 
 
 def test_two_fedma_rounds_on_digits_log_phases_exact_bytes_and_a_growing_model(tmp_path):
-    cfg = experiment(algorithm="fedma", num_clients=3, rounds=2, local_epochs=1, retrain_epochs=1,
-                     lr=0.05, batch_size=32, iterations=2)
+    cfg = experiment(
+        algorithm="fedma",
+        num_clients=3,
+        rounds=2,
+        local_epochs=1,
+        retrain_epochs=1,
+        lr=0.05,
+        batch_size=32,
+        iterations=2,
+    )
     ds = api.prepare(cfg)
     run_dir = api.new_run_dir(tmp_path, "fedma")
     list(api.execute(cfg, ds, run_dir))
@@ -180,8 +230,12 @@ def test_two_fedma_rounds_on_digits_log_phases_exact_bytes_and_a_growing_model(t
     grown = (L1 * 9 + L1) + (L2 * L1 * 9 + L2) + (L3 * L2 * 16 + L3) + (10 * L3 + 10)
     # a layer step trains the client's local model from layer k on: layer k's input axis is the
     # matched width of layer k - 1, its output and later layers keep the client's widths
-    assert r["trainable_params"].tolist()[:4] == [38282, (32 * L1 * 9 + 32) + (64 * 32 * 16 + 64) + (10 * 64 + 10),
-                                                  (64 * L2 * 16 + 64) + (10 * 64 + 10), 10 * L3 + 10]
+    assert r["trainable_params"].tolist()[:4] == [
+        38282,
+        (32 * L1 * 9 + 32) + (64 * 32 * 16 + 64) + (10 * 64 + 10),
+        (64 * L2 * 16 + 64) + (10 * 64 + 10),
+        10 * L3 + 10,
+    ]
     assert r["global_params"].iloc[3] == grown
     assert 16 <= L1 <= 3 * 16 and 32 <= L2 <= 3 * 32 and 64 <= L3 <= 3 * 64  # max_j L_j <= L <= sum_j L_j
     assert grown > 38282
@@ -192,12 +246,14 @@ def test_two_fedma_rounds_on_digits_log_phases_exact_bytes_and_a_growing_model(t
 
 
 def test_layer_wise_retraining_has_no_weight_decay_and_the_classifier_round_follows_appendix_a():
-    # ALGORITHMS.md section 4 (paper App. A): the first round of a pass trains the whole model with
+    # docs/algorithms.md section 4 (paper App. A): the first round of a pass trains the whole model with
     # the run's settings; retraining after a matched layer uses no weight decay; the classifier
     # round uses lr / 10, weight decay 1e-4 and 3x the retraining epochs.
     cfg = experiment("fedma", lr=0.05, weight_decay=5e-4, local_epochs=2, retrain_epochs=3)
     algo = FedMA(cfg.runs[0], cfg, 10, INPUT)
-    state = algo.init_state(P.clone(build_model("digits_cnn", num_classes=10, input_shape=INPUT).state_dict()))
+    state = algo.init_state(
+        P.clone(build_model("digits_cnn", num_classes=10, input_shape=INPUT).state_dict())
+    )
     plans = [algo.plan_round(state, r, (0, 1, 2)) for r in range(algo.N)]
     assert algo.N >= 3
     first, *retrain, last = plans
@@ -210,9 +266,11 @@ def test_layer_wise_retraining_has_no_weight_decay_and_the_classifier_round_foll
 
 @pytest.mark.parametrize("algorithm", ["fedma", "pfnm"])
 def test_matching_algorithms_refuse_a_timeout_policy_that_drops_clients(algorithm):
-    raw = tiny_experiment(data={"dataset": "digits", "partition": "dirichlet", "alpha": 0.5, "num_clients": 3},
-                          engine={"backend": "ray", "clients_per_round": 3, "round_timeout_s": 60},
-                          runs=[{"algorithm": algorithm}])
+    raw = tiny_experiment(
+        data={"dataset": "digits", "partition": "dirichlet", "alpha": 0.5, "num_clients": 3},
+        engine={"backend": "ray", "clients_per_round": 3, "round_timeout_s": 60},
+        runs=[{"algorithm": algorithm}],
+    )
     with pytest.raises(FedsimError, match="timeout_policy to wait or fail"):
         config.parse(raw)  # timeout_policy defaults to drop
     for policy in ("wait", "fail"):
@@ -221,9 +279,12 @@ def test_matching_algorithms_refuse_a_timeout_policy_that_drops_clients(algorith
 
 
 def _char_lstm_experiment(**run):
-    raw = tiny_experiment(data={"dataset": "digits", "num_clients": 2}, model={"name": "char_lstm"},
-                          engine={"backend": "sequential", "clients_per_round": 2},
-                          runs=[{"algorithm": "fedma", **run}])
+    raw = tiny_experiment(
+        data={"dataset": "digits", "num_clients": 2},
+        model={"name": "char_lstm"},
+        engine={"backend": "sequential", "clients_per_round": 2},
+        runs=[{"algorithm": "fedma", **run}],
+    )
     return config.parse(raw)
 
 
@@ -233,7 +294,13 @@ def test_the_lstm_decoder_retrains_at_the_runs_lr_and_cnns_keep_appendix_a():
     cfg = _char_lstm_experiment(lr=0.25, retrain_epochs=5, local_epochs=10)
     algo = FedMA(cfg.runs[0], cfg, 80, (80,))
     last = algo.plan_round(None, algo.N - 1, (0, 1))
-    assert (last.phase, last.lr, last.local_epochs, last.weight_decay, last.momentum) == ("classifier", 0.25, 5, 1e-4, 0.9)
+    assert (last.phase, last.lr, last.local_epochs, last.weight_decay, last.momentum) == (
+        "classifier",
+        0.25,
+        5,
+        1e-4,
+        0.9,
+    )
     # the Appendix A rule stays one setting away, and a CNN can take the LSTM's rule
     cfg = _char_lstm_experiment(lr=0.25, retrain_epochs=5, classifier_retrain="appendix_a")
     algo = FedMA(cfg.runs[0], cfg, 80, (80,))
@@ -241,7 +308,10 @@ def test_the_lstm_decoder_retrains_at_the_runs_lr_and_cnns_keep_appendix_a():
     assert (last.lr, last.local_epochs) == (pytest.approx(0.025), 15)
     cfg = experiment("fedma", lr=0.05, retrain_epochs=3, classifier_retrain="plain")
     algo = FedMA(cfg.runs[0], cfg, 10, INPUT)
-    assert (algo.plan_round(None, algo.N - 1, (0, 1, 2)).lr, algo.plan_round(None, algo.N - 1, (0, 1, 2)).local_epochs) == (0.05, 3)
+    assert (
+        algo.plan_round(None, algo.N - 1, (0, 1, 2)).lr,
+        algo.plan_round(None, algo.N - 1, (0, 1, 2)).local_epochs,
+    ) == (0.05, 3)
 
 
 @pytest.mark.parametrize("estimate", ["mean", "map"])
@@ -249,10 +319,20 @@ def test_lstm_embedding_and_input_weights_are_the_plain_mean_of_matched_clients(
     # Authors' LSTM code (lstm_fedma_with_comm.py): the global embedding and input-to-hidden weights and
     # biases are sum / count over the matched clients, not the prior-shrunk (mu0 + sum w) / (n + 1).
     cfg = _char_lstm_experiment(gamma=1e-3, lstm_estimate=estimate)
-    m = build_model("char_lstm", num_classes=80, input_shape=(80,), widths={"embedding": 6, "lstm": 5},
-                    generator=torch_rng(7, "init"))
-    other = build_model("char_lstm", num_classes=80, input_shape=(80,), widths={"embedding": 6, "lstm": 5},
-                        generator=torch_rng(8, "init"))
+    m = build_model(
+        "char_lstm",
+        num_classes=80,
+        input_shape=(80,),
+        widths={"embedding": 6, "lstm": 5},
+        generator=torch_rng(7, "init"),
+    )
+    other = build_model(
+        "char_lstm",
+        num_classes=80,
+        input_shape=(80,),
+        widths={"embedding": 6, "lstm": 5},
+        generator=torch_rng(8, "init"),
+    )
     a = m.state_dict()
     # client 1: client 0's units permuted plus a small perturbation, so each unit has one clear partner
     rng = np.random.default_rng(0)
@@ -308,11 +388,23 @@ def test_pfnm_and_the_ensemble_train_locally_with_the_authors_momentum():
 def test_pfnm_one_shot_on_digits_beats_one_round_of_fedavg_from_independent_inits(tmp_path):
     # Figure 1 of the FedMA paper, on digits: PFNM one-shot well above one round of coordinate-wise
     # averaging of independently initialised local models (which lands near chance).
-    raw = tiny_experiment(data={"dataset": "digits", "partition": "dirichlet", "alpha": 0.5, "num_clients": 8},
-                          seed=1, engine={"backend": "sequential", "clients_per_round": 8},
-                          runs=[{"algorithm": "pfnm", "local_epochs": 10, "lr": 0.05, "batch_size": 32},
-                                {"algorithm": "fedavg", "init": "independent", "rounds": 1, "local_epochs": 10,
-                                 "lr": 0.05, "batch_size": 32, "momentum": 0.9}])
+    raw = tiny_experiment(
+        data={"dataset": "digits", "partition": "dirichlet", "alpha": 0.5, "num_clients": 8},
+        seed=1,
+        engine={"backend": "sequential", "clients_per_round": 8},
+        runs=[
+            {"algorithm": "pfnm", "local_epochs": 10, "lr": 0.05, "batch_size": 32},
+            {
+                "algorithm": "fedavg",
+                "init": "independent",
+                "rounds": 1,
+                "local_epochs": 10,
+                "lr": 0.05,
+                "batch_size": 32,
+                "momentum": 0.9,
+            },
+        ],
+    )
     cfg = config.parse(raw)
     dataset = api.prepare(cfg)
     for _ in api.execute(cfg, dataset, str(tmp_path)):

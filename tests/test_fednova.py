@@ -33,7 +33,9 @@ def _recording(monkeypatch, cls) -> list:
 
 @pytest.mark.parametrize("name", ["fedavg", "fednova", "moon"])
 def test_every_client_reports_its_local_steps(name, monkeypatch, tmp_path):
-    seen = _recording(monkeypatch, FedNova if name == "fednova" else Algorithm)  # FedAvg's and MOON's aggregate
+    seen = _recording(
+        monkeypatch, FedNova if name == "fednova" else Algorithm
+    )  # FedAvg's and MOON's aggregate
     sizes, bs, epochs = (5, 12, 20), 4, 2
     cfg = experiment([{"algorithm": name, "rounds": 1, "batch_size": bs, "local_epochs": epochs}], clients=3)
     if name == "moon":
@@ -48,8 +50,9 @@ def test_equal_local_steps_give_fedavg(momentum, tmp_path):
     # sizes differ (so p_i matter) but every client takes ceil(n / 8) = 2 steps per epoch
     runs = [{"algorithm": a, "rounds": 2, "momentum": momentum} for a in ("fedavg", "fednova")]
     ckpt = run_all(experiment(runs, clients=3), dataset((9, 12, 16)), tmp_path)
-    x0 = build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8), widths=WIDTHS,
-                     generator=torch_rng(2, "init")).state_dict()
+    x0 = build_model(
+        "digits_cnn", num_classes=10, input_shape=(1, 8, 8), widths=WIDTHS, generator=torch_rng(2, "init")
+    ).state_dict()
     for k, v in ckpt["fedavg"]["params"].items():
         assert (v - x0[k]).abs().max() > 1e-3
         torch.testing.assert_close(ckpt["fednova"]["params"][k], v, rtol=0, atol=1e-6)
@@ -59,7 +62,7 @@ def _a(tau: int, rho: float) -> float:
     """||a_i||_1 written as the paper's sum over steps."""
     if rho == 0:
         return float(tau)
-    return sum((1 - rho ** k) / (1 - rho) for k in range(1, tau + 1))
+    return sum((1 - rho**k) / (1 - rho) for k in range(1, tau + 1))
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
@@ -76,7 +79,7 @@ def test_unequal_local_steps_give_the_normalised_update_by_hand(momentum, monkey
     tau_eff = float(p @ a)
     for k, xk in x.items():
         x64 = xk.numpy().astype(np.float64)
-        d = [(x64 - r.upload[k].astype(np.float64)) / ai for r, ai in zip(results, a)]   # normalised updates
+        d = [(x64 - r.upload[k].astype(np.float64)) / ai for r, ai in zip(results, a)]  # normalised updates
         hand = x64 - tau_eff * sum(pi * di for pi, di in zip(p, d))
         np.testing.assert_allclose(ckpt["fednova"]["params"][k].numpy(), hand, rtol=0, atol=1e-6)
         fedavg = sum(pi * r.upload[k].astype(np.float64) for pi, r in zip(p, results))

@@ -44,13 +44,20 @@ def dataset(sizes, shape=(1, 8, 8), seed=0) -> FederatedDataset:
     return FederatedDataset("toy", train, test, 10, shape, idx, counts)
 
 
-def experiment(runs: list[dict], clients: int, per_round: int | None = None, **engine) -> config.ExperimentConfig:
+def experiment(
+    runs: list[dict], clients: int, per_round: int | None = None, **engine
+) -> config.ExperimentConfig:
     """A sequential experiment on ``clients`` clients of a small digits CNN (``WIDTHS``)."""
-    return config.parse({"name": "opt", "seed": 2,
-                         "data": {"dataset": "digits", "partition": "iid", "num_clients": clients},
-                         "model": {"name": "digits_cnn", "widths": WIDTHS},
-                         "engine": {"backend": "sequential", "clients_per_round": per_round or clients, **engine},
-                         "runs": [{"local_epochs": 1, "batch_size": 8, "lr": 0.1, **r} for r in runs]})
+    return config.parse(
+        {
+            "name": "opt",
+            "seed": 2,
+            "data": {"dataset": "digits", "partition": "iid", "num_clients": clients},
+            "model": {"name": "digits_cnn", "widths": WIDTHS},
+            "engine": {"backend": "sequential", "clients_per_round": per_round or clients, **engine},
+            "runs": [{"local_epochs": 1, "batch_size": 8, "lr": 0.1, **r} for r in runs],
+        }
+    )
 
 
 def run_all(cfg, ds, out) -> dict[str, dict]:
@@ -88,8 +95,17 @@ def resumed_equals_uninterrupted(cfg, ds, tmp_path) -> tuple[dict, dict]:
 
 
 def result(j: int, upload: dict, n: int, steps: int = 0) -> ClientResult:
-    return ClientResult(client_id=j, round=0, upload=P.to_numpy(upload), n_examples=n, train_loss=0.0,
-                        bytes_up=0, bytes_down=0, seconds=0.0, local_steps=steps)
+    return ClientResult(
+        client_id=j,
+        round=0,
+        upload=P.to_numpy(upload),
+        n_examples=n,
+        train_loss=0.0,
+        bytes_up=0,
+        bytes_down=0,
+        seconds=0.0,
+        local_steps=steps,
+    )
 
 
 def algorithm(name: str, **keys):
@@ -102,18 +118,39 @@ def algorithm(name: str, **keys):
 
 def test_fedavgm_without_momentum_and_unit_lr_gives_fedavgs_global_weights(tmp_path):
     # unequal clients, so that a plain (unweighted) mean would differ from FedAvg's
-    cfg = experiment([{"algorithm": "fedavg", "rounds": 3},
-                      {"algorithm": "fedavgm", "rounds": 3, "server_momentum": 0.0, "server_lr": 1.0}], clients=4)
+    cfg = experiment(
+        [
+            {"algorithm": "fedavg", "rounds": 3},
+            {"algorithm": "fedavgm", "rounds": 3, "server_momentum": 0.0, "server_lr": 1.0},
+        ],
+        clients=4,
+    )
     ckpt = run_all(cfg, dataset((5, 12, 20, 9)), tmp_path)
     fedavg, fedavgm = ckpt["fedavg"]["params"], ckpt["fedavgm"]["params"]
-    moved = max(float((fedavg[k] - build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8), widths=WIDTHS,
-                                                 generator=torch_rng(2, "init")).state_dict()[k]).abs().max())
-                for k in fedavg)
+    moved = max(
+        float(
+            (
+                fedavg[k]
+                - build_model(
+                    "digits_cnn",
+                    num_classes=10,
+                    input_shape=(1, 8, 8),
+                    widths=WIDTHS,
+                    generator=torch_rng(2, "init"),
+                ).state_dict()[k]
+            )
+            .abs()
+            .max()
+        )
+        for k in fedavg
+    )
     assert moved > 1e-2  # training moved the weights, so the comparison is not vacuous
     for k in fedavg:
         torch.testing.assert_close(fedavgm[k], fedavg[k], rtol=0, atol=1e-6)
     r = pd.read_parquet(tmp_path / "rounds.parquet")
-    np.testing.assert_allclose(r[r.run_id == "fedavgm"]["test_loss"], r[r.run_id == "fedavg"]["test_loss"], rtol=1e-5)
+    np.testing.assert_allclose(
+        r[r.run_id == "fedavgm"]["test_loss"], r[r.run_id == "fedavg"]["test_loss"], rtol=1e-5
+    )
 
 
 def _step(algo, state, round, uploads, n):
@@ -140,8 +177,13 @@ def _clients(x: dict, seed: int, n_clients: int = 3) -> list[dict]:
 def _delta(x: dict, uploads: list[dict], n: list[int]) -> dict[str, np.ndarray]:
     """Delta = sum_i n_i / sum n (y_i - x), in float64."""
     p = np.array(n, dtype=np.float64) / sum(n)
-    return {k: sum(pi * (u[k].numpy().astype(np.float64) - x[k].numpy().astype(np.float64))
-                   for pi, u in zip(p, uploads)) for k in x}
+    return {
+        k: sum(
+            pi * (u[k].numpy().astype(np.float64) - x[k].numpy().astype(np.float64))
+            for pi, u in zip(p, uploads)
+        )
+        for k in x
+    }
 
 
 def test_fedavgm_takes_two_momentum_steps_as_written_by_hand():
@@ -154,7 +196,7 @@ def test_fedavgm_takes_two_momentum_steps_as_written_by_hand():
     s2 = _step(algo, s1, 1, second, n)
     d1, d2 = _delta(x0, first, n), _delta(s1.params, second, n)
     for k in x0:
-        v1 = -d1[k]                      # v = beta * 0 + (-Delta)
+        v1 = -d1[k]  # v = beta * 0 + (-Delta)
         x1 = x0[k].numpy() - eta * v1
         v2 = beta * v1 - d2[k]
         x2 = s1.params[k].numpy().astype(np.float64) - eta * v2
@@ -186,33 +228,47 @@ def test_adaptive_first_and_second_steps_equal_algorithm_2_by_hand(name):
     assert (every > tau).sum() > 3 and (every < tau).sum() > 3  # both branches of Yogi's sign
     for k in x0:
         m1 = (1 - b1) * d1[k]
-        v1 = v_next(np.full_like(d1[k], tau ** 2), d1[k])
+        v1 = v_next(np.full_like(d1[k], tau**2), d1[k])
         x1 = x0[k].numpy().astype(np.float64) + eta * m1 / (np.sqrt(v1) + tau)
         m2 = b1 * m1 + (1 - b1) * d2[k]
         v2 = v_next(v1, d2[k])
         x2 = s1.params[k].numpy().astype(np.float64) + eta * m2 / (np.sqrt(v2) + tau)
-        np.testing.assert_allclose(s1.params[k].numpy() - x0[k].numpy(), x1 - x0[k].numpy(), rtol=1e-4, atol=2e-7)
-        np.testing.assert_allclose(s2.params[k].numpy() - s1.params[k].numpy(), x2 - s1.params[k].numpy(),
-                                   rtol=1e-4, atol=2e-7)
+        np.testing.assert_allclose(
+            s1.params[k].numpy() - x0[k].numpy(), x1 - x0[k].numpy(), rtol=1e-4, atol=2e-7
+        )
+        np.testing.assert_allclose(
+            s2.params[k].numpy() - s1.params[k].numpy(), x2 - s1.params[k].numpy(), rtol=1e-4, atol=2e-7
+        )
 
 
 def test_batchnorm_statistics_are_averaged_not_stepped_under_fedadam():
-    w0 = build_model("resnet8", num_classes=10, input_shape=(3, 32, 32), widths={"layer1": 4, "layer2": 4, "layer3": 4},
-                     generator=torch_rng(0, "init")).state_dict()
+    w0 = build_model(
+        "resnet8",
+        num_classes=10,
+        input_shape=(3, 32, 32),
+        widths={"layer1": 4, "layer2": 4, "layer3": 4},
+        generator=torch_rng(0, "init"),
+    ).state_dict()
     stats = [k for k in w0 if k.endswith(("running_mean", "running_var"))]
     counters = [k for k in w0 if k.endswith("num_batches_tracked")]
     assert stats and counters
     g = torch.Generator().manual_seed(1)
     uploads = []
     for j, steps in enumerate((3, 8)):
-        u = {k: (v + 0.01 * torch.randn(v.shape, generator=g)) if v.is_floating_point() else v for k, v in w0.items()}
+        u = {
+            k: (v + 0.01 * torch.randn(v.shape, generator=g)) if v.is_floating_point() else v
+            for k, v in w0.items()
+        }
         u.update({k: torch.rand(w0[k].shape, generator=g) + j for k in stats})
         u.update({k: torch.tensor(steps) for k in counters})
         uploads.append(u)
     n = [1, 3]
     algo = algorithm("fedadam")
-    state = algo.aggregate(algo.init_state(w0), algo.plan_round(None, 0, (0, 1)),
-                           [result(j, u, n[j]) for j, u in enumerate(uploads)])
+    state = algo.aggregate(
+        algo.init_state(w0),
+        algo.plan_round(None, 0, (0, 1)),
+        [result(j, u, n[j]) for j, u in enumerate(uploads)],
+    )
     for k in stats:  # FedAvg's weighted mean (1 * a + 3 * b) / 4
         hand = (uploads[0][k].double() * 0.25 + uploads[1][k].double() * 0.75).float()
         torch.testing.assert_close(state.params[k], hand, rtol=1e-6, atol=1e-7)
@@ -228,8 +284,11 @@ def test_batchnorm_statistics_are_averaged_not_stepped_under_fedadam():
 
 @pytest.mark.parametrize("name", ["fedadam", "fedavgm"])
 def test_server_optimiser_state_survives_resume(name, tmp_path):
-    cfg = experiment([{"algorithm": name, "rounds": 3, **({"server_lr": 0.05} if name == "fedadam" else {})}],
-                     clients=3, checkpoint_every=1)
+    cfg = experiment(
+        [{"algorithm": name, "rounds": 3, **({"server_lr": 0.05} if name == "fedadam" else {})}],
+        clients=3,
+        checkpoint_every=1,
+    )
     clean, resumed = resumed_equals_uninterrupted(cfg, dataset((6, 10, 14)), tmp_path)
     assert clean["extra"]["server_opt"]["step"] == resumed["extra"]["server_opt"]["step"] == 3
     for part in ("m", "v"):
@@ -242,8 +301,13 @@ def test_server_optimiser_state_survives_resume(name, tmp_path):
 @pytest.mark.parametrize("name", ["fedavgm", "fedadam", "scaffold", "fednova"])
 def test_round_0_under_init_independent_is_fedavgs_mean_of_the_own_inits(name, tmp_path):
     # no common x to difference from: FedAvg's weighted mean (FedMA App. A), no server step yet
-    cfg = experiment([{"algorithm": "fedavg", "rounds": 1, "init": "independent"},
-                      {"algorithm": name, "rounds": 1, "init": "independent"}], clients=3)
+    cfg = experiment(
+        [
+            {"algorithm": "fedavg", "rounds": 1, "init": "independent"},
+            {"algorithm": name, "rounds": 1, "init": "independent"},
+        ],
+        clients=3,
+    )
     ckpt = run_all(cfg, dataset((5, 12, 20)), tmp_path)
     for k, v in ckpt["fedavg"]["params"].items():
         assert torch.equal(ckpt[name]["params"][k], v), k
@@ -252,12 +316,17 @@ def test_round_0_under_init_independent_is_fedavgs_mean_of_the_own_inits(name, t
         assert all(bool((c == 0).all()) for c in ckpt[name]["extra"]["scaffold_c"].values())
 
 
-@pytest.mark.parametrize("name,keys,match", [
-    ("fedavgm", {"server_lr": 0.0}, "server_lr"), ("fedavgm", {"server_momentum": 1.0}, "server_momentum"),
-    ("fedadam", {"beta1": 1.0}, "beta1"), ("fedyogi", {"beta2": -0.1}, "beta2"),
-    ("fedadagrad", {"epsilon": 0.0}, "epsilon"),
-    ("fedadagrad", {"beta2": 0.99}, "unknown config key 'runs.0.beta2'"),
-])
+@pytest.mark.parametrize(
+    "name,keys,match",
+    [
+        ("fedavgm", {"server_lr": 0.0}, "server_lr"),
+        ("fedavgm", {"server_momentum": 1.0}, "server_momentum"),
+        ("fedadam", {"beta1": 1.0}, "beta1"),
+        ("fedyogi", {"beta2": -0.1}, "beta2"),
+        ("fedadagrad", {"epsilon": 0.0}, "epsilon"),
+        ("fedadagrad", {"beta2": 0.99}, "unknown config key 'runs.0.beta2'"),
+    ],
+)
 def test_config_range_checks_name_the_key(name, keys, match):
     from fedsim.errors import FedsimError
 
@@ -270,7 +339,11 @@ def test_every_new_algorithm_runs_on_ray_as_on_the_sequential_backend(ray_local,
     ds = dataset((6, 10, 14))
     logged = {}
     for backend in ("sequential", "ray"):
-        cfg = experiment(runs, clients=3, per_round=2, num_workers=2) if backend == "ray" else experiment(runs, 3, 2)
+        cfg = (
+            experiment(runs, clients=3, per_round=2, num_workers=2)
+            if backend == "ray"
+            else experiment(runs, 3, 2)
+        )
         cfg = cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"backend": backend})})
         out = tmp_path / backend
         out.mkdir()

@@ -36,8 +36,21 @@ from fedsim.rng import torch_rng
 SEED = 4
 WIDTHS = {"conv1": 4, "conv2": 4, "fc1": 8}
 SIZES = (5, 12, 20, 9)  # unequal, so an example-weighted mean differs from a plain one
-COMPARED = ["run_id", "round", "phase", "layer", "bytes_up", "bytes_down", "cum_bytes_up", "cum_bytes_down",
-            "cum_bytes", "flops", "clients", "trainable_params", "global_params"]
+COMPARED = [
+    "run_id",
+    "round",
+    "phase",
+    "layer",
+    "bytes_up",
+    "bytes_down",
+    "cum_bytes_up",
+    "cum_bytes_down",
+    "cum_bytes",
+    "flops",
+    "clients",
+    "trainable_params",
+    "global_params",
+]
 
 
 def unequal_dataset() -> FederatedDataset:
@@ -53,17 +66,25 @@ def unequal_dataset() -> FederatedDataset:
 
 
 def experiment(run: dict, model: str = "digits_cnn", clients_per_round: int = 4) -> dict:
-    return {"name": "init", "seed": SEED,
-            "data": {"dataset": "digits", "partition": "iid", "num_clients": len(SIZES)},
-            "model": {"name": model, "widths": WIDTHS},
-            "engine": {"backend": "sequential", "clients_per_round": clients_per_round},
-            "runs": [{"local_epochs": 1, "batch_size": 8, "lr": 0.1, **run}]}
+    return {
+        "name": "init",
+        "seed": SEED,
+        "data": {"dataset": "digits", "partition": "iid", "num_clients": len(SIZES)},
+        "model": {"name": model, "widths": WIDTHS},
+        "engine": {"backend": "sequential", "clients_per_round": clients_per_round},
+        "runs": [{"local_epochs": 1, "batch_size": 8, "lr": 0.1, **run}],
+    }
 
 
 def fresh_weights(model: str, *stream) -> dict[str, torch.Tensor]:
     """The state_dict of a model built from the (SEED, "init", *stream) generator."""
-    return build_model(model, num_classes=10, input_shape=(1, 8, 8), widths=WIDTHS,
-                       generator=torch_rng(SEED, "init", *stream)).state_dict()
+    return build_model(
+        model,
+        num_classes=10,
+        input_shape=(1, 8, 8),
+        widths=WIDTHS,
+        generator=torch_rng(SEED, "init", *stream),
+    ).state_dict()
 
 
 def run_recording(raw: dict, tmp_path, monkeypatch, name: str = "run"):
@@ -101,8 +122,16 @@ RUNS = {
     "fedprox": ({"algorithm": "fedprox", "rounds": 1, "mu": 1.0}, "digits_cnn"),
     "moon": ({"algorithm": "moon", "rounds": 1}, "digits_cnn+moon"),
     # round 0 is FedPart's full-network warm-up; the inner objective's client side must honour init
-    "fedpart": ({"algorithm": "fedpart", "warmup_rounds": 1, "rounds_per_group": 1, "local_objective": "fedprox",
-                 "lr": 0.01}, "digits_cnn"),
+    "fedpart": (
+        {
+            "algorithm": "fedpart",
+            "warmup_rounds": 1,
+            "rounds_per_group": 1,
+            "local_objective": "fedprox",
+            "lr": 0.01,
+        },
+        "digits_cnn",
+    ),
 }
 
 
@@ -111,22 +140,33 @@ def test_round_0_starts_from_each_clients_own_init_only_when_independent(algorit
     run, model = RUNS[algorithm]
     global_init = fresh_weights(model)  # the engine's global model: the (seed, "init", 0, 0) stream
     own = {c: fresh_weights(model, 0, c + 1) for c in range(len(SIZES))}  # FedMA's clients' stream
-    starts, _, _ = run_recording(experiment({**run, "init": "independent"}, model), tmp_path, monkeypatch, "ind")
+    starts, _, _ = run_recording(
+        experiment({**run, "init": "independent"}, model), tmp_path, monkeypatch, "ind"
+    )
     for c in range(len(SIZES)):
         assert same(starts[0, c], own[c]), c
         assert not same(starts[0, c], global_init), c
         for d in range(c):
             assert not same(starts[0, c], starts[0, d]), (c, d)
-    shared, _, _ = run_recording(experiment({**run, "init": "shared"}, model), tmp_path, monkeypatch, "shared")
+    shared, _, _ = run_recording(
+        experiment({**run, "init": "shared"}, model), tmp_path, monkeypatch, "shared"
+    )
     for c in range(len(SIZES)):
         assert same(shared[0, c], global_init), c
 
 
 @pytest.mark.parametrize("algorithm", ["fedavg", "fedprox"])
-def test_round_0_aggregate_is_the_example_weighted_mean_of_independent_models(algorithm, tmp_path, monkeypatch):
+def test_round_0_aggregate_is_the_example_weighted_mean_of_independent_models(
+    algorithm, tmp_path, monkeypatch
+):
     # FedMA App. A / IBM/FedMA main.py averaged_weights: sum_j n_j / n * w_j over the locally
     # trained models; round 1 starts every client from it, as ordinary FedAvg/FedProx
-    run = {"algorithm": algorithm, "rounds": 2, "init": "independent", **({"mu": 1.0} if algorithm == "fedprox" else {})}
+    run = {
+        "algorithm": algorithm,
+        "rounds": 2,
+        "init": "independent",
+        **({"mu": 1.0} if algorithm == "fedprox" else {}),
+    }
     starts, uploads, out = run_recording(experiment(run), tmp_path, monkeypatch)
     cohort = range(len(SIZES))
     n = np.array([uploads[0, c][1] for c in cohort], dtype=np.float64)
@@ -143,20 +183,34 @@ def test_round_0_aggregate_is_the_example_weighted_mean_of_independent_models(al
     if algorithm == "fedprox":
         # nothing was received in round 0, so no proximal anchor: the plain cross-entropy of the
         # authors' local_train (train_net), i.e. exactly FedAvg's round-0 uploads
-        _, fedavg, _ = run_recording(experiment({"algorithm": "fedavg", "rounds": 1, "init": "independent"}),
-                                     tmp_path, monkeypatch, "fedavg")
+        _, fedavg, _ = run_recording(
+            experiment({"algorithm": "fedavg", "rounds": 1, "init": "independent"}),
+            tmp_path,
+            monkeypatch,
+            "fedavg",
+        )
         for c in cohort:
             assert same(uploads[0, c][0], fedavg[0, c][0]), c
 
 
 def test_round_0_sends_nothing_down_and_the_dry_run_projects_what_the_engine_logs(tmp_path):
-    raw = {"name": "ind", "seed": 3, "data": {"dataset": "digits", "partition": "iid", "num_clients": 4},
-           "model": {"name": "digits_cnn+moon", "widths": WIDTHS},
-           "engine": {"backend": "sequential", "clients_per_round": 3},
-           "runs": [{"algorithm": a, "init": "independent", "local_epochs": 1, "batch_size": 64, **x}
-                    for a, x in (("fedavg", {"rounds": 2}), ("fedprox", {"rounds": 2}), ("moon", {"rounds": 3}),
-                                 ("fedpart", {"warmup_rounds": 1, "rounds_per_group": 1}))]
-                   + [{"algorithm": "fedavg", "name": "shared", "rounds": 2, "local_epochs": 1, "batch_size": 64}]}
+    raw = {
+        "name": "ind",
+        "seed": 3,
+        "data": {"dataset": "digits", "partition": "iid", "num_clients": 4},
+        "model": {"name": "digits_cnn+moon", "widths": WIDTHS},
+        "engine": {"backend": "sequential", "clients_per_round": 3},
+        "runs": [
+            {"algorithm": a, "init": "independent", "local_epochs": 1, "batch_size": 64, **x}
+            for a, x in (
+                ("fedavg", {"rounds": 2}),
+                ("fedprox", {"rounds": 2}),
+                ("moon", {"rounds": 3}),
+                ("fedpart", {"warmup_rounds": 1, "rounds_per_group": 1}),
+            )
+        ]
+        + [{"algorithm": "fedavg", "name": "shared", "rounds": 2, "local_epochs": 1, "batch_size": 64}],
+    }
     cfg = config.parse(raw)
     _, projected = dryrun.project_experiment(cfg)
     dryrun.write_run_dir(cfg, projected, tmp_path / "dry")
@@ -164,10 +218,13 @@ def test_round_0_sends_nothing_down_and_the_dry_run_projects_what_the_engine_log
     for _ in api.execute(cfg, api.prepare(cfg), tmp_path / "real"):
         pass
     real_log = RunLog.read(tmp_path / "real")
-    dry, real = (pd.DataFrame(RunLog.read(d).rows["rounds"])[COMPARED] for d in (tmp_path / "dry", tmp_path / "real"))
+    dry, real = (
+        pd.DataFrame(RunLog.read(d).rows["rounds"])[COMPARED] for d in (tmp_path / "dry", tmp_path / "real")
+    )
     pd.testing.assert_frame_equal(dry, real)
-    state_bytes = P.nbytes(build_model("digits_cnn+moon", num_classes=10, input_shape=(1, 8, 8),
-                                       widths=WIDTHS).state_dict())
+    state_bytes = P.nbytes(
+        build_model("digits_cnn+moon", num_classes=10, input_shape=(1, 8, 8), widths=WIDTHS).state_dict()
+    )
     for run_id, rows in real.groupby("run_id", sort=False):
         down = rows["bytes_down"].tolist()
         if run_id == "shared":
@@ -179,8 +236,13 @@ def test_round_0_sends_nothing_down_and_the_dry_run_projects_what_the_engine_log
     assert len(first) == 4 * 3 and (first["bytes_down"] == 0).all()
     # the key is logged with each run's config
     logged = {r["run_id"]: json.loads(r["config_json"])["runs"][0]["init"] for r in real_log.rows["runs"]}
-    assert logged == {"fedavg": "independent", "fedprox": "independent", "moon": "independent",
-                      "fedpart": "independent", "shared": "shared"}
+    assert logged == {
+        "fedavg": "independent",
+        "fedprox": "independent",
+        "moon": "independent",
+        "fedpart": "independent",
+        "shared": "shared",
+    }
 
 
 def _write(tmp_path, run: dict) -> str:
@@ -228,8 +290,11 @@ def test_default_is_shared_and_round_trips(algorithm):
 def test_a_shared_run_is_bit_identical_to_one_without_the_key(tmp_path):
     base = {"algorithm": "fedprox", "rounds": 2, "mu": 0.5}
     dirs = []
-    for name, run in (("omitted", base), ("shared", {**base, "init": "shared"}),
-                      ("independent", {**base, "init": "independent"})):
+    for name, run in (
+        ("omitted", base),
+        ("shared", {**base, "init": "shared"}),
+        ("independent", {**base, "init": "independent"}),
+    ):
         cfg = config.parse(experiment(run))
         ds = unequal_dataset()
         list(run_experiment(cfg, ds, str(tmp_path / name), SequentialBackend(cfg, ds)))

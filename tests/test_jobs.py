@@ -39,11 +39,27 @@ from tests.conftest import tiny_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PORT_FLAGS = ("port", "dashboard-port", "ray-client-server-port", "node-manager-port", "object-manager-port",
-              "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-              "metrics-export-port")
-TINY = ["--set", "runs=[{algorithm: fedavg, rounds: 2, local_epochs: 2, lr: 0.05, batch_size: 16}, {algorithm: fedprox, rounds: 1, local_epochs: 2, lr: 0.05, batch_size: 16, mu: 0.01}]", "--set", "data.num_clients=4",
-        "--set", "engine.clients_per_round=2", "--set", "engine.worker_resources={fedsim_worker: 0.001}"]
+PORT_FLAGS = (
+    "port",
+    "dashboard-port",
+    "ray-client-server-port",
+    "node-manager-port",
+    "object-manager-port",
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "runtime-env-agent-port",
+    "metrics-export-port",
+)
+TINY = [
+    "--set",
+    "runs=[{algorithm: fedavg, rounds: 2, local_epochs: 2, lr: 0.05, batch_size: 16}, {algorithm: fedprox, rounds: 1, local_epochs: 2, lr: 0.05, batch_size: 16, mu: 0.01}]",
+    "--set",
+    "data.num_clients=4",
+    "--set",
+    "engine.clients_per_round=2",
+    "--set",
+    "engine.worker_resources={fedsim_worker: 0.001}",
+]
 
 
 def _free_ports(n: int) -> list[int]:
@@ -94,13 +110,34 @@ def ray_head():
     token = Path(tmp, "auth_token")
     token.write_text(secrets.token_hex(32))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), PYTHONUNBUFFERED="1",
-               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.update(
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=str(token),
+        PYTHONUNBUFFERED="1",
+        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
     ports = dict(zip(PORT_FLAGS, _free_ports(len(PORT_FLAGS))))
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-           "--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--num-cpus", "2",
-           "--num-gpus", "0", "--resources", json.dumps({"fedsim_worker": 1}), "--temp-dir", tmp,
-           "--disable-usage-stats"]
+    cmd = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--dashboard-host",
+        "127.0.0.1",
+        "--include-dashboard",
+        "true",
+        "--num-cpus",
+        "2",
+        "--num-gpus",
+        "0",
+        "--resources",
+        json.dumps({"fedsim_worker": 1}),
+        "--temp-dir",
+        tmp,
+        "--disable-usage-stats",
+    ]
     for flag, port in ports.items():
         cmd += [f"--{flag}", str(port)]
     log = open(Path(tmp, "head.log"), "w")
@@ -126,8 +163,14 @@ def ray_head():
 
 
 def _fedsim(*args: str, env: dict[str, str], timeout: int = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedsim.cli", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "fedsim.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _ray_state(address: str, env: dict[str, str], job_id: str) -> dict:
@@ -150,8 +193,16 @@ print(json.dumps({{"driver": driver, "resources": [a.required_resources for a in
 @pytest.mark.cluster
 def test_submit_runs_the_digits_job_on_a_token_auth_cluster_and_writes_parquet(ray_head, tmp_path):
     out = tmp_path / "out"
-    r = _fedsim("submit", "jobs/digits.yaml", "--address", ray_head["address"], *TINY, "--out", str(out),
-                env=ray_head["env"])
+    r = _fedsim(
+        "submit",
+        "jobs/digits.yaml",
+        "--address",
+        ray_head["address"],
+        *TINY,
+        "--out",
+        str(out),
+        env=ray_head["env"],
+    )
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     assert re.search(r"job \S+ SUCCEEDED", r.stderr), r.stderr
     run_dir = Path(re.findall(r"^results: (.+)$", r.stdout, re.MULTILINE)[-1])
@@ -166,16 +217,28 @@ def test_submit_runs_the_digits_job_on_a_token_auth_cluster_and_writes_parquet(r
     job_id = re.search(r"submitted job (\S+)", r.stderr).group(1)
     state = _ray_state(ray_head["address"], ray_head["env"], job_id)
     assert state["driver"]
-    assert state["resources"] and all(res.get("fedsim_worker") == pytest.approx(0.001)
-                                  for res in state["resources"])
+    assert state["resources"] and all(
+        res.get("fedsim_worker") == pytest.approx(0.001) for res in state["resources"]
+    )
 
 
 @pytest.mark.cluster
 def test_a_job_that_fails_on_the_cluster_exits_1_and_shows_its_error(ray_head, tmp_path):
     # Valid config, so it passes the local check; the cluster's node lacks the files -> exit 2 there.
-    r = _fedsim("submit", "jobs/digits.yaml", "--address", ray_head["address"], "--set", "data.dataset=mnist",
-                "--set", "data.data_dir=/nonexistent/fedsim-data", "--out", str(tmp_path / "out"),
-                env=ray_head["env"], timeout=120)
+    r = _fedsim(
+        "submit",
+        "jobs/digits.yaml",
+        "--address",
+        ray_head["address"],
+        "--set",
+        "data.dataset=mnist",
+        "--set",
+        "data.data_dir=/nonexistent/fedsim-data",
+        "--out",
+        str(tmp_path / "out"),
+        env=ray_head["env"],
+        timeout=120,
+    )
     assert r.returncode == 1, (r.stdout[-2000:], r.stderr[-2000:])
     assert re.search(r"job \S+ FAILED", r.stderr) and "exit code 2" in r.stderr
     assert "fedsim: error: data.data_dir /nonexistent/fedsim-data does not exist" in r.stdout  # the job's log
@@ -185,8 +248,16 @@ def test_a_job_that_fails_on_the_cluster_exits_1_and_shows_its_error(ray_head, t
 @pytest.mark.cluster
 def test_missing_token_is_one_line_naming_ray_auth_mode(ray_head, tmp_path):
     env = {k: v for k, v in ray_head["env"].items() if not k.startswith("RAY_AUTH")}
-    r = _fedsim("submit", "jobs/digits.yaml", "--address", ray_head["address"], "--out", str(tmp_path),
-                env=env, timeout=120)
+    r = _fedsim(
+        "submit",
+        "jobs/digits.yaml",
+        "--address",
+        ray_head["address"],
+        "--out",
+        str(tmp_path),
+        env=env,
+        timeout=120,
+    )
     assert r.returncode == 2, (r.stdout, r.stderr)
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("fedsim: error:"), r.stderr
@@ -203,10 +274,16 @@ def test_unreachable_address_names_the_address_and_the_fix():
 
 
 def test_submission_ships_the_project_and_runs_fedsim_run_with_the_overrides():
-    sub = build_submission(str(ROOT / "jobs" / "digits.yaml"), overrides=["runs.0.rounds=2"],
-                           out="s3://bucket/runs?region=us-west-2", working_dir=str(ROOT))
-    assert sub.entrypoint == ("fedsim run jobs/digits.yaml --set runs.0.rounds=2 "
-                              "--out 's3://bucket/runs?region=us-west-2' --no-progress")
+    sub = build_submission(
+        str(ROOT / "jobs" / "digits.yaml"),
+        overrides=["runs.0.rounds=2"],
+        out="s3://bucket/runs?region=us-west-2",
+        working_dir=str(ROOT),
+    )
+    assert sub.entrypoint == (
+        "fedsim run jobs/digits.yaml --set runs.0.rounds=2 "
+        "--out 's3://bucket/runs?region=us-west-2' --no-progress"
+    )
     assert sub.runtime_env == {"working_dir": str(ROOT), "excludes": EXCLUDES}
     assert {"/.venv", "/.git", "/runs"} <= set(EXCLUDES) and sub.note is None
     pip = build_submission(str(ROOT / "jobs" / "digits.yaml"), pip=["pydantic>=2.6"], working_dir=str(ROOT))
@@ -221,8 +298,14 @@ def test_excludes_keep_the_package_and_jobs_and_drop_large_dirs():
     spec = PathSpec.from_lines("gitwildmatch", EXCLUDES)
     for kept in ("fedsim/data/__init__.py", "fedsim/io/runlog.py", "jobs/digits.yaml", "pyproject.toml"):
         assert not spec.match_file(kept), kept
-    for dropped in (".venv/bin/python", ".git/HEAD", "runs/x/rounds.parquet", "data/MNIST/raw/a",
-                    "fedsim/__pycache__/cli.cpython-311.pyc", "fedsim_ray.egg-info/PKG-INFO"):
+    for dropped in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        "runs/x/rounds.parquet",
+        "data/MNIST/raw/a",
+        "fedsim/__pycache__/cli.cpython-311.pyc",
+        "fedsim_ray.egg-info/PKG-INFO",
+    ):
         assert spec.match_file(dropped), dropped
 
 
@@ -240,7 +323,9 @@ def test_config_outside_the_working_directory_is_bad_input(tmp_path):
 
 
 def test_worker_resources_cap_the_pool_and_reject_cpu_and_gpu():
-    cfg = config.parse(tiny_experiment(engine={"clients_per_round": 3, "worker_resources": {"fedsim_worker": 0.5}}))
+    cfg = config.parse(
+        tiny_experiment(engine={"clients_per_round": 3, "worker_resources": {"fedsim_worker": 0.5}})
+    )
     assert pool_size(cfg, {"CPU": 16.0, "fedsim_worker": 1.0}) == 2  # 1 / 0.5 workers fit
     assert pool_size(cfg, {"CPU": 16.0, "fedsim_worker": 4.0}) == 3  # capped by the cohort
     for bad in ({"GPU": 0.5}, {"fedsim_worker": 0}):
@@ -249,6 +334,7 @@ def test_worker_resources_cap_the_pool_and_reject_cpu_and_gpu():
 
 
 # ---- ray_cluster.yaml -------------------------------------------------------------------------
+
 
 def _cluster_config() -> dict:
     from ray.autoscaler._private.util import prepare_config, validate_config
@@ -275,8 +361,9 @@ def test_ray_cluster_yaml_puts_client_workers_on_gpu_nodes_with_token_auth():
     types = cfg["available_node_types"]
     head, workers = types[cfg["head_node_type"]], [t for n, t in types.items() if n != cfg["head_node_type"]]
     assert head["resources"].get("CPU") == 0 and "GPU" not in head["resources"]
-    assert workers and all(w["resources"].get("GPU", 0) >= 1 and w["resources"].get("fedsim_worker", 0) > 0
-                           for w in workers)
+    assert workers and all(
+        w["resources"].get("GPU", 0) >= 1 and w["resources"].get("fedsim_worker", 0) > 0 for w in workers
+    )
     assert any(w["node_config"].get("InstanceType") == "p3.2xlarge" for w in workers)
     for cmd in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]:
         if "ray start" in cmd:

@@ -1,7 +1,7 @@
 """Tests of fedsim.matching: the BBP-MAP matcher (bbp.py) and the layer <-> atom views (atoms.py).
 
 Everything is offline and small (whole file well under a minute on 2 cores). Reference formulas
-are written here independently, as plain loops, from ALGORITHMS.md section 2.
+are written here independently, as plain loops, from docs/algorithms.md section 2.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from fedsim.models.base import FedModel, MatchLayer
 
 
 def ref_scores(w, G, counts, J, sigma2=1.0, sigma0_2=1.0, gamma=7.0, mu0=0.0, K=None):
-    """ALGORITHMS.md section 2, one entry at a time."""
+    """docs/algorithms.md section 2, one entry at a time."""
     w = np.asarray(w, dtype=np.float64)
     G = np.asarray(G, dtype=np.float64).reshape(-1, w.shape[1])
     L_j, D = w.shape
@@ -485,7 +485,11 @@ class CharModel(FedModel):
         return [
             MatchLayer("emb", "embedding", "emb.weight", None, "lstm.weight_ih_l0"),
             MatchLayer(
-                "lstm", "lstm", "lstm.weight_ih_l0", "lstm.bias_ih_l0", "dec.weight",
+                "lstm",
+                "lstm",
+                "lstm.weight_ih_l0",
+                "lstm.bias_ih_l0",
+                "dec.weight",
                 recurrent=("lstm.weight_hh_l0", "lstm.bias_hh_l0"),
             ),
         ]

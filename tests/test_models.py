@@ -29,8 +29,7 @@ SMALL = {
     "logreg": ({}, 3, (60,)),
     "lenet": ({"conv1": 7, "conv2": 11, "fc1": 13}, 5, (1, 28, 28)),
     "vgg9": (
-        {"conv1": 3, "conv2": 5, "conv3": 4, "conv4": 6, "conv5": 7, "conv6": 9, "fc1": 10,
-         "fc2": 11},
+        {"conv1": 3, "conv2": 5, "conv3": 4, "conv4": 6, "conv5": 7, "conv6": 9, "fc1": 10, "fc2": 11},
         7,
         (3, 32, 32),
     ),
@@ -66,9 +65,7 @@ def build(name: str, seed: int = 0, small: bool = False) -> nn.Module:
         widths, num_classes, shape = SMALL[name]
     else:
         widths, (num_classes, shape) = None, DEFAULT_SETUP[name]
-    return build_model(
-        name, num_classes=num_classes, input_shape=shape, widths=widths, generator=gen(seed)
-    )
+    return build_model(name, num_classes=num_classes, input_shape=shape, widths=widths, generator=gen(seed))
 
 
 def example(model: nn.Module, shape: tuple[int, ...], batch: int = 3) -> torch.Tensor:
@@ -123,21 +120,38 @@ def test_parameter_counts_match_the_papers():
 
 def closed_form_params(name: str, w: dict[str, int], c: int) -> int:
     if name == "lenet":
-        return (w["conv1"] * 25 + w["conv1"] + w["conv1"] * w["conv2"] * 25 + w["conv2"]
-                + w["conv2"] * 16 * w["fc1"] + w["fc1"] + w["fc1"] * c + c)
+        return (
+            w["conv1"] * 25
+            + w["conv1"]
+            + w["conv1"] * w["conv2"] * 25
+            + w["conv2"]
+            + w["conv2"] * 16 * w["fc1"]
+            + w["fc1"]
+            + w["fc1"] * c
+            + c
+        )
     if name == "vgg9":
         total, c_in = 0, 3
         for k in ("conv1", "conv2", "conv3", "conv4", "conv5", "conv6"):
             total += c_in * w[k] * 9 + w[k]
             c_in = w[k]
-        return (total + w["conv6"] * 16 * w["fc1"] + w["fc1"] + w["fc1"] * w["fc2"] + w["fc2"]
-                + w["fc2"] * c + c)
+        return (
+            total + w["conv6"] * 16 * w["fc1"] + w["fc1"] + w["fc1"] * w["fc2"] + w["fc2"] + w["fc2"] * c + c
+        )
     if name == "char_lstm":
         e, h = w["embedding"], w["lstm"]
         return c * e + 4 * h * e + 4 * h * h + 8 * h + h * c + c
     if name == "digits_cnn":
-        return (w["conv1"] * 9 + w["conv1"] + w["conv1"] * w["conv2"] * 9 + w["conv2"]
-                + w["conv2"] * 16 * w["fc1"] + w["fc1"] + w["fc1"] * c + c)
+        return (
+            w["conv1"] * 9
+            + w["conv1"]
+            + w["conv1"] * w["conv2"] * 9
+            + w["conv2"]
+            + w["conv2"] * 16 * w["fc1"]
+            + w["fc1"]
+            + w["fc1"] * c
+            + c
+        )
     if name in ("resnet8", "resnet18"):
         stages = [w[k] for k in sorted(w)]  # layer1.. ; conv weights (no bias) + 2 per BN channel
         blocks = 1 if name == "resnet8" else 2
@@ -152,10 +166,22 @@ def closed_form_params(name: str, w: dict[str, int], c: int) -> int:
     if name == "logreg":
         return 60 * c + c
     if name == "moon_cnn":
-        return (3 * w["conv1"] * 25 + w["conv1"] + w["conv1"] * w["conv2"] * 25 + w["conv2"]
-                + w["conv2"] * 25 * w["fc1"] + w["fc1"] + w["fc1"] * w["fc2"] + w["fc2"]
-                + w["fc2"] * w["fc2"] + w["fc2"] + w["fc2"] * w["projection"] + w["projection"]
-                + w["projection"] * c + c)
+        return (
+            3 * w["conv1"] * 25
+            + w["conv1"]
+            + w["conv1"] * w["conv2"] * 25
+            + w["conv2"]
+            + w["conv2"] * 25 * w["fc1"]
+            + w["fc1"]
+            + w["fc1"] * w["fc2"]
+            + w["fc2"]
+            + w["fc2"] * w["fc2"]
+            + w["fc2"]
+            + w["fc2"] * w["projection"]
+            + w["projection"]
+            + w["projection"] * c
+            + c
+        )
     raise AssertionError(name)
 
 
@@ -300,8 +326,10 @@ def test_permuting_units_by_match_layer_metadata_preserves_the_function(name):
     perms = {m.name: non_identity_perm(model.widths[m.name], g) for m in model.match_layers()}
     permuted = build(name, seed=99, small=True).eval()
     permuted.load_state_dict(permute_units(model, perms))
-    assert not torch.equal(permuted.state_dict()[model.match_layers()[0].weight],
-                           model.state_dict()[model.match_layers()[0].weight])
+    assert not torch.equal(
+        permuted.state_dict()[model.match_layers()[0].weight],
+        model.state_dict()[model.match_layers()[0].weight],
+    )
     torch.testing.assert_close(permuted(x), before, rtol=1e-5, atol=1e-5)
 
 
@@ -323,8 +351,11 @@ def test_different_generator_seeds_give_different_weights_in_every_random_tensor
     b = build(name, seed=4).state_dict()
     for k in a:
         if torch.count_nonzero(a[k]) == 0 and torch.count_nonzero(b[k]) == 0:
-            assert k == "decoder.bias" and name == "char_lstm" or ".bn" in f".{k}" or (
-                "downsample.1" in k or k.endswith("running_mean") or "num_batches" in k)
+            assert (
+                (k == "decoder.bias" and name == "char_lstm")
+                or ".bn" in f".{k}"
+                or ("downsample.1" in k or k.endswith("running_mean") or "num_batches" in k)
+            )
             continue  # zero by the authors' init, BN biases, BN buffers
         if torch.equal(a[k], b[k]) and a[k].unique().numel() == 1:  # BN weight 1, running_var 1
             assert "bn" in k or "downsample.1" in k, k

@@ -25,7 +25,7 @@ def test_weighted_mean_of_identical_inputs_is_that_input():
 
 def test_weighted_mean_sums_float64_terms_in_order_for_numpy_and_torch_inputs_alike():
     g = torch.Generator().manual_seed(1)
-    ps = [{"w": torch.randn(64, generator=g) * 10 ** i, "steps": torch.tensor(3 * i + 1)} for i in range(5)]
+    ps = [{"w": torch.randn(64, generator=g) * 10**i, "steps": torch.tensor(3 * i + 1)} for i in range(5)]
     n = [3, 1, 4, 1, 5]
     expect = torch.zeros(64, dtype=torch.float64)
     for p, w in zip(ps, n):  # the documented order and rounding: term by term, float64
@@ -39,8 +39,11 @@ def test_weighted_mean_sums_float64_terms_in_order_for_numpy_and_torch_inputs_al
 
 
 def test_nbytes_is_numel_times_element_size():
-    p = {"a": torch.zeros(5, 7, dtype=torch.float32), "b": torch.zeros(3, dtype=torch.float64),
-         "c": np.zeros((2, 2), dtype=np.int32)}
+    p = {
+        "a": torch.zeros(5, 7, dtype=torch.float32),
+        "b": torch.zeros(3, dtype=torch.float64),
+        "c": np.zeros((2, 2), dtype=np.int32),
+    }
     assert P.nbytes(p) == 5 * 7 * 4 + 3 * 8 + 4 * 4
 
 

@@ -120,7 +120,12 @@ def test_resnet_layer_groups_count_and_cover_state_dict_once_in_forward_order(na
     for g in groups[:-1]:  # each conv group: one conv weight + the 5 entries of its BN
         assert len(g.tensors) == 6 and g.tensors[0].endswith(".weight")
         assert {k.rsplit(".", 1)[1] for k in g.tensors[1:]} == {
-            "weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+            "weight",
+            "bias",
+            "running_mean",
+            "running_var",
+            "num_batches_tracked",
+        }
     assert groups[-1].name == "fc" and groups[-1].tensors == ("fc.weight", "fc.bias")
 
 
@@ -128,9 +133,14 @@ def test_resnet8_group_names_are_stem_then_conv1_conv2_downsample_then_fc():
     model = build_model("resnet8", num_classes=10, input_shape=CIFAR)
     assert [g.name for g in model.layer_groups()] == [
         "conv1",
-        "layer1.0.conv1", "layer1.0.conv2",
-        "layer2.0.conv1", "layer2.0.conv2", "layer2.0.downsample",
-        "layer3.0.conv1", "layer3.0.conv2", "layer3.0.downsample",
+        "layer1.0.conv1",
+        "layer1.0.conv2",
+        "layer2.0.conv1",
+        "layer2.0.conv2",
+        "layer2.0.downsample",
+        "layer3.0.conv1",
+        "layer3.0.conv2",
+        "layer3.0.downsample",
         "fc",
     ]
 
@@ -140,11 +150,21 @@ def test_resnet_widths_change_channels_with_closed_form_size():
     model = build_model("resnet8", num_classes=4, input_shape=CIFAR, widths=w)
     assert model.widths == w
     bn = lambda c: 2 * c  # noqa: E731
-    expected = (3 * 3 * 49 + bn(3)
-                + 2 * (3 * 3 * 9 + bn(3))
-                + 3 * 5 * 9 + 5 * 5 * 9 + 3 * 5 + 3 * bn(5)
-                + 5 * 7 * 9 + 7 * 7 * 9 + 5 * 7 + 3 * bn(7)
-                + 7 * 4 + 4)
+    expected = (
+        3 * 3 * 49
+        + bn(3)
+        + 2 * (3 * 3 * 9 + bn(3))
+        + 3 * 5 * 9
+        + 5 * 5 * 9
+        + 3 * 5
+        + 3 * bn(5)
+        + 5 * 7 * 9
+        + 7 * 7 * 9
+        + 5 * 7
+        + 3 * bn(7)
+        + 7 * 4
+        + 4
+    )
     assert n_params(model) == expected
     out = model(torch.randn((2, *CIFAR), generator=gen(0)))
     assert out.shape == (2, 4) and out.dtype == torch.float32
@@ -204,7 +224,14 @@ def test_moon_cnn_size_shapes_and_projection():
 def test_moon_cnn_groups_are_encoder_then_head_then_classifier():
     model = build_model("moon_cnn", num_classes=10, input_shape=CIFAR)
     assert [g.name for g in model.layer_groups()] == [
-        "encoder.conv1", "encoder.conv2", "encoder.fc1", "encoder.fc2", "proj1", "proj2", "fc"]
+        "encoder.conv1",
+        "encoder.conv2",
+        "encoder.fc1",
+        "encoder.fc2",
+        "proj1",
+        "proj2",
+        "fc",
+    ]
     keys = [k for g in model.layer_groups() for k in g.tensors]
     assert len(keys) == len(set(keys)) and sorted(keys) == sorted(model.state_dict())
     assert group_modules(model) == leaf_calls(model, torch.zeros((1, *CIFAR)))
@@ -259,8 +286,9 @@ def test_plus_moon_wrapper_uses_penultimate_features_and_lists_groups(base, shap
 
 
 def test_plus_moon_widths_reach_encoder_and_projection():
-    model = build_model("digits_cnn+moon", num_classes=10, input_shape=(1, 8, 8),
-                        widths={"fc1": 7, "projection": 9})
+    model = build_model(
+        "digits_cnn+moon", num_classes=10, input_shape=(1, 8, 8), widths={"fc1": 7, "projection": 9}
+    )
     assert model.widths == {"conv1": 16, "conv2": 32, "fc1": 7, "projection": 9}
     assert model.proj1.weight.shape == (7, 7) and model.proj2.weight.shape == (9, 7)
     assert model.features(torch.zeros(2, 1, 8, 8)).shape == (2, 9)

@@ -20,17 +20,28 @@ from fedsim.errors import FedsimError
 from fedsim.io.runlog import RunLog
 from fedsim.models import build_model
 from fedsim.rng import torch_rng
-from tests.test_fedopt import WIDTHS, algorithm, dataset, experiment, result, resumed_equals_uninterrupted, run_all
+from tests.test_fedopt import (
+    WIDTHS,
+    algorithm,
+    dataset,
+    experiment,
+    result,
+    resumed_equals_uninterrupted,
+    run_all,
+)
 
 
 def _init() -> dict[str, torch.Tensor]:
-    return build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8), widths=WIDTHS,
-                       generator=torch_rng(2, "init")).state_dict()
+    return build_model(
+        "digits_cnn", num_classes=10, input_shape=(1, 8, 8), widths=WIDTHS, generator=torch_rng(2, "init")
+    ).state_dict()
 
 
 def test_round_0_with_zero_control_variates_is_fedavgs_round_0(tmp_path):
     # equal client sizes: SCAFFOLD's unweighted mean and FedAvg's weighted one coincide
-    cfg = experiment([{"algorithm": "fedavg", "rounds": 1}, {"algorithm": "scaffold", "rounds": 1}], clients=3)
+    cfg = experiment(
+        [{"algorithm": "fedavg", "rounds": 1}, {"algorithm": "scaffold", "rounds": 1}], clients=3
+    )
     ckpt = run_all(cfg, dataset((10, 10, 10)), tmp_path)
     x0 = _init()
     for k, v in ckpt["fedavg"]["params"].items():
@@ -44,8 +55,9 @@ def test_round_0_with_zero_control_variates_is_fedavgs_round_0(tmp_path):
 
 
 def test_a_client_takes_corrected_sgd_steps_and_sets_option_ii_control_variate(tmp_path):
-    cfg = experiment([{"algorithm": "scaffold", "rounds": 2, "local_epochs": 3, "batch_size": 64, "lr": 0.1}],
-                     clients=2)
+    cfg = experiment(
+        [{"algorithm": "scaffold", "rounds": 2, "local_epochs": 3, "batch_size": 64, "lr": 0.1}], clients=2
+    )
     run = cfg.runs[0]
     ds = dataset((9, 7))
     x = _init()
@@ -64,7 +76,10 @@ def test_a_client_takes_corrected_sgd_steps_and_sets_option_ii_control_variate(t
     # by hand: one full batch per epoch, y = y - lr (g(y) - c_i + c), K = 3 steps
     model = build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8), widths=WIDTHS)
     model.load_state_dict(x)
-    xs, ys = torch.from_numpy(ds.train.x[ds.client_indices[0]]), torch.from_numpy(ds.train.y[ds.client_indices[0]])
+    xs, ys = (
+        torch.from_numpy(ds.train.x[ds.client_indices[0]]),
+        torch.from_numpy(ds.train.y[ds.client_indices[0]]),
+    )
     for _ in range(3):
         model.zero_grad()
         F.cross_entropy(model(xs), ys).backward()
@@ -77,7 +92,9 @@ def test_a_client_takes_corrected_sgd_steps_and_sets_option_ii_control_variate(t
     for k in x:
         torch.testing.assert_close(torch.from_numpy(res.upload[k]), y[k], rtol=0, atol=2e-6)
         torch.testing.assert_close(torch.from_numpy(res.state["c"][k]), c_new[k], rtol=0, atol=2e-5)
-        torch.testing.assert_close(torch.from_numpy(res.upload[DC_PREFIX + k]), c_new[k] - c_i[k], rtol=0, atol=2e-5)
+        torch.testing.assert_close(
+            torch.from_numpy(res.upload[DC_PREFIX + k]), c_new[k] - c_i[k], rtol=0, atol=2e-5
+        )
     model_bytes = P.nbytes(x)
     assert res.bytes_down == 2 * model_bytes and res.bytes_up == 2 * model_bytes
 
@@ -91,14 +108,21 @@ def test_server_steps_x_by_the_unweighted_mean_and_c_by_s_over_n():
     state.extra["scaffold_c"] = c0
     ys = [{k: v + torch.randn(v.shape, generator=g) for k, v in x.items()} for _ in range(2)]
     dcs = [{k: torch.randn(v.shape, generator=g) for k, v in x.items()} for _ in range(2)]
-    results = [result(j, {**ys[j], **{DC_PREFIX + k: v for k, v in dcs[j].items()}}, n) for j, n in enumerate((1, 9))]
+    results = [
+        result(j, {**ys[j], **{DC_PREFIX + k: v for k, v in dcs[j].items()}}, n) for j, n in enumerate((1, 9))
+    ]
     new = algo.aggregate(state, algo.plan_round(state, 1, (0, 1)), results)
     for k in x:
-        mean_dy = ((ys[0][k].double() - x[k].double()) + (ys[1][k].double() - x[k].double())) / 2  # unweighted
+        mean_dy = (
+            (ys[0][k].double() - x[k].double()) + (ys[1][k].double() - x[k].double())
+        ) / 2  # unweighted
         torch.testing.assert_close(new.params[k].double(), x[k].double() + 0.5 * mean_dy, rtol=0, atol=1e-6)
-        torch.testing.assert_close(new.extra["scaffold_c"][k].double(),
-                                   c0[k].double() + (2 / 6) * (dcs[0][k].double() + dcs[1][k].double()) / 2,
-                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            new.extra["scaffold_c"][k].double(),
+            c0[k].double() + (2 / 6) * (dcs[0][k].double() + dcs[1][k].double()) / 2,
+            rtol=0,
+            atol=1e-6,
+        )
 
 
 def test_control_variates_survive_resume(tmp_path):
@@ -115,28 +139,54 @@ def test_control_variates_survive_resume(tmp_path):
         assert torch.equal(v, resumed["params"][k]), k
 
 
-COMPARED = ["run_id", "round", "bytes_up", "bytes_down", "cum_bytes_up", "cum_bytes_down", "cum_bytes", "flops",
-            "clients", "trainable_params", "global_params"]
+COMPARED = [
+    "run_id",
+    "round",
+    "bytes_up",
+    "bytes_down",
+    "cum_bytes_up",
+    "cum_bytes_down",
+    "cum_bytes",
+    "flops",
+    "clients",
+    "trainable_params",
+    "global_params",
+]
 
 
 def test_bytes_are_twice_fedavgs_each_way_and_equal_the_dry_run(tmp_path):
-    raw = {"name": "bytes", "seed": 1, "data": {"dataset": "digits", "partition": "iid", "num_clients": 4},
-           "model": {"name": "digits_cnn", "widths": WIDTHS},
-           "engine": {"backend": "sequential", "clients_per_round": 2},
-           "runs": [{"algorithm": "fedavg", "rounds": 2, "batch_size": 64},
-                    {"algorithm": "scaffold", "rounds": 2, "batch_size": 64},
-                    {"algorithm": "scaffold", "name": "scaffold-ind", "rounds": 2, "batch_size": 64,
-                     "init": "independent"},
-                    # FedAvg's bytes: the dry run projects them like fedavg's
-                    *({"algorithm": a, "rounds": 2, "batch_size": 64} for a in ("fedavgm", "fedadam", "fedyogi",
-                                                                                   "fedadagrad", "fednova"))]}
+    raw = {
+        "name": "bytes",
+        "seed": 1,
+        "data": {"dataset": "digits", "partition": "iid", "num_clients": 4},
+        "model": {"name": "digits_cnn", "widths": WIDTHS},
+        "engine": {"backend": "sequential", "clients_per_round": 2},
+        "runs": [
+            {"algorithm": "fedavg", "rounds": 2, "batch_size": 64},
+            {"algorithm": "scaffold", "rounds": 2, "batch_size": 64},
+            {
+                "algorithm": "scaffold",
+                "name": "scaffold-ind",
+                "rounds": 2,
+                "batch_size": 64,
+                "init": "independent",
+            },
+            # FedAvg's bytes: the dry run projects them like fedavg's
+            *(
+                {"algorithm": a, "rounds": 2, "batch_size": 64}
+                for a in ("fedavgm", "fedadam", "fedyogi", "fedadagrad", "fednova")
+            ),
+        ],
+    }
     cfg = config.parse(raw)
     _, projected = dryrun.project_experiment(cfg)
     dryrun.write_run_dir(cfg, projected, tmp_path / "dry")
     (tmp_path / "real").mkdir()
     for _ in api.execute(cfg, api.prepare(cfg), tmp_path / "real"):
         pass
-    dry, real = (pd.DataFrame(RunLog.read(d).rows["rounds"])[COMPARED] for d in (tmp_path / "dry", tmp_path / "real"))
+    dry, real = (
+        pd.DataFrame(RunLog.read(d).rows["rounds"])[COMPARED] for d in (tmp_path / "dry", tmp_path / "real")
+    )
     pd.testing.assert_frame_equal(dry, real)
     by = {r: real[real.run_id == r].reset_index(drop=True) for r in ("fedavg", "scaffold", "scaffold-ind")}
     per_client = P.nbytes(_init())
@@ -145,13 +195,18 @@ def test_bytes_are_twice_fedavgs_each_way_and_equal_the_dry_run(tmp_path):
         assert by["scaffold"][col].tolist() == [2 * b for b in by["fedavg"][col]]
     # init: independent: round 0 sends nothing down and only the models up; round 1 as SCAFFOLD
     assert by["scaffold-ind"]["bytes_down"].tolist() == [0, 2 * by["fedavg"]["bytes_down"][1]]
-    assert by["scaffold-ind"]["bytes_up"].tolist() == [by["fedavg"]["bytes_up"][0], 2 * by["fedavg"]["bytes_up"][1]]
+    assert by["scaffold-ind"]["bytes_up"].tolist() == [
+        by["fedavg"]["bytes_up"][0],
+        2 * by["fedavg"]["bytes_up"][1],
+    ]
     for other in ("fedavgm", "fedadam", "fedyogi", "fedadagrad", "fednova"):
         rows = real[real.run_id == other].reset_index(drop=True)
         assert rows[["bytes_up", "bytes_down"]].equals(by["fedavg"][["bytes_up", "bytes_down"]]), other
 
 
-@pytest.mark.parametrize("keys,match", [({"optimizer": "adam"}, "optimizer"), ({"server_lr": 0.0}, "server_lr")])
+@pytest.mark.parametrize(
+    "keys,match", [({"optimizer": "adam"}, "optimizer"), ({"server_lr": 0.0}, "server_lr")]
+)
 def test_config_rejects_what_scaffold_cannot_run(keys, match):
     from tests.conftest import tiny_experiment
 

@@ -35,18 +35,22 @@ def _run(out: str) -> str | Path:
 
 
 def test_join_keeps_the_kind_of_location_and_the_uri_query():
-    assert storage.join("s3://bucket/runs?region=us-west-2", "e-1", "rounds.parquet") == \
-        "s3://bucket/runs/e-1/rounds.parquet?region=us-west-2"
+    assert (
+        storage.join("s3://bucket/runs?region=us-west-2", "e-1", "rounds.parquet")
+        == "s3://bucket/runs/e-1/rounds.parquet?region=us-west-2"
+    )
     assert storage.join("mock://", "a") == "mock:///a"
     assert storage.join("file:///tmp/x/", "a") == "file:///tmp/x/a"
     assert storage.join("runs", "a") == Path("runs/a")
-    assert storage.local_path("file:///tmp/a%20b") == Path("/tmp/a b") and storage.local_path("gs://b/p") is None
+    assert (
+        storage.local_path("file:///tmp/a%20b") == Path("/tmp/a b") and storage.local_path("gs://b/p") is None
+    )
 
 
 def test_a_run_to_a_file_uri_writes_the_three_tables_and_the_config(tmp_path):
     run_dir = _run(f"file://{tmp_path}/out")
     assert isinstance(run_dir, str) and run_dir.startswith(f"file://{tmp_path}/out/tiny-")
-    local = Path(run_dir[len("file://"):])
+    local = Path(run_dir[len("file://") :])
     names = {p.name for p in local.rglob("*")}
     assert FILES <= names and not any(".tmp" in n or n.startswith(".") for n in names), names
     for name, schema in TABLES.items():
@@ -107,8 +111,9 @@ def test_runlog_flushes_to_a_uri_with_its_api_unchanged():
         log.add("rounds", {"rnd": 1})
 
 
-@pytest.mark.parametrize("out,needle", [("nosuchscheme://x/y", "nosuchscheme://x/y"),
-                                        ("file://otherhost/x", "file://otherhost/x")])
+@pytest.mark.parametrize(
+    "out,needle", [("nosuchscheme://x/y", "nosuchscheme://x/y"), ("file://otherhost/x", "file://otherhost/x")]
+)
 def test_an_unusable_output_uri_is_one_line_naming_it(out, needle):
     with pytest.raises(FedsimError) as err:
         api.new_run_dir(out, "e")
@@ -117,11 +122,30 @@ def test_an_unusable_output_uri_is_one_line_naming_it(out, needle):
 
 def test_cli_run_accepts_a_file_uri_for_out(tmp_path):
     out = f"file://{tmp_path}/res"
-    r = subprocess.run([sys.executable, "-m", "fedsim.cli", "run", "--set", "engine.backend=sequential",
-                        "--set", "runs=[{algorithm: fedavg, rounds: 1, local_epochs: 2, lr: 0.05, batch_size: 16}, {algorithm: fedprox, rounds: 1, local_epochs: 2, lr: 0.05, batch_size: 16, mu: 0.01}]", "--set", "data.num_clients=4",
-                        "--set", "engine.clients_per_round=2", "--out", out, "--no-progress"],
-                       cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedsim.cli",
+            "run",
+            "--set",
+            "engine.backend=sequential",
+            "--set",
+            "runs=[{algorithm: fedavg, rounds: 1, local_epochs: 2, lr: 0.05, batch_size: 16}, {algorithm: fedprox, rounds: 1, local_epochs: 2, lr: 0.05, batch_size: 16, mu: 0.01}]",
+            "--set",
+            "data.num_clients=4",
+            "--set",
+            "engine.clients_per_round=2",
+            "--out",
+            out,
+            "--no-progress",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     run_dir = re.search(r"^results: (file://\S+)$", r.stdout, re.MULTILINE).group(1)
     assert run_dir.startswith(out + "/digits-")

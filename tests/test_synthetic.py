@@ -169,8 +169,16 @@ def test_ten_thousand_clients_load_with_flat_per_client_cost():
 
 
 def test_load_federated_builds_synthetic_with_natural_partition_only():
-    ds = load_federated("synthetic", partition="natural", num_clients=5, alpha=None, data_dir=None,
-                        seed=0, synthetic_alpha=0.5, synthetic_beta=0.5)
+    ds = load_federated(
+        "synthetic",
+        partition="natural",
+        num_clients=5,
+        alpha=None,
+        data_dir=None,
+        seed=0,
+        synthetic_alpha=0.5,
+        synthetic_beta=0.5,
+    )
     assert ds.num_clients == 5 and ds.train.alpha == 0.5 and ds.train.beta == 0.5
     with pytest.raises(FedsimError, match="natural"):
         load_federated("synthetic", partition="dirichlet", num_clients=5, alpha=0.5, data_dir=None, seed=0)
@@ -193,9 +201,17 @@ def test_bad_arguments_raise_one_line_errors(kwargs, pattern):
 
 
 def test_config_accepts_the_synthetic_keys():
-    raw = {"data": {"dataset": "synthetic", "partition": "natural", "num_clients": 20,
-                    "synthetic_alpha": 0.5, "synthetic_beta": 1},
-           "model": {"name": "logreg"}, "runs": [{"algorithm": "fedavg"}]}
+    raw = {
+        "data": {
+            "dataset": "synthetic",
+            "partition": "natural",
+            "num_clients": 20,
+            "synthetic_alpha": 0.5,
+            "synthetic_beta": 1,
+        },
+        "model": {"name": "logreg"},
+        "runs": [{"algorithm": "fedavg"}],
+    }
     cfg = config.parse(raw)
     assert cfg.data.synthetic_alpha == 0.5 and cfg.data.synthetic_beta == 1.0
     with pytest.raises(FedsimError, match="synthetic_alpha"):
@@ -223,19 +239,31 @@ def test_logreg_is_a_60_to_10_linear_model_with_structure_metadata():
 
 
 def _experiment(backend: str, rounds: int = 2) -> config.ExperimentConfig:
-    return config.parse({
-        "name": "syn", "seed": 1,
-        "data": {"dataset": "synthetic", "partition": "natural", "num_clients": 10},
-        "model": {"name": "logreg"},
-        "engine": {"backend": backend, "clients_per_round": 4, "num_workers": 2},
-        "runs": [{"algorithm": "fedavg", "rounds": rounds, "local_epochs": 1, "lr": 0.01, "batch_size": 10}],
-    })
+    return config.parse(
+        {
+            "name": "syn",
+            "seed": 1,
+            "data": {"dataset": "synthetic", "partition": "natural", "num_clients": 10},
+            "model": {"name": "logreg"},
+            "engine": {"backend": backend, "clients_per_round": 4, "num_workers": 2},
+            "runs": [
+                {"algorithm": "fedavg", "rounds": rounds, "local_epochs": 1, "lr": 0.01, "batch_size": 10}
+            ],
+        }
+    )
 
 
 def _run(cfg, out):
-    ds = load_federated("synthetic", partition="natural", num_clients=cfg.data.num_clients, alpha=None,
-                        data_dir=None, seed=cfg.seed, synthetic_alpha=cfg.data.synthetic_alpha,
-                        synthetic_beta=cfg.data.synthetic_beta)
+    ds = load_federated(
+        "synthetic",
+        partition="natural",
+        num_clients=cfg.data.num_clients,
+        alpha=None,
+        data_dir=None,
+        seed=cfg.seed,
+        synthetic_alpha=cfg.data.synthetic_alpha,
+        synthetic_beta=cfg.data.synthetic_beta,
+    )
     run_dir = api.new_run_dir(out, cfg.name)
     list(api.execute(cfg, ds, run_dir))
     return ds, pd.read_parquet(run_dir / "rounds.parquet"), pd.read_parquet(run_dir / "clients.parquet")

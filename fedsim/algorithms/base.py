@@ -9,9 +9,9 @@ the aggregation. Round plans and client results are frozen dataclasses with type
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -150,7 +150,7 @@ class ClientContext:
             minibatch); the engine reports the final count as :attr:`ClientResult.local_steps`.
     """
 
-    model: "FedModel"
+    model: FedModel
     received: P.Params
     x: torch.Tensor
     y: torch.Tensor
@@ -179,8 +179,13 @@ class Algorithm:
     #: (one with stored state), counted in ``flops`` on top of training's 3F / 2F; MOON: 2
     frozen_forwards: ClassVar[int] = 0
 
-    def __init__(self, cfg: RunConfig, experiment: ExperimentConfig, num_classes: int | None = None,
-                 input_shape: tuple[int, ...] | None = None):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        experiment: ExperimentConfig,
+        num_classes: int | None = None,
+        input_shape: tuple[int, ...] | None = None,
+    ):
         """Args: the run's config, the experiment, and the dataset's class count and example
         shape (needed by algorithms that read the model's structure, such as FedMA)."""
         self.cfg = cfg
@@ -205,7 +210,7 @@ class Algorithm:
     def stateful(self) -> bool:
         return self.keeps_bn_local
 
-    def reference_model(self, widths: dict[str, int] | None = None) -> "FedModel":
+    def reference_model(self, widths: dict[str, int] | None = None) -> FedModel:
         """A model of the experiment's architecture at ``widths`` (default: the configured ones),
         cached per widths: for reading its structure (layer groups, matchable layers, state_dict
         keys) and, with the global weights loaded into it, for evaluating the global model."""
@@ -213,9 +218,12 @@ class Algorithm:
 
         key = widths_key(widths)
         if key not in self._reference:
-            self._reference[key] = build_model(self.experiment.model.name, num_classes=self.num_classes,
-                                               input_shape=self.input_shape,
-                                               widths=widths or self.experiment.model.widths)
+            self._reference[key] = build_model(
+                self.experiment.model.name,
+                num_classes=self.num_classes,
+                input_shape=self.input_shape,
+                widths=widths or self.experiment.model.widths,
+            )
         return self._reference[key]
 
     # ---- server side -------------------------------------------------------------------------
@@ -238,9 +246,15 @@ class Algorithm:
     def plan_round(self, state: ServerState, round: int, cohort: tuple[int, ...]) -> RoundPlan:
         """The plan of ``round`` for the engine-sampled ``cohort`` (same cohort for every algorithm)."""
         c = self.cfg
-        return RoundPlan(round=round, cohort=cohort, local_epochs=c.local_epochs, lr=c.lr,
-                         momentum=c.momentum, weight_decay=c.weight_decay,
-                         own_init=self.starts_from_own_init(round))
+        return RoundPlan(
+            round=round,
+            cohort=cohort,
+            local_epochs=c.local_epochs,
+            lr=c.lr,
+            momentum=c.momentum,
+            weight_decay=c.weight_decay,
+            own_init=self.starts_from_own_init(round),
+        )
 
     def downlink(self, state: ServerState, plan: RoundPlan) -> P.Params:
         """Tensors broadcast to every cohort client (put in the object store once per round):
@@ -270,7 +284,9 @@ class Algorithm:
         """The global model evaluated after the round."""
         return state.params
 
-    def evaluate(self, state: ServerState, model: "FedModel", split: Any, batch_size: int) -> tuple[float, float]:
+    def evaluate(
+        self, state: ServerState, model: FedModel, split: Any, batch_size: int
+    ) -> tuple[float, float]:
         """(accuracy, mean cross-entropy) of the global model on ``split``; ``model`` is a model at
         the global widths to load the weights into."""
         from fedsim.engine.loop import evaluate
@@ -278,13 +294,14 @@ class Algorithm:
         model.load_state_dict(self.global_params(state))
         return evaluate(model, split, batch_size)
 
-    def global_size(self, state: ServerState, model: "FedModel") -> int:
+    def global_size(self, state: ServerState, model: FedModel) -> int:
         """Parameters of the global model (``model`` holds its architecture)."""
         return sum(w.numel() for w in model.parameters())
 
     # ---- client side -------------------------------------------------------------------------
-    def client_weights(self, task: ClientTask, received: P.Params, state: Any,
-                       init: Callable[[torch.Generator], P.Params]) -> tuple[dict[str, int] | None, P.Params]:
+    def client_weights(
+        self, task: ClientTask, received: P.Params, state: Any, init: Callable[[torch.Generator], P.Params]
+    ) -> tuple[dict[str, int] | None, P.Params]:
         """(widths, weights) of the model the client trains this round, on the worker.
 
         Args:
@@ -315,7 +332,9 @@ class Algorithm:
 
         return init(torch_rng(self.experiment.seed, "init", 0, task.client_id + 1))
 
-    def batch_loss(self, ctx: ClientContext, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch_loss(
+        self, ctx: ClientContext, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(objective to minimise, cross-entropy) for one batch. FedAvg: both are the mean CE.
 
         Args:
@@ -349,7 +368,7 @@ class Algorithm:
         for _ in range(plan.local_epochs):
             order = torch.randperm(n, generator=ctx.generator)
             for start in range(0, n, bs):
-                idx = order[start:start + bs]
+                idx = order[start : start + bs]
                 xb, yb = ctx.augment(ctx.x[idx]), ctx.y[idx]
                 opt.zero_grad(set_to_none=True)
                 objective, ce = batch_loss(ctx, xb, yb)

@@ -1,5 +1,5 @@
 """The FedMA paper's non-federated reference points (Wang et al., ICLR 2020, section 3 and
-Figure 1; ALGORITHMS.md section 4), runnable from the same experiment file as the algorithms:
+Figure 1; docs/algorithms.md section 4), runnable from the same experiment file as the algorithms:
 
 * ``ensemble``: every client trains its own model from its own initialisation, uploads it once,
   and the prediction is the uniform average of the J local models' softmax outputs;
@@ -30,8 +30,15 @@ class Ensemble(Algorithm):
 
     def plan_round(self, state: ServerState, round: int, cohort: tuple[int, ...]) -> RoundPlan:
         c = self.cfg
-        return RoundPlan(round=round, cohort=cohort, local_epochs=c.local_epochs, lr=c.lr, momentum=c.momentum,
-                         weight_decay=c.weight_decay, phase="one-shot")
+        return RoundPlan(
+            round=round,
+            cohort=cohort,
+            local_epochs=c.local_epochs,
+            lr=c.lr,
+            momentum=c.momentum,
+            weight_decay=c.weight_decay,
+            phase="one-shot",
+        )
 
     def downlink(self, state: ServerState, plan: RoundPlan) -> P.Params:
         return {}
@@ -91,8 +98,16 @@ class EntireData(Algorithm):
 
     def plan_round(self, state: ServerState, round: int, cohort: tuple[int, ...]) -> RoundPlan:
         c = self.cfg
-        return RoundPlan(round=round, cohort=(0,), local_epochs=c.local_epochs, lr=c.lr, momentum=c.momentum,
-                         weight_decay=c.weight_decay, phase="pooled", pooled=True)
+        return RoundPlan(
+            round=round,
+            cohort=(0,),
+            local_epochs=c.local_epochs,
+            lr=c.lr,
+            momentum=c.momentum,
+            weight_decay=c.weight_decay,
+            phase="pooled",
+            pooled=True,
+        )
 
     def aggregate(self, state: ServerState, plan: RoundPlan, results: list[ClientResult]) -> ServerState:
         return ServerState(params={**state.params, **P.from_numpy(results[0].upload)}, extra=state.extra)

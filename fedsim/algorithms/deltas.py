@@ -33,8 +33,12 @@ def stepped_keys(params: Mapping[str, torch.Tensor | np.ndarray]) -> tuple[str, 
     return tuple(k for k, v in params.items() if stepped(k, v))
 
 
-def combine(uploads: Sequence[Mapping[str, torch.Tensor | np.ndarray]], coefs: Sequence[float],
-            keys: Sequence[str], origin: Mapping[str, torch.Tensor] | None = None) -> P.Params:
+def combine(
+    uploads: Sequence[Mapping[str, torch.Tensor | np.ndarray]],
+    coefs: Sequence[float],
+    keys: Sequence[str],
+    origin: Mapping[str, torch.Tensor] | None = None,
+) -> P.Params:
     """sum_i coefs[i] * (uploads[i][k] - origin[k]) for each key k (``origin`` None: 0).
 
     Accumulated in float64 in the uploads' order and rounded once to the dtype of ``origin[k]``
@@ -60,8 +64,9 @@ def combine(uploads: Sequence[Mapping[str, torch.Tensor | np.ndarray]], coefs: S
     return out
 
 
-def averaged(uploads: Sequence[Mapping[str, torch.Tensor | np.ndarray]], n_examples: Sequence[int],
-             keys: Sequence[str]) -> P.Params:
+def averaged(
+    uploads: Sequence[Mapping[str, torch.Tensor | np.ndarray]], n_examples: Sequence[int], keys: Sequence[str]
+) -> P.Params:
     """FedAvg's example-weighted mean (:func:`fedsim.params.weighted_mean`) of ``keys`` of the
     uploads; {} when there are none (e.g. a model without BatchNorm)."""
     if not keys:

@@ -1,6 +1,6 @@
 """FedMA with communication (Wang et al., "Federated Learning with Matched Averaging", ICLR 2020,
 Algorithm 1 and section 2.3) and PFNM one-shot matching (Yurochkin et al., ICML 2019), as in
-ALGORITHMS.md sections 2-4.
+docs/algorithms.md sections 2-4.
 
 One FedMA round over a network with N-1 matchable layers and a classifier takes N communication
 rounds, each a row of rounds.parquet (``phase``/``layer`` columns). With ``p, k = divmod(round, N)``:
@@ -48,7 +48,7 @@ from fedsim.matching.atoms import (
 from fedsim.models.base import MatchLayer
 from fedsim.rng import seed_for
 
-ASSIGNMENT = "__assignment__"      # int32 (L_j,) sent down with a global layer
+ASSIGNMENT = "__assignment__"  # int32 (L_j,) sent down with a global layer
 CLASS_COUNTS = "__class_counts__"  # int64 (K,) sent up with the classifier
 
 
@@ -56,8 +56,9 @@ def _tensors_of(layer: MatchLayer) -> tuple[str, ...]:
     return tuple(k for k in (layer.weight, layer.bias, *layer.recurrent) if k is not None)
 
 
-def match_layer(uploads: list[P.Params], layer: MatchLayer, cfg: FedMAConfig, seed: int,
-                outgoing: bool = False) -> tuple[P.Params, list[np.ndarray]]:
+def match_layer(
+    uploads: list[P.Params], layer: MatchLayer, cfg: FedMAConfig, seed: int, outgoing: bool = False
+) -> tuple[P.Params, list[np.ndarray]]:
     """Match one layer across clients: BBP-MAP over the clients' atoms (docs/algorithms.md section 2).
 
     Args:
@@ -87,9 +88,17 @@ def match_layer(uploads: list[P.Params], layer: MatchLayer, cfg: FedMAConfig, se
         extra = [outgoing_atoms(u, layer) for u in uploads]
         atoms = [torch.cat([a, e.to(a.dtype)], 1) for a, e in zip(atoms, extra)]
         prior = np.concatenate([prior, np.zeros(extra[0].shape[1])])
-    res = bbp_map(atoms, sigma2=cfg.sigma2, sigma0_2=cfg.sigma0_2, gamma=cfg.gamma, prior_mean=prior,
-                  iterations=cfg.iterations, seed=seed, max_global_neurons=cfg.max_global_neurons,
-                  growth_budget=cfg.growth_budget)
+    res = bbp_map(
+        atoms,
+        sigma2=cfg.sigma2,
+        sigma0_2=cfg.sigma0_2,
+        gamma=cfg.gamma,
+        prior_mean=prior,
+        iterations=cfg.iterations,
+        seed=seed,
+        max_global_neurons=cfg.max_global_neurons,
+        growth_budget=cfg.growth_budget,
+    )
     L = int(res.global_atoms.shape[0])
     if layer.kind in ("embedding", "lstm") and cfg.lstm_estimate == "mean":
         sums = torch.zeros((L, atoms[0].shape[1]), dtype=torch.float64)
@@ -107,7 +116,7 @@ def match_layer(uploads: list[P.Params], layer: MatchLayer, cfg: FedMAConfig, se
 
 
 def average_classifier(uploads: list[P.Params], keys: tuple[str, str], counts: list[np.ndarray]) -> P.Params:
-    """Class-proportion-weighted classifier (ALGORITHMS.md section 3, last layer).
+    """Class-proportion-weighted classifier (docs/algorithms.md section 3, last layer).
 
     Row c of the weight ``(K, D)`` and entry c of the bias ``(K,)`` are sum_j (n_jc / sum_j' n_j'c)
     times client j's; a class no client holds gets the plain mean over clients.
@@ -116,8 +125,8 @@ def average_classifier(uploads: list[P.Params], keys: tuple[str, str], counts: l
         uploads: J dicts with the classifier's weight and bias (input axis in global order).
         keys: (weight key, bias key); counts: J int arrays (K,) of class counts n_jc.
     """
-    n = torch.as_tensor(np.stack(counts), dtype=torch.float64)           # (J, K)
-    total = n.sum(0, keepdim=True)                                         # (1, K)
+    n = torch.as_tensor(np.stack(counts), dtype=torch.float64)  # (J, K)
+    total = n.sum(0, keepdim=True)  # (1, K)
     w = torch.where(total > 0, n / total.clamp(min=1), torch.full_like(n, 1.0 / n.shape[0]))  # (J, K)
     out = {}
     for key in keys:
@@ -134,15 +143,22 @@ class FedMA(Algorithm):
     Config = FedMAConfig
     stateful = True  # each client keeps its partially matched local model between layer steps
 
-    def __init__(self, cfg: RunConfig, experiment: ExperimentConfig, num_classes: int | None = None,
-                 input_shape: tuple[int, ...] | None = None):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        experiment: ExperimentConfig,
+        num_classes: int | None = None,
+        input_shape: tuple[int, ...] | None = None,
+    ):
         super().__init__(cfg, experiment, num_classes, input_shape)
         ref = self.reference_model()
         self.layers: list[MatchLayer] = ref.match_layers()
         self.classifier_keys: tuple[str, str] = ref.classifier()
         if not self.layers:
-            raise FedsimError(f"model {experiment.model.name!r} has no matchable layers; {self.name} needs one "
-                              "of lenet, vgg9, char_lstm, digits_cnn")
+            raise FedsimError(
+                f"model {experiment.model.name!r} has no matchable layers; {self.name} needs one "
+                "of lenet, vgg9, char_lstm, digits_cnn"
+            )
         self.N = len(self.layers) + 1
         rule = self.cfg.classifier_retrain
         if rule == "auto":
@@ -174,26 +190,56 @@ class FedMA(Algorithm):
         k = round % self.N
         retrain = c.retrain_epochs or c.local_epochs
         if k == 0:
-            return RoundPlan(round=round, cohort=cohort, local_epochs=c.local_epochs, lr=c.lr, momentum=c.momentum,
-                             weight_decay=c.weight_decay, phase="match", layer=0,
-                             upload=self._upload(0), evaluate=False)
+            return RoundPlan(
+                round=round,
+                cohort=cohort,
+                local_epochs=c.local_epochs,
+                lr=c.lr,
+                momentum=c.momentum,
+                weight_decay=c.weight_decay,
+                phase="match",
+                layer=0,
+                upload=self._upload(0),
+                evaluate=False,
+            )
         trainable = tuple(n for n in self.param_names if n not in self._frozen(k))
         if k < self.N - 1:  # retraining layers k..N-1 after layer k-1 was matched: no weight decay (App. A)
-            return RoundPlan(round=round, cohort=cohort, local_epochs=retrain, lr=c.lr, momentum=c.momentum,
-                             weight_decay=0.0, phase="match", layer=k, trainable=trainable,
-                             upload=self._upload(k), evaluate=False)
+            return RoundPlan(
+                round=round,
+                cohort=cohort,
+                local_epochs=retrain,
+                lr=c.lr,
+                momentum=c.momentum,
+                weight_decay=0.0,
+                phase="match",
+                layer=k,
+                trainable=trainable,
+                upload=self._upload(k),
+                evaluate=False,
+            )
         if self.classifier_rule == "appendix_a":  # paper App. A; IBM/FedMA main.py, local_retrain
             epochs, lr = 3 * retrain, c.lr / 10
         else:  # IBM/FedMA language_modeling/lstm_fedma_with_comm.py: the decoder at the run's lr
             epochs, lr = retrain, c.lr
-        return RoundPlan(round=round, cohort=cohort, local_epochs=epochs, lr=lr, momentum=c.momentum,
-                         weight_decay=1e-4, phase="classifier", layer=k, trainable=trainable,
-                         upload=self.classifier_keys, evaluate=True)
+        return RoundPlan(
+            round=round,
+            cohort=cohort,
+            local_epochs=epochs,
+            lr=lr,
+            momentum=c.momentum,
+            weight_decay=1e-4,
+            phase="classifier",
+            layer=k,
+            trainable=trainable,
+            upload=self.classifier_keys,
+            evaluate=True,
+        )
 
     # ---- server ----------------------------------------------------------------------------
     def init_state(self, params: P.Params) -> ServerState:
-        return ServerState(params=P.clone(params), extra={"widths": None, "assign": {}, "prev_assign": {},
-                                                          "layers": {}})
+        return ServerState(
+            params=P.clone(params), extra={"widths": None, "assign": {}, "prev_assign": {}, "layers": {}}
+        )
 
     def downlink(self, state: ServerState, plan: RoundPlan) -> P.Params:
         k = plan.layer
@@ -216,14 +262,17 @@ class FedMA(Algorithm):
             seed = seed_for(self.experiment.seed, "matching", plan.round, k)
             tensors, assigns = match_layer(uploads, self.layers[k], self.cfg, seed, self._outgoing(k))
             extra["layers"] = {**extra["layers"], k: tensors}
-            extra["assign"] = {r.client_id: [*extra["assign"].get(r.client_id, []), a] for r, a in zip(results, assigns)}
+            extra["assign"] = {
+                r.client_id: [*extra["assign"].get(r.client_id, []), a] for r, a in zip(results, assigns)
+            }
             return ServerState(params=state.params, extra=extra)
         params, extra["widths"] = self._assemble(list(extra["layers"].values()), uploads, results)
         extra["prev_assign"] = extra["assign"]
         return ServerState(params=params, extra=extra)
 
-    def _assemble(self, layer_tensors: list[P.Params], uploads: list[P.Params],
-                  results: list[ClientResult]) -> tuple[P.Params, dict[str, int]]:
+    def _assemble(
+        self, layer_tensors: list[P.Params], uploads: list[P.Params], results: list[ClientResult]
+    ) -> tuple[P.Params, dict[str, int]]:
         """The global model: matched layers + the class-proportion-weighted classifier, in the
         state_dict order of the model at the global widths."""
         params: P.Params = {}
@@ -277,8 +326,17 @@ class PFNM(FedMA):
 
     def plan_round(self, state: ServerState, round: int, cohort: tuple[int, ...]) -> RoundPlan:
         c = self.cfg
-        return RoundPlan(round=round, cohort=cohort, local_epochs=c.local_epochs, lr=c.lr, momentum=c.momentum,
-                         weight_decay=c.weight_decay, phase="one-shot", layer=None, evaluate=True)
+        return RoundPlan(
+            round=round,
+            cohort=cohort,
+            local_epochs=c.local_epochs,
+            lr=c.lr,
+            momentum=c.momentum,
+            weight_decay=c.weight_decay,
+            phase="one-shot",
+            layer=None,
+            evaluate=True,
+        )
 
     def downlink(self, state: ServerState, plan: RoundPlan) -> P.Params:
         return {}

@@ -39,7 +39,7 @@ def a_norm(steps: int, momentum: float) -> float:
     if momentum == 0:
         return float(steps)
     rho = momentum
-    return (steps - rho * (1 - rho ** steps) / (1 - rho)) / (1 - rho)
+    return (steps - rho * (1 - rho**steps) / (1 - rho)) / (1 - rho)
 
 
 class FedNova(Algorithm):
@@ -59,5 +59,7 @@ class FedNova(Algorithm):
         keys = [k for k in uploads[0] if stepped(k, state.params[k])]
         delta = combine(uploads, coefs, keys, origin=state.params)
         mean = averaged(uploads, n, [k for k in uploads[0] if k not in delta])
-        return ServerState(params={**state.params, **mean, **{k: state.params[k] + delta[k] for k in keys}},
-                           extra=state.extra)
+        return ServerState(
+            params={**state.params, **mean, **{k: state.params[k] + delta[k] for k in keys}},
+            extra=state.extra,
+        )

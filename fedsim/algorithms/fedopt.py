@@ -72,7 +72,7 @@ class ServerOptState:
     v: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, state: ServerState) -> "ServerOptState":
+    def of(cls, state: ServerState) -> ServerOptState:
         """The optimiser state held by ``state`` (empty before the first step)."""
         d = state.extra.get(cls.KEY)
         return cls() if d is None else cls(int(d["step"]), dict(d["m"]), dict(d["v"]))
@@ -86,8 +86,9 @@ class ServerOptimizer(Algorithm):
     """FedAvg's clients and a server optimiser on the pseudo-gradient; subclasses define
     :meth:`update` for one tensor."""
 
-    def update(self, x: torch.Tensor, delta: torch.Tensor, m: torch.Tensor | None, v: torch.Tensor | None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def update(
+        self, x: torch.Tensor, delta: torch.Tensor, m: torch.Tensor | None, v: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """One server step of one tensor: (new x, new m, new v or None).
 
         Args:
@@ -137,7 +138,7 @@ class _Adaptive(ServerOptimizer):
     def update(self, x, delta, m, v):
         c = self.cfg
         m = (1 - c.beta1) * delta if m is None else c.beta1 * m + (1 - c.beta1) * delta
-        v = self.second_moment(torch.full_like(x, c.epsilon ** 2) if v is None else v, delta * delta)
+        v = self.second_moment(torch.full_like(x, c.epsilon**2) if v is None else v, delta * delta)
         return x + c.server_lr * m / (v.sqrt() + c.epsilon), m, v
 
 

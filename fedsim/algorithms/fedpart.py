@@ -1,5 +1,5 @@
 """FedPart, partial network updates (Wang et al., "Why Go Full? Elevating Federated Learning
-Through Partial Network Updates", NeurIPS 2024), ALGORITHMS.md section 5.
+Through Partial Network Updates", NeurIPS 2024), docs/algorithms.md section 5.
 
 One cycle is ``warmup_rounds`` (W) full-network rounds, then a sweep over the model's layer groups
 (shallow to deep, reversed, or a fresh random permutation per cycle) with ``rounds_per_group`` (R)
@@ -37,12 +37,18 @@ class FedPart(Algorithm):
     name = "fedpart"
     Config = FedPartConfig
 
-    def __init__(self, cfg: RunConfig, experiment: ExperimentConfig, num_classes: int | None = None,
-                 input_shape: tuple[int, ...] | None = None):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        experiment: ExperimentConfig,
+        num_classes: int | None = None,
+        input_shape: tuple[int, ...] | None = None,
+    ):
         super().__init__(cfg, experiment, num_classes, input_shape)
         mu = cfg.mu if cfg.mu is not None else DEFAULT_MU[cfg.local_objective]
-        self.inner: Algorithm = OBJECTIVES[cfg.local_objective](cfg.model_copy(update={"mu": mu}), experiment,
-                                                                num_classes, input_shape)
+        self.inner: Algorithm = OBJECTIVES[cfg.local_objective](
+            cfg.model_copy(update={"mu": mu}), experiment, num_classes, input_shape
+        )
         self.groups = self.reference_model().layer_groups() if num_classes is not None else []
         if num_classes is not None:
             rng = numpy_rng(experiment.seed, "schedule")
@@ -67,13 +73,23 @@ class FedPart(Algorithm):
         if spec.phase == "full":
             return plan
         if plan.own_init:  # parse() rejects this config; guard a FedPart built around it
-            raise FedsimError(f"fedpart run {self.cfg.label!r}: init: independent needs a full-network round 0; "
-                              "set warmup_rounds >= 1 or init: shared")
+            raise FedsimError(
+                f"fedpart run {self.cfg.label!r}: init: independent needs a full-network round 0; "
+                "set warmup_rounds >= 1 or init: shared"
+            )
         tensors = self.groups[spec.group].tensors
-        return RoundPlan(round=round, cohort=cohort, local_epochs=plan.local_epochs, lr=plan.lr,
-                         momentum=plan.momentum, weight_decay=plan.weight_decay, phase="partial",
-                         layer=spec.group, trainable=tuple(k for k in tensors if k in self.param_names),
-                         upload=tensors)
+        return RoundPlan(
+            round=round,
+            cohort=cohort,
+            local_epochs=plan.local_epochs,
+            lr=plan.lr,
+            momentum=plan.momentum,
+            weight_decay=plan.weight_decay,
+            phase="partial",
+            layer=spec.group,
+            trainable=tuple(k for k in tensors if k in self.param_names),
+            upload=tensors,
+        )
 
     # the client side is the local objective's, restricted by the plan to the active group
     def client_weights(self, task, received, state, init):

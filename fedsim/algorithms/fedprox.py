@@ -17,7 +17,9 @@ from fedsim.algorithms.fedavg import FedAvg
 from fedsim.config import FedProxConfig
 
 
-def proximal_term(named: Iterable[tuple[str, torch.Tensor]], anchor: dict[str, torch.Tensor], mu: float) -> torch.Tensor:
+def proximal_term(
+    named: Iterable[tuple[str, torch.Tensor]], anchor: dict[str, torch.Tensor], mu: float
+) -> torch.Tensor:
     """(mu / 2) * sum_t ||w_t - a_t||_2^2 over the given trainable tensors (FedProx eq. 2).
 
     Args:

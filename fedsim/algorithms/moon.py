@@ -1,4 +1,4 @@
-"""MOON, model-contrastive federated learning (Li, He, Song, CVPR 2021), ALGORITHMS.md section 1.
+"""MOON, model-contrastive federated learning (Li, He, Song, CVPR 2021), docs/algorithms.md section 1.
 
 The model is encoder -> projection head -> classifier on the projection z (fedsim's ``moon_cnn``
 or any ``<model>+moon``). The local loss is CE + mu * l_con with (paper eq. 3)
@@ -36,8 +36,8 @@ def contrastive_loss(z: torch.Tensor, z_glob: torch.Tensor, z_prev: torch.Tensor
     Returns:
         0-dim tensor: mean over the batch of -log softmax([cos(z, z_glob), cos(z, z_prev)] / tau)[0].
     """
-    pos = F.cosine_similarity(z, z_glob, dim=1) / tau                        # (B,)
-    neg = F.cosine_similarity(z, z_prev, dim=1) / tau                        # (B,)
+    pos = F.cosine_similarity(z, z_glob, dim=1) / tau  # (B,)
+    neg = F.cosine_similarity(z, z_prev, dim=1) / tau  # (B,)
     return (torch.logsumexp(torch.stack([pos, neg], 1), 1) - pos).mean()
 
 
@@ -56,8 +56,9 @@ def needs_projection_head(algorithm: Algorithm) -> None:
     """Raises FedsimError when the experiment's model cannot return MOON's projection z."""
     if not hasattr(algorithm.reference_model(), "features"):
         name = algorithm.experiment.model.name
-        raise FedsimError(f"MOON needs a model with a projection head; set model.name: {name}+moon "
-                          "(or moon_cnn for CIFAR)")
+        raise FedsimError(
+            f"MOON needs a model with a projection head; set model.name: {name}+moon (or moon_cnn for CIFAR)"
+        )
 
 
 class MOON(Algorithm):
@@ -68,8 +69,13 @@ class MOON(Algorithm):
     stateful = True
     frozen_forwards = 2  # z_glob and z_prev: each a full forward pass of a frozen model
 
-    def __init__(self, cfg: RunConfig, experiment: ExperimentConfig, num_classes: int | None = None,
-                 input_shape: tuple[int, ...] | None = None):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        experiment: ExperimentConfig,
+        num_classes: int | None = None,
+        input_shape: tuple[int, ...] | None = None,
+    ):
         super().__init__(cfg, experiment, num_classes, input_shape)
         if num_classes is not None:
             needs_projection_head(self)

@@ -78,9 +78,9 @@ class Scaffold(Algorithm):
         ys = [{k: v for k, v in r.upload.items() if not k.startswith(DC_PREFIX)} for r in results]
         dcs = [{k: r.upload[DC_PREFIX + k] for k in c} for r in results]
         s, n = len(results), self.experiment.data.num_clients
-        dy = combine(ys, [1.0 / s] * s, list(c), origin=state.params)        # (1/|S|) sum (y_i - x)
+        dy = combine(ys, [1.0 / s] * s, list(c), origin=state.params)  # (1/|S|) sum (y_i - x)
         x = {k: state.params[k] + self.cfg.server_lr * dy[k] for k in c}
-        dc = combine(dcs, [1.0 / n] * s, list(c))                           # (|S|/N) mean Delta c_i
+        dc = combine(dcs, [1.0 / n] * s, list(c))  # (|S|/N) mean Delta c_i
         mean = averaged(ys, [r.n_examples for r in results], [k for k in ys[0] if k not in c])
         extra = {**state.extra, EXTRA_KEY: {k: c[k] + dc[k] for k in c}}
         return ServerState(params={**state.params, **mean, **x}, extra=extra)
@@ -91,18 +91,23 @@ class Scaffold(Algorithm):
         state. In an ``own_init`` round (nothing received): plain SGD, y only, c_i unchanged."""
         if ctx.plan.own_init:
             return super().local_update(ctx)
-        c = {k[len(C_PREFIX):]: v for k, v in ctx.received.items() if k.startswith(C_PREFIX)}
+        c = {k[len(C_PREFIX) :]: v for k, v in ctx.received.items() if k.startswith(C_PREFIX)}
         stored = (ctx.state or {}).get("c")
-        c_i = ({k: v.to(c[k].device) for k, v in P.from_numpy(stored).items()} if stored is not None
-               else {k: torch.zeros_like(v) for k, v in c.items()})
+        c_i = (
+            {k: v.to(c[k].device) for k, v in P.from_numpy(stored).items()}
+            if stored is not None
+            else {k: torch.zeros_like(v) for k, v in c.items()}
+        )
         x = {k: ctx.received[k] for k in c}
-        ctx.aux["correction"] = [(w, c[k] - c_i[k]) for k, w in ctx.model.named_parameters()
-                                 if k in c and w.requires_grad]
+        ctx.aux["correction"] = [
+            (w, c[k] - c_i[k]) for k, w in ctx.model.named_parameters() if k in c and w.requires_grad
+        ]
         upload, loss = super().local_update(ctx)
         steps, lr = ctx.local_steps, ctx.plan.lr
         y = ctx.model.state_dict()
-        c_new = ({k: c_i[k] - c[k] + (x[k] - y[k].detach()) / (steps * lr) for k in c} if steps
-                 else c_i)  # no step taken (no examples): nothing learnt about the client's drift
+        c_new = (
+            {k: c_i[k] - c[k] + (x[k] - y[k].detach()) / (steps * lr) for k in c} if steps else c_i
+        )  # no step taken (no examples): nothing learnt about the client's drift
         ctx.new_state = {**(ctx.new_state or {}), "c": P.to_numpy(c_new)}
         return {**upload, **{DC_PREFIX + k: c_new[k] - c_i[k] for k in c}}, loss
 

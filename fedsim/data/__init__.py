@@ -34,13 +34,10 @@ def _validate(dataset, partition, num_clients, alpha, examples_per_client) -> No
     if dataset not in DATASETS:
         raise FedsimError(f"unknown data.dataset {dataset!r}; use one of {', '.join(DATASETS)}")
     if partition not in PARTITIONS:
-        raise FedsimError(
-            f"unknown data.partition {partition!r}; use one of {', '.join(PARTITIONS)}"
-        )
+        raise FedsimError(f"unknown data.partition {partition!r}; use one of {', '.join(PARTITIONS)}")
     if dataset in ("shakespeare", "synthetic") and partition != "natural":
         raise FedsimError(
-            f"{dataset} supports only data.partition=natural (got {partition!r}); "
-            "set data.partition: natural"
+            f"{dataset} supports only data.partition=natural (got {partition!r}); set data.partition: natural"
         )
     if partition == "natural" and dataset not in ("shakespeare", "synthetic"):
         raise FedsimError(
@@ -53,15 +50,12 @@ def _validate(dataset, partition, num_clients, alpha, examples_per_client) -> No
             f"or cifar100 and num_clients 2 (got {dataset!r}, {num_clients!r})"
         )
     if not _is_int(num_clients) or num_clients < 1:
-        raise FedsimError(
-            f"data.num_clients must be an integer >= 1 (got {num_clients!r}); use e.g. 10"
-        )
+        raise FedsimError(f"data.num_clients must be an integer >= 1 (got {num_clients!r}); use e.g. 10")
     if partition == "dirichlet":
         ok = isinstance(alpha, (int, float, np.floating)) and not isinstance(alpha, bool)
         if not ok or not math.isfinite(alpha) or alpha <= 0:
             raise FedsimError(
-                f"data.alpha must be > 0 (got {alpha!r}); "
-                "use a positive Dirichlet alpha such as 0.5"
+                f"data.alpha must be > 0 (got {alpha!r}); use a positive Dirichlet alpha such as 0.5"
             )
     epc = examples_per_client
     if epc is not None and (not _is_int(epc) or epc < 1):
@@ -130,8 +124,13 @@ def load_federated(
     if dataset == "synthetic":
         from fedsim.data.synthetic import load_synthetic
 
-        return load_synthetic(int(num_clients), seed=seed, alpha=synthetic_alpha, beta=synthetic_beta,
-                              examples_per_client=examples_per_client)
+        return load_synthetic(
+            int(num_clients),
+            seed=seed,
+            alpha=synthetic_alpha,
+            beta=synthetic_beta,
+            examples_per_client=examples_per_client,
+        )
 
     if dataset == "shakespeare":
         from fedsim.data.shakespeare import load_shakespeare
@@ -170,9 +169,7 @@ def load_federated(
     elif partition == "iid":
         parts = iid(n, num_clients, rng, examples_per_client=examples_per_client)
     else:
-        parts = dirichlet(
-            train.y, num_clients, float(alpha), rng, examples_per_client=examples_per_client
-        )
+        parts = dirichlet(train.y, num_clients, float(alpha), rng, examples_per_client=examples_per_client)
     return FederatedDataset(
         name=dataset,
         train=train,

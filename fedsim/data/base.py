@@ -1,7 +1,7 @@
 """Array containers shared by every dataset: one split, and the federated view of a dataset.
 
 Everything here is plain numpy so the driver can ``ray.put`` it once per node and workers read it
-zero-copy (DESIGN.md decision 3). Inputs are built on demand with :meth:`Split.inputs`, which lets a
+zero-copy (docs/design.md decision 3). Inputs are built on demand with :meth:`Split.inputs`, which lets a
 character-window dataset such as Shakespeare store its text once instead of one 80-character copy
 per example.
 """

@@ -1,4 +1,4 @@
-"""FedMA's data-bias experiment (Wang et al., ICLR 2020, section 3; ALGORITHMS.md section 7).
+"""FedMA's data-bias experiment (Wang et al., ICLR 2020, section 3; docs/algorithms.md section 7).
 
 Two clients. Five classes are drawn at random; client 0 gets all their training images, 95% of
 them made grey; client 1 gets the other five classes, 5% of them grey. In the test set 50% of every
@@ -28,21 +28,29 @@ def grey(x: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.n
     Returns:
         ``(B, 3, H, W)`` float32, normalised the same way.
     """
-    raw_red = x[:, 0] * std[0] + mean[0]                        # (B, H, W) on the [0, 1] scale
+    raw_red = x[:, 0] * std[0] + mean[0]  # (B, H, W) on the [0, 1] scale
     out = np.empty_like(x)
     for c in range(3):
         out[:, c] = (raw_red - mean[c]) / std[c]
     return out
 
 
-def _grey_some(split: Split, idx: np.ndarray, share: float, rng: np.random.Generator, mean, std) -> np.ndarray:
-    chosen = rng.permutation(idx)[: int(round(share * idx.shape[0]))]
+def _grey_some(
+    split: Split, idx: np.ndarray, share: float, rng: np.random.Generator, mean, std
+) -> np.ndarray:
+    chosen = rng.permutation(idx)[: round(share * idx.shape[0])]
     split.x[chosen] = grey(split.x[chosen], mean, std)
     return chosen
 
 
-def bias_partition(train: Split, test: Split, num_classes: int, mean: tuple[float, ...], std: tuple[float, ...],
-                   rng: np.random.Generator) -> tuple[Split, Split, list[np.ndarray]]:
+def bias_partition(
+    train: Split,
+    test: Split,
+    num_classes: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    rng: np.random.Generator,
+) -> tuple[Split, Split, list[np.ndarray]]:
     """Build the two biased clients and the half-grey test set.
 
     Args:
@@ -58,7 +66,9 @@ def bias_partition(train: Split, test: Split, num_classes: int, mean: tuple[floa
         FedsimError: the images are not RGB.
     """
     if train.text is not None or train.x.ndim != 4 or train.x.shape[1] != 3:
-        raise FedsimError("data.partition=bias needs RGB images (cifar10 or cifar100); set data.dataset: cifar10")
+        raise FedsimError(
+            "data.partition=bias needs RGB images (cifar10 or cifar100); set data.dataset: cifar10"
+        )
     train = Split(x=train.x.copy(), y=train.y)
     test = Split(x=test.x.copy(), y=test.y)
     classes0 = np.sort(rng.choice(num_classes, size=num_classes // 2, replace=False))

@@ -39,7 +39,7 @@ def stratified_split(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     for k in np.unique(labels):
         idx = np.flatnonzero(labels == k)
         perm = numpy_rng(SPLIT_SEED, "data", client=int(k)).permutation(idx)
-        test.append(perm[: int(round(TEST_FRACTION * idx.shape[0]))])
+        test.append(perm[: round(TEST_FRACTION * idx.shape[0])])
     test_idx = np.sort(np.concatenate(test)).astype(np.int64)
     train_idx = np.setdiff1d(np.arange(labels.shape[0], dtype=np.int64), test_idx)
     return train_idx, test_idx

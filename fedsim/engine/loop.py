@@ -1,4 +1,4 @@
-"""The only round loop in fedsim (DESIGN.md, "Data flow of one run").
+"""The only round loop in fedsim (docs/design.md, "Data flow of one run").
 
 For each run of an experiment and each communication round: sample the cohort (a pure function of
 (seed, round), identical for every algorithm) -> ``plan_round`` -> ``downlink`` (stored once) ->
@@ -84,16 +84,22 @@ def versions() -> dict[str, str]:
     """Versions recorded with every run."""
     import ray
 
-    return {"fedsim": fedsim.__version__, "torch": torch.__version__, "ray": ray.__version__,
-            "numpy": np.__version__, "python": platform.python_version()}
+    return {
+        "fedsim": fedsim.__version__,
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def run_experiment(cfg: ExperimentConfig, dataset: FederatedDataset, run_dir: str, backend: Any,
-                   resume: bool = False) -> Iterator[dict]:
+def run_experiment(
+    cfg: ExperimentConfig, dataset: FederatedDataset, run_dir: str, backend: Any, resume: bool = False
+) -> Iterator[dict]:
     """Run every run of ``cfg`` on ``backend``, writing Parquet rows to ``run_dir``.
 
     With ``resume``, the tables already in ``run_dir`` are read back: runs that ended are replayed
@@ -133,18 +139,41 @@ def _restore(log: RunLog, run: RunConfig, state: Any, backend: Any):
     if ckpt is None:
         return state, 0, 0, 0, {}
     store = {int(c): backend.put_state(v) for c, v in ckpt["store"].items()}
-    return (ServerState(params=ckpt["params"], extra=ckpt["extra"]), last + 1, int(ckpt["cum_up"]),
-            int(ckpt["cum_down"]), store)
+    return (
+        ServerState(params=ckpt["params"], extra=ckpt["extra"]),
+        last + 1,
+        int(ckpt["cum_up"]),
+        int(ckpt["cum_down"]),
+        store,
+    )
 
 
-def _save(log: RunLog, run: RunConfig, r: int, state: Any, store: dict, backend: Any, cum_up: int, cum_down: int) -> None:
-    checkpoint.save(log.dir, run.label, {
-        "round": r, "params": state.params, "extra": state.extra, "cum_up": cum_up, "cum_down": cum_down,
-        "store": {c: backend.get_state(h) for c, h in store.items()}})
+def _save(
+    log: RunLog, run: RunConfig, r: int, state: Any, store: dict, backend: Any, cum_up: int, cum_down: int
+) -> None:
+    checkpoint.save(
+        log.dir,
+        run.label,
+        {
+            "round": r,
+            "params": state.params,
+            "extra": state.extra,
+            "cum_up": cum_up,
+            "cum_down": cum_down,
+            "store": {c: backend.get_state(h) for c, h in store.items()},
+        },
+    )
 
 
-def _evaluate_bn_local(algo: Algorithm, state: Any, model: torch.nn.Module, dataset: FederatedDataset,
-                       store: dict, backend: Any, cfg: ExperimentConfig) -> tuple[Any, Any, Any]:
+def _evaluate_bn_local(
+    algo: Algorithm,
+    state: Any,
+    model: torch.nn.Module,
+    dataset: FederatedDataset,
+    store: dict,
+    backend: Any,
+    cfg: ExperimentConfig,
+) -> tuple[Any, Any, Any]:
     """With ``bn_stats: local`` the global model has no BatchNorm statistics of its own: evaluate
     the global weights with each client's statistics. Returns (accuracy and loss of client 0's
     model, the paper's choice; the mean accuracy over every client that has trained so far)."""
@@ -159,25 +188,42 @@ def _evaluate_bn_local(algo: Algorithm, state: Any, model: torch.nn.Module, data
     return first[0], first[1], (float(np.mean(accs)) if accs else None)
 
 
-def _run_one(cfg: ExperimentConfig, run: RunConfig, dataset: FederatedDataset, backend: Any, log: RunLog) -> Iterator[dict]:
+def _run_one(
+    cfg: ExperimentConfig, run: RunConfig, dataset: FederatedDataset, backend: Any, log: RunLog
+) -> Iterator[dict]:
     algo: Algorithm = make_algorithm(run, cfg, dataset)
     rounds = algo.num_rounds()
     previous = log.run_row(run.label)
     if previous is not None and previous["status"] != "running":
         yield from _replay(log, run, rounds)
         return
-    model = build_model(cfg.model.name, num_classes=dataset.num_classes, input_shape=dataset.input_shape,
-                        widths=cfg.model.widths, generator=torch_rng(cfg.seed, "init"))
+    model = build_model(
+        cfg.model.name,
+        num_classes=dataset.num_classes,
+        input_shape=dataset.input_shape,
+        widths=cfg.model.widths,
+        generator=torch_rng(cfg.seed, "init"),
+    )
     state = algo.init_state(P.clone(model.state_dict()))
     store: dict[int, Any] = {}  # client id -> backend handle of its state (stateful algorithms only)
     first, cum_up, cum_down = 0, 0, 0
     if previous is None:
-        log.add("runs", {"run_id": run.label, "experiment": cfg.name, "algorithm": run.algorithm,
-                         "config_json": json.dumps({**cfg.to_dict(), "runs": [run.model_dump(mode="json")]},
-                                                   sort_keys=True),
-                         "seed": cfg.seed, "fedsim_version": fedsim.__version__,
-                         "versions_json": json.dumps(versions(), sort_keys=True), "status": "running",
-                         "started_at": _now()})
+        log.add(
+            "runs",
+            {
+                "run_id": run.label,
+                "experiment": cfg.name,
+                "algorithm": run.algorithm,
+                "config_json": json.dumps(
+                    {**cfg.to_dict(), "runs": [run.model_dump(mode="json")]}, sort_keys=True
+                ),
+                "seed": cfg.seed,
+                "fedsim_version": fedsim.__version__,
+                "versions_json": json.dumps(versions(), sort_keys=True),
+                "status": "running",
+                "started_at": _now(),
+            },
+        )
         log.flush()
     else:
         state, first, cum_up, cum_down, store = _restore(log, run, state, backend)
@@ -189,8 +235,10 @@ def _run_one(cfg: ExperimentConfig, run: RunConfig, dataset: FederatedDataset, b
     done: tuple | None = None
 
     def diverged(r: int) -> str:
-        return (f"round {r}: the loss or the global weights became NaN/Inf; lower runs.lr "
-                "or check the data; rounds before it are kept")
+        return (
+            f"round {r}: the loss or the global weights became NaN/Inf; lower runs.lr "
+            "or check the data; rounds before it are kept"
+        )
 
     def commit() -> dict | None:
         """Evaluate round ``done``'s global model if due, write its rows (and checkpoint); its
@@ -202,15 +250,30 @@ def _run_one(cfg: ExperimentConfig, run: RunConfig, dataset: FederatedDataset, b
             if algo.keeps_bn_local:
                 acc, loss, acc_mean = _evaluate_bn_local(algo, state_r, model, dataset, store_r, backend, cfg)
             else:
-                (acc, loss), acc_mean = algo.evaluate(state_r, model, dataset.test, cfg.engine.eval_batch_size), None
+                (acc, loss), acc_mean = (
+                    algo.evaluate(state_r, model, dataset.test, cfg.engine.eval_batch_size),
+                    None,
+                )
             if loss is not None and not np.isfinite(loss):
                 return None
             row = {**row, "test_accuracy": acc, "test_loss": loss, "test_accuracy_clients_mean": acc_mean}
         for x in results:
-            log.add("clients", {"run_id": run.label, "round": r, "client_id": x.client_id,
-                                "n_examples": x.n_examples, "train_loss": None if x.dropped else x.train_loss,
-                                "bytes_up": x.bytes_up, "bytes_down": x.bytes_down, "seconds": x.seconds,
-                                "worker": x.worker, "attempt": x.attempt, "dropped": x.dropped})
+            log.add(
+                "clients",
+                {
+                    "run_id": run.label,
+                    "round": r,
+                    "client_id": x.client_id,
+                    "n_examples": x.n_examples,
+                    "train_loss": None if x.dropped else x.train_loss,
+                    "bytes_up": x.bytes_up,
+                    "bytes_down": x.bytes_down,
+                    "seconds": x.seconds,
+                    "worker": x.worker,
+                    "attempt": x.attempt,
+                    "dropped": x.dropped,
+                },
+            )
         log.add("rounds", row)
         log.flush()
         if (r + 1) % cfg.engine.checkpoint_every == 0 or r == rounds - 1:
@@ -239,8 +302,12 @@ def _run_one(cfg: ExperimentConfig, run: RunConfig, dataset: FederatedDataset, b
         except RoundTimeout as err:
             status, message = "failed", str(err)
             break
-        results = [x if not x.dropped else replace(x, bytes_down=0 if plan.pooled else P.nbytes(broadcast) + P.nbytes(e or {}))
-                   for x, e in zip(results, extras)]
+        results = [
+            x
+            if not x.dropped
+            else replace(x, bytes_down=0 if plan.pooled else P.nbytes(broadcast) + P.nbytes(e or {}))
+            for x, e in zip(results, extras)
+        ]
         kept = [x for x in results if not x.dropped]
         if algo.stateful:
             store = {**store, **{x.client_id: backend.put_state(x.state) for x in kept}}
@@ -254,16 +321,30 @@ def _run_one(cfg: ExperimentConfig, run: RunConfig, dataset: FederatedDataset, b
             status, message = "diverged", diverged(r)
             break
         model = algo.reference_model(algo.model_widths(state))  # global widths (FedMA's grow)
-        row = {"run_id": run.label, "algorithm": run.algorithm, "round": r, "phase": plan.phase,
-               "layer": plan.layer, "test_accuracy": None, "test_loss": None, "train_loss": train_loss,
-               "bytes_up": up, "bytes_down": down, "cum_bytes_up": cum_up, "cum_bytes_down": cum_down,
-               "cum_bytes": cum_up + cum_down, "global_params": algo.global_size(state, model),
-               # what a client trained, on its own model (FedMA's local widths differ from the global)
-               "trainable_params": (max(x.trainable_params for x in kept) if kept
-                                    else trainable_count(model, plan.trainable)),
-               "clients": len(kept),
-               "flops": int(sum(x.macs for x in kept)), "test_accuracy_clients_mean": None,
-               "wall_seconds": time.perf_counter() - t0}
+        row = {
+            "run_id": run.label,
+            "algorithm": run.algorithm,
+            "round": r,
+            "phase": plan.phase,
+            "layer": plan.layer,
+            "test_accuracy": None,
+            "test_loss": None,
+            "train_loss": train_loss,
+            "bytes_up": up,
+            "bytes_down": down,
+            "cum_bytes_up": cum_up,
+            "cum_bytes_down": cum_down,
+            "cum_bytes": cum_up + cum_down,
+            "global_params": algo.global_size(state, model),
+            # what a client trained, on its own model (FedMA's local widths differ from the global)
+            "trainable_params": (
+                max(x.trainable_params for x in kept) if kept else trainable_count(model, plan.trainable)
+            ),
+            "clients": len(kept),
+            "flops": int(sum(x.macs for x in kept)),
+            "test_accuracy_clients_mean": None,
+            "wall_seconds": time.perf_counter() - t0,
+        }
         due = plan.evaluate and ((r + 1) % cfg.engine.eval_every == 0 or r == rounds - 1)
         done = (row, results, due, state, store, cum_up, cum_down)
     if done is not None:

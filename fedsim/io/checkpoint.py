@@ -72,4 +72,6 @@ def load(run_dir: str | Path, run_id: str) -> dict[str, Any] | None:
     try:
         return torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or unsafe files
-        raise ValueError(f"checkpoint {str(path)!r} cannot be loaded safely ({err.__class__.__name__})") from None
+        raise ValueError(
+            f"checkpoint {str(path)!r} cannot be loaded safely ({err.__class__.__name__})"
+        ) from None

@@ -1,4 +1,4 @@
-"""Parquet run logs: the product's output (DESIGN.md decision 5).
+"""Parquet run logs: the product's output (docs/design.md decision 5).
 
 An experiment directory holds three tables with schemas fixed from round 0:
 
@@ -31,30 +31,62 @@ from fedsim.io import storage
 
 _TS = pa.timestamp("us", tz="UTC")
 
-RUNS_SCHEMA = pa.schema([
-    ("run_id", pa.string()), ("experiment", pa.string()), ("algorithm", pa.string()),
-    ("config_json", pa.string()), ("seed", pa.int64()), ("fedsim_version", pa.string()),
-    ("versions_json", pa.string()), ("status", pa.string()), ("message", pa.string()),
-    ("started_at", _TS), ("finished_at", _TS), ("dry_run", pa.bool_()),
-])
+RUNS_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("experiment", pa.string()),
+        ("algorithm", pa.string()),
+        ("config_json", pa.string()),
+        ("seed", pa.int64()),
+        ("fedsim_version", pa.string()),
+        ("versions_json", pa.string()),
+        ("status", pa.string()),
+        ("message", pa.string()),
+        ("started_at", _TS),
+        ("finished_at", _TS),
+        ("dry_run", pa.bool_()),
+    ]
+)
 
-ROUNDS_SCHEMA = pa.schema([
-    ("run_id", pa.string()), ("algorithm", pa.string()), ("round", pa.int64()),
-    ("phase", pa.string()), ("layer", pa.int64()),
-    ("test_accuracy", pa.float64()), ("test_loss", pa.float64()), ("train_loss", pa.float64()),
-    ("bytes_up", pa.int64()), ("bytes_down", pa.int64()),
-    ("cum_bytes_up", pa.int64()), ("cum_bytes_down", pa.int64()), ("cum_bytes", pa.int64()),
-    ("global_params", pa.int64()), ("trainable_params", pa.int64()), ("flops", pa.int64()),
-    ("test_accuracy_clients_mean", pa.float64()),
-    ("clients", pa.int64()), ("wall_seconds", pa.float64()),
-])
+ROUNDS_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("algorithm", pa.string()),
+        ("round", pa.int64()),
+        ("phase", pa.string()),
+        ("layer", pa.int64()),
+        ("test_accuracy", pa.float64()),
+        ("test_loss", pa.float64()),
+        ("train_loss", pa.float64()),
+        ("bytes_up", pa.int64()),
+        ("bytes_down", pa.int64()),
+        ("cum_bytes_up", pa.int64()),
+        ("cum_bytes_down", pa.int64()),
+        ("cum_bytes", pa.int64()),
+        ("global_params", pa.int64()),
+        ("trainable_params", pa.int64()),
+        ("flops", pa.int64()),
+        ("test_accuracy_clients_mean", pa.float64()),
+        ("clients", pa.int64()),
+        ("wall_seconds", pa.float64()),
+    ]
+)
 
-CLIENTS_SCHEMA = pa.schema([
-    ("run_id", pa.string()), ("round", pa.int64()), ("client_id", pa.int64()),
-    ("n_examples", pa.int64()), ("train_loss", pa.float64()),
-    ("bytes_up", pa.int64()), ("bytes_down", pa.int64()), ("seconds", pa.float64()),
-    ("worker", pa.string()), ("attempt", pa.int64()), ("dropped", pa.bool_()),
-])
+CLIENTS_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("round", pa.int64()),
+        ("client_id", pa.int64()),
+        ("n_examples", pa.int64()),
+        ("train_loss", pa.float64()),
+        ("bytes_up", pa.int64()),
+        ("bytes_down", pa.int64()),
+        ("seconds", pa.float64()),
+        ("worker", pa.string()),
+        ("attempt", pa.int64()),
+        ("dropped", pa.bool_()),
+    ]
+)
 
 TABLES = {"runs": RUNS_SCHEMA, "rounds": ROUNDS_SCHEMA, "clients": CLIENTS_SCHEMA}
 
@@ -104,7 +136,7 @@ class RunLog:
         self._dirty.add(table)
 
     @classmethod
-    def read(cls, run_dir: str | Path) -> "RunLog":
+    def read(cls, run_dir: str | Path) -> RunLog:
         """The log of an existing experiment directory, its rows read back from the Parquet files.
 
         Raises:
@@ -127,7 +159,9 @@ class RunLog:
     def truncate(self, run_id: str, after_round: int) -> None:
         """Drop the rounds and clients rows of ``run_id`` whose round is > ``after_round``."""
         for name in ("rounds", "clients"):
-            self.rows[name] = [r for r in self.rows[name] if r["run_id"] != run_id or r["round"] <= after_round]
+            self.rows[name] = [
+                r for r in self.rows[name] if r["run_id"] != run_id or r["round"] <= after_round
+            ]
             self._changed(name)
 
     def update_run(self, run_id: str, **fields: Any) -> None:
@@ -147,7 +181,7 @@ class RunLog:
         for name in ("clients", "rounds", "runs"):
             if name not in self._dirty:
                 continue
-            new = self.rows[name][self._converted[name]:]
+            new = self.rows[name][self._converted[name] :]
             if new:
                 self._batches[name].append(pa.RecordBatch.from_pylist(new, schema=TABLES[name]))
                 self._converted[name] = len(self.rows[name])

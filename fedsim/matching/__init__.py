@@ -1,4 +1,4 @@
-"""Neuron matching for FedMA and PFNM (ALGORITHMS.md sections 2-4).
+"""Neuron matching for FedMA and PFNM (docs/algorithms.md sections 2-4).
 
 * :func:`bbp_map` (bbp.py): BBP-MAP, PFNM's MAP solver that FedMA uses to match one layer's
   neurons across clients; returns a :class:`MatchResult`.

@@ -1,6 +1,6 @@
 """Views between a network's layers and the atoms (neuron vectors) that BBP-MAP matches.
 
-ALGORITHMS.md sections 3 and 4; FedMA (Wang et al., ICLR 2020) sections 2-3; PFNM (Yurochkin et
+docs/algorithms.md sections 3 and 4; FedMA (Wang et al., ICLR 2020) sections 2-3; PFNM (Yurochkin et
 al., ICML 2019) section 3. Everything is driven by :class:`fedsim.models.base.MatchLayer` metadata
 (kind, weight/bias keys, the next layer's weight and its ``next_block``, recurrent keys); no
 function here relies on parameter order or index arithmetic over a model.
@@ -168,7 +168,7 @@ def _own_out_axis(state, layer: MatchLayer, key: str, fn) -> torch.Tensor:
 
 
 def layer_atoms(state: Mapping[str, torch.Tensor], layer: MatchLayer) -> torch.Tensor:
-    """The atoms of ``layer``: one row per unit (ALGORITHMS.md section 3; PFNM section 3).
+    """The atoms of ``layer``: one row per unit (docs/algorithms.md section 3; PFNM section 3).
 
     * linear: [weight row (in) | bias] -> D = in + 1;
     * conv2d: [kernel flattened C_in*kh*kw | bias] -> D = C_in*kh*kw + 1;
@@ -337,7 +337,7 @@ def permute_next_input(
 ) -> dict[str, torch.Tensor]:
     """Move the NEXT layer's input axis of a client to the global positions of its assignment.
 
-    After ``layer`` is matched (FedMA section 2, ALGORITHMS.md sections 3-4), the client's input
+    After ``layer`` is matched (FedMA section 2, docs/algorithms.md sections 3-4), the client's input
     slot l of ``layer.next_weight`` (a block of ``next_block`` columns: a k*k kernel slice for
     conv->conv, H*W channel-major columns for conv->linear, one column for linear->linear,
     embedding->LSTM and LSTM->decoder) moves to global position ``assignment[l]``; the other
@@ -370,7 +370,7 @@ def permute_recurrent(
 ) -> dict[str, torch.Tensor]:
     """Place an LSTM's hidden-to-hidden tensors at global positions: Pi H Pi^T per gate.
 
-    ALGORITHMS.md section 3 (FedMA section 2, its extension to LSTMs): recurrent weights are not
+    docs/algorithms.md section 3 (FedMA section 2, its extension to LSTMs): recurrent weights are not
     matched but aggregated as H_glob = (1/J) sum_j Pi_j H_j Pi_j^T per gate. ``weight_hh``
     (4L_j, L_j) becomes (4L, L) with rows (within each gate block) and columns moved by ``assignment``; ``bias_hh``
     (4L_j,) becomes (4L,) with rows moved; positions no unit of the client maps to are zero.
@@ -402,7 +402,7 @@ def permute_recurrent(
                 f"layer {layer.name!r}: {key!r} of shape {tuple(t.shape)} is not (4H, H) or (4H,)"
             )
         idx = _as_index(assignment, L_j, L, f"layer {layer.name!r}", t.device)
-        t = _gated(t, lambda v, ax: _place(v, ax, idx, L))
+        t = _gated(t, lambda v, ax, idx=idx: _place(v, ax, idx, L))
         if t.ndim == 2:
             t = _place(t, 1, idx, L)
         out[key] = t
@@ -416,7 +416,7 @@ def slice_to_client(
 ) -> dict[str, torch.Tensor]:
     """The global model cut back to a client's ORIGINAL widths (FedMA with communication).
 
-    ALGORITHMS.md section 4: the client keeps global unit ``a[l]`` at local position l, on the
+    docs/algorithms.md section 4: the client keeps global unit ``a[l]`` at local position l, on the
     output axis of every matched layer (and both axes of LSTM recurrent tensors) and on the input
     axis of the next layer. Tensors not tied to a matched layer's units are passed through.
 
@@ -447,7 +447,7 @@ def slice_to_client(
         L = n_units(out, layer)
         n = len(a) if not isinstance(a, torch.Tensor) else int(a.shape[0])
         idx = _as_index(a, n, L, f"layer {layer.name!r}", out[layer.weight].device)
-        take = lambda v, ax: _take(v, ax, idx)  # noqa: E731
+        take = lambda v, ax, idx=idx: _take(v, ax, idx)  # noqa: E731
         _bias(out, layer, L)  # validates the bias shape
         for key in (layer.weight, layer.bias):
             if key is not None:

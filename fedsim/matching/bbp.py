@@ -1,10 +1,10 @@
-"""BBP-MAP neuron matching: the MAP solver of PFNM, used by FedMA (ALGORITHMS.md section 2).
+"""BBP-MAP neuron matching: the MAP solver of PFNM, used by FedMA (docs/algorithms.md section 2).
 
 Sources: Yurochkin et al., "Bayesian Nonparametric Federated Learning of Neural Networks"
 (PFNM, ICML 2019), section 3 (Beta-Bernoulli process model, Proposition 1 for the posterior of a
 global neuron, and the Hungarian sub-problem solved for one client at a time); Wang et al.,
 "Federated Learning with Matched Averaging" (FedMA, ICLR 2020), section 2 (BBP-MAP as the layer
-matcher). Notation follows ALGORITHMS.md section 2.
+matcher). Notation follows docs/algorithms.md section 2.
 
 Implementation notes (what makes it fast; all exact, no approximation):
 
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["MatchResult", "bbp_map", "score_matrix", "POPULARITY_CAP"]
+__all__ = ["POPULARITY_CAP", "MatchResult", "bbp_map", "score_matrix"]
 
 POPULARITY_CAP = 10
 """c = min(n_i, POPULARITY_CAP) in the popularity term log(c / (J - c)) (authors' code)."""
@@ -147,7 +147,7 @@ class _Prior:
 def _new_row_scores(wp: torch.Tensor, prior: _Prior, wsq: torch.Tensor | None = None) -> torch.Tensor:
     """(L_j,) row part of the new-neuron score: sum_d (w'+m0)^2/(p0+s) - sum_d m0^2/p0.
 
-    PFNM section 3 (cost of opening a new global neuron); ALGORITHMS.md section 2. ``wsq`` (L_j,)
+    PFNM section 3 (cost of opening a new global neuron); docs/algorithms.md section 2. ``wsq`` (L_j,)
     are the row sums of w'^2, used when s and p0 are constant over coordinates.
     """
     const = (prior.m0**2 / prior.p0).sum()
@@ -179,7 +179,7 @@ def _existing_scores(
     """(L_j, L) scores of joining each existing neuron, in ``wp``'s dtype and on its device.
 
     score[l, i] = sum_d (w'_ld + G_id)^2 / (s_d + P_id) - sum_d G_id^2 / P_id + log(c_i / (J - c_i))
-    (PFNM section 3; ALGORITHMS.md section 2), with P_i = p0 + n_i s. ``wp`` (L_j, D) is w' = w * s,
+    (PFNM section 3; docs/algorithms.md section 2), with P_i = p0 + n_i s. ``wp`` (L_j, D) is w' = w * s,
     ``G`` (L >= 1, D) and ``counts`` (L,) the state without this client, ``wsq`` (L_j,) optionally
     the precomputed row sums of w'^2.
     """
@@ -241,7 +241,7 @@ def score_matrix(
     """The BBP-MAP score matrix of one client against the current global state (to MAXIMISE).
 
     PFNM (Yurochkin et al., ICML 2019) section 3, the Hungarian sub-problem for one client with
-    the others fixed; formulas exactly as ALGORITHMS.md section 2, with s = 1/sigma2,
+    the others fixed; formulas exactly as docs/algorithms.md section 2, with s = 1/sigma2,
     p0 = 1/sigma0_2, m0 = prior_mean * p0, w' = w * s and P_i = p0 + n_i * s:
 
     * existing neuron i (column i < L):
@@ -324,7 +324,9 @@ class _GlobalState:
     scores and, on the fast path, |w'|^2 per row) are computed once.
     """
 
-    def __init__(self, wp: list[torch.Tensor], prior: _Prior, cap: int | None, budget: int | None = None) -> None:
+    def __init__(
+        self, wp: list[torch.Tensor], prior: _Prior, cap: int | None, budget: int | None = None
+    ) -> None:
         self.wp = wp
         self.wsq = [(w * w).sum(1) if prior.scalar is not None else None for w in wp]
         # new-neuron scores, negated for the minimising solver: -(row term) (L_j,) float64
@@ -354,8 +356,11 @@ class _GlobalState:
         """Open one neuron per row of ``rows`` (w' values): G = m0 + w', count 1; returns ids."""
         L, n = self.L, int(rows.shape[0])
         if L + n > self.buf.shape[0]:
-            new = torch.empty((max(2 * self.buf.shape[0], L + n), self.buf.shape[1]),
-                              dtype=self.buf.dtype, device=self.buf.device)
+            new = torch.empty(
+                (max(2 * self.buf.shape[0], L + n), self.buf.shape[1]),
+                dtype=self.buf.dtype,
+                device=self.buf.device,
+            )
             new[:L] = self.buf[:L]
             self.buf = new
         torch.add(rows, self.prior.m0[None, :], out=self.buf[L : L + n])
@@ -391,7 +396,9 @@ class _GlobalState:
                 f"BBP-MAP scores overflowed in {wp.dtype} (atoms or 1/sigma2 too large); "
                 "pass float64 atoms or rescale them"
             )
-        from scipy.optimize import linear_sum_assignment  # here: scipy.optimize costs every worker 0.3 s to import
+        from scipy.optimize import (
+            linear_sum_assignment,  # here: scipy.optimize costs every worker 0.3 s to import
+        )
 
         rows, cols = linear_sum_assignment(cost)
         a = np.empty(L_j, dtype=np.int64)
@@ -462,7 +469,7 @@ def bbp_map(
 ) -> MatchResult:
     """Match J clients' neurons into global neurons by BBP-MAP (PFNM's MAP solver, FedMA's matcher).
 
-    Algorithm (PFNM section 3; FedMA section 2; ALGORITHMS.md section 2): clients are sorted by
+    Algorithm (PFNM section 3; FedMA section 2; docs/algorithms.md section 2): clients are sorted by
     decreasing L_j (stable); the first opens one global neuron per row; each other client is
     matched in that order by a rectangular linear assignment on the score matrix of
     :func:`score_matrix` (``scipy.optimize.linear_sum_assignment``, maximised); then
@@ -530,14 +537,21 @@ def bbp_map(
                 f"(each neuron of the largest client needs its own global neuron); "
                 f"got {max_global_neurons!r}"
             )
-    if growth_budget is not None and (isinstance(growth_budget, bool) or int(growth_budget) != growth_budget
-                                      or growth_budget < 1):
-        raise ValueError(f"growth_budget must be an integer >= 1 (the authors use 700); got {growth_budget!r}")
+    if growth_budget is not None and (
+        isinstance(growth_budget, bool) or int(growth_budget) != growth_budget or growth_budget < 1
+    ):
+        raise ValueError(
+            f"growth_budget must be an integer >= 1 (the authors use 700); got {growth_budget!r}"
+        )
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
 
     unit_s = prior.scalar is not None and prior.scalar[0] == 1.0
-    state = _GlobalState([t if unit_s else t * prior.s for t in ts], prior, cap,
-                         None if growth_budget is None else int(growth_budget))
+    state = _GlobalState(
+        [t if unit_s else t * prior.s for t in ts],
+        prior,
+        cap,
+        None if growth_budget is None else int(growth_budget),
+    )
     order = np.argsort(-sizes, kind="stable")
     state.initialise(int(order[0]))
     for j in order[1:]:

@@ -1,7 +1,7 @@
 """fedsim models: a registry, a builder that checks model/dataset fit, and forward-cost counting.
 
 Every model is a :class:`~fedsim.models.base.FedModel` that lists its layer groups (FedPart) and
-matchable layers (FedMA), and can be built at any widths (DESIGN.md decision 7).
+matchable layers (FedMA), and can be built at any widths (docs/design.md decision 7).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from fedsim.models.vgg import VGG9
 
 __all__ = [
     "MODELS",
+    "VGG9",
     "CharLSTM",
     "DigitsCNN",
     "FedModel",
@@ -33,9 +34,8 @@ __all__ = [
     "MatchLayer",
     "MoonCNN",
     "ProjectionHeadModel",
-    "ResNet18",
     "ResNet8",
-    "VGG9",
+    "ResNet18",
     "build_model",
     "forward_macs",
     "model_class",
@@ -63,7 +63,7 @@ def model_class(name: str) -> type[FedModel]:
     Raises:
         FedsimError: ``name`` is neither.
     """
-    base, suffix = name[: -len(MOON_SUFFIX)], name[-len(MOON_SUFFIX):]
+    base, suffix = name[: -len(MOON_SUFFIX)], name[-len(MOON_SUFFIX) :]
     if name in MODELS:
         return MODELS[name]
     if suffix == MOON_SUFFIX and base in MODELS:
@@ -127,14 +127,12 @@ def build_model(
             if fitting
             else "no built-in model takes this shape; choose a dataset with another input shape"
         )
-        raise FedsimError(
-            f"model {name!r} cannot take the dataset's input shape {shape}; {fix}"
-        )
+        raise FedsimError(f"model {name!r} cannot take the dataset's input shape {shape}; {fix}")
     return cls(num_classes=num_classes, widths=widths, generator=generator)
 
 
 def forward_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
-    """Multiply-accumulates of one forward pass, per example (ALGORITHMS.md section 6).
+    """Multiply-accumulates of one forward pass, per example (docs/algorithms.md section 6).
 
     Counted per layer call, by forward hooks during one forward pass of a single all-zero example
     (float32, or int64 symbol ids when the model's ``input_dtype`` is int64), in eval mode under

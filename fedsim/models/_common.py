@@ -1,6 +1,6 @@
 """Helpers shared by the model files: width validation and generator-driven initialisation.
 
-Every fedsim model is built without touching torch's global RNG (DESIGN.md decision 4): layers are
+Every fedsim model is built without touching torch's global RNG (docs/design.md decision 4): layers are
 created inside :func:`torch.random.fork_rng` (so PyTorch's own default initialisation draws from a
 saved-and-restored global state) and every parameter is then re-initialised from a caller-provided
 ``torch.Generator``.
@@ -35,8 +35,7 @@ def resolve_widths(
     for key, value in (widths or {}).items():
         if key not in defaults:
             raise FedsimError(
-                f"{model} has no hidden layer {key!r} in widths; use keys among "
-                f"{', '.join(defaults)}"
+                f"{model} has no hidden layer {key!r} in widths; use keys among {', '.join(defaults)}"
             )
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise FedsimError(

@@ -1,4 +1,4 @@
-"""Structure metadata every fedsim model carries (DESIGN.md decision 7).
+"""Structure metadata every fedsim model carries (docs/design.md decision 7).
 
 Algorithms read a model's structure from here, never from parameter-index arithmetic:
 FedPart schedules :class:`LayerGroup` s, FedMA matches :class:`MatchLayer` s in order.
@@ -29,7 +29,7 @@ class LayerGroup:
 
 @dataclass(frozen=True)
 class MatchLayer:
-    """A layer whose output units FedMA matches (ALGORITHMS.md section 3).
+    """A layer whose output units FedMA matches (docs/algorithms.md section 3).
 
     Attributes:
         name: width key of the layer, e.g. ``"conv1"``; ``model.widths[name]`` is its unit count.
@@ -68,8 +68,12 @@ class FedModel(nn.Module):
     DEFAULT_WIDTHS: dict[str, int]
     widths: dict[str, int]
 
-    def __init__(self, num_classes: int = 10, widths: dict[str, int] | None = None,
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        num_classes: int = 10,
+        widths: dict[str, int] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
         """Check ``num_classes`` and ``widths`` (keys of ``DEFAULT_WIDTHS``), build the layers
         with torch's global RNG left untouched, then draw every parameter from ``generator``
         (None: a generator seeded with ``DEFAULT_INIT_SEED``), so weights are deterministic.
@@ -78,7 +82,11 @@ class FedModel(nn.Module):
             FedsimError: bad ``num_classes``, ``widths`` or ``generator``.
         """
         from fedsim.models._common import (  # _common imports this module
-            check_num_classes, generator_or_default, global_rng_untouched, resolve_widths)
+            check_num_classes,
+            generator_or_default,
+            global_rng_untouched,
+            resolve_widths,
+        )
 
         super().__init__()
         self.num_classes = check_num_classes(self.NAME, num_classes)

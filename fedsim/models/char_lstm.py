@@ -96,7 +96,12 @@ class CharLSTM(FedModel):
         return [
             MatchLayer("embedding", "embedding", "embedding.weight", None, "lstm.weight_ih_l0", 1),
             MatchLayer(
-                "lstm", "lstm", "lstm.weight_ih_l0", "lstm.bias_ih_l0", "decoder.weight", 1,
+                "lstm",
+                "lstm",
+                "lstm.weight_ih_l0",
+                "lstm.bias_ih_l0",
+                "decoder.weight",
+                1,
                 recurrent=("lstm.weight_hh_l0", "lstm.bias_hh_l0"),
             ),
         ]

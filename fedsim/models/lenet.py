@@ -68,7 +68,11 @@ class LeNet(FedModel):
         return [
             MatchLayer("conv1", "conv2d", "conv1.weight", "conv1.bias", "conv2.weight", 1),
             MatchLayer(
-                "conv2", "conv2d", "conv2.weight", "conv2.bias", "fc1.weight",
+                "conv2",
+                "conv2d",
+                "conv2.weight",
+                "conv2.bias",
+                "fc1.weight",
                 self._SPATIAL_AFTER_CONV2,
             ),
             MatchLayer("fc1", "linear", "fc1.weight", "fc1.bias", "fc2.weight", 1),

@@ -1,5 +1,5 @@
 """MOON's model shape: encoder -> projection head -> classifier on the projection (Li, He, Song,
-"Model-Contrastive Federated Learning", CVPR 2021, section 3.2 and 4.1; ALGORITHMS.md section 1).
+"Model-Contrastive Federated Learning", CVPR 2021, section 3.2 and 4.1; docs/algorithms.md section 1).
 
 The encoder maps an example to a representation h of size d; the projection head is
 Linear(d, d) -> ReLU -> Linear(d, 256) and gives z, the vector MOON's contrastive loss compares; the
@@ -129,16 +129,14 @@ class ProjectionHeadModel(FedModel):
         is built), then the projection head and the classifier."""
         base_widths = {k: v for k, v in self.widths.items() if k != "projection"}
         encoder = self.BASE(num_classes=self.num_classes, widths=base_widths, generator=generator)
-        w_key, b_key = encoder.classifier()
+        w_key, _b_key = encoder.classifier()
         head_name = w_key.rsplit(".", 1)[0]
         head = encoder.get_submodule(head_name)
         if not isinstance(head, nn.Linear):
             raise TypeError(f"{self.BASE.__name__}'s classifier {head_name!r} is not nn.Linear")
         d = head.in_features
         # The encoder's groups without the classifier's, taken before the classifier is removed.
-        self._encoder_groups = tuple(
-            grp for grp in encoder.layer_groups() if w_key not in grp.tensors
-        )
+        self._encoder_groups = tuple(grp for grp in encoder.layer_groups() if w_key not in grp.tensors)
         parent_name, _, attr = head_name.rpartition(".")
         parent = encoder.get_submodule(parent_name) if parent_name else encoder
         setattr(parent, attr, nn.Identity())  # encoder(x) now returns h, (B, d)
@@ -190,10 +188,8 @@ class ProjectionHeadModel(FedModel):
         return ("fc.weight", "fc.bias")
 
 
-@functools.lru_cache(maxsize=None)
-def _head_class(
-    base: type[FedModel], name: str, class_name: str
-) -> type[ProjectionHeadModel]:
+@functools.cache
+def _head_class(base: type[FedModel], name: str, class_name: str) -> type[ProjectionHeadModel]:
     """The (cached, hence unique) :class:`ProjectionHeadModel` subclass over ``base``."""
     attrs: dict[str, object] = {
         "BASE": base,
@@ -236,9 +232,7 @@ def with_projection_head(model: str | type[FedModel]) -> type[ProjectionHeadMode
     else:
         base = model
     if issubclass(base, ProjectionHeadModel):
-        raise FedsimError(
-            f"model {base.NAME!r} already has MOON's projection head; drop {MOON_SUFFIX!r}"
-        )
+        raise FedsimError(f"model {base.NAME!r} already has MOON's projection head; drop {MOON_SUFFIX!r}")
     return _head_class(base, f"{base.NAME}{MOON_SUFFIX}", f"{base.__name__}Moon")
 
 

@@ -153,9 +153,7 @@ class _ResNet(FedModel):
                 groups.append(_conv_bn_group(f"{p}.conv1", f"{p}.conv1", f"{p}.bn1"))
                 groups.append(_conv_bn_group(f"{p}.conv2", f"{p}.conv2", f"{p}.bn2"))
                 if block.downsample is not None:
-                    groups.append(
-                        _conv_bn_group(f"{p}.downsample", f"{p}.downsample.0", f"{p}.downsample.1")
-                    )
+                    groups.append(_conv_bn_group(f"{p}.downsample", f"{p}.downsample.0", f"{p}.downsample.1"))
         groups.append(LayerGroup("fc", ("fc.weight", "fc.bias")))
         return groups
 

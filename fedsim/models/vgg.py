@@ -13,6 +13,8 @@ mode it draws from torch's global RNG, so whoever trains the model decides how t
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,8 +50,14 @@ class VGG9(FedModel):
     INPUT_SHAPE = (3, 32, 32)
     input_dtype = torch.float32
     DEFAULT_WIDTHS = {
-        "conv1": 32, "conv2": 64, "conv3": 128, "conv4": 128,
-        "conv5": 256, "conv6": 256, "fc1": 512, "fc2": 512,
+        "conv1": 32,
+        "conv2": 64,
+        "conv3": 128,
+        "conv4": 128,
+        "conv5": 256,
+        "conv6": 256,
+        "fc1": 512,
+        "fc2": 512,
     }
     _SPATIAL_AFTER_CONV6 = 4 * 4  # 32 -pool-> 16 -pool-> 8 -pool-> 4
 
@@ -103,11 +111,15 @@ class VGG9(FedModel):
         fc1 -> fc2, fc2 -> fc3 (block 1)."""
         layers = [
             MatchLayer(name, "conv2d", f"{name}.weight", f"{name}.bias", f"{nxt}.weight", 1)
-            for name, nxt in zip(_CONVS[:-1], _CONVS[1:])
+            for name, nxt in itertools.pairwise(_CONVS)
         ]
         layers.append(
             MatchLayer(
-                "conv6", "conv2d", "conv6.weight", "conv6.bias", "fc1.weight",
+                "conv6",
+                "conv2d",
+                "conv6.weight",
+                "conv6.bias",
+                "fc1.weight",
                 self._SPATIAL_AFTER_CONV6,
             )
         )
