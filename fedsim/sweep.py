@@ -23,8 +23,9 @@ trainable (:func:`run_trial`) that runs the experiment through :mod:`fedsim.engi
 none, as under ``fedsim run``) and one per ClientWorker of the pool. Ray Tune starts the trainable
 inside that group with ``placement_group_capture_child_tasks``, so the pool that ``execute``
 starts from the trainable lands in the group's bundles. Trials run as many at a time as the
-cluster fits (``--max-concurrent`` caps it). See docs/sweeps.md for what this does not cover (a
-worker that replaces a dead one is started outside the group).
+cluster fits (``--max-concurrent`` caps it). The driver actor joins the group too
+(:func:`fedsim.engine.api.execute`), so a worker that replaces a dead one stays in the trial's
+reservation.
 """
 
 from __future__ import annotations

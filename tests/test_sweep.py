@@ -301,12 +301,17 @@ def _client_worker_pids() -> set[int]:
 SLOW = [{"algorithm": "fedavg", "rounds": 3, "local_epochs": 8, "lr": 0.05, "batch_size": 8}]
 
 
+@pytest.mark.timeout(300)
 def test_a_trial_whose_worker_is_killed_completes_with_the_clean_result(ray_local, tmp_path, capsys):
     from fedsim.cli import main
 
-    # One worker of one CPU: the trial's placement group holds it and the other CPU stays free for
-    # the replacement, which fedsim's driver actor starts outside the group (docs/sweeps.md).
-    base = tiny_experiment(runs=SLOW, engine={"backend": "ray", "clients_per_round": 3, "num_workers": 1})
+    # Two workers of one CPU each: the trial's placement group reserves both CPUs of the session's
+    # Ray, so the replacement can only start inside the group, in the CPU the dead worker released
+    # (a replacement scheduled outside the group would wait for a free CPU forever).
+    base = tiny_experiment(
+        runs=SLOW,
+        engine={"backend": "ray", "clients_per_round": 3, "num_workers": 2, "cpus_per_worker": 1},
+    )
     out = tmp_path / "out"
     earlier = _client_worker_pids()
     killed: list[int] = []

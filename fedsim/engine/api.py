@@ -402,6 +402,30 @@ finish after the workers do, as they did before they overlapped. The rest of a r
 aggregating, submitting) runs while the workers wait, so niceness does not slow it."""
 
 
+def _driver_placement():
+    """Where the driver actor runs: on this node (a local run directory is on this machine's disk).
+
+    Inside a placement group (a sweep trial: Ray Tune starts the trial in its group's bundle 0,
+    on this node), the driver goes into bundle 0 of that group and captures its child tasks, so
+    a ClientWorker it starts to replace a dead one is placed in the trial's group too, in the
+    resources the dead worker released, instead of outside the trial's reservation. Elsewhere it
+    is pinned to this node with a hard node affinity.
+    """
+    import ray
+    from ray.util.placement_group import get_current_placement_group
+    from ray.util.scheduling_strategies import (
+        NodeAffinitySchedulingStrategy,
+        PlacementGroupSchedulingStrategy,
+    )
+
+    group = get_current_placement_group()
+    if group is not None:
+        return PlacementGroupSchedulingStrategy(
+            group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True
+        )
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+
+
 def _driver_class():
     import ray
 
@@ -460,7 +484,6 @@ def execute(
         yield from run_experiment(cfg, dataset, str(run_dir), SequentialBackend(cfg, dataset), resume)
         return
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from fedsim.engine.backends import LOCAL_INLINE_BYTES, RAY_INLINE_BYTES, RayBackend
 
@@ -470,8 +493,7 @@ def execute(
     inline_bytes = LOCAL_INLINE_BYTES if ours else RAY_INLINE_BYTES
     box = [ray.put(dataset)]
     workers = RayBackend.start_workers(cfg, box[0])  # they import torch while the driver starts
-    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    driver = _driver_class().options(scheduling_strategy=here).remote()
+    driver = _driver_class().options(scheduling_strategy=_driver_placement()).remote()
     try:
         for ref in driver.run.options(num_returns="streaming").remote(
             cfg, box, str(run_dir), resume, workers, inline_bytes
