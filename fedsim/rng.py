@@ -41,3 +41,12 @@ def torch_rng(seed: int, stream: str, round: int = 0, client: int = 0) -> torch.
     g = torch.Generator()
     g.manual_seed(seed_for(seed, stream, round, client))
     return g
+
+
+def sample_cohort(seed: int, round: int, num_clients: int, size: int) -> tuple[int, ...]:
+    """``size`` distinct client ids drawn uniformly without replacement from the
+    (seed, "cohort", round) stream, ascending. All clients when ``size == num_clients``."""
+    if size >= num_clients:
+        return tuple(range(num_clients))
+    ids = numpy_rng(seed, "cohort", round).choice(num_clients, size=size, replace=False)
+    return tuple(int(i) for i in np.sort(ids))

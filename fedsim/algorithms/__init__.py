@@ -1,36 +1,27 @@
-"""Algorithm registry: ``algorithm:`` name -> class. Each algorithm is one small module."""
+"""The algorithms, one small module each, and their registry (:data:`ALGORITHMS`).
+
+Importing this package imports every module in it, and each algorithm class registers itself with
+:func:`~fedsim.algorithms.registry.register`; adding an algorithm is adding its module.
+"""
+
+import importlib
+import pkgutil
 
 from fedsim.algorithms.base import Algorithm, ClientContext, ClientResult, ClientTask, RoundPlan, ServerState
-from fedsim.algorithms.baselines import Ensemble, EntireData, LocalModels
-from fedsim.algorithms.fedavg import FedAvg
-from fedsim.algorithms.fedma import PFNM, FedMA
-from fedsim.algorithms.fednova import FedNova
-from fedsim.algorithms.fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi
-from fedsim.algorithms.fedpart import FedPart
-from fedsim.algorithms.fedprox import FedProx
-from fedsim.algorithms.moon import MOON
-from fedsim.algorithms.scaffold import Scaffold
+from fedsim.algorithms.registry import ALGORITHMS, register
 
-ALGORITHMS: dict[str, type[Algorithm]] = {
-    cls.name: cls
-    for cls in (
-        FedAvg,
-        FedProx,
-        MOON,
-        FedPart,
-        FedMA,
-        PFNM,
-        Ensemble,
-        LocalModels,
-        EntireData,
-        FedAvgM,
-        FedAdam,
-        FedYogi,
-        FedAdagrad,
-        Scaffold,
-        FedNova,
-    )
-}
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+from fedsim.algorithms.baselines import Ensemble, EntireData, LocalModels  # noqa: E402
+from fedsim.algorithms.fedavg import FedAvg  # noqa: E402
+from fedsim.algorithms.fedma import PFNM, FedMA  # noqa: E402
+from fedsim.algorithms.fednova import FedNova  # noqa: E402
+from fedsim.algorithms.fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi  # noqa: E402
+from fedsim.algorithms.fedpart import FedPart  # noqa: E402
+from fedsim.algorithms.fedprox import FedProx  # noqa: E402
+from fedsim.algorithms.moon import MOON  # noqa: E402
+from fedsim.algorithms.scaffold import Scaffold  # noqa: E402
 
 __all__ = [
     "ALGORITHMS",
@@ -40,6 +31,8 @@ __all__ = [
     "ClientContext",
     "ClientResult",
     "ClientTask",
+    "Ensemble",
+    "EntireData",
     "FedAdagrad",
     "FedAdam",
     "FedAvg",
@@ -49,7 +42,9 @@ __all__ = [
     "FedPart",
     "FedProx",
     "FedYogi",
+    "LocalModels",
     "RoundPlan",
     "Scaffold",
     "ServerState",
+    "register",
 ]

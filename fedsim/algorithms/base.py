@@ -97,7 +97,7 @@ class ClientResult:
             (FedMA: its partly matched local model, not the global one).
         local_steps: optimizer steps (minibatches) its local training took, tau_i in FedNova
             (Wang et al., NeurIPS 2020) and K in SCAFFOLD (Karimireddy et al., ICML 2020); 0 for a
-            dropped client. Reported here only, not in clients.parquet (whose schema is fixed).
+            dropped client; the ``local_steps`` column of clients.parquet.
     """
 
     client_id: int
@@ -115,6 +115,51 @@ class ClientResult:
     macs: int = 0
     trainable_params: int = 0
     local_steps: int = 0
+
+
+@dataclass(frozen=True)
+class WireFacts:
+    """What the dry run knows of a run's global model before it runs, for :meth:`Algorithm.traffic`.
+
+    Attributes:
+        state: the global model's state_dict at the configured widths (name -> tensor, its shapes
+            and dtypes; what the engine broadcasts each round).
+        params: scalar parameters of that model.
+        clients_per_round: k, cohort clients per round.
+        num_classes: K, the dataset's classes.
+    """
+
+    state: P.Params
+    params: int
+    clients_per_round: int
+    num_classes: int
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of the whole state_dict (numel x element size)."""
+        return P.nbytes(self.state)
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """One projected round as the dry run reports it: what crosses the wire, for the whole cohort.
+
+    Attributes:
+        phase: the phase label rounds.parquet will show (``"full"``, ``"partial"``, ``"one-shot"``,
+            ``"pooled"``).
+        bytes_up / bytes_down: bytes the cohort sends / receives in the round (numel x element size).
+        clients: client tasks the round runs (k; 1 for pooled training).
+        global_params: parameters of the model evaluated after the round (None: unknown before
+            running, as PFNM's matched model).
+        pooled: one task trains on every client's examples (compute counts all of them).
+    """
+
+    phase: str
+    bytes_up: int
+    bytes_down: int
+    clients: int
+    global_params: int | None
+    pooled: bool = False
 
 
 @dataclass
@@ -169,8 +214,9 @@ class Algorithm:
     """FedAvg, and the hooks every other algorithm overrides.
 
     Class attributes: ``name`` (the ``algorithm:`` value), ``Config`` (its run-config class).
-    ``stateful`` is True when clients keep state between rounds through the engine's store (here:
-    only their BatchNorm statistics under ``bn_stats: local``; FedMA, MOON and SCAFFOLD set it).
+    ``stateful`` is True when clients keep state between rounds through the engine's store (their
+    BatchNorm statistics under ``bn_stats: local``, or what a class with ``keeps_client_state``
+    keeps: FedMA, MOON and SCAFFOLD).
     """
 
     name: ClassVar[str] = "fedavg"
@@ -178,6 +224,19 @@ class Algorithm:
     #: forward passes per example and local epoch through frozen models for a returning client
     #: (one with stored state), counted in ``flops`` on top of training's 3F / 2F; MOON: 2
     frozen_forwards: ClassVar[int] = 0
+    #: clients keep state between rounds in the engine's store (MOON's previous model, FedMA's
+    #: partially matched model, SCAFFOLD's control variate); see :attr:`stateful`
+    keeps_client_state: ClassVar[bool] = False
+    #: every round trains and sends exactly the whole model each way (FedAvg's traffic): the dry
+    #: run's baseline for its byte and compute ratios
+    full_network: ClassVar[bool] = False
+    #: why the dry run cannot project this algorithm before it runs; None when it can
+    not_projectable: ClassVar[str | None] = None
+    #: run-config keys of a short run (3 communication rounds, or the algorithm's shortest
+    #: schedule): what the contract test over every registered algorithm runs
+    quick: ClassVar[dict[str, Any]] = {"rounds": 3}
+    #: what the model name needs appended for this algorithm (MOON: ``"+moon"``, a projection head)
+    model_suffix: ClassVar[str] = ""
 
     def __init__(
         self,
@@ -208,7 +267,9 @@ class Algorithm:
 
     @property
     def stateful(self) -> bool:
-        return self.keeps_bn_local
+        """Whether the engine keeps a state per client between rounds: the class keeps client
+        state (:attr:`keeps_client_state`) or the clients keep their BatchNorm statistics."""
+        return self.keeps_client_state or self.keeps_bn_local
 
     def reference_model(self, widths: dict[str, int] | None = None) -> FedModel:
         """A model of the experiment's architecture at ``widths`` (default: the configured ones),
@@ -289,7 +350,7 @@ class Algorithm:
     ) -> tuple[float, float]:
         """(accuracy, mean cross-entropy) of the global model on ``split``; ``model`` is a model at
         the global widths to load the weights into."""
-        from fedsim.engine.loop import evaluate
+        from fedsim.evaluation import evaluate
 
         model.load_state_dict(self.global_params(state))
         return evaluate(model, split, batch_size)
@@ -297,6 +358,31 @@ class Algorithm:
     def global_size(self, state: ServerState, model: FedModel) -> int:
         """Parameters of the global model (``model`` holds its architecture)."""
         return sum(w.numel() for w in model.parameters())
+
+    # ---- dry run -------------------------------------------------------------------------------
+    def projected_rounds(self, model: FedModel, input_shape: tuple[int, ...], **common: Any) -> Any:
+        """The run's rounds and their model-tensor bytes, laid out by
+        :func:`fedsim.accounting.project_run` (``common``: its client and epoch arguments).
+        Default: :meth:`num_rounds` full-network rounds (FedPart passes its schedule instead)."""
+        from fedsim import accounting
+
+        return accounting.project_run(model, input_shape, rounds=self.num_rounds(), **common)
+
+    def cycle_length(self) -> int | None:
+        """Rounds in one cycle of a repeating schedule (FedPart's W + R x G), which the dry run's
+        schedule summary groups by; None for a run without cycles."""
+        return None
+
+    def traffic(self, rp: Any, wire: WireFacts) -> Traffic:
+        """What crosses the wire in projected round ``rp`` (a
+        :class:`fedsim.accounting.RoundProjection`: its ``bytes_up`` are the cohort's uploads of
+        model tensors): the dry run's figure for one round, which the engine's logged bytes must
+        equal. Default (FedAvg): the uploads, and the whole state_dict down to every cohort
+        client, or nothing down when the round's clients start from their own initialisations
+        (:meth:`starts_from_own_init`)."""
+        k = wire.clients_per_round
+        down = 0 if self.starts_from_own_init(rp.round) else k * wire.state_bytes
+        return Traffic(rp.phase, rp.bytes_up, down, k, wire.params)
 
     # ---- client side -------------------------------------------------------------------------
     def client_weights(

@@ -15,14 +15,25 @@ from typing import Any
 import torch
 
 from fedsim import params as P
-from fedsim.algorithms.base import Algorithm, ClientResult, ClientTask, RoundPlan, ServerState
+from fedsim.algorithms.base import (
+    Algorithm,
+    ClientResult,
+    ClientTask,
+    RoundPlan,
+    ServerState,
+    Traffic,
+    WireFacts,
+)
+from fedsim.algorithms.registry import register
 from fedsim.config import OneShotConfig
 
 
+@register
 class Ensemble(Algorithm):
     """Uniform average of the cohort's local models' softmax outputs (FedMA paper, Figure 1)."""
 
     name = "ensemble"
+    quick = {}
     Config = OneShotConfig
 
     def num_rounds(self) -> int:
@@ -43,6 +54,12 @@ class Ensemble(Algorithm):
     def downlink(self, state: ServerState, plan: RoundPlan) -> P.Params:
         return {}
 
+    def traffic(self, rp: Any, wire: WireFacts) -> Traffic:
+        """One round: each cohort client uploads its whole locally trained model, nothing goes
+        down, and the evaluated model is the k members (k x the model's parameters)."""
+        k = wire.clients_per_round
+        return Traffic("one-shot", rp.bytes_up, 0, k, k * wire.params)
+
     def client_weights(self, task: ClientTask, received: P.Params, state: Any, init):
         return None, self.own_init(task, init)
 
@@ -51,7 +68,7 @@ class Ensemble(Algorithm):
         return ServerState(params=members[0], extra={**state.extra, "members": members})
 
     def evaluate(self, state: ServerState, model, split, batch_size: int) -> tuple[float, float]:
-        from fedsim.engine.loop import evaluate_probs
+        from fedsim.evaluation import evaluate_probs
 
         members = state.extra["members"]
         model.eval()
@@ -69,6 +86,7 @@ class Ensemble(Algorithm):
         return len(state.extra.get("members", [None])) * sum(w.numel() for w in model.parameters())
 
 
+@register
 class LocalModels(Ensemble):
     """The clients' own models, each trained from its own initialisation and never aggregated
     (FedMA paper, Figure 1, "local models"). Bytes are the ensemble's: each model is uploaded once
@@ -78,7 +96,7 @@ class LocalModels(Ensemble):
     name = "local"
 
     def evaluate(self, state: ServerState, model, split, batch_size: int) -> tuple[float, float]:
-        from fedsim.engine.loop import evaluate
+        from fedsim.evaluation import evaluate
 
         scores = []
         for member in state.extra["members"]:
@@ -87,12 +105,17 @@ class LocalModels(Ensemble):
         return (sum(a for a, _ in scores) / len(scores), sum(l for _, l in scores) / len(scores))
 
 
+@register
 class EntireData(Algorithm):
     """One model trained on all clients' data pooled: ``rounds`` x ``local_epochs`` epochs.
 
     Each round is one task over the union of every client's examples, logged in clients.parquet
     as client 0 with ``n_examples`` the pooled count and 0 bytes.
     """
+
+    def traffic(self, rp: Any, wire: WireFacts) -> Traffic:
+        """Pooled training: no bytes, one task whose compute counts every client's examples."""
+        return Traffic("pooled", 0, 0, 1, wire.params, pooled=True)
 
     name = "entire_data"
 

@@ -5,11 +5,14 @@ All of FedAvg's behaviour is the :class:`~fedsim.algorithms.base.Algorithm` defa
 """
 
 from fedsim.algorithms.base import Algorithm
+from fedsim.algorithms.registry import register
 from fedsim.config import FullNetworkConfig
 
 
+@register
 class FedAvg(Algorithm):
     """Federated averaging: w <- sum_j (n_j / n) w_j over the round's cohort."""
 
     name = "fedavg"
     Config = FullNetworkConfig
+    full_network = True

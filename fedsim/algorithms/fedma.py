@@ -31,7 +31,17 @@ import numpy as np
 import torch
 
 from fedsim import params as P
-from fedsim.algorithms.base import Algorithm, ClientContext, ClientResult, ClientTask, RoundPlan, ServerState
+from fedsim.algorithms.base import (
+    Algorithm,
+    ClientContext,
+    ClientResult,
+    ClientTask,
+    RoundPlan,
+    ServerState,
+    Traffic,
+    WireFacts,
+)
+from fedsim.algorithms.registry import register
 from fedsim.config import ExperimentConfig, FedMAConfig, PFNMConfig, RunConfig
 from fedsim.errors import FedsimError
 from fedsim.matching import bbp_map
@@ -136,12 +146,18 @@ def average_classifier(uploads: list[P.Params], keys: tuple[str, str], counts: l
     return out
 
 
+@register
 class FedMA(Algorithm):
     """FedMA with communication; see the module docstring for the round structure."""
 
     name = "fedma"
+    quick = {"rounds": 1, "iterations": 1}
     Config = FedMAConfig
-    stateful = True  # each client keeps its partially matched local model between layer steps
+    keeps_client_state = True  # each client keeps its partially matched local model between layer steps
+    not_projectable = (
+        "not projectable: the global model's size depends on matching (each layer grows "
+        "between max_j L_j and sum_j L_j neurons), so the bytes of later rounds are unknown"
+    )
 
     def __init__(
         self,
@@ -312,17 +328,26 @@ class FedMA(Algorithm):
         return upload, loss
 
 
+@register
 class PFNM(FedMA):
     """PFNM one-shot matching (FedMA paper, Figure 1 baseline): clients train from their own
     initialisations, upload once, and the server matches layer by layer without retraining,
     moving each client's next-layer input axis by its assignment between layers."""
 
     name = "pfnm"
+    quick = {"iterations": 1}
     Config = PFNMConfig
-    stateful = False
+    keeps_client_state = False
+    not_projectable = None
 
     def num_rounds(self) -> int:
         return 1
+
+    def traffic(self, rp: Any, wire: WireFacts) -> Traffic:
+        """One round: each cohort client uploads its whole model and its class counts (K int64),
+        nothing goes down; the matched model's size is known only after matching (None)."""
+        k = wire.clients_per_round
+        return Traffic("one-shot", rp.bytes_up + k * 8 * wire.num_classes, 0, k, None)
 
     def plan_round(self, state: ServerState, round: int, cohort: tuple[int, ...]) -> RoundPlan:
         c = self.cfg

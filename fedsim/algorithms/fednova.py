@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from fedsim.algorithms.base import Algorithm, ClientResult, RoundPlan, ServerState
 from fedsim.algorithms.deltas import averaged, combine, stepped
+from fedsim.algorithms.registry import register
 from fedsim.config import FedNovaConfig
 
 
@@ -42,10 +43,12 @@ def a_norm(steps: int, momentum: float) -> float:
     return (steps - rho * (1 - rho**steps) / (1 - rho)) / (1 - rho)
 
 
+@register
 class FedNova(Algorithm):
     """FedAvg with FedNova's normalised averaging of the clients' updates."""
 
     name = "fednova"
+    full_network = True  # the normalisation changes the server's arithmetic, not the traffic
     Config = FedNovaConfig
 
     def aggregate(self, state: ServerState, plan: RoundPlan, results: list[ClientResult]) -> ServerState:

@@ -48,6 +48,7 @@ import torch
 
 from fedsim.algorithms.base import Algorithm, ClientResult, RoundPlan, ServerState
 from fedsim.algorithms.deltas import averaged, combine, stepped
+from fedsim.algorithms.registry import register
 from fedsim.config import FedAdagradConfig, FedAdamConfig, FedAvgMConfig
 
 
@@ -86,6 +87,8 @@ class ServerOptimizer(Algorithm):
     """FedAvg's clients and a server optimiser on the pseudo-gradient; subclasses define
     :meth:`update` for one tensor."""
 
+    full_network = True  # the server optimiser changes the server's arithmetic, not the traffic
+
     def update(
         self, x: torch.Tensor, delta: torch.Tensor, m: torch.Tensor | None, v: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -116,6 +119,7 @@ class ServerOptimizer(Algorithm):
         return ServerState(params={**state.params, **mean, **new}, extra=extra)
 
 
+@register
 class FedAvgM(ServerOptimizer):
     """Server momentum: v = beta v - Delta; x = x - eta_s v (Hsu et al. 2019, section 3)."""
 
@@ -142,6 +146,7 @@ class _Adaptive(ServerOptimizer):
         return x + c.server_lr * m / (v.sqrt() + c.epsilon), m, v
 
 
+@register
 class FedAdagrad(_Adaptive):
     """v = v + Delta^2."""
 
@@ -152,6 +157,7 @@ class FedAdagrad(_Adaptive):
         return v + d2
 
 
+@register
 class FedAdam(_Adaptive):
     """v = beta2 v + (1 - beta2) Delta^2."""
 
@@ -162,6 +168,7 @@ class FedAdam(_Adaptive):
         return self.cfg.beta2 * v + (1 - self.cfg.beta2) * d2
 
 
+@register
 class FedYogi(_Adaptive):
     """v = v - (1 - beta2) Delta^2 sign(v - Delta^2)."""
 

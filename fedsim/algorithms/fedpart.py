@@ -18,11 +18,14 @@ downlink is then empty, and the local objective's client side trains the client'
 
 from __future__ import annotations
 
+from typing import Any
+
 from fedsim.accounting import FedPartSchedule, fedpart_schedule
 from fedsim.algorithms.base import Algorithm, ClientContext, RoundPlan, ServerState
 from fedsim.algorithms.fedavg import FedAvg
 from fedsim.algorithms.fedprox import FedProx
 from fedsim.algorithms.moon import MOON
+from fedsim.algorithms.registry import register
 from fedsim.config import ExperimentConfig, FedPartConfig, RunConfig
 from fedsim.errors import FedsimError
 from fedsim.rng import numpy_rng
@@ -31,10 +34,12 @@ OBJECTIVES = {"fedavg": FedAvg, "fedprox": FedProx, "moon": MOON}
 DEFAULT_MU = {"fedavg": 0.0, "fedprox": 0.001, "moon": 5.0}
 
 
+@register
 class FedPart(Algorithm):
     """Partial network updates over the model's layer groups, with a pluggable local objective."""
 
     name = "fedpart"
+    quick = {"warmup_rounds": 1, "rounds_per_group": 1, "cycles": 1}
     Config = FedPartConfig
 
     def __init__(
@@ -66,6 +71,15 @@ class FedPart(Algorithm):
 
     def num_rounds(self) -> int:
         return len(self.schedule)
+
+    def cycle_length(self) -> int | None:
+        return self.cfg.warmup_rounds + self.cfg.rounds_per_group * len(self.groups)
+
+    def projected_rounds(self, model: Any, input_shape: tuple[int, ...], **common: Any) -> Any:
+        """The schedule's rounds (full and partial), each with the bytes of what it uploads."""
+        from fedsim import accounting
+
+        return accounting.project_run(model, input_shape, schedule=self.schedule, **common)
 
     def plan_round(self, state: ServerState, round: int, cohort: tuple[int, ...]) -> RoundPlan:
         plan = super().plan_round(state, round, cohort)  # carries own_init in round 0 (init: independent)

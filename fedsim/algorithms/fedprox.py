@@ -14,6 +14,7 @@ import torch
 
 from fedsim.algorithms.base import ClientContext
 from fedsim.algorithms.fedavg import FedAvg
+from fedsim.algorithms.registry import register
 from fedsim.config import FedProxConfig
 
 
@@ -36,6 +37,7 @@ def proximal_term(
     return 0.5 * mu * torch.stack(terms).sum()
 
 
+@register
 class FedProx(FedAvg):
     """FedAvg whose local loss adds the proximal term; aggregation unchanged."""
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from fedsim import params as P
 from fedsim.algorithms.base import Algorithm, ClientContext
+from fedsim.algorithms.registry import register
 from fedsim.config import ExperimentConfig, MoonConfig, RunConfig
 from fedsim.errors import FedsimError
 
@@ -61,12 +62,15 @@ def needs_projection_head(algorithm: Algorithm) -> None:
         )
 
 
+@register
 class MOON(Algorithm):
     """FedAvg with MOON's contrastive local loss; clients keep their previous model."""
 
     name = "moon"
+    model_suffix = "+moon"
+    full_network = True  # the contrastive term changes local training, not the traffic
     Config = MoonConfig
-    stateful = True
+    keeps_client_state = True
     frozen_forwards = 2  # z_glob and z_prev: each a full forward pass of a frozen model
 
     def __init__(

@@ -37,11 +37,23 @@ through x - y. A parameter that gets no gradient in a batch (``.grad`` None) get
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Any
+
 import torch
 
 from fedsim import params as P
-from fedsim.algorithms.base import Algorithm, ClientContext, ClientResult, RoundPlan, ServerState
+from fedsim.algorithms.base import (
+    Algorithm,
+    ClientContext,
+    ClientResult,
+    RoundPlan,
+    ServerState,
+    Traffic,
+    WireFacts,
+)
 from fedsim.algorithms.deltas import averaged, combine, stepped_keys
+from fedsim.algorithms.registry import register
 from fedsim.config import ScaffoldConfig
 
 #: Prefix of c's tensors in the broadcast and of Delta c_i's in an upload (never a state_dict key).
@@ -50,12 +62,22 @@ DC_PREFIX = "scaffold.dc:"
 EXTRA_KEY = "scaffold_c"
 
 
+@register
 class Scaffold(Algorithm):
     """SCAFFOLD: local SGD corrected by control variates; clients keep c_i in the engine's store."""
 
     name = "scaffold"
     Config = ScaffoldConfig
-    stateful = True
+    keeps_client_state = True
+
+    def traffic(self, rp: Any, wire: WireFacts) -> Traffic:
+        """FedAvg's traffic plus c down to and Delta c_i up from every cohort client (one tensor
+        of the stepped tensors' shapes and dtypes each way), except in an ``own_init`` round."""
+        base = super().traffic(rp, wire)
+        if self.starts_from_own_init(rp.round):
+            return base
+        variates = wire.clients_per_round * P.nbytes(P.subset(wire.state, stepped_keys(wire.state)))
+        return replace(base, bytes_up=base.bytes_up + variates, bytes_down=base.bytes_down + variates)
 
     # ---- server side
     def init_state(self, params: P.Params) -> ServerState:

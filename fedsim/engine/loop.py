@@ -25,59 +25,19 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import fedsim
 from fedsim import params as P
 from fedsim.algorithms import Algorithm, ClientTask, ServerState
 from fedsim.config import ExperimentConfig, RunConfig
-from fedsim.data.base import FederatedDataset, Split
+from fedsim.data.base import FederatedDataset
 from fedsim.engine.backends import RoundTimeout
 from fedsim.engine.client import make_algorithm, trainable_count
+from fedsim.evaluation import evaluate, evaluate_probs  # noqa: F401  (re-exported)
 from fedsim.io import checkpoint
 from fedsim.io.runlog import RunLog
 from fedsim.models import build_model
-from fedsim.rng import numpy_rng, torch_rng
-
-
-def sample_cohort(seed: int, round: int, num_clients: int, size: int) -> tuple[int, ...]:
-    """``size`` distinct client ids drawn uniformly without replacement from the
-    (seed, "cohort", round) stream, ascending. All clients when ``size == num_clients``."""
-    if size >= num_clients:
-        return tuple(range(num_clients))
-    ids = numpy_rng(seed, "cohort", round).choice(num_clients, size=size, replace=False)
-    return tuple(int(i) for i in np.sort(ids))
-
-
-@torch.no_grad()
-def evaluate_probs(predict, split: Split, batch_size: int = 1024) -> tuple[float, float]:
-    """(accuracy in [0, 1], mean cross-entropy in nats) of class probabilities ``predict(x)``
-    ((B, K) float, rows summing to 1) over every example of ``split``."""
-    correct, loss, n = 0, 0.0, len(split)
-    for start in range(0, n, batch_size):
-        idx = np.arange(start, min(start + batch_size, n))
-        x = torch.from_numpy(split.inputs(idx))
-        y = torch.from_numpy(split.y[idx])
-        probs = predict(x)
-        loss += float(F.nll_loss(torch.log(probs.clamp_min(1e-12)), y, reduction="sum"))
-        correct += int((probs.argmax(1) == y).sum())
-    return correct / max(n, 1), loss / max(n, 1)
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, split: Split, batch_size: int = 1024) -> tuple[float, float]:
-    """(accuracy in [0, 1], mean cross-entropy in nats) of ``model`` over every example of ``split``."""
-    model.eval()
-    device = next(model.parameters()).device
-    correct, loss, n = 0, 0.0, len(split)
-    for start in range(0, n, batch_size):
-        idx = np.arange(start, min(start + batch_size, n))
-        x = torch.from_numpy(split.inputs(idx)).to(device)
-        y = torch.from_numpy(split.y[idx]).to(device)
-        logits = model(x)
-        loss += float(F.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(1) == y).sum())
-    return correct / max(n, 1), loss / max(n, 1)
+from fedsim.rng import numpy_rng, sample_cohort, torch_rng  # noqa: F401  (re-exported)
 
 
 def versions() -> dict[str, str]:
@@ -265,6 +225,7 @@ def _run_one(
                     "round": r,
                     "client_id": x.client_id,
                     "n_examples": x.n_examples,
+                    "local_steps": x.local_steps,
                     "train_loss": None if x.dropped else x.train_loss,
                     "bytes_up": x.bytes_up,
                     "bytes_down": x.bytes_down,

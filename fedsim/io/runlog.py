@@ -78,6 +78,7 @@ CLIENTS_SCHEMA = pa.schema(
         ("round", pa.int64()),
         ("client_id", pa.int64()),
         ("n_examples", pa.int64()),
+        ("local_steps", pa.int64()),
         ("train_loss", pa.float64()),
         ("bytes_up", pa.int64()),
         ("bytes_down", pa.int64()),
