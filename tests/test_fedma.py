@@ -91,12 +91,12 @@ def test_matched_global_model_is_unchanged_when_one_client_is_permuted(which):
     layers = client_models(1)[0].match_layers()
     perm = permute_units(states[which], layers, random_perms(client_models(1)[0], np.random.default_rng(1)))
     _, other = pfnm_global([perm if j == which else s for j, s in enumerate(states)], cfg)
-    assert base.extra["widths"] == other.extra["widths"]
+    assert base.algo_state.widths == other.algo_state.widths
     x = torch.randn(32, *INPUT, generator=torch.Generator().manual_seed(2))
     # The global neurons' order follows the first client's, so compare functions, not tensors.
     torch.testing.assert_close(
-        forward(other.params, other.extra["widths"], x),
-        forward(base.params, base.extra["widths"], x),
+        forward(other.params, other.algo_state.widths, x),
+        forward(base.params, base.algo_state.widths, x),
         rtol=1e-4,
         atol=1e-4,
     )
@@ -137,14 +137,14 @@ def test_permuted_copies_of_one_network_match_back_to_that_network(name):
         for j, c in enumerate(copies)
     ]
     state = algo.aggregate(algo.init_state(copies[0]), algo.plan_round(None, 0, (0, 1, 2)), results)
-    assert state.extra["widths"] == m.widths  # one global neuron per original neuron
+    assert state.algo_state.widths == m.widths  # one global neuron per original neuron
     g = torch.Generator().manual_seed(3)
     x = (
         torch.randint(0, k, (8, 80), generator=g)
         if name == "char_lstm"
         else torch.randn(8, *shape, generator=g)
     )
-    glob = build_model(name, num_classes=k, input_shape=shape, widths=state.extra["widths"])
+    glob = build_model(name, num_classes=k, input_shape=shape, widths=state.algo_state.widths)
     glob.load_state_dict(state.params)
     m.eval(), glob.eval()
     with torch.no_grad():
@@ -187,7 +187,7 @@ def test_slicing_the_global_model_back_gives_each_client_its_original_architectu
         for j in range(3):
             assigns[j].append(a[j])
         uploads = [permute_next_input(u, layer, aj, n_units(tensors, layer)) for u, aj in zip(uploads, a)]
-    state.extra["prev_assign"] = assigns
+    state.algo_state.prev_assign = assigns
     plan = fedma.plan_round(state, 0, (0, 1, 2))
     for j in range(3):
         sliced = fedma.client_downlink(state, plan, j)
@@ -368,11 +368,11 @@ def test_pfnm_keeps_apart_last_hidden_neurons_that_feed_different_classes():
     a = {**a, "fc2.weight": w * scale}
     b = {**b, "fc2.weight": b["fc2.weight"] * scale}
     _, state = pfnm_global([a, b], cfg)
-    assert state.extra["widths"]["fc1"] >= 1.9 * m.widths["fc1"]  # (almost) no fc1 unit merged
-    assert state.extra["widths"]["conv1"] == m.widths["conv1"]  # identical conv units still merged
+    assert state.algo_state.widths["fc1"] >= 1.9 * m.widths["fc1"]  # (almost) no fc1 unit merged
+    assert state.algo_state.widths["conv1"] == m.widths["conv1"]  # identical conv units still merged
     cfg = experiment(num_clients=2, sigma2=0.05, gamma=1.0, match_outgoing=False)
     _, state = pfnm_global([a, b], cfg)
-    assert state.extra["widths"]["fc1"] == m.widths["fc1"]  # the old behaviour merges them all
+    assert state.algo_state.widths["fc1"] == m.widths["fc1"]  # the old behaviour merges them all
 
 
 def test_pfnm_and_the_ensemble_train_locally_with_the_authors_momentum():

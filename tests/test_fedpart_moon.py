@@ -17,7 +17,7 @@ from fedsim import params as P
 from fedsim.accounting import thop_macs
 from fedsim.algorithms import ALGORITHMS, ClientContext, ClientTask, FedAvg
 from fedsim.algorithms.fedpart import FedPart
-from fedsim.algorithms.moon import MOON, contrastive_loss
+from fedsim.algorithms.moon import MOON, MoonClientState, contrastive_loss
 from fedsim.data.base import FederatedDataset, Split
 from fedsim.engine.backends import SequentialBackend
 from fedsim.engine.loop import run_experiment
@@ -165,7 +165,7 @@ def test_batchnorm_statistics_cross_the_wire_only_when_shared(bn_stats):
         assert set(bn) <= set(res.upload) and res.state is None
     else:
         assert not set(bn) & set(res.upload)
-        assert set(res.state["bn"]) == set(bn)  # kept by the client, for its next round
+        assert set(res.state.bn) == set(bn)  # kept by the client, for its next round
         bn_bytes = sum(w0[k].numel() * w0[k].element_size() for k in bn)
         assert res.bytes_up == P.nbytes(w0) - bn_bytes
         new = algo.aggregate(algo.init_state(w0), plan, [res]).params
@@ -246,7 +246,7 @@ def test_moon_step_contrasts_with_the_received_global_and_the_previous_local_mod
         generator=torch_rng(0, "shuffle", 1, 0),
         augment=lambda b: b,
         optimizer=torch.optim.SGD(model.parameters(), lr=lr),
-        state={"prev": P.to_numpy(prev)},
+        state=MoonClientState(prev=P.to_numpy(prev)),
     )
     upload, _ = algo.local_update(ctx)
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from fedsim import config, dryrun
 from fedsim import params as P
 from fedsim.algorithms import ClientTask
-from fedsim.algorithms.scaffold import C_PREFIX, DC_PREFIX
+from fedsim.algorithms.scaffold import C_PREFIX, DC_PREFIX, ScaffoldClientState, ScaffoldState
 from fedsim.engine import api
 from fedsim.engine.client import ClientRunner
 from fedsim.errors import FedsimError
@@ -50,7 +50,7 @@ def test_round_0_with_zero_control_variates_is_fedavgs_round_0(tmp_path):
     clients = pd.read_parquet(tmp_path / "clients.parquet")
     losses = {r: clients[clients.run_id == r]["train_loss"].tolist() for r in ("fedavg", "scaffold")}
     assert losses["fedavg"] == losses["scaffold"]  # c - c_i = 0 adds exactly nothing to the gradients
-    c = ckpt["scaffold"]["extra"]["scaffold_c"]
+    c = ckpt["scaffold"]["algo_state"]["c"]
     assert set(c) == set(x0) and all(bool(v.abs().max() > 0) for v in c.values())  # c moved after round 0
 
 
@@ -67,11 +67,13 @@ def test_a_client_takes_corrected_sgd_steps_and_sets_option_ii_control_variate(t
     runner = ClientRunner(cfg, ds)
     algo = runner.algorithm(run)
     state = algo.init_state(x)
-    state.extra["scaffold_c"] = c
+    state.algo_state = ScaffoldState(c)
     plan = algo.plan_round(state, 1, (0, 1))
     received = P.to_numpy(algo.downlink(state, plan))
     assert set(received) == set(x) | {C_PREFIX + k for k in x}
-    res = runner.run(run, ClientTask("scaffold", 1, 0, plan), received, state={"c": P.to_numpy(c_i)})
+    res = runner.run(
+        run, ClientTask("scaffold", 1, 0, plan), received, state=ScaffoldClientState(c=P.to_numpy(c_i))
+    )
 
     # by hand: one full batch per epoch, y = y - lr (g(y) - c_i + c), K = 3 steps
     model = build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8), widths=WIDTHS)
@@ -91,7 +93,7 @@ def test_a_client_takes_corrected_sgd_steps_and_sets_option_ii_control_variate(t
     assert res.local_steps == 3
     for k in x:
         torch.testing.assert_close(torch.from_numpy(res.upload[k]), y[k], rtol=0, atol=2e-6)
-        torch.testing.assert_close(torch.from_numpy(res.state["c"][k]), c_new[k], rtol=0, atol=2e-5)
+        torch.testing.assert_close(torch.from_numpy(res.state.c[k]), c_new[k], rtol=0, atol=2e-5)
         torch.testing.assert_close(
             torch.from_numpy(res.upload[DC_PREFIX + k]), c_new[k] - c_i[k], rtol=0, atol=2e-5
         )
@@ -105,7 +107,7 @@ def test_server_steps_x_by_the_unweighted_mean_and_c_by_s_over_n():
     x = {"w": torch.randn(2, 3, generator=g), "b": torch.randn(3, generator=g)}
     state = algo.init_state(x)
     c0 = {k: torch.randn(v.shape, generator=g) for k, v in x.items()}
-    state.extra["scaffold_c"] = c0
+    state.algo_state = ScaffoldState(c0)
     ys = [{k: v + torch.randn(v.shape, generator=g) for k, v in x.items()} for _ in range(2)]
     dcs = [{k: torch.randn(v.shape, generator=g) for k, v in x.items()} for _ in range(2)]
     results = [
@@ -118,7 +120,7 @@ def test_server_steps_x_by_the_unweighted_mean_and_c_by_s_over_n():
         ) / 2  # unweighted
         torch.testing.assert_close(new.params[k].double(), x[k].double() + 0.5 * mean_dy, rtol=0, atol=1e-6)
         torch.testing.assert_close(
-            new.extra["scaffold_c"][k].double(),
+            new.algo_state.c[k].double(),
             c0[k].double() + (2 / 6) * (dcs[0][k].double() + dcs[1][k].double()) / 2,
             rtol=0,
             atol=1e-6,
@@ -130,8 +132,8 @@ def test_control_variates_survive_resume(tmp_path):
     cfg = experiment([{"algorithm": "scaffold", "rounds": 3}], clients=4, per_round=2, checkpoint_every=1)
     clean, resumed = resumed_equals_uninterrupted(cfg, dataset((6, 10, 14, 8)), tmp_path)
     assert sorted(clean["store"]) == sorted(resumed["store"]) and len(clean["store"]) >= 3
-    for k, v in clean["extra"]["scaffold_c"].items():
-        assert v.abs().max() > 0 and torch.equal(v, resumed["extra"]["scaffold_c"][k]), k
+    for k, v in clean["algo_state"]["c"].items():
+        assert v.abs().max() > 0 and torch.equal(v, resumed["algo_state"]["c"][k]), k
     for cid, s in clean["store"].items():
         for k, v in s["c"].items():
             assert torch.equal(v, resumed["store"][cid]["c"][k]), (cid, k)

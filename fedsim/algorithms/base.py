@@ -10,7 +10,7 @@ the aggregation. Round plans and client results are frozen dataclasses with type
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -164,10 +164,51 @@ class Traffic:
 
 @dataclass
 class ServerState:
-    """The server's state between rounds: the global model plus algorithm-specific extras."""
+    """The server's state between rounds.
+
+    Attributes:
+        params: the global model, state_dict key -> tensor.
+        algo_state: the algorithm's own server state, an instance of its ``AlgoState`` dataclass
+            (SCAFFOLD's control variate c, the server optimiser's moments, FedMA's assignments),
+            or None for an algorithm without one (FedAvg). Checkpointed field by field.
+    """
 
     params: P.Params
-    extra: dict[str, Any] = field(default_factory=dict)
+    algo_state: Any = None
+
+
+@dataclass
+class ClientState:
+    """A client's state that the engine keeps between rounds (stateful algorithms only).
+
+    Arrays are numpy (they travel through Ray's object store and the checkpoint); after a resume
+    they come back as tensors, so readers convert with :func:`fedsim.params.from_numpy`, which
+    takes either. Algorithms that keep more subclass it and set ``ClientStateType``.
+
+    Attributes:
+        bn: its BatchNorm running statistics under ``bn_stats: local`` (state_dict key ->
+            array), else None.
+    """
+
+    bn: dict[str, Any] | None = None
+
+
+def to_plain(x: Any) -> Any:
+    """A dataclass instance as a dict of its fields (shallow; what a checkpoint stores), else ``x``."""
+    if is_dataclass(x) and not isinstance(x, type):
+        return {f.name: getattr(x, f.name) for f in fields(x)}
+    return x
+
+
+def from_plain(cls: type | None, d: Any) -> Any:
+    """The ``cls`` instance whose :func:`to_plain` form is ``d`` (None stays None).
+
+    Raises:
+        TypeError: ``d`` does not have ``cls``'s fields (a checkpoint of another algorithm).
+    """
+    if d is None or cls is None:
+        return d
+    return cls(**d)
 
 
 @dataclass
@@ -181,11 +222,10 @@ class ClientContext:
         plan: this round's plan. generator: the (seed, "shuffle", round, client) torch generator.
         augment: callable applied to each input batch (identity when the dataset has none).
         optimizer: the worker's optimizer, reset for this client, over the trainable tensors.
-        state: the client's persistent state from the store (stateful algorithms), else None: a
-            dict of named parts ("bn": its BatchNorm statistics under ``bn_stats: local``,
-            "prev": MOON's previous model, "local": FedMA's partially matched model, "c": SCAFFOLD's
-            control variate c_i).
-        new_state: the parts a local update sets; the engine stores them for the client.
+        state: the client's :class:`ClientState` from the store (stateful algorithms; None at
+            its first participation), of the algorithm's ``ClientStateType``.
+        new_state: the client's new :class:`ClientState`, built by the local update
+            (:meth:`Algorithm.new_client_state`); the engine stores it for the client.
         aux: scratch space for the algorithm during one client's update (e.g. MOON's frozen models).
         frozen_forwards: forward passes per example and local epoch through models that are not
             trained (MOON's global and previous model: 2 for a returning client), set by the local
@@ -227,6 +267,10 @@ class Algorithm:
     #: clients keep state between rounds in the engine's store (MOON's previous model, FedMA's
     #: partially matched model, SCAFFOLD's control variate); see :attr:`stateful`
     keeps_client_state: ClassVar[bool] = False
+    #: the dataclass of the algorithm's server state (:attr:`ServerState.algo_state`); None: none
+    AlgoState: ClassVar[type | None] = None
+    #: the dataclass of a client's stored state (:class:`ClientState` or a subclass)
+    ClientStateType: ClassVar[type[ClientState]] = ClientState
     #: every round trains and sends exactly the whole model each way (FedAvg's traffic): the dry
     #: run's baseline for its byte and compute ratios
     full_network: ClassVar[bool] = False
@@ -339,7 +383,7 @@ class Algorithm:
         ``results`` are in cohort order, so the sum's order never depends on arrival order.
         """
         mean = P.weighted_mean([r.upload for r in results], [r.n_examples for r in results])
-        return ServerState(params={**state.params, **mean}, extra=state.extra)
+        return ServerState(params={**state.params, **mean}, algo_state=state.algo_state)
 
     def global_params(self, state: ServerState) -> P.Params:
         """The global model evaluated after the round."""
@@ -403,9 +447,9 @@ class Algorithm:
         """
         if task.plan.own_init:
             return None, self.own_init(task, init)
-        if self.keeps_bn_local and state and "bn" in state:
+        if self.keeps_bn_local and state is not None and state.bn is not None:
             device = next(iter(received.values())).device
-            received = {**received, **{k: v.to(device) for k, v in P.from_numpy(state["bn"]).items()}}
+            received = {**received, **{k: v.to(device) for k, v in P.from_numpy(state.bn).items()}}
         return None, received
 
     def own_init(self, task: ClientTask, init: Callable[[torch.Generator], P.Params]) -> P.Params:
@@ -428,6 +472,17 @@ class Algorithm:
         """
         ce = F.cross_entropy(ctx.model(x), y)
         return ce, ce
+
+    def client_state_type(self) -> type[ClientState]:
+        """The class of a client's stored state (FedPart: its local objective's)."""
+        return self.ClientStateType
+
+    def new_client_state(self, ctx: ClientContext) -> ClientState:
+        """``ctx.new_state``, created empty (of :meth:`client_state_type`) on first use: the
+        state the engine stores for the client after this round."""
+        if ctx.new_state is None:
+            ctx.new_state = self.client_state_type()()
+        return ctx.new_state
 
     def before_step(self, ctx: ClientContext) -> None:
         """Called for every minibatch after ``backward`` and before ``optimizer.step``, with each
@@ -469,5 +524,5 @@ class Algorithm:
         if self.keeps_bn_local:
             bn = set(self.bn_keys)
             keys = tuple(k for k in keys if k not in bn)
-            ctx.new_state = {**(ctx.new_state or {}), "bn": P.to_numpy({k: state[k] for k in self.bn_keys})}
+            self.new_client_state(ctx).bn = P.to_numpy({k: state[k] for k in self.bn_keys})
         return {k: state[k].detach() for k in keys}, loss_sum / max(seen, 1)

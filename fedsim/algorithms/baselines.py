@@ -10,6 +10,7 @@ Figure 1; docs/algorithms.md section 4), runnable from the same experiment file 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,11 +29,20 @@ from fedsim.algorithms.registry import register
 from fedsim.config import OneShotConfig
 
 
+@dataclass
+class EnsembleState:
+    """The ensemble's server state: ``members``, the cohort's locally trained models (state_dict
+    key -> tensor each), in cohort order."""
+
+    members: list[P.Params]
+
+
 @register
 class Ensemble(Algorithm):
     """Uniform average of the cohort's local models' softmax outputs (FedMA paper, Figure 1)."""
 
     name = "ensemble"
+    AlgoState = EnsembleState
     quick = {}
     Config = OneShotConfig
 
@@ -65,12 +75,12 @@ class Ensemble(Algorithm):
 
     def aggregate(self, state: ServerState, plan: RoundPlan, results: list[ClientResult]) -> ServerState:
         members = [P.from_numpy(r.upload) for r in results]
-        return ServerState(params=members[0], extra={**state.extra, "members": members})
+        return ServerState(params=members[0], algo_state=EnsembleState(members))
 
     def evaluate(self, state: ServerState, model, split, batch_size: int) -> tuple[float, float]:
         from fedsim.evaluation import evaluate_probs
 
-        members = state.extra["members"]
+        members = state.algo_state.members
         model.eval()
 
         def predict(x: torch.Tensor) -> torch.Tensor:
@@ -83,7 +93,8 @@ class Ensemble(Algorithm):
         return evaluate_probs(predict, split, batch_size)
 
     def global_size(self, state: ServerState, model) -> int:
-        return len(state.extra.get("members", [None])) * sum(w.numel() for w in model.parameters())
+        members = state.algo_state.members if state.algo_state is not None else [None]
+        return len(members) * sum(w.numel() for w in model.parameters())
 
 
 @register
@@ -99,7 +110,7 @@ class LocalModels(Ensemble):
         from fedsim.evaluation import evaluate
 
         scores = []
-        for member in state.extra["members"]:
+        for member in state.algo_state.members:
             model.load_state_dict(member)
             scores.append(evaluate(model, split, batch_size))
         return (sum(a for a, _ in scores) / len(scores), sum(l for _, l in scores) / len(scores))
@@ -133,4 +144,4 @@ class EntireData(Algorithm):
         )
 
     def aggregate(self, state: ServerState, plan: RoundPlan, results: list[ClientResult]) -> ServerState:
-        return ServerState(params={**state.params, **P.from_numpy(results[0].upload)}, extra=state.extra)
+        return ServerState(params={**state.params, **P.from_numpy(results[0].upload)})

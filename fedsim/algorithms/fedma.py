@@ -25,6 +25,7 @@ The algorithm reads the model's structure from :meth:`FedModel.match_layers` and
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,7 @@ from fedsim.algorithms.base import (
     Algorithm,
     ClientContext,
     ClientResult,
+    ClientState,
     ClientTask,
     RoundPlan,
     ServerState,
@@ -146,6 +148,33 @@ def average_classifier(uploads: list[P.Params], keys: tuple[str, str], counts: l
     return out
 
 
+@dataclass
+class FedMAState:
+    """FedMA's server state between communication rounds.
+
+    Attributes:
+        widths: hidden-layer widths of the global model after the last full pass (None before).
+        assign: client id -> its assignments so far in this pass, one int array (L_j,) per
+            matched layer: local unit l -> global unit.
+        prev_assign: the previous pass's ``assign`` (slices the global model back to each
+            client's widths at the start of the next pass).
+        layers: matched layer index -> that layer's global tensors (state_dict key -> tensor).
+    """
+
+    widths: dict[str, int] | None = None
+    assign: dict[int, list[Any]] = field(default_factory=dict)
+    prev_assign: dict[int, list[Any]] = field(default_factory=dict)
+    layers: dict[int, P.Params] = field(default_factory=dict)
+
+
+@dataclass
+class FedMAClientState(ClientState):
+    """A FedMA client's stored state: ``local``, its partially matched model (state_dict key ->
+    array), whose matched layers the next layer step replaces with the global ones."""
+
+    local: dict[str, Any] | None = None
+
+
 @register
 class FedMA(Algorithm):
     """FedMA with communication; see the module docstring for the round structure."""
@@ -154,6 +183,8 @@ class FedMA(Algorithm):
     quick = {"rounds": 1, "iterations": 1}
     Config = FedMAConfig
     keeps_client_state = True  # each client keeps its partially matched local model between layer steps
+    AlgoState = FedMAState
+    ClientStateType = FedMAClientState
     not_projectable = (
         "not projectable: the global model's size depends on matching (each layer grows "
         "between max_j L_j and sum_j L_j neurons), so the bytes of later rounds are unknown"
@@ -253,38 +284,34 @@ class FedMA(Algorithm):
 
     # ---- server ----------------------------------------------------------------------------
     def init_state(self, params: P.Params) -> ServerState:
-        return ServerState(
-            params=P.clone(params), extra={"widths": None, "assign": {}, "prev_assign": {}, "layers": {}}
-        )
+        return ServerState(params=P.clone(params), algo_state=FedMAState())
 
     def downlink(self, state: ServerState, plan: RoundPlan) -> P.Params:
         k = plan.layer
-        return {} if k == 0 else dict(state.extra["layers"][k - 1])
+        return {} if k == 0 else dict(state.algo_state.layers[k - 1])
 
     def client_downlink(self, state: ServerState, plan: RoundPlan, client_id: int) -> P.Params | None:
         k = plan.layer
         if k == 0:
-            prev = state.extra["prev_assign"].get(client_id)
+            prev = state.algo_state.prev_assign.get(client_id)
             return None if prev is None else slice_to_client(state.params, self.layers, prev)
-        a = state.extra["assign"][client_id][k - 1]
+        a = state.algo_state.assign[client_id][k - 1]
         return {ASSIGNMENT: torch.as_tensor(a, dtype=torch.int32)}
 
     def aggregate(self, state: ServerState, plan: RoundPlan, results: list[ClientResult]) -> ServerState:
-        k, extra = plan.layer, dict(state.extra)
+        k, s = plan.layer, state.algo_state
         uploads = [P.from_numpy(r.upload) for r in results]
-        if k == 0:
-            extra["assign"], extra["layers"] = {}, {}
+        if k == 0:  # a new pass
+            s = replace(s, assign={}, layers={})
         if k < self.N - 1:
             seed = seed_for(self.experiment.seed, "matching", plan.round, k)
             tensors, assigns = match_layer(uploads, self.layers[k], self.cfg, seed, self._outgoing(k))
-            extra["layers"] = {**extra["layers"], k: tensors}
-            extra["assign"] = {
-                r.client_id: [*extra["assign"].get(r.client_id, []), a] for r, a in zip(results, assigns)
-            }
-            return ServerState(params=state.params, extra=extra)
-        params, extra["widths"] = self._assemble(list(extra["layers"].values()), uploads, results)
-        extra["prev_assign"] = extra["assign"]
-        return ServerState(params=params, extra=extra)
+            assign = {r.client_id: [*s.assign.get(r.client_id, []), a] for r, a in zip(results, assigns)}
+            return ServerState(
+                params=state.params, algo_state=replace(s, layers={**s.layers, k: tensors}, assign=assign)
+            )
+        params, widths = self._assemble(list(s.layers.values()), uploads, results)
+        return ServerState(params=params, algo_state=replace(s, widths=widths, prev_assign=s.assign))
 
     def _assemble(
         self, layer_tensors: list[P.Params], uploads: list[P.Params], results: list[ClientResult]
@@ -300,7 +327,7 @@ class FedMA(Algorithm):
         return {key: params[key] for key in self.reference_model(widths).state_dict()}, widths
 
     def model_widths(self, state: ServerState) -> dict[str, int] | None:
-        return state.extra["widths"] or self.experiment.model.widths
+        return state.algo_state.widths or self.experiment.model.widths
 
     # ---- client ----------------------------------------------------------------------------
     def client_weights(self, task: ClientTask, received: P.Params, state: Any, init):
@@ -310,7 +337,7 @@ class FedMA(Algorithm):
                 return self.base_widths, received
             return self.base_widths, self.own_init(task, init)
         device = received[ASSIGNMENT].device
-        local = {key: v.to(device) for key, v in P.from_numpy(state["local"]).items()}
+        local = {key: v.to(device) for key, v in P.from_numpy(state.local).items()}
         layer = self.layers[k - 1]
         L = n_units(received, layer)
         local.update({t: received[t] for t in _tensors_of(layer)})
@@ -322,7 +349,7 @@ class FedMA(Algorithm):
 
     def local_update(self, ctx: ClientContext) -> tuple[P.Params, float]:
         upload, loss = super().local_update(ctx)
-        ctx.new_state = {"local": P.to_numpy(ctx.model.state_dict())}
+        ctx.new_state = FedMAClientState(local=P.to_numpy(ctx.model.state_dict()))
         if ctx.plan.layer == self.N - 1:
             upload = {**upload, CLASS_COUNTS: torch.bincount(ctx.y.cpu(), minlength=self.num_classes)}
         return upload, loss
@@ -386,4 +413,4 @@ class PFNM(FedMA):
             uploads = [permute_next_input(u, layer, a, L) for u, a in zip(uploads, assigns)]
             matched.append(tensors)
         params, widths = self._assemble(matched, uploads, results)
-        return ServerState(params=params, extra={**state.extra, "widths": widths})
+        return ServerState(params=params, algo_state=replace(state.algo_state, widths=widths))

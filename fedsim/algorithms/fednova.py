@@ -64,5 +64,5 @@ class FedNova(Algorithm):
         mean = averaged(uploads, n, [k for k in uploads[0] if k not in delta])
         return ServerState(
             params={**state.params, **mean, **{k: state.params[k] + delta[k] for k in keys}},
-            extra=state.extra,
+            algo_state=state.algo_state,
         )

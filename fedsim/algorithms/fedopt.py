@@ -31,8 +31,8 @@ as FedAvg does, so FedAvgM with server_momentum 0 and server_lr 1 is FedAvg.
 
 Every tensor of the update is in the parameter's dtype (float32); Delta is accumulated in float64
 and rounded once. The optimiser state (m, v, step count) is server state, kept in
-``ServerState.extra`` as plain tensors so that it is checkpointed and restored on resume with
-the global model (:class:`ServerOptState`).
+``ServerState.algo_state`` (:class:`ServerOptState`), checkpointed and restored on resume with
+the global model.
 
 Under ``init: independent`` round 0's clients train their own initialisations, so there is no
 common x to take a difference from: that round's aggregate is FedAvg's weighted mean (FedMA App.
@@ -42,7 +42,6 @@ A), the optimiser state stays empty, and the server optimiser steps from round 1
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
 
 import torch
 
@@ -54,7 +53,7 @@ from fedsim.config import FedAdagradConfig, FedAdamConfig, FedAvgMConfig
 
 @dataclass(frozen=True)
 class ServerOptState:
-    """The server optimiser's state between rounds.
+    """The server optimiser's state between rounds (:attr:`ServerState.algo_state`).
 
     Attributes:
         step: server steps taken (rounds aggregated with the optimiser).
@@ -62,25 +61,11 @@ class ServerOptState:
             dtype; absent until the key's first step (then 0).
         v: stepped key -> second moment (adaptive variants only); absent until the first step
             (then tau^2).
-
-    Stored in ``ServerState.extra[KEY]`` as a dict of plain tensors and ints, which the
-    checkpoint saves and ``torch.load(weights_only=True)`` reads back.
     """
 
-    KEY: ClassVar[str] = "server_opt"
     step: int = 0
     m: dict[str, torch.Tensor] = field(default_factory=dict)
     v: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, state: ServerState) -> ServerOptState:
-        """The optimiser state held by ``state`` (empty before the first step)."""
-        d = state.extra.get(cls.KEY)
-        return cls() if d is None else cls(int(d["step"]), dict(d["m"]), dict(d["v"]))
-
-    def stored(self, extra: dict[str, Any]) -> dict[str, Any]:
-        """``extra`` with this state in it (a new dict)."""
-        return {**extra, self.KEY: {"step": self.step, "m": self.m, "v": self.v}}
 
 
 class ServerOptimizer(Algorithm):
@@ -88,6 +73,7 @@ class ServerOptimizer(Algorithm):
     :meth:`update` for one tensor."""
 
     full_network = True  # the server optimiser changes the server's arithmetic, not the traffic
+    AlgoState = ServerOptState
 
     def update(
         self, x: torch.Tensor, delta: torch.Tensor, m: torch.Tensor | None, v: torch.Tensor | None
@@ -108,15 +94,16 @@ class ServerOptimizer(Algorithm):
         keys = [k for k in uploads[0] if stepped(k, state.params[k])]
         total = float(sum(n))
         delta = combine(uploads, [w / total for w in n], keys, origin=state.params)
-        opt = ServerOptState.of(state)
+        opt = state.algo_state or ServerOptState()
         m, v, new = dict(opt.m), dict(opt.v), {}
         for k in keys:
             new[k], m[k], vk = self.update(state.params[k], delta[k], opt.m.get(k), opt.v.get(k))
             if vk is not None:
                 v[k] = vk
         mean = averaged(uploads, n, [k for k in uploads[0] if k not in new])
-        extra = ServerOptState(opt.step + 1, m, v).stored(state.extra)
-        return ServerState(params={**state.params, **mean, **new}, extra=extra)
+        return ServerState(
+            params={**state.params, **mean, **new}, algo_state=ServerOptState(int(opt.step) + 1, m, v)
+        )
 
 
 @register

@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from fedsim.accounting import FedPartSchedule, fedpart_schedule
-from fedsim.algorithms.base import Algorithm, ClientContext, RoundPlan, ServerState
+from fedsim.algorithms.base import Algorithm, ClientContext, ClientState, RoundPlan, ServerState
 from fedsim.algorithms.fedavg import FedAvg
 from fedsim.algorithms.fedprox import FedProx
 from fedsim.algorithms.moon import MOON
@@ -64,6 +64,9 @@ class FedPart(Algorithm):
     @property
     def stateful(self) -> bool:
         return self.inner.stateful
+
+    def client_state_type(self) -> type[ClientState]:
+        return self.inner.client_state_type()
 
     @property
     def frozen_forwards(self) -> int:

@@ -16,12 +16,14 @@ positive either and l_con = 0 too; its trained model still becomes the client's 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from fedsim import params as P
-from fedsim.algorithms.base import Algorithm, ClientContext
+from fedsim.algorithms.base import Algorithm, ClientContext, ClientState
 from fedsim.algorithms.registry import register
 from fedsim.config import ExperimentConfig, MoonConfig, RunConfig
 from fedsim.errors import FedsimError
@@ -62,12 +64,21 @@ def needs_projection_head(algorithm: Algorithm) -> None:
         )
 
 
+@dataclass
+class MoonClientState(ClientState):
+    """A MOON client's stored state: ``prev``, its model after its last local update
+    (state_dict key -> array), the negative of the contrastive loss (paper eq. 2)."""
+
+    prev: dict[str, Any] | None = None
+
+
 @register
 class MOON(Algorithm):
     """FedAvg with MOON's contrastive local loss; clients keep their previous model."""
 
     name = "moon"
     model_suffix = "+moon"
+    ClientStateType = MoonClientState
     full_network = True  # the contrastive term changes local training, not the traffic
     Config = MoonConfig
     keeps_client_state = True
@@ -89,17 +100,17 @@ class MOON(Algorithm):
 
         l_con needs both a received global model (``ctx.received`` non-empty; empty in round 0
         under ``init: independent``, when the model holds the client's own initialisation) and a
-        previous model (``ctx.state["prev"]``, absent in a first participation); without either
+        previous model (``ctx.state.prev``; no state in a first participation); without either
         it is 0 and no frozen forward pass is counted (nothing received: no frozen model is built).
         """
-        prev = (ctx.state or {}).get("prev")
+        prev = ctx.state.prev if ctx.state is not None else None
         if ctx.received:
             ctx.aux["glob"] = _frozen(ctx.model)  # the received global model, before any local step
             if prev is not None:
                 ctx.aux["prev"] = _frozen(ctx.model, prev)
                 ctx.frozen_forwards = self.frozen_forwards
         upload, loss = super().local_update(ctx)
-        ctx.new_state = {**(ctx.new_state or {}), "prev": P.to_numpy(ctx.model.state_dict())}
+        self.new_client_state(ctx).prev = P.to_numpy(ctx.model.state_dict())
         return upload, loss
 
     def batch_loss(self, ctx: ClientContext, x: torch.Tensor, y: torch.Tensor):

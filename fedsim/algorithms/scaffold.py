@@ -1,9 +1,10 @@
 """SCAFFOLD (Karimireddy et al., "SCAFFOLD: Stochastic Controlled Averaging for Federated
 Learning", ICML 2020, Algorithm 1 with option II control variates).
 
-State: the server's control variate c (server state, ``ServerState.extra["scaffold_c"]``,
-checkpointed with the global model) and each client's c_i (client state in the engine's store,
-``state["c"]``, 0 at a client's first participation; checkpointed with the store). Both hold one
+State: the server's control variate c (:class:`ScaffoldState`, the run's
+``ServerState.algo_state``, checkpointed with the global model) and each client's c_i
+(:class:`ScaffoldClientState` in the engine's store, 0 at a client's first participation;
+checkpointed with the store). Both hold one
 tensor per stepped key (:mod:`fedsim.algorithms.deltas`: for fedsim's models the parameters),
 with the parameter's shape and dtype (float32).
 
@@ -37,7 +38,7 @@ through x - y. A parameter that gets no gradient in a batch (``.grad`` None) get
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -47,6 +48,7 @@ from fedsim.algorithms.base import (
     Algorithm,
     ClientContext,
     ClientResult,
+    ClientState,
     RoundPlan,
     ServerState,
     Traffic,
@@ -59,7 +61,21 @@ from fedsim.config import ScaffoldConfig
 #: Prefix of c's tensors in the broadcast and of Delta c_i's in an upload (never a state_dict key).
 C_PREFIX = "scaffold.c:"
 DC_PREFIX = "scaffold.dc:"
-EXTRA_KEY = "scaffold_c"
+
+
+@dataclass
+class ScaffoldState:
+    """The server's control variate ``c``: stepped key -> tensor (the parameter's shape, dtype)."""
+
+    c: P.Params
+
+
+@dataclass
+class ScaffoldClientState(ClientState):
+    """A client's stored control variate ``c`` (c_i): stepped key -> array; None before its first
+    participation (then 0)."""
+
+    c: dict[str, Any] | None = None
 
 
 @register
@@ -69,6 +85,8 @@ class Scaffold(Algorithm):
     name = "scaffold"
     Config = ScaffoldConfig
     keeps_client_state = True
+    AlgoState = ScaffoldState
+    ClientStateType = ScaffoldClientState
 
     def traffic(self, rp: Any, wire: WireFacts) -> Traffic:
         """FedAvg's traffic plus c down to and Delta c_i up from every cohort client (one tensor
@@ -84,19 +102,19 @@ class Scaffold(Algorithm):
         """x0 and c = 0 over the stepped keys."""
         state = super().init_state(params)
         c = {k: torch.zeros_like(params[k]) for k in stepped_keys(params)}
-        return ServerState(params=state.params, extra={**state.extra, EXTRA_KEY: c})
+        return ServerState(params=state.params, algo_state=ScaffoldState(c))
 
     def downlink(self, state: ServerState, plan: RoundPlan) -> P.Params:
         """The global state_dict and c (nothing in an ``own_init`` round)."""
         down = super().downlink(state, plan)
         if plan.own_init:
             return down
-        return {**down, **{C_PREFIX + k: v for k, v in state.extra[EXTRA_KEY].items()}}
+        return {**down, **{C_PREFIX + k: v for k, v in state.algo_state.c.items()}}
 
     def aggregate(self, state: ServerState, plan: RoundPlan, results: list[ClientResult]) -> ServerState:
         if plan.own_init:  # uploads hold only y; c stays 0
             return super().aggregate(state, plan, results)
-        c = state.extra[EXTRA_KEY]
+        c = state.algo_state.c
         ys = [{k: v for k, v in r.upload.items() if not k.startswith(DC_PREFIX)} for r in results]
         dcs = [{k: r.upload[DC_PREFIX + k] for k in c} for r in results]
         s, n = len(results), self.experiment.data.num_clients
@@ -104,8 +122,9 @@ class Scaffold(Algorithm):
         x = {k: state.params[k] + self.cfg.server_lr * dy[k] for k in c}
         dc = combine(dcs, [1.0 / n] * s, list(c))  # (|S|/N) mean Delta c_i
         mean = averaged(ys, [r.n_examples for r in results], [k for k in ys[0] if k not in c])
-        extra = {**state.extra, EXTRA_KEY: {k: c[k] + dc[k] for k in c}}
-        return ServerState(params={**state.params, **mean, **x}, extra=extra)
+        return ServerState(
+            params={**state.params, **mean, **x}, algo_state=ScaffoldState({k: c[k] + dc[k] for k in c})
+        )
 
     # ---- client side
     def local_update(self, ctx: ClientContext) -> tuple[P.Params, float]:
@@ -114,7 +133,7 @@ class Scaffold(Algorithm):
         if ctx.plan.own_init:
             return super().local_update(ctx)
         c = {k[len(C_PREFIX) :]: v for k, v in ctx.received.items() if k.startswith(C_PREFIX)}
-        stored = (ctx.state or {}).get("c")
+        stored = ctx.state.c if ctx.state is not None else None
         c_i = (
             {k: v.to(c[k].device) for k, v in P.from_numpy(stored).items()}
             if stored is not None
@@ -130,7 +149,7 @@ class Scaffold(Algorithm):
         c_new = (
             {k: c_i[k] - c[k] + (x[k] - y[k].detach()) / (steps * lr) for k in c} if steps else c_i
         )  # no step taken (no examples): nothing learnt about the client's drift
-        ctx.new_state = {**(ctx.new_state or {}), "c": P.to_numpy(c_new)}
+        self.new_client_state(ctx).c = P.to_numpy(c_new)
         return {**upload, **{DC_PREFIX + k: c_new[k] - c_i[k] for k in c}}, loss
 
     def before_step(self, ctx: ClientContext) -> None:

@@ -29,6 +29,7 @@ import torch
 import fedsim
 from fedsim import params as P
 from fedsim.algorithms import Algorithm, ClientTask, ServerState
+from fedsim.algorithms.base import from_plain, to_plain
 from fedsim.config import ExperimentConfig, RunConfig
 from fedsim.data.base import FederatedDataset
 from fedsim.engine.backends import RoundTimeout
@@ -90,7 +91,7 @@ def _replay(log: RunLog, run: RunConfig, rounds: int) -> Iterator[dict]:
     yield {"kind": "end", "run": run.label, "status": row["status"], "message": row["message"] or ""}
 
 
-def _restore(log: RunLog, run: RunConfig, state: Any, backend: Any):
+def _restore(log: RunLog, run: RunConfig, algo: Algorithm, state: Any, backend: Any):
     """(state, first round, cumulative bytes up and down, client store) from the run's checkpoint;
     rows after the checkpointed round are dropped. Without a checkpoint the run restarts."""
     ckpt = checkpoint.load(log.dir, run.label)
@@ -98,9 +99,10 @@ def _restore(log: RunLog, run: RunConfig, state: Any, backend: Any):
     log.truncate(run.label, after_round=last)
     if ckpt is None:
         return state, 0, 0, 0, {}
-    store = {int(c): backend.put_state(v) for c, v in ckpt["store"].items()}
+    client_state = algo.client_state_type()
+    store = {int(c): backend.put_state(from_plain(client_state, v)) for c, v in ckpt["store"].items()}
     return (
-        ServerState(params=ckpt["params"], extra=ckpt["extra"]),
+        ServerState(params=ckpt["params"], algo_state=from_plain(algo.AlgoState, ckpt["algo_state"])),
         last + 1,
         int(ckpt["cum_up"]),
         int(ckpt["cum_down"]),
@@ -117,10 +119,10 @@ def _save(
         {
             "round": r,
             "params": state.params,
-            "extra": state.extra,
+            "algo_state": to_plain(state.algo_state),
             "cum_up": cum_up,
             "cum_down": cum_down,
-            "store": {c: backend.get_state(h) for c, h in store.items()},
+            "store": {c: to_plain(backend.get_state(h)) for c, h in store.items()},
         },
     )
 
@@ -139,7 +141,7 @@ def _evaluate_bn_local(
     model, the paper's choice; the mean accuracy over every client that has trained so far)."""
     accs, first = [], (None, None)
     for c in sorted(store):
-        bn = backend.get_state(store[c])["bn"]
+        bn = backend.get_state(store[c]).bn
         model.load_state_dict({**algo.global_params(state), **P.from_numpy(bn)})
         acc, loss = evaluate(model, dataset.test, cfg.engine.eval_batch_size)
         accs.append(acc)
@@ -186,7 +188,7 @@ def _run_one(
         )
         log.flush()
     else:
-        state, first, cum_up, cum_down, store = _restore(log, run, state, backend)
+        state, first, cum_up, cum_down, store = _restore(log, run, algo, state, backend)
     yield {"kind": "start", "run": run.label, "rounds": rounds}
     yield from _logged_rounds(log, run, rounds)
     status, message = "finished", ""

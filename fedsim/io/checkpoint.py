@@ -1,7 +1,8 @@
 """Run checkpoints: everything needed to continue a run exactly where it stopped.
 
-A checkpoint holds the server state (global tensors and the algorithm's extras, such as FedMA's
-assignments), the client-state store, the cumulative byte counters and the index of the last
+A checkpoint holds the server state (global tensors and the algorithm's own state, such as
+FedMA's assignments, as a dict of its dataclass's fields), the client-state store (each client's
+state likewise), the cumulative byte counters and the index of the last
 completed round. The random position needs nothing else: every draw is a pure function of
 (seed, stream, round, client), so the round index is the RNG position.
 
