@@ -186,3 +186,11 @@ def test_clients_table_reports_one_local_step_per_minibatch(runs, name):
     c = of(runs["first"][name], name)["clients"]
     batches = -(-c["n_examples"] // 32)  # ceil: the last, smaller batch is a step too
     assert len(c) and (c["local_steps"] == batches).all()  # one local epoch (experiment())
+
+
+def test_the_loops_round_row_has_the_rounds_tables_columns_in_order():
+    from dataclasses import fields
+
+    from fedsim.engine.loop import RoundRow
+
+    assert [f.name for f in fields(RoundRow)] == ROUNDS_SCHEMA.names

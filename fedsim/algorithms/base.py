@@ -385,7 +385,7 @@ class Algorithm:
         mean = P.weighted_mean([r.upload for r in results], [r.n_examples for r in results])
         return ServerState(params={**state.params, **mean}, algo_state=state.algo_state)
 
-    def global_params(self, state: ServerState) -> P.Params:
+    def global_weights(self, state: ServerState) -> P.Params:
         """The global model evaluated after the round."""
         return state.params
 
@@ -396,7 +396,7 @@ class Algorithm:
         the global widths to load the weights into."""
         from fedsim.evaluation import evaluate
 
-        model.load_state_dict(self.global_params(state))
+        model.load_state_dict(self.global_weights(state))
         return evaluate(model, split, batch_size)
 
     def global_size(self, state: ServerState, model: FedModel) -> int:

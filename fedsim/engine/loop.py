@@ -10,7 +10,12 @@ round's clients are submitted, so this work overlaps their training instead of a
 round's time (``wall_seconds`` covers sampling to aggregation). A completed round is still never
 lost: it is written before the next round's results are awaited, and the round that ends a run is
 written before the run's status changes. A test loss of NaN/Inf marks the run diverged at that
-round, as before; the round already submitted after it is abandoned.
+round; the round already submitted after it is abandoned.
+
+:func:`_run_one` is the loop; its collaborators are named here: :func:`_start` (a new run's
+row, or a resumed run's :class:`Progress` from its checkpoint), :class:`RoundRow` (one typed row
+of rounds.parquet), :class:`Aggregated` (a round aggregated but not yet written), and
+:class:`_Recorder` (evaluates an :class:`Aggregated`, writes its rows and checkpoint).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import json
 import platform
 import time
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -28,7 +33,7 @@ import torch
 
 import fedsim
 from fedsim import params as P
-from fedsim.algorithms import Algorithm, ClientTask, ServerState
+from fedsim.algorithms import Algorithm, ClientResult, ClientTask, ServerState
 from fedsim.algorithms.base import from_plain, to_plain
 from fedsim.config import ExperimentConfig, RunConfig
 from fedsim.data.base import FederatedDataset
@@ -91,38 +96,202 @@ def _replay(log: RunLog, run: RunConfig, rounds: int) -> Iterator[dict]:
     yield {"kind": "end", "run": run.label, "status": row["status"], "message": row["message"] or ""}
 
 
-def _restore(log: RunLog, run: RunConfig, algo: Algorithm, state: Any, backend: Any):
-    """(state, first round, cumulative bytes up and down, client store) from the run's checkpoint;
-    rows after the checkpointed round are dropped. Without a checkpoint the run restarts."""
-    ckpt = checkpoint.load(log.dir, run.label)
-    last = -1 if ckpt is None else int(ckpt["round"])
-    log.truncate(run.label, after_round=last)
-    if ckpt is None:
-        return state, 0, 0, 0, {}
-    client_state = algo.client_state_type()
-    store = {int(c): backend.put_state(from_plain(client_state, v)) for c, v in ckpt["store"].items()}
+@dataclass
+class Progress:
+    """Where a run stands: the server state, the next round to run, the cumulative bytes, and
+    the client-state store (client id -> backend handle; stateful algorithms only)."""
+
+    state: ServerState
+    next_round: int = 0
+    cum_up: int = 0
+    cum_down: int = 0
+    store: dict[int, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RoundRow:
+    """One row of rounds.parquet (:data:`fedsim.io.runlog.ROUNDS_SCHEMA`, same names and order).
+
+    Units: bytes (numel x element size), multiply-accumulates (``flops``), seconds; accuracy in
+    [0, 1], losses in nats. ``global_params`` and ``trainable_params`` are parameter counts.
+    """
+
+    run_id: str
+    algorithm: str
+    round: int
+    phase: str
+    layer: int | None
+    test_accuracy: float | None
+    test_loss: float | None
+    train_loss: float | None
+    bytes_up: int
+    bytes_down: int
+    cum_bytes_up: int
+    cum_bytes_down: int
+    cum_bytes: int
+    global_params: int
+    trainable_params: int
+    flops: int
+    test_accuracy_clients_mean: float | None
+    clients: int
+    wall_seconds: float
+
+
+@dataclass
+class Aggregated:
+    """A round that is aggregated but not yet evaluated and written.
+
+    Attributes:
+        row: its rounds.parquet row, test columns still empty.
+        results: every cohort client's result, dropped ones included, in cohort order.
+        due: whether the global model is evaluated after this round.
+        progress: the run's state after this round (what its checkpoint holds).
+    """
+
+    row: RoundRow
+    results: list[ClientResult]
+    due: bool
+    progress: Progress
+
+
+def _diverged(r: int) -> str:
     return (
-        ServerState(params=ckpt["params"], algo_state=from_plain(algo.AlgoState, ckpt["algo_state"])),
-        last + 1,
-        int(ckpt["cum_up"]),
-        int(ckpt["cum_down"]),
-        store,
+        f"round {r}: the loss or the global weights became NaN/Inf; lower runs.lr "
+        "or check the data; rounds before it are kept"
     )
 
 
-def _save(
-    log: RunLog, run: RunConfig, r: int, state: Any, store: dict, backend: Any, cum_up: int, cum_down: int
-) -> None:
+def _start(
+    cfg: ExperimentConfig,
+    run: RunConfig,
+    algo: Algorithm,
+    dataset: FederatedDataset,
+    backend: Any,
+    log: RunLog,
+    resumed: bool,
+) -> Progress:
+    """The run's starting point: round 0 from the global initialisation (the
+    (seed, "init") stream) with the run's row added to the log, or, for a ``resumed`` run, the
+    state of its last checkpoint (rows after the checkpoint's round are dropped; without a
+    checkpoint the run restarts from round 0)."""
+    model = build_model(
+        cfg.model.name,
+        num_classes=dataset.num_classes,
+        input_shape=dataset.input_shape,
+        widths=cfg.model.widths,
+        generator=torch_rng(cfg.seed, "init"),
+    )
+    fresh = Progress(algo.init_state(P.clone(model.state_dict())))
+    if resumed:
+        ckpt = checkpoint.load(log.dir, run.label)
+        log.truncate(run.label, after_round=-1 if ckpt is None else int(ckpt["round"]))
+        if ckpt is None:
+            return fresh
+        client_state = algo.client_state_type()
+        return Progress(
+            state=ServerState(ckpt["params"], from_plain(algo.AlgoState, ckpt["algo_state"])),
+            next_round=int(ckpt["round"]) + 1,
+            cum_up=int(ckpt["cum_up"]),
+            cum_down=int(ckpt["cum_down"]),
+            store={int(c): backend.put_state(from_plain(client_state, v)) for c, v in ckpt["store"].items()},
+        )
+    log.add(
+        "runs",
+        {
+            "run_id": run.label,
+            "experiment": cfg.name,
+            "algorithm": run.algorithm,
+            "config_json": json.dumps(
+                {**cfg.to_dict(), "runs": [run.model_dump(mode="json")]}, sort_keys=True
+            ),
+            "seed": cfg.seed,
+            "fedsim_version": fedsim.__version__,
+            "versions_json": json.dumps(versions(), sort_keys=True),
+            "status": "running",
+            "started_at": _now(),
+        },
+    )
+    log.flush()
+    return fresh
+
+
+class _Recorder:
+    """Evaluates an :class:`Aggregated` round's global model when due, and writes its client
+    rows, its round row and (every ``engine.checkpoint_every`` rounds and at the run's last)
+    its checkpoint."""
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        run: RunConfig,
+        algo: Algorithm,
+        dataset: FederatedDataset,
+        backend: Any,
+        log: RunLog,
+        rounds: int,
+    ):
+        self.cfg, self.run, self.algo, self.dataset = cfg, run, algo, dataset
+        self.backend, self.log, self.rounds = backend, log, rounds
+
+    def evaluate(self, done: Aggregated) -> tuple[float | None, float | None, float | None]:
+        """(test accuracy, test loss, mean accuracy over the clients' own BatchNorm statistics
+        or None) of the round's global model on the global test set."""
+        algo, state = self.algo, done.progress.state
+        model = algo.reference_model(algo.model_widths(state))
+        if algo.keeps_bn_local:
+            return _evaluate_bn_local(
+                algo, state, model, self.dataset, done.progress.store, self.backend, self.cfg
+            )
+        acc, loss = algo.evaluate(state, model, self.dataset.test, self.cfg.engine.eval_batch_size)
+        return acc, loss, None
+
+    def commit(self, done: Aggregated) -> dict | None:
+        """Evaluate ``done`` if due and write it; its progress event, or None when its test loss
+        came out NaN/Inf (then nothing is written)."""
+        row = done.row
+        if done.due:
+            acc, loss, acc_mean = self.evaluate(done)
+            if loss is not None and not np.isfinite(loss):
+                return None
+            row = replace(row, test_accuracy=acc, test_loss=loss, test_accuracy_clients_mean=acc_mean)
+        for x in done.results:
+            self.log.add("clients", _client_row(self.run.label, row.round, x))
+        self.log.add("rounds", asdict(row))
+        self.log.flush()
+        if (row.round + 1) % self.cfg.engine.checkpoint_every == 0 or row.round == self.rounds - 1:
+            _save(self.log, self.run, row.round, done.progress, self.backend)
+        return {"kind": "round", **asdict(row), "rounds": self.rounds}
+
+
+def _client_row(run_id: str, r: int, x: ClientResult) -> dict[str, Any]:
+    """One row of clients.parquet (:data:`fedsim.io.runlog.CLIENTS_SCHEMA`)."""
+    return {
+        "run_id": run_id,
+        "round": r,
+        "client_id": x.client_id,
+        "n_examples": x.n_examples,
+        "local_steps": x.local_steps,
+        "train_loss": None if x.dropped else x.train_loss,
+        "bytes_up": x.bytes_up,
+        "bytes_down": x.bytes_down,
+        "seconds": x.seconds,
+        "worker": x.worker,
+        "attempt": x.attempt,
+        "dropped": x.dropped,
+    }
+
+
+def _save(log: RunLog, run: RunConfig, r: int, progress: Progress, backend: Any) -> None:
     checkpoint.save(
         log.dir,
         run.label,
         {
             "round": r,
-            "params": state.params,
-            "algo_state": to_plain(state.algo_state),
-            "cum_up": cum_up,
-            "cum_down": cum_down,
-            "store": {c: to_plain(backend.get_state(h)) for c, h in store.items()},
+            "params": progress.state.params,
+            "algo_state": to_plain(progress.state.algo_state),
+            "cum_up": progress.cum_up,
+            "cum_down": progress.cum_down,
+            "store": {c: to_plain(backend.get_state(h)) for c, h in progress.store.items()},
         },
     )
 
@@ -142,7 +311,7 @@ def _evaluate_bn_local(
     accs, first = [], (None, None)
     for c in sorted(store):
         bn = backend.get_state(store[c]).bn
-        model.load_state_dict({**algo.global_params(state), **P.from_numpy(bn)})
+        model.load_state_dict({**algo.global_weights(state), **P.from_numpy(bn)})
         acc, loss = evaluate(model, dataset.test, cfg.engine.eval_batch_size)
         accs.append(acc)
         if c == 0:
@@ -153,111 +322,37 @@ def _evaluate_bn_local(
 def _run_one(
     cfg: ExperimentConfig, run: RunConfig, dataset: FederatedDataset, backend: Any, log: RunLog
 ) -> Iterator[dict]:
+    """One run of the experiment, round by round; yields its progress events."""
     algo: Algorithm = make_algorithm(run, cfg, dataset)
     rounds = algo.num_rounds()
     previous = log.run_row(run.label)
-    if previous is not None and previous["status"] != "running":
+    if previous is not None and previous["status"] != "running":  # ended before: replay it
         yield from _replay(log, run, rounds)
         return
-    model = build_model(
-        cfg.model.name,
-        num_classes=dataset.num_classes,
-        input_shape=dataset.input_shape,
-        widths=cfg.model.widths,
-        generator=torch_rng(cfg.seed, "init"),
-    )
-    state = algo.init_state(P.clone(model.state_dict()))
-    store: dict[int, Any] = {}  # client id -> backend handle of its state (stateful algorithms only)
-    first, cum_up, cum_down = 0, 0, 0
-    if previous is None:
-        log.add(
-            "runs",
-            {
-                "run_id": run.label,
-                "experiment": cfg.name,
-                "algorithm": run.algorithm,
-                "config_json": json.dumps(
-                    {**cfg.to_dict(), "runs": [run.model_dump(mode="json")]}, sort_keys=True
-                ),
-                "seed": cfg.seed,
-                "fedsim_version": fedsim.__version__,
-                "versions_json": json.dumps(versions(), sort_keys=True),
-                "status": "running",
-                "started_at": _now(),
-            },
-        )
-        log.flush()
-    else:
-        state, first, cum_up, cum_down, store = _restore(log, run, algo, state, backend)
+    at = _start(cfg, run, algo, dataset, backend, log, resumed=previous is not None)
     yield {"kind": "start", "run": run.label, "rounds": rounds}
     yield from _logged_rounds(log, run, rounds)
+    recorder = _Recorder(cfg, run, algo, dataset, backend, log, rounds)
     status, message = "finished", ""
-    # The last aggregated round, not yet evaluated and written: (row, results, whether to
-    # evaluate, then what its checkpoint holds).
-    done: tuple | None = None
-
-    def diverged(r: int) -> str:
-        return (
-            f"round {r}: the loss or the global weights became NaN/Inf; lower runs.lr "
-            "or check the data; rounds before it are kept"
-        )
-
-    def commit() -> dict | None:
-        """Evaluate round ``done``'s global model if due, write its rows (and checkpoint); its
-        progress event, or None when the test loss came out NaN/Inf (nothing is written)."""
-        row, results, due, state_r, store_r, up_r, down_r = done
-        r = row["round"]
-        if due:
-            model = algo.reference_model(algo.model_widths(state_r))
-            if algo.keeps_bn_local:
-                acc, loss, acc_mean = _evaluate_bn_local(algo, state_r, model, dataset, store_r, backend, cfg)
-            else:
-                (acc, loss), acc_mean = (
-                    algo.evaluate(state_r, model, dataset.test, cfg.engine.eval_batch_size),
-                    None,
-                )
-            if loss is not None and not np.isfinite(loss):
-                return None
-            row = {**row, "test_accuracy": acc, "test_loss": loss, "test_accuracy_clients_mean": acc_mean}
-        for x in results:
-            log.add(
-                "clients",
-                {
-                    "run_id": run.label,
-                    "round": r,
-                    "client_id": x.client_id,
-                    "n_examples": x.n_examples,
-                    "local_steps": x.local_steps,
-                    "train_loss": None if x.dropped else x.train_loss,
-                    "bytes_up": x.bytes_up,
-                    "bytes_down": x.bytes_down,
-                    "seconds": x.seconds,
-                    "worker": x.worker,
-                    "attempt": x.attempt,
-                    "dropped": x.dropped,
-                },
-            )
-        log.add("rounds", row)
-        log.flush()
-        if (r + 1) % cfg.engine.checkpoint_every == 0 or r == rounds - 1:
-            _save(log, run, r, state_r, store_r, backend, up_r, down_r)
-        return {"kind": "round", **row, "rounds": rounds}
-
-    for r in range(first, rounds):
+    unwritten: Aggregated | None = None  # the previous round, written while this one trains
+    for r in range(at.next_round, rounds):
         t0 = time.perf_counter()
         cohort = sample_cohort(cfg.seed, r, dataset.num_clients, cfg.engine.clients_per_round)
-        plan = algo.plan_round(state, r, cohort)
-        broadcast = P.to_numpy(algo.downlink(state, plan))
-        handle = backend.broadcast(broadcast)
-        tasks = [ClientTask(run_id=run.label, round=r, client_id=c, plan=plan) for c in plan.cohort]
-        states = [store.get(c) if algo.stateful else None for c in plan.cohort]
-        extras = [algo.client_downlink(state, plan, c) for c in plan.cohort]
-        extras = [None if e is None else P.to_numpy(e) for e in extras]
-        pending = backend.submit(run, tasks, handle, states, extras)
-        if done is not None:  # the previous round is evaluated and written while this one trains
-            event, done = commit(), None
+        plan = algo.plan_round(at.state, r, cohort)
+        broadcast = P.to_numpy(algo.downlink(at.state, plan))
+        own = [algo.client_downlink(at.state, plan, c) for c in plan.cohort]  # per-client extras
+        own = [None if d is None else P.to_numpy(d) for d in own]
+        pending = backend.submit(
+            run,
+            [ClientTask(run_id=run.label, round=r, client_id=c, plan=plan) for c in plan.cohort],
+            backend.broadcast(broadcast),
+            [at.store.get(c) if algo.stateful else None for c in plan.cohort],
+            own,
+        )
+        if unwritten is not None:
+            event, unwritten = recorder.commit(unwritten), None
             if event is None:  # round r - 1's test loss is NaN/Inf: round r is abandoned
-                status, message = "diverged", diverged(r - 1)
+                status, message = "diverged", _diverged(r - 1)
                 break
             yield event
         try:
@@ -265,55 +360,57 @@ def _run_one(
         except RoundTimeout as err:
             status, message = "failed", str(err)
             break
-        results = [
+        results = [  # a dropped client was still sent the round's tensors
             x
             if not x.dropped
-            else replace(x, bytes_down=0 if plan.pooled else P.nbytes(broadcast) + P.nbytes(e or {}))
-            for x, e in zip(results, extras)
+            else replace(x, bytes_down=0 if plan.pooled else P.nbytes(broadcast) + P.nbytes(d or {}))
+            for x, d in zip(results, own)
         ]
         kept = [x for x in results if not x.dropped]
-        if algo.stateful:
-            store = {**store, **{x.client_id: backend.put_state(x.state) for x in kept}}
-        if kept:
-            state = algo.aggregate(state, plan, kept)
+        store = (
+            {**at.store, **{x.client_id: backend.put_state(x.state) for x in kept}}
+            if algo.stateful
+            else at.store
+        )
+        state = algo.aggregate(at.state, plan, kept) if kept else at.state
         up, down = sum(x.bytes_up for x in results), sum(x.bytes_down for x in results)
-        cum_up, cum_down = cum_up + up, cum_down + down
+        at = Progress(state, r + 1, at.cum_up + up, at.cum_down + down, store)
         weights = np.array([x.n_examples for x in kept], dtype=np.float64)
         train_loss = float(np.dot(weights, [x.train_loss for x in kept]) / weights.sum()) if kept else None
-        if not (P.all_finite(algo.global_params(state)) and (train_loss is None or np.isfinite(train_loss))):
-            status, message = "diverged", diverged(r)
+        if not (P.all_finite(algo.global_weights(state)) and (train_loss is None or np.isfinite(train_loss))):
+            status, message = "diverged", _diverged(r)
             break
         model = algo.reference_model(algo.model_widths(state))  # global widths (FedMA's grow)
-        row = {
-            "run_id": run.label,
-            "algorithm": run.algorithm,
-            "round": r,
-            "phase": plan.phase,
-            "layer": plan.layer,
-            "test_accuracy": None,
-            "test_loss": None,
-            "train_loss": train_loss,
-            "bytes_up": up,
-            "bytes_down": down,
-            "cum_bytes_up": cum_up,
-            "cum_bytes_down": cum_down,
-            "cum_bytes": cum_up + cum_down,
-            "global_params": algo.global_size(state, model),
+        row = RoundRow(
+            run_id=run.label,
+            algorithm=run.algorithm,
+            round=r,
+            phase=plan.phase,
+            layer=plan.layer,
+            test_accuracy=None,
+            test_loss=None,
+            train_loss=train_loss,
+            bytes_up=up,
+            bytes_down=down,
+            cum_bytes_up=at.cum_up,
+            cum_bytes_down=at.cum_down,
+            cum_bytes=at.cum_up + at.cum_down,
+            global_params=algo.global_size(state, model),
             # what a client trained, on its own model (FedMA's local widths differ from the global)
-            "trainable_params": (
+            trainable_params=(
                 max(x.trainable_params for x in kept) if kept else trainable_count(model, plan.trainable)
             ),
-            "clients": len(kept),
-            "flops": int(sum(x.macs for x in kept)),
-            "test_accuracy_clients_mean": None,
-            "wall_seconds": time.perf_counter() - t0,
-        }
+            clients=len(kept),
+            flops=int(sum(x.macs for x in kept)),
+            test_accuracy_clients_mean=None,
+            wall_seconds=time.perf_counter() - t0,
+        )
         due = plan.evaluate and ((r + 1) % cfg.engine.eval_every == 0 or r == rounds - 1)
-        done = (row, results, due, state, store, cum_up, cum_down)
-    if done is not None:
-        event = commit()
+        unwritten = Aggregated(row, results, due, at)
+    if unwritten is not None:  # the run's last round
+        event = recorder.commit(unwritten)
         if event is None:
-            status, message = "diverged", diverged(done[0]["round"])
+            status, message = "diverged", _diverged(unwritten.row.round)
         else:
             yield event
     log.update_run(run.label, status=status, message=message, finished_at=_now())
