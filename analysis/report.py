@@ -55,6 +55,7 @@ SUMMARY_COLUMNS = [
     "MB_down",
     "wall_s",
     "MB_to_target",
+    "rounds_to_target",
 ]
 _FORMATS = {
     "final_acc": "{:.4f}",
@@ -63,6 +64,7 @@ _FORMATS = {
     "MB_down": "{:.2f}",
     "wall_s": "{:.1f}",
     "MB_to_target": "{:.2f}",
+    "rounds_to_target": "{:.0f}",
     "TMACs": "{:.3g}",
     "rounds": "{:d}",
     "seed": "{:d}",
@@ -141,9 +143,10 @@ def _per_run(df: pd.DataFrame, target_fraction: float) -> tuple[pd.DataFrame, li
         raise AnalysisError(no_evaluation_message(df))
     best = table.loc[table["best_acc"].idxmax()]
     target = target_fraction * float(best["best_acc"])
-    reach = bytes_to_target(df, target)[KEYS + ["cum_bytes"]]
+    reach = bytes_to_target(df, target)[KEYS + ["cum_bytes", "round"]].rename(columns={"round": "_round"})
     table = table.merge(reach, on=KEYS, how="left")
     table["MB_to_target"] = table["cum_bytes"] / 1e6
+    table["rounds_to_target"] = table.pop("_round") + 1  # communication rounds, counting the one reaching it
     table = table.rename(columns={"run_id": "run"})
     cols = list(SUMMARY_COLUMNS)
     if table["experiment_dir"].nunique() > 1:
@@ -154,7 +157,8 @@ def _per_run(df: pd.DataFrame, target_fraction: float) -> tuple[pd.DataFrame, li
     note = (
         f"MB_to_target: cumulative traffic (up + down, MB = 1e6 bytes) when test accuracy first "
         f"reached {target:.4f} = {target_fraction:.0%} of the best accuracy observed "
-        f"({float(best['best_acc']):.4f}, run {best['run_id']}{where}); '-': never reached"
+        f"({float(best['best_acc']):.4f}, run {best['run_id']}{where}); rounds_to_target: the "
+        "communication rounds it took (the reaching round included); '-': never reached"
     )
     return table.reset_index(drop=True), cols, target, note
 
@@ -179,7 +183,7 @@ def _seed_table(table: pd.DataFrame) -> tuple[pd.DataFrame | None, str | None]:
     repeats), and the warning of :func:`analysis.mixed_runs` (or None)."""
     if "seed" not in table.columns or not table["run"].duplicated().any():
         return None, None
-    metrics = ["final_acc", "best_acc", "MB_to_target"]
+    metrics = ["final_acc", "best_acc", "MB_to_target", "rounds_to_target"]
     runs = table.rename(columns={"run": "run_id"})
     problem = mixed_runs(runs, "run_id")
     with warnings.catch_warnings():
@@ -192,7 +196,12 @@ def _seed_table(table: pd.DataFrame) -> tuple[pd.DataFrame | None, str | None]:
 def _seed_shown(seeds: pd.DataFrame) -> pd.DataFrame:
     out = seeds[["run", "algorithm", "n_runs"]].astype(str)
     out["seeds"] = seeds["seeds"].map(lambda s: ", ".join(map(str, s)))
-    for m, spec in (("final_acc", "{:.4f}"), ("best_acc", "{:.4f}"), ("MB_to_target", "{:.2f}")):
+    for m, spec in (
+        ("final_acc", "{:.4f}"),
+        ("best_acc", "{:.4f}"),
+        ("MB_to_target", "{:.2f}"),
+        ("rounds_to_target", "{:.1f}"),
+    ):
         out[m] = [f"{_fmt(a, spec)} ± {_fmt(s, spec)}" for a, s in zip(seeds[f"{m}_mean"], seeds[f"{m}_std"])]
     out["reached"] = [f"{k}/{n}" for k, n in zip(seeds["reached"], seeds["n_runs"])]
     return out

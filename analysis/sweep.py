@@ -29,8 +29,16 @@ from analysis.load import _first_line, _locate, load_runs, write_bytes
 INDEX = "sweep.parquet"
 INDEX_COLUMNS = ("trial_id", "seed", "status", "message", "experiment_dir", "wall_seconds", "overrides")
 TARGET_FRACTION = 0.9
-METRICS = ("final_acc", "best_acc", "MB_to_target", "TMACs")
-_SPECS = {"final_acc": "{:.4f}", "best_acc": "{:.4f}", "MB_to_target": "{:.2f}", "TMACs": "{:.3g}"}
+#: panels per row of the sweep figure (one panel per run name)
+PANELS_PER_ROW = 4
+METRICS = ("final_acc", "best_acc", "MB_to_target", "rounds_to_target", "TMACs")
+_SPECS = {
+    "final_acc": "{:.4f}",
+    "best_acc": "{:.4f}",
+    "MB_to_target": "{:.2f}",
+    "rounds_to_target": "{:.1f}",
+    "TMACs": "{:.3g}",
+}
 
 
 def is_sweep_dir(path: str | os.PathLike) -> bool:
@@ -124,7 +132,8 @@ def cell_table(
 ) -> tuple[pd.DataFrame, float, str]:
     """Mean and sample std over seeds per grid cell and run, of the per-run metrics that
     ``fedsim report`` computes (:func:`analysis.report._per_run`: final and best accuracy,
-    ``MB_to_target`` at ``target_fraction`` x the best accuracy of any run of the sweep, and
+    ``MB_to_target`` and ``rounds_to_target`` at ``target_fraction`` x the best accuracy of any
+    run of the sweep, and
     ``TMACs`` = logged multiply-accumulates / 1e12 when logged), pooled with
     :func:`analysis.over_seeds`.
 
@@ -189,7 +198,8 @@ def plot_sweep(
 ):
     """Test accuracy against cumulative message size (both directions), one panel per run name,
     one line per grid cell: at each round the mean over seeds of the accuracy against the mean
-    cumulative size, with a band of ± one sample std of the accuracy (no band for one seed).
+    cumulative size, with a band of ± one sample std of the accuracy (no band for one seed);
+    :data:`PANELS_PER_ROW` panels per row.
 
     Returns:
         A matplotlib Figure (Agg canvas, as :mod:`analysis.plots` makes them).
@@ -211,8 +221,13 @@ def plot_sweep(
     ev["_size"] = ev["cum_bytes"].astype(float) / UNITS[unit]
     runs = list(dict.fromkeys(ev["run_id"]))
     colors = _colors(list(dict.fromkeys(ev["_cell"])))
-    fig = _figure(max(5.0, 4.6 * len(runs)) + 2.5, 4.2)
-    axes = fig.subplots(1, len(runs), squeeze=False, sharey=True)[0]
+    cols = min(len(runs), PANELS_PER_ROW)
+    rows = -(-len(runs) // cols)
+    fig = _figure(max(5.0, 4.6 * cols) + 2.5, 4.2 * rows)
+    grid = fig.subplots(rows, cols, squeeze=False, sharey=True)
+    axes = list(grid.ravel())
+    for ax in axes[len(runs) :]:  # the last row's unused panels
+        ax.set_visible(False)
     for ax, run in zip(axes, runs):
         mine = ev[ev["run_id"] == run]
         for cell, g in mine.groupby("_cell", sort=False):
@@ -247,8 +262,9 @@ def plot_sweep(
         ax.set_title(run)
         ax.set_xlabel(bytes_label(unit))
         ax.grid(True, alpha=0.3)
-    axes[0].set_ylabel(ACCURACY_LABEL)
-    axes[-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize="small", frameon=False)
+    for row in grid:
+        row[0].set_ylabel(ACCURACY_LABEL)
+    axes[len(runs) - 1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize="small", frameon=False)
     if title:
         fig.suptitle(title)
     return fig
