@@ -3,10 +3,12 @@
 One file is one experiment: several runs (algorithms) that share data, partition, model and seed,
 so they are compared on identical clients and identical cohorts. Unknown keys and wrong types are
 errors that name the key (nanoGPT-style strict overrides). Each algorithm has its own run config
-class (a subclass of :class:`RunConfig`, registered in :data:`RUN_CONFIGS` and set as the
-algorithm's ``Config``) holding its specific keys, e.g. ``mu`` for FedProx, so a key that does not
-apply to an algorithm is rejected instead of silently ignored. The run configs live here rather than
-beside their algorithms so that validation imports no torch.
+class (a subclass of :class:`RunConfig`, set as the algorithm's ``Config``) holding its specific
+keys, e.g. ``mu`` for FedProx, so a key that does not apply to an algorithm is rejected instead of
+silently ignored. The built-in algorithms' run configs live here, listed in :data:`RUN_CONFIGS`,
+so that validating a config that names only them imports no torch. An algorithm added in its own
+module may define its ``Config`` there: a config naming it is validated through the registry
+(:func:`run_configs`), which imports the algorithms (and torch).
 """
 
 from __future__ import annotations
@@ -551,6 +553,15 @@ RUN_CONFIGS: dict[str, type[RunConfig]] = {
 :data:`fedsim.algorithms.ALGORITHMS`)."""
 
 
+def run_configs() -> dict[str, type[RunConfig]]:
+    """``algorithm:`` name -> run-config class for every registered algorithm: :data:`RUN_CONFIGS`
+    plus the ``Config`` of any algorithm registered outside it (imports :mod:`fedsim.algorithms`,
+    hence torch; :func:`parse` calls it only for a name :data:`RUN_CONFIGS` lacks)."""
+    from fedsim.algorithms import ALGORITHMS
+
+    return {**RUN_CONFIGS, **{name: cls.Config for name, cls in ALGORITHMS.items()}}
+
+
 def parse(raw: Any, overrides: list[str] | None = None) -> ExperimentConfig:
     """Validate a raw experiment mapping into an :class:`ExperimentConfig`.
 
@@ -578,13 +589,14 @@ def parse(raw: Any, overrides: list[str] | None = None) -> ExperimentConfig:
     for i, r in enumerate(runs_raw):
         r = _check_mapping(r, f"runs.{i}")
         algo = r.get("algorithm")
-        if algo not in RUN_CONFIGS:
+        configs = RUN_CONFIGS if algo in RUN_CONFIGS else run_configs()
+        if algo not in configs:
             raise FedsimError(
                 f"config key 'runs.{i}.algorithm': unknown algorithm {algo!r}; "
-                f"choose one of {', '.join(sorted(RUN_CONFIGS))}"
+                f"choose one of {', '.join(sorted(configs))}"
             )
         try:
-            runs.append(RUN_CONFIGS[algo].model_validate(r))
+            runs.append(configs[algo].model_validate(r))
         except ValidationError as err:
             _raise_from(err, f"runs.{i}", r)
     cfg = top.model_copy(update={"runs": tuple(runs)})
