@@ -155,6 +155,12 @@ def test_grid_of_8_trials_equals_direct_runs_and_the_report_pools_seeds(ray_loca
         else float("nan")
         for g in hand["g"]
     ]
+    hand["rounds_to_target"] = [  # communication rounds up to and including the first reaching one
+        g.loc[g["test_accuracy"] >= target, "round"].iloc[0] + 1
+        if (g["test_accuracy"] >= target).any()
+        else float("nan")
+        for g in hand["g"]
+    ]
     expect = (
         hand.groupby(["lr", "alpha", "run"], sort=False)
         .agg(
@@ -163,6 +169,7 @@ def test_grid_of_8_trials_equals_direct_runs_and_the_report_pools_seeds(ray_loca
             best_mean=("best", "mean"),
             best_std=("best", "std"),
             mb_mean=("mb", "mean"),
+            rounds_mean=("rounds_to_target", "mean"),
             tmacs_mean=("tmacs", "mean"),
             tmacs_std=("tmacs", "std"),
         )
@@ -181,6 +188,7 @@ def test_grid_of_8_trials_equals_direct_runs_and_the_report_pools_seeds(ray_loca
         ("best_acc_mean", "best_mean"),
         ("best_acc_std", "best_std"),
         ("MB_to_target_mean", "mb_mean"),
+        ("rounds_to_target_mean", "rounds_mean"),
         ("TMACs_mean", "tmacs_mean"),
         ("TMACs_std", "tmacs_std"),
     ):
