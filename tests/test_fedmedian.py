@@ -9,22 +9,10 @@ import torch
 
 from fedsim import config
 from fedsim import params as P
-from fedsim.algorithms import ALGORITHMS, ClientResult
+from fedsim.algorithms import ALGORITHMS
 from fedsim.algorithms.fedmedian import coordinate_median
 from tests.conftest import tiny_experiment
-
-
-def result(j: int, upload: dict, n: int) -> ClientResult:
-    return ClientResult(
-        client_id=j,
-        round=0,
-        upload=P.to_numpy(upload),
-        n_examples=n,
-        train_loss=0.0,
-        bytes_up=0,
-        bytes_down=0,
-        seconds=0.0,
-    )
+from tests.test_fedopt import result
 
 
 def fedmedian():
