@@ -2,7 +2,7 @@
 
 An experiment directory, as written by ``fedsim run``, holds ``runs.parquet`` (one row per run),
 ``rounds.parquet`` (one row per communication round) and ``clients.parquet`` (one row per
-(round, client)); the schemas are in ``fedsim/io/runlog.py`` and the README's "Output" section.
+(round, client)); the schemas are in ``fedsim/io/runlog.py`` and docs/outputs.md.
 Run ids are unique within a directory only, so every table read here gains an ``experiment_dir``
 column and runs are keyed by ``(experiment_dir, run_id)``.
 """
@@ -239,20 +239,20 @@ def load_runs(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> pd.Data
         them) and round, with
 
         * ``experiment_dir`` (str), then every rounds.parquet column: ``run_id``, ``algorithm``,
-          ``round`` (int, 0-based), ``test_accuracy`` (float in [0, 1]; NaN in rounds that were not
-          evaluated), ``test_loss``/``train_loss`` (nats), ``bytes_up``/``bytes_down`` (bytes in
-          that round), ``cum_bytes_up``/``cum_bytes_down``/``cum_bytes`` (bytes since round 0,
-          ``cum_bytes`` = both directions), ``wall_seconds`` (the round's own seconds), ...
-          and any newer column such as ``flops`` when present;
+            ``round`` (int, 0-based), ``test_accuracy`` (float in [0, 1]; NaN in rounds that were not
+            evaluated), ``test_loss``/``train_loss`` (nats), ``bytes_up``/``bytes_down`` (bytes in
+            that round), ``cum_bytes_up``/``cum_bytes_down``/``cum_bytes`` (bytes since round 0,
+            ``cum_bytes`` = both directions), ``wall_seconds`` (the round's own seconds), ...
+            and any newer column such as ``flops`` when present;
         * ``cum_wall_seconds`` (float, seconds): running sum of ``wall_seconds`` within the run;
         * from runs.parquet: ``experiment``, ``seed``, ``status`` (running / finished / diverged /
-          failed / dry_run), ``dry_run`` (bool: a ``fedsim run --dry-run`` projection, whose rounds
-          carry projected bytes and flops but no accuracy; False where an older runs.parquet has no
-          such column), ``message``, ``started_at``, ``finished_at``, ``fedsim_version``,
-          ``config_json`` (the run's full config as written, seed and name included);
+            failed / dry_run), ``dry_run`` (bool: a ``fedsim run --dry-run`` projection, whose rounds
+            carry projected bytes and flops but no accuracy; False where an older runs.parquet has no
+            such column), ``message``, ``started_at``, ``finished_at``, ``fedsim_version``,
+            ``config_json`` (the run's full config as written, seed and name included);
         * the run's resolved config flattened from ``config_json``: ``data.alpha``,
-          ``data.num_clients``, ``model.name``, ``engine.clients_per_round``, ``run.lr``,
-          ``run.rounds``, ``run.mu`` (NaN for algorithms without it), ...
+            ``data.num_clients``, ``model.name``, ``engine.clients_per_round``, ``run.lr``,
+            ``run.rounds``, ``run.mu`` (NaN for algorithms without it), ...
 
         Runs that logged no round yet have no rows.
 

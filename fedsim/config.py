@@ -32,15 +32,29 @@ class _Strict(BaseModel):
 class DataConfig(_Strict):
     """``data:`` section. Sizes are in examples."""
 
-    dataset: str = "digits"
-    partition: Literal["iid", "dirichlet", "natural", "bias"] = "dirichlet"
+    dataset: str = Field(
+        "digits", description="built-in dataset: digits, shakespeare, synthetic, mnist, cifar10, cifar100"
+    )
+    partition: Literal["iid", "dirichlet", "natural", "bias"] = Field(
+        "dirichlet",
+        description="how examples are split over clients (natural: Shakespeare roles; bias: FedMA's data-bias split)",
+    )
     alpha: float = Field(0.5, description="Dirichlet concentration (partition: dirichlet)")
-    num_clients: int = 10
-    data_dir: str | None = None
-    download: bool = False
-    train_fraction: float = 0.8
-    min_samples: int | None = None
-    examples_per_client: int | None = None
+    num_clients: int = Field(10, description="J, the number of simulated clients")
+    data_dir: str | None = Field(
+        None, description="where downloadable datasets live (MNIST, CIFAR); null: the default cache"
+    )
+    download: bool = Field(False, description="download a missing dataset (needs the network)")
+    train_fraction: float = Field(
+        0.8,
+        description="share of each client's (or role's) examples used for training where the dataset has no test split",
+    )
+    min_samples: int | None = Field(
+        None, description="drop clients (Shakespeare roles) with fewer training examples"
+    )
+    examples_per_client: int | None = Field(
+        None, description="cap each client at this many training examples (a seeded sample)"
+    )
     synthetic_alpha: float = Field(1.0, description="synthetic: std of the per-client model shift u_k")
     synthetic_beta: float = Field(1.0, description="synthetic: std of the per-client feature shift B_k")
 
@@ -48,8 +62,13 @@ class DataConfig(_Strict):
 class ModelConfig(_Strict):
     """``model:`` section; ``widths`` overrides hidden-layer unit counts."""
 
-    name: str = "digits_cnn"
-    widths: dict[str, int] | None = None
+    name: str = Field(
+        "digits_cnn",
+        description="model name (digits_cnn, lenet, vgg9, char_lstm, resnet8, resnet18, logreg, moon_cnn, <model>+moon)",
+    )
+    widths: dict[str, int] | None = Field(
+        None, description="hidden-layer unit counts by layer name; null: the model's defaults"
+    )
 
 
 class EngineConfig(_Strict):
@@ -60,18 +79,35 @@ class EngineConfig(_Strict):
     pool from the cluster's resources, capped at ``clients_per_round``.
     """
 
-    backend: Literal["ray", "sequential"] = "ray"
-    clients_per_round: int = 10
-    num_workers: Literal["auto"] | int = "auto"
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-    eval_every: int = 1
-    eval_batch_size: int = 1024
-    ray_address: str | None = None
-    max_attempts: int = 3
-    round_timeout_s: float | None = None
-    timeout_policy: Literal["wait", "drop", "fail"] = "drop"
-    checkpoint_every: int = 1
+    backend: Literal["ray", "sequential"] = Field(
+        "ray",
+        description="ray: a driver actor and a pool of ClientWorker actors; sequential: everything in this process",
+    )
+    clients_per_round: int = Field(10, description="cohort size, sampled per round from (seed, round)")
+    num_workers: Literal["auto"] | int = Field(
+        "auto", description="ClientWorker actors; auto: what the cluster fits, at most clients_per_round"
+    )
+    cpus_per_worker: float = Field(
+        1.0, description="CPUs each ClientWorker requests (also its torch threads)"
+    )
+    gpus_per_worker: float = Field(
+        0.0, description="GPU share each ClientWorker requests (0.25: four workers per GPU)"
+    )
+    eval_every: int = Field(
+        1, description="evaluate the global model every this many rounds (and after the last)"
+    )
+    eval_batch_size: int = Field(1024, description="examples per evaluation batch")
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join (host:port or ray://host:port); null: start a local Ray"
+    )
+    max_attempts: int = Field(3, description="tries per client task when its worker dies")
+    round_timeout_s: float | None = Field(None, description="seconds a round may take; null: no deadline")
+    timeout_policy: Literal["wait", "drop", "fail"] = Field(
+        "drop", description="at the deadline: wait anyway, drop late clients, or fail the run"
+    )
+    checkpoint_every: int = Field(
+        1, description="write the run's checkpoint every this many rounds (and after the last)"
+    )
     worker_resources: dict[str, float] | None = Field(
         None,
         description="extra Ray resources each ClientWorker requests, e.g. {fedsim_worker: 0.001} "
@@ -91,14 +127,17 @@ class RunConfig(_Strict):
 
     algorithm: str
     name: str | None = None
-    rounds: int = 20
-    local_epochs: int = 1
-    lr: float = 0.05
-    batch_size: int = 32
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    bn_stats: Literal["shared", "local"] = "shared"
+    rounds: int = Field(20, description="communication rounds")
+    local_epochs: int = Field(1, description="passes over a client's data per round")
+    lr: float = Field(0.05, description="client learning rate")
+    batch_size: int = Field(32, description="examples per local minibatch")
+    optimizer: Literal["sgd", "adam"] = Field("sgd", description="client optimiser")
+    momentum: float = Field(0.0, description="client SGD momentum")
+    weight_decay: float = Field(0.0, description="client L2 weight decay")
+    bn_stats: Literal["shared", "local"] = Field(
+        "shared",
+        description="BatchNorm running statistics averaged like weights (shared) or kept by each client (local)",
+    )
 
     @property
     def label(self) -> str:
@@ -447,7 +486,7 @@ def _loc(loc: tuple[Any, ...]) -> str:
 
 def _unknown_key(key: str) -> FedsimError:
     return FedsimError(
-        f"unknown config key '{key}'; remove it or check its spelling (see the README's config reference)"
+        f"unknown config key '{key}'; remove it or check its spelling (see docs/configuration.md)"
     )
 
 

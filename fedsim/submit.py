@@ -9,7 +9,7 @@ jobs/X.yaml`` runs; inside the job, ``fedsim run`` joins the job's cluster throu
 second with exit code 2 instead of after the upload. ``fedsim submit CONFIG --sweep`` runs the
 file's ``sweep:`` section as one job whose entrypoint is ``fedsim sweep CONFIG ...`` (every trial
 validated here first, :func:`fedsim.sweep.plan`); its trials are Ray Tune trials on the job's
-cluster. Without ``--sweep`` a job runs what ``fedsim run CONFIG`` runs, as before.
+cluster. Without ``--sweep`` a job runs what ``fedsim run CONFIG`` runs.
 
 Exit codes: 0 when the job SUCCEEDED (or was submitted, with ``--no-follow``), 1 when it FAILED
 or was STOPPED, 2 on bad input: a bad config, an unreachable job server, a rejected token.

@@ -138,7 +138,7 @@ def test_local_pool_check_refuses_exactly_the_pools_that_do_not_fit():
     from fedsim import config
     from fedsim.engine import api
     from fedsim.errors import FedsimError
-    from tests.conftest import tiny_experiment
+    from tests.helpers import tiny_experiment
 
     def check(resources, **engine):
         cfg = config.parse(tiny_experiment(engine={"backend": "ray", "clients_per_round": 3, **engine}))

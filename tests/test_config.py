@@ -9,7 +9,7 @@ import pytest
 
 from fedsim import config
 from fedsim.errors import FedsimError
-from tests.conftest import tiny_experiment
+from tests.helpers import tiny_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,7 +17,7 @@ from fedsim.accounting import thop_macs
 from fedsim.cli import main
 from fedsim.data.base import FederatedDataset, Split
 from fedsim.io.runlog import RunLog
-from fedsim.models import build_model
+from tests.helpers import digits_cnn
 
 ROOT = Path(__file__).resolve().parents[1]
 RESNET8_PARAMS = 1_235_274  # ResNet-8 for 10 classes (FedPart's table; tests/test_accounting.py)
@@ -332,7 +332,7 @@ def test_pfnm_uploads_each_model_and_its_class_counts_like_the_engine(tmp_path):
     assert (real["phase"], real["bytes_down"], real["clients"]) == ("one-shot", 0, 2)
     assert row.bytes_up == real["bytes_up"]
     # both clients train the digits CNN at the configured widths: 3F per example over all 1,438
-    local = build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8), widths=cfg.model.widths)
+    local = digits_cnn(widths=cfg.model.widths)
     assert row.bytes_up == 2 * (sum(p.numel() for p in local.parameters()) * 4 + 10 * 8)
     assert row.flops == 1_438 * 1 * 3 * thop_macs(local, (1, 8, 8))
     assert row.global_params is None  # matching decides it

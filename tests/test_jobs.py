@@ -1,4 +1,4 @@
-"""Ray Jobs: a real local Ray head (token auth on) running `fedsim submit`, and ray_cluster.yaml.
+"""Ray Jobs: every file in jobs/ is a valid experiment and a valid submission; a real local Ray head (token auth on) running `fedsim submit`; ray_cluster.yaml.
 
 The ``cluster`` tests start their own Ray head with ``ray start --head --block`` in a subprocess
 (token authentication on, every port chosen free, its own temp dir and token file), so they never
@@ -35,7 +35,7 @@ from fedsim import config
 from fedsim.engine.backends import pool_size
 from fedsim.errors import FedsimError
 from fedsim.submit import EXCLUDES, build_submission, connect
-from tests.conftest import tiny_experiment
+from tests.helpers import tiny_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -307,6 +307,12 @@ def test_excludes_keep_the_package_and_jobs_and_drop_large_dirs():
         "fedsim_ray.egg-info/PKG-INFO",
     ):
         assert spec.match_file(dropped), dropped
+
+
+@pytest.mark.parametrize("job", sorted(p.name for p in (ROOT / "jobs").glob("*.yaml")))
+def test_every_job_file_is_a_valid_experiment(job):  # strict: unknown keys or values fail here
+    cfg = config.load(ROOT / "jobs" / job)
+    assert cfg.runs and all(r.label for r in cfg.runs)
 
 
 @pytest.mark.parametrize("job", sorted(p.name for p in (ROOT / "jobs").glob("*.yaml")))

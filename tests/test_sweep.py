@@ -19,7 +19,7 @@ import yaml
 
 from fedsim import config
 from fedsim.engine import api
-from tests.conftest import tiny_experiment
+from tests.helpers import tiny_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 WALL = ["wall_seconds", "seconds", "worker", "started_at", "finished_at", "versions_json"]

@@ -3,8 +3,11 @@
 The engine owns the loop (sample cohort -> :meth:`Algorithm.plan_round` -> :meth:`Algorithm.downlink`
 -> clients run :meth:`Algorithm.local_update` -> :meth:`Algorithm.aggregate` -> evaluate -> log).
 The base class implements FedAvg (McMahan et al., 2017, Algorithm 1); other algorithms override the
-hook that differs: FedProx only :meth:`Algorithm.local_loss`, FedPart the plan, FedMA the plan and
-the aggregation. Round plans and client results are frozen dataclasses with typed fields.
+hook that differs: FedProx only :meth:`Algorithm.batch_loss`, SCAFFOLD :meth:`Algorithm.before_step`,
+FedPart the plan, FedMA the plan and the aggregation. Round plans and client results are frozen
+dataclasses with typed fields; an algorithm's own server and client state are dataclasses too
+(:class:`ServerState`, :class:`ClientState`). The dry run asks each algorithm what crosses the
+wire (:meth:`Algorithm.traffic`).
 """
 
 from __future__ import annotations

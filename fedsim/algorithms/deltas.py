@@ -39,7 +39,7 @@ def combine(
     keys: Sequence[str],
     origin: Mapping[str, torch.Tensor] | None = None,
 ) -> P.Params:
-    """sum_i coefs[i] * (uploads[i][k] - origin[k]) for each key k (``origin`` None: 0).
+    """``sum_i coefs[i] * (uploads[i][k] - origin[k])`` for each key k (``origin`` None: 0).
 
     Accumulated in float64 in the uploads' order and rounded once to the dtype of ``origin[k]``
     (of the uploads' tensor without ``origin``), like :func:`fedsim.params.weighted_mean`, so

@@ -50,9 +50,9 @@ def bundled_digits() -> tuple[np.ndarray, np.ndarray]:
 
     scikit-learn keeps the UCI optical-digits data (Alpaydin and Kaynak 1998) in its package
     directory as ``datasets/data/digits.csv.gz``: 64 pixel values (0..16) then the label per line.
-    Reading that file takes about 20 ms; ``sklearn.datasets.load_digits`` returns the same arrays
-    but first imports scikit-learn (and pandas), about 2 s that every ``fedsim run`` on digits
-    paid before Ray could start. Where the file is not found (a scikit-learn that stores it
+    Reading that file is fast; ``sklearn.datasets.load_digits`` returns the same arrays but first
+    imports scikit-learn (and pandas), which every ``fedsim run`` on digits would pay before Ray
+    could start. Where the file is not found (a scikit-learn that stores it
     elsewhere), ``load_digits`` is used.
 
     Returns:

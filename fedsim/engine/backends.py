@@ -169,9 +169,8 @@ def _make_worker_class():
 def pack_uploads(results: list[ClientResult]) -> tuple[list[ClientResult], np.ndarray]:
     """The results with every upload moved into one byte buffer, as a worker returns them.
 
-    One buffer serialises in a single copy where a dict of arrays per client costs a buffer each
-    (5 digits-CNN clients: 0.7 ms instead of 1.6 ms, on the path between a round's last client and
-    the aggregation). Each result's
+    One buffer serialises in a single copy where a dict of arrays per client costs a buffer each,
+    on the path between a round's last client and the aggregation. Each result's
     ``upload`` becomes its layout: (name, dtype string, shape, byte offset) per tensor, offsets
     8-byte aligned. :func:`unpack_uploads` inverts it.
     """
@@ -236,8 +235,8 @@ LOCAL_INLINE_BYTES = 4 << 20
 """``max_direct_call_object_size`` (bytes) of a local Ray instance that fedsim starts
 (:func:`fedsim.engine.api.start_ray`): a worker's results for a round of a small model (five
 digits-CNN clients: 0.75 MB) return inside the call's reply instead of through the shared-memory
-object store (its create, seal, get and release): 9 -> 6 ms per round trip on the 2-core machine.
-A cluster keeps its own setting (``ray start --system-config``; see the README)."""
+object store (its create, seal, get and release). A cluster keeps its own setting
+(``ray start --system-config``; see docs/performance.md, which also has the measurements)."""
 
 
 def sends_inline(nbytes: int, calls: int, inline_bytes: int) -> bool:
@@ -247,13 +246,10 @@ def sends_inline(nbytes: int, calls: int, inline_bytes: int) -> bool:
 
     Inline when the copies of one round, ``nbytes`` x ``calls``, take at most half of
     ``inline_bytes`` (the Ray instance's ``max_direct_call_object_size``; the half leaves room for
-    pickling overhead, so Ray never falls back to storing each call's copy). Measured on the
-    2-core machine with the digits CNN (153 KB, 2 workers): the object store's put, two gets and
-    release cost about 14 ms of CPU a round over the driver, the workers and raylet (pickling and
-    unpickling a copy: 0.06 ms; the process tree's CPU per round fell from 96 to 81 ms), and
-    fedsim's time against the bare loop went from 1.28x to 1.04x (median of 6 interleaved runs
-    each). Larger models, or many workers, keep the single ``ray.put`` per round, which every
-    worker on a node reads without a copy.
+    pickling overhead, so Ray never falls back to storing each call's copy). For a small model the
+    object store's put, gets and release cost more CPU than pickling a copy per call (figures in
+    docs/performance.md). Larger models, or many workers, keep the single ``ray.put`` per round,
+    which every worker on a node reads without a copy.
     """
     return nbytes * max(1, calls) <= inline_bytes // 2
 

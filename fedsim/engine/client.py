@@ -3,7 +3,7 @@
 A :class:`ClientRunner` lives as long as its worker. It keeps one model per architecture and one
 optimizer per model and trainable set, and reuses them for every client it serves: weights are
 loaded in place (``load_state_dict`` copies into the existing tensors) and optimizer state is
-cleared, so no client pays for model construction or a DataLoader (issue: worker efficiency).
+cleared, so no client pays for model construction or a DataLoader.
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ def freeze_startup_objects() -> None:
     """Move every object alive now (imported modules, the dataset, cached models) to the garbage
     collector's permanent generation (``gc.freeze``), so full collections stop traversing them.
     Called once a worker or the driver has started: without it, full collections over torch's and
-    Ray's hundreds of thousands of objects showed as round-time spikes (p95 of a 100-round digits
-    run 88-148 ms without, 68-81 ms with)."""
+    Ray's hundreds of thousands of objects show as round-time spikes (figures in
+    docs/performance.md)."""
     gc.freeze()
 
 
@@ -233,7 +233,7 @@ class ClientRunner:
         )
         # Dropout draws from torch's global generator (it takes no generator argument): seed it
         # from (seed, "dropout", round, client) inside fork_rng so nothing outside is disturbed.
-        # (torch.manual_seed would also touch every CUDA device, costing ~1 ms a client on CPU.)
+        # (torch.manual_seed would also touch every CUDA device, a cost paid for every client.)
         gpus = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=gpus):
             dropout_seed = seed_for(self.experiment.seed, "dropout", task.round, task.client_id)

@@ -9,6 +9,7 @@ from torch import nn
 
 from fedsim.errors import FedsimError
 from fedsim.models import MODELS, build_model, forward_macs
+from tests.helpers import digits_cnn
 
 # name -> (num_classes, input_shape) of the dataset the model is meant for
 DEFAULT_SETUP = {
@@ -373,9 +374,9 @@ def test_build_model_leaves_global_rng_state_unchanged(name):
 
 
 def test_no_generator_is_deterministic():
-    a = build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8)).state_dict()
+    a = digits_cnn().state_dict()
     torch.rand(10)
-    b = build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8)).state_dict()
+    b = digits_cnn().state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -17,7 +17,7 @@ from fedsim.errors import FedsimError
 from fedsim.matching import atom_prior_mean, layer_atoms, n_units, permute_next_input, permute_units
 from fedsim.models import build_model
 from fedsim.rng import torch_rng
-from tests.conftest import tiny_experiment
+from tests.helpers import tiny_experiment
 
 INPUT = (1, 8, 8)
 

@@ -14,6 +14,7 @@ from fedsim.data import partition as P
 from fedsim.data import shakespeare as S
 from fedsim.errors import FedsimError
 from fedsim.rng import numpy_rng
+from tests.helpers import make_cifar10
 
 
 def _load(dataset="digits", **kw):
@@ -515,27 +516,6 @@ def _make_mnist(root, n_train=30, n_test=10):
     return tr_x, tr_y, te_x, te_y
 
 
-def _make_cifar10(root, per_batch=4, n_test=6):
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    g = np.random.default_rng(1)
-    train_rows, train_labels = [], []
-    for b in range(1, 6):
-        rows = g.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
-        labels = [int(v) for v in g.integers(0, 10, size=per_batch)]
-        with open(folder / f"data_batch_{b}", "wb") as f:
-            pickle.dump({"batch_label": f"batch {b}", "data": rows, "labels": labels}, f)
-        train_rows.append(rows)
-        train_labels += labels
-    te_rows = g.integers(0, 256, size=(n_test, 3072), dtype=np.uint8)
-    te_labels = [int(v) for v in g.integers(0, 10, size=n_test)]
-    with open(folder / "test_batch", "wb") as f:
-        pickle.dump({"batch_label": "test", "data": te_rows, "labels": te_labels}, f)
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": [f"c{i}" for i in range(10)], "num_vis": 3072}, f)
-    return np.concatenate(train_rows), np.array(train_labels), te_rows, np.array(te_labels)
-
-
 def test_mnist_reads_idx_files_and_normalises(tmp_path):
     _tr_x, tr_y, te_x, te_y = _make_mnist(tmp_path)
     ds = _load("mnist", data_dir=tmp_path, num_clients=3)
@@ -550,7 +530,7 @@ def test_mnist_reads_idx_files_and_normalises(tmp_path):
 
 
 def test_cifar10_reads_python_batches_and_normalises(tmp_path):
-    tr_rows, tr_y, _te_rows, te_y = _make_cifar10(tmp_path)
+    tr_rows, tr_y, _te_rows, te_y = make_cifar10(tmp_path)
     ds = _load("cifar10", data_dir=tmp_path, num_clients=2)
     assert ds.input_shape == (3, 32, 32) and ds.augment == "cifar" and ds.num_classes == 10
     assert ds.train.x.shape == (20, 3, 32, 32) and ds.train.x.dtype == np.float32
@@ -594,7 +574,7 @@ def test_truncated_mnist_file_is_a_fedsim_error(tmp_path):
 
 
 def test_corrupt_or_missing_cifar_file_is_a_fedsim_error(tmp_path):
-    _make_cifar10(tmp_path)
+    make_cifar10(tmp_path)
     batch = tmp_path / "cifar-10-batches-py" / "data_batch_3"
     batch.write_bytes(batch.read_bytes()[:500])
     with pytest.raises(FedsimError, match="cifar-10-batches-py"):

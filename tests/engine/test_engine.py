@@ -15,7 +15,7 @@ from fedsim.engine.backends import pool_size
 from fedsim.engine.loop import sample_cohort
 from fedsim.io.runlog import CLIENTS_SCHEMA, ROUNDS_SCHEMA, RUNS_SCHEMA
 from fedsim.models import build_model
-from tests.conftest import tiny_experiment
+from tests.helpers import digits_cnn, tiny_experiment
 
 TWO_RUNS = [
     {"algorithm": "fedavg", "rounds": 3, "local_epochs": 1, "lr": 0.05, "batch_size": 16},
@@ -89,7 +89,7 @@ def test_cohort_is_a_pure_function_of_seed_and_round():
 
 def test_bytes_are_numel_times_element_size_per_direction(sequential_run):
     _, rounds, clients, _ = sequential_run
-    model = build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8))
+    model = digits_cnn()
     model_bytes = 4 * sum(p.numel() for p in model.parameters())  # float32, no buffers
     assert (clients["bytes_down"] == model_bytes).all() and (clients["bytes_up"] == model_bytes).all()
     per_round = clients.groupby(["run_id", "round"])[["bytes_up", "bytes_down"]].sum().reset_index()

@@ -9,7 +9,7 @@ from fedsim.data import load_federated
 from fedsim.data.bias import grey
 from fedsim.data.vision import VISION
 from fedsim.errors import FedsimError
-from tests.test_data import _make_cifar10
+from tests.helpers import make_cifar10
 
 
 def _is_grey(x: np.ndarray, mean, std) -> np.ndarray:
@@ -32,7 +32,7 @@ def test_grey_copies_raw_red_into_green_and_blue():
 
 
 def test_bias_partition_splits_classes_and_greys_95_5_and_half_the_test_set(tmp_path):
-    _make_cifar10(tmp_path, per_batch=40, n_test=40)
+    make_cifar10(tmp_path, per_batch=40, n_test=40)
     ds = load_federated("cifar10", partition="bias", num_clients=2, alpha=None, data_dir=tmp_path, seed=1)
     info = VISION["cifar10"]
     c0, c1 = ds.client_indices

@@ -19,9 +19,9 @@ from fedsim.engine import api
 from fedsim.errors import FedsimError
 from fedsim.io import storage
 from fedsim.io.runlog import CLIENTS_SCHEMA, ROUNDS_SCHEMA, RUNS_SCHEMA, RunLog
-from tests.conftest import tiny_experiment
+from tests.helpers import tiny_experiment
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TABLES = {"runs": RUNS_SCHEMA, "rounds": ROUNDS_SCHEMA, "clients": CLIENTS_SCHEMA}
 FILES = {"clients.parquet", "config.yaml", "rounds.parquet", "runs.parquet"}
 

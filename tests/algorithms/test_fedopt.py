@@ -1,9 +1,7 @@
 """Server optimisers (FedAvgM; FedAdagrad, FedAdam, FedYogi of Reddi et al., ICLR 2021, Algorithm 2):
 FedAvgM without momentum is FedAvg, first and second steps against hand computations written
 here in numpy (not by calling the code under test), BatchNorm statistics averaged not stepped,
-the optimiser state surviving a resume, and every new algorithm on the Ray backend.
-
-Helpers used by tests/test_scaffold.py and tests/test_fednova.py live here too."""
+the optimiser state surviving a resume, and every new algorithm on the Ray backend."""
 
 from __future__ import annotations
 
@@ -13,107 +11,23 @@ import pytest
 import torch
 
 from fedsim import config
-from fedsim import params as P
-from fedsim.algorithms import ALGORITHMS, ClientResult
-from fedsim.data.base import FederatedDataset, Split
 from fedsim.engine import api
-from fedsim.engine.backends import SequentialBackend
-from fedsim.engine.loop import run_experiment
-from fedsim.io import checkpoint
 from fedsim.models import build_model
 from fedsim.rng import torch_rng
-from tests.conftest import tiny_experiment
+from tests.helpers import (
+    WIDTHS,
+    algorithm,
+    dataset,
+    digits_cnn,
+    experiment,
+    result,
+    resumed_equals_uninterrupted,
+    run_all,
+    tables,
+    tiny_experiment,
+)
 
-WIDTHS = {"conv1": 4, "conv2": 4, "fc1": 8}
-VOLATILE = ["wall_seconds", "seconds", "worker", "started_at", "finished_at", "versions_json"]
 NEW = ["fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold", "fednova"]
-
-
-# ------------------------------------------------------------------------------------ helpers
-
-
-def dataset(sizes, shape=(1, 8, 8), seed=0) -> FederatedDataset:
-    """Random 'images' of ``shape``, 10 classes, client j holding sizes[j] contiguous examples."""
-    g = np.random.default_rng(seed)
-    n = sum(sizes)
-    train = Split(x=g.normal(size=(n, *shape)).astype(np.float32), y=g.integers(0, 10, n).astype(np.int64))
-    test = Split(x=g.normal(size=(20, *shape)).astype(np.float32), y=g.integers(0, 10, 20).astype(np.int64))
-    ends = np.cumsum((0, *sizes))
-    idx = [np.arange(ends[j], ends[j + 1]) for j in range(len(sizes))]
-    counts = np.stack([np.bincount(train.y[i], minlength=10) for i in idx])
-    return FederatedDataset("toy", train, test, 10, shape, idx, counts)
-
-
-def experiment(
-    runs: list[dict], clients: int, per_round: int | None = None, **engine
-) -> config.ExperimentConfig:
-    """A sequential experiment on ``clients`` clients of a small digits CNN (``WIDTHS``)."""
-    return config.parse(
-        {
-            "name": "opt",
-            "seed": 2,
-            "data": {"dataset": "digits", "partition": "iid", "num_clients": clients},
-            "model": {"name": "digits_cnn", "widths": WIDTHS},
-            "engine": {"backend": "sequential", "clients_per_round": per_round or clients, **engine},
-            "runs": [{"local_epochs": 1, "batch_size": 8, "lr": 0.1, **r} for r in runs],
-        }
-    )
-
-
-def run_all(cfg, ds, out) -> dict[str, dict]:
-    """Run ``cfg`` on ``ds`` (sequential backend); run id -> its final checkpoint."""
-    list(run_experiment(cfg, ds, str(out), SequentialBackend(cfg, ds)))
-    return {r.label: checkpoint.load(out, r.label) for r in cfg.runs}
-
-
-def tables(run_dir) -> dict[str, pd.DataFrame]:
-    out = {}
-    for name in ("runs", "rounds", "clients"):
-        df = pd.read_parquet(run_dir / f"{name}.parquet")
-        out[name] = df.drop(columns=[c for c in VOLATILE if c in df.columns]).reset_index(drop=True)
-    return out
-
-
-def resumed_equals_uninterrupted(cfg, ds, tmp_path) -> tuple[dict, dict]:
-    """Run ``cfg`` (one run, 3 rounds, checkpoint_every 1) uninterrupted, and again stopped after
-    round 1 and resumed from its checkpoint; asserts the tables agree and returns both final
-    checkpoints (uninterrupted, resumed)."""
-    (run,) = cfg.runs
-    clean = run_all(cfg, ds, tmp_path / "clean")[run.label]
-    crashed = tmp_path / "crashed"
-    events = run_experiment(cfg, ds, str(crashed), SequentialBackend(cfg, ds))
-    for event in events:
-        if event["kind"] == "round" and event["round"] == 1:
-            break
-    events.close()
-    assert int(checkpoint.load(crashed, run.label)["round"]) == 1
-    list(run_experiment(cfg, ds, str(crashed), SequentialBackend(cfg, ds), resume=True))
-    a, b = tables(tmp_path / "clean"), tables(crashed)
-    for name in a:
-        pd.testing.assert_frame_equal(a[name], b[name], check_dtype=False, obj=name)
-    return clean, checkpoint.load(crashed, run.label)
-
-
-def result(j: int, upload: dict, n: int, steps: int = 0) -> ClientResult:
-    return ClientResult(
-        client_id=j,
-        round=0,
-        upload=P.to_numpy(upload),
-        n_examples=n,
-        train_loss=0.0,
-        bytes_up=0,
-        bytes_down=0,
-        seconds=0.0,
-        local_steps=steps,
-    )
-
-
-def algorithm(name: str, **keys):
-    cfg = config.parse(tiny_experiment(runs=[{"algorithm": name, **keys}]))
-    return ALGORITHMS[name](cfg.runs[0], cfg)
-
-
-# ------------------------------------------------------------------------------------ tests
 
 
 def test_fedavgm_without_momentum_and_unit_lr_gives_fedavgs_global_weights(tmp_path):
@@ -127,23 +41,7 @@ def test_fedavgm_without_momentum_and_unit_lr_gives_fedavgs_global_weights(tmp_p
     )
     ckpt = run_all(cfg, dataset((5, 12, 20, 9)), tmp_path)
     fedavg, fedavgm = ckpt["fedavg"]["params"], ckpt["fedavgm"]["params"]
-    moved = max(
-        float(
-            (
-                fedavg[k]
-                - build_model(
-                    "digits_cnn",
-                    num_classes=10,
-                    input_shape=(1, 8, 8),
-                    widths=WIDTHS,
-                    generator=torch_rng(2, "init"),
-                ).state_dict()[k]
-            )
-            .abs()
-            .max()
-        )
-        for k in fedavg
-    )
+    moved = max(float((fedavg[k] - digits_cnn(2, widths=WIDTHS).state_dict()[k]).abs().max()) for k in fedavg)
     assert moved > 1e-2  # training moved the weights, so the comparison is not vacuous
     for k in fedavg:
         torch.testing.assert_close(fedavgm[k], fedavg[k], rtol=0, atol=1e-6)

@@ -18,12 +18,11 @@ from fedsim.engine import api
 from fedsim.engine.client import ClientRunner
 from fedsim.errors import FedsimError
 from fedsim.io.runlog import RunLog
-from fedsim.models import build_model
-from fedsim.rng import torch_rng
-from tests.test_fedopt import (
+from tests.helpers import (
     WIDTHS,
     algorithm,
     dataset,
+    digits_cnn,
     experiment,
     result,
     resumed_equals_uninterrupted,
@@ -32,9 +31,7 @@ from tests.test_fedopt import (
 
 
 def _init() -> dict[str, torch.Tensor]:
-    return build_model(
-        "digits_cnn", num_classes=10, input_shape=(1, 8, 8), widths=WIDTHS, generator=torch_rng(2, "init")
-    ).state_dict()
+    return digits_cnn(2, widths=WIDTHS).state_dict()
 
 
 def test_round_0_with_zero_control_variates_is_fedavgs_round_0(tmp_path):
@@ -76,7 +73,7 @@ def test_a_client_takes_corrected_sgd_steps_and_sets_option_ii_control_variate(t
     )
 
     # by hand: one full batch per epoch, y = y - lr (g(y) - c_i + c), K = 3 steps
-    model = build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8), widths=WIDTHS)
+    model = digits_cnn(widths=WIDTHS)
     model.load_state_dict(x)
     xs, ys = (
         torch.from_numpy(ds.train.x[ds.client_indices[0]]),
@@ -210,7 +207,7 @@ def test_bytes_are_twice_fedavgs_each_way_and_equal_the_dry_run(tmp_path):
     "keys,match", [({"optimizer": "adam"}, "optimizer"), ({"server_lr": 0.0}, "server_lr")]
 )
 def test_config_rejects_what_scaffold_cannot_run(keys, match):
-    from tests.conftest import tiny_experiment
+    from tests.helpers import tiny_experiment
 
     with pytest.raises(FedsimError, match=match):
         config.parse(tiny_experiment(runs=[{"algorithm": "scaffold", **keys}]))

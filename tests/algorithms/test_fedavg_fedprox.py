@@ -16,9 +16,7 @@ from fedsim.algorithms.fedprox import proximal_term
 from fedsim.data.base import FederatedDataset, Split
 from fedsim.engine.backends import SequentialBackend
 from fedsim.engine.loop import run_experiment
-from fedsim.models import build_model
-from fedsim.rng import torch_rng
-from tests.conftest import tiny_experiment
+from tests.helpers import digits_cnn, tiny_experiment
 
 
 def toy_dataset(n_clients=2, per_client=20, seed=0) -> FederatedDataset:
@@ -61,7 +59,7 @@ def test_fedavg_with_one_client_and_one_step_is_one_sgd_step():
     )
     cfg = config.parse(raw)
     run = cfg.runs[0]
-    model = build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8), generator=torch_rng(0, "init"))
+    model = digits_cnn(0)
     w0 = P.clone(model.state_dict())
     algo = FedAvg(run, cfg)
     state = algo.init_state(w0)
@@ -71,7 +69,7 @@ def test_fedavg_with_one_client_and_one_step_is_one_sgd_step():
     )
     new = algo.aggregate(state, plan, results).params
     # Independent reference: one full-batch gradient step on a fresh copy of the same weights.
-    ref = build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8))
+    ref = digits_cnn()
     ref.load_state_dict(w0)
     loss = F.cross_entropy(ref(torch.from_numpy(ds.train.x)), torch.from_numpy(ds.train.y))
     loss.backward()
@@ -124,15 +122,13 @@ def test_fedprox_local_steps_follow_the_cross_entropy_plus_proximal_gradient():
             ],
         )
     )
-    w0 = build_model(
-        "digits_cnn", num_classes=10, input_shape=(1, 8, 8), generator=torch_rng(0, "init")
-    ).state_dict()
+    w0 = digits_cnn(0).state_dict()
     algo = FedProx(cfg.runs[0], cfg)
     plan = algo.plan_round(algo.init_state(w0), 0, (0,))
     res = SequentialBackend(cfg, ds).run_round(
         cfg.runs[0], [ClientTask("fedprox", 0, 0, plan)], P.to_numpy(w0), [None], [None]
     )[0]
-    ref = build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8))
+    ref = digits_cnn()
     ref.load_state_dict(w0)
     x, y = torch.from_numpy(ds.train.x), torch.from_numpy(ds.train.y)
     for _ in range(2):
@@ -191,9 +187,7 @@ def test_fedprox_with_large_mu_keeps_local_weights_closer_to_global():
             ],
         )
         cfg = config.parse(raw)
-        w0 = build_model(
-            "digits_cnn", num_classes=10, input_shape=(1, 8, 8), generator=torch_rng(0, "init")
-        ).state_dict()
+        w0 = digits_cnn(0).state_dict()
         algo = algo_cls(cfg.runs[0], cfg)
         plan = algo.plan_round(algo.init_state(w0), 0, (0,))
         res = SequentialBackend(cfg, ds).run_round(
@@ -217,10 +211,7 @@ def _evaluate_three_members(algorithm: str):
         )
     )
     algo = ALGORITHMS[algorithm](cfg.runs[0], cfg, 10, (1, 8, 8))
-    members = [
-        build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8), generator=torch_rng(s, "init"))
-        for s in (1, 2, 3)
-    ]
+    members = [digits_cnn(s) for s in (1, 2, 3)]
     state0 = algo.init_state(P.clone(members[0].state_dict()))
     results = [
         ClientResult(
@@ -236,9 +227,7 @@ def _evaluate_three_members(algorithm: str):
         for j, m in enumerate(members)
     ]
     state = algo.aggregate(state0, algo.plan_round(state0, 0, (0, 1, 2)), results)
-    acc, loss = algo.evaluate(
-        state, build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8)), ds.test, 7
-    )
+    acc, loss = algo.evaluate(state, digits_cnn(), ds.test, 7)
     return acc, loss, members, torch.from_numpy(ds.test.x), torch.from_numpy(ds.test.y)
 
 

@@ -11,8 +11,7 @@ from fedsim import config
 from fedsim import params as P
 from fedsim.algorithms import ALGORITHMS
 from fedsim.algorithms.fedmedian import coordinate_median
-from tests.conftest import tiny_experiment
-from tests.test_fedopt import result
+from tests.helpers import result, tiny_experiment
 
 
 def fedmedian():

@@ -21,9 +21,9 @@ from fedsim.engine import api
 from fedsim.engine.backends import SequentialBackend
 from fedsim.engine.loop import run_experiment
 from fedsim.io import checkpoint
-from tests.conftest import tiny_experiment
+from tests.helpers import tiny_experiment
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WALL = ["wall_seconds", "seconds", "worker", "started_at", "finished_at", "versions_json"]
 
 # A stateful FedMA run (its client store and assignments must survive) followed by FedAvg.

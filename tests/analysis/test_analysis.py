@@ -31,9 +31,9 @@ from analysis import (
 from fedsim import cli, config
 from fedsim.engine import api
 from fedsim.io.runlog import RunLog
-from tests.conftest import tiny_experiment
+from tests.helpers import tiny_experiment
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RUNS = [
     {"algorithm": "fedavg", "rounds": 3, "local_epochs": 1, "lr": 0.05, "batch_size": 16},
     {"algorithm": "fedprox", "rounds": 3, "local_epochs": 1, "lr": 0.05, "batch_size": 16, "mu": 0.01},
@@ -504,9 +504,9 @@ def test_report_warns_in_one_line_naming_what_differs(tmp_path, capsys):
     assert "**Warning:** " in md and "run.rounds: 8 vs 5" in md.split("## Over seeds")[1]
 
 
-def test_readme_report_example_prints_the_columns_the_report_prints(tmp_path, capsys):
-    readme = (ROOT / "README.md").read_text()
-    analysis_section = readme.split("\n## Analysis\n")[1].split("\n## ")[0]
+def test_docs_report_example_prints_the_columns_the_report_prints(tmp_path, capsys):
+    page = (ROOT / "docs" / "outputs.md").read_text()
+    analysis_section = page.split("\n## Analysis\n")[1].split("\n## ")[0]
     example = [line for line in analysis_section.splitlines() if line.split()[:2] == ["run", "algorithm"]]
     assert len(example) == 1
     assert cli.main(["report", str(_tiny_dir(tmp_path / "exp")), "--out", str(tmp_path / "out")]) == 0

@@ -13,10 +13,7 @@ import torch
 from fedsim import config
 from fedsim.algorithms import Algorithm, FedNova
 from fedsim.errors import FedsimError
-from fedsim.models import build_model
-from fedsim.rng import torch_rng
-from tests.conftest import tiny_experiment
-from tests.test_fedopt import WIDTHS, dataset, experiment, run_all
+from tests.helpers import WIDTHS, dataset, digits_cnn, experiment, run_all, tiny_experiment
 
 
 def _recording(monkeypatch, cls) -> list:
@@ -50,9 +47,7 @@ def test_equal_local_steps_give_fedavg(momentum, tmp_path):
     # sizes differ (so p_i matter) but every client takes ceil(n / 8) = 2 steps per epoch
     runs = [{"algorithm": a, "rounds": 2, "momentum": momentum} for a in ("fedavg", "fednova")]
     ckpt = run_all(experiment(runs, clients=3), dataset((9, 12, 16)), tmp_path)
-    x0 = build_model(
-        "digits_cnn", num_classes=10, input_shape=(1, 8, 8), widths=WIDTHS, generator=torch_rng(2, "init")
-    ).state_dict()
+    x0 = digits_cnn(2, widths=WIDTHS).state_dict()
     for k, v in ckpt["fedavg"]["params"].items():
         assert (v - x0[k]).abs().max() > 1e-3
         torch.testing.assert_close(ckpt["fednova"]["params"][k], v, rtol=0, atol=1e-6)
