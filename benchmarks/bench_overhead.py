@@ -31,6 +31,10 @@ noisy draws, which biased the ratio against fedsim by about half the run-to-run 
 Also measured (issue 6, "concurrency that fits the hardware"): fedsim with 2 workers x 1 torch
 thread against 1 worker x 2 threads.
 
+Vectorised cohorts (issue 19): the same workload with ``engine.vectorize: auto`` (each worker
+trains its share of the cohort as one stacked model), against the same bare loop; the other
+fedsim runs set ``engine.vectorize: never``, the per-client path.
+
 Run: ``python benchmarks/bench_overhead.py [--rounds 20] [--repeats 7] [--no-concurrency]``.
 """
 
@@ -52,9 +56,12 @@ from fedsim.models import build_model
 from fedsim.rng import torch_rng
 
 TARGET = 1.15
+VECTOR_TARGET = 0.6  # issue 19: vectorised cohorts against the hand-written per-client loop
 
 
-def experiment(rounds: int, workers: int | str = "auto", cpus: float = 1.0) -> config.ExperimentConfig:
+def experiment(
+    rounds: int, workers: int | str = "auto", cpus: float = 1.0, vectorize: str = "never"
+) -> config.ExperimentConfig:
     return config.parse(
         {
             "name": "bench-overhead",
@@ -73,6 +80,7 @@ def experiment(rounds: int, workers: int | str = "auto", cpus: float = 1.0) -> c
                 "num_workers": workers,
                 "cpus_per_worker": cpus,
                 "eval_every": rounds,
+                "vectorize": vectorize,
             },
             "runs": [
                 {"algorithm": "fedavg", "rounds": rounds, "local_epochs": 1, "lr": 0.05, "batch_size": 16}
@@ -169,7 +177,10 @@ def main() -> None:
     ray_init = time.perf_counter() - t0
     logging.getLogger("ray").setLevel(logging.WARNING)
 
-    configs = {"fedsim 2 workers x 1 thread": cfg}
+    configs = {
+        "fedsim 2 workers x 1 thread": cfg,
+        "fedsim 2 x 1, vectorised": experiment(args.rounds, vectorize="auto"),
+    }
     if not args.no_concurrency:
         configs["fedsim 1 worker x 2 threads"] = experiment(args.rounds, workers=1, cpus=2.0)
     fed = {name: [] for name in configs}
@@ -234,6 +245,18 @@ def main() -> None:
     )
     print(
         f"(the previous rule, fedsim / the faster of each repeat's bare runs, biased low for bare: {old_rule:.2f}x)"
+    )
+    vec_runs = fed["fedsim 2 x 1, vectorised"]
+    vec_ratio = median([f["steady"] / sum(bare[best][i]["seconds"][1:]) for i, f in enumerate(vec_runs)])
+    close = all(
+        abs(f["accuracy"] - bare[1][0]["accuracy"]) <= 1e-3 and abs(f["loss"] - bare[1][0]["loss"]) <= 1e-5
+        for f in vec_runs
+    )
+    print(
+        f"vectorised cohorts (engine.vectorize: auto): median of per-repeat ratios fedsim / bare: "
+        f"{vec_ratio:.2f}x (target <= {VECTOR_TARGET}x: {'met' if vec_ratio <= VECTOR_TARGET else 'NOT met'}); "
+        f"same test accuracy and loss as the bare loop up to float reassociation: {'yes' if close else 'NO'} "
+        f"(accuracy {vec_runs[0]['accuracy']:.4f}, loss {vec_runs[0]['loss']:.8f})"
     )
     if not args.no_concurrency:
         one = median([f["steady"] for f in fed["fedsim 1 worker x 2 threads"]])

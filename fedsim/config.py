@@ -108,6 +108,14 @@ class EngineConfig(_Strict):
     checkpoint_every: int = Field(
         1, description="write the run's checkpoint every this many rounds (and after the last)"
     )
+    vectorize: Literal["auto", "always", "never"] = Field(
+        "never",
+        description="auto or always: train the clients of a worker's call as one stacked model where "
+        "the algorithm and model allow it (always also says, once per run, when they do not); never: "
+        "one by one. Off by default: on a CPU it is faster for small models and slower for "
+        "CIFAR-sized CNNs (docs/performance.md)",
+    )
+    vectorize_max_clients: int = Field(64, description="clients stacked at most at once; more are chunked")
     worker_resources: dict[str, float] | None = Field(
         None,
         description="extra Ray resources each ClientWorker requests, e.g. {fedsim_worker: 0.001} "
@@ -686,6 +694,8 @@ def validate(cfg: ExperimentConfig) -> None:
         raise FedsimError(f"engine.round_timeout_s must be > 0 seconds or null (got {e.round_timeout_s})")
     if e.checkpoint_every < 1:
         raise FedsimError(f"engine.checkpoint_every must be >= 1 (got {e.checkpoint_every})")
+    if e.vectorize_max_clients < 1:
+        raise FedsimError(f"engine.vectorize_max_clients must be >= 1 (got {e.vectorize_max_clients})")
     for key, amount in (e.worker_resources or {}).items():
         if key in ("CPU", "GPU") or not amount > 0:
             raise FedsimError(

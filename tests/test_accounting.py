@@ -24,15 +24,8 @@ from fedsim.errors import FedsimError
 from fedsim.models import build_model, forward_macs
 
 CIFAR = (3, 32, 32)
+pytestmark = pytest.mark.usefixtures("one_thread")
 PAPER = dict(num_clients=40, clients_per_round=40, examples_per_client=500, local_epochs=8)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

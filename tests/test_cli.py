@@ -10,6 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tests.helpers import only_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -25,15 +27,9 @@ def fedsim(*args: str, cwd: Path | None = None, timeout: int = 300) -> subproces
     )
 
 
-def only_run_dir(out: Path) -> Path:
-    dirs = [p for p in out.iterdir() if p.is_dir()]
-    assert len(dirs) == 1, dirs
-    return dirs[0]
-
-
 def test_default_experiment_reaches_90_percent_and_prints_the_summary(tmp_path):
     # The built-in main job's FedAvg run, unchanged except for the in-process backend
-    # (tests/test_engine.py proves both backends give identical results); its FedProx, FedPart and
+    # (tests/engine/test_engine.py proves both backends give identical results); its FedProx, FedPart and
     # FedMA runs, whose accuracy is not asserted here, are cut short to keep the suite short.
     r = fedsim(
         "run",
@@ -52,7 +48,7 @@ def test_default_experiment_reaches_90_percent_and_prints_the_summary(tmp_path):
     assert r.returncode == 0, r.stderr
     for col in ("run", "final_acc", "best_acc", "MB_up", "MB_down", "wall_s"):
         assert col in r.stdout
-    run_dir = only_run_dir(tmp_path)
+    run_dir = only_dir(tmp_path)
     assert f"results: {run_dir}" in r.stdout
     rounds = pd.read_parquet(run_dir / "rounds.parquet")
     final = rounds[rounds.run_id == "fedavg"].sort_values("round")["test_accuracy"].iloc[-1]
@@ -79,7 +75,7 @@ def test_run_with_ray_backend_and_overrides_writes_three_tables(tmp_path):
         str(tmp_path),
     )
     assert r.returncode == 0, r.stderr
-    run_dir = only_run_dir(tmp_path)
+    run_dir = only_dir(tmp_path)
     rounds = pd.read_parquet(run_dir / "rounds.parquet")
     assert rounds.groupby("run_id")["round"].max().to_dict() == {"fedavg": 1, "fedprox": 0}
     clients = pd.read_parquet(run_dir / "clients.parquet")
@@ -208,7 +204,7 @@ def test_ctrl_c_after_a_round_keeps_the_directory_names_resume_and_resume_finish
     real = api.execute
     _interrupt_after(monkeypatch, 1)
     assert main(["run", *TINY, "--out", str(tmp_path)]) == 130
-    run_dir = only_run_dir(tmp_path)
+    run_dir = only_dir(tmp_path)
     assert f"'fedsim run --resume {run_dir}'" in capsys.readouterr().err
     monkeypatch.setattr(api, "execute", real)
     assert main(["run", "--no-progress", "--resume", str(run_dir)]) == 0
@@ -230,7 +226,7 @@ def test_resume_when_every_run_ended_says_so_and_starts_nothing(tmp_path, monkey
     from fedsim.engine import api
 
     assert main(["run", *TINY, "--out", str(tmp_path)]) == 0
-    run_dir = only_run_dir(tmp_path)
+    run_dir = only_dir(tmp_path)
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
     capsys.readouterr()
 
@@ -250,7 +246,7 @@ def test_resume_of_a_dry_run_directory_says_dry_runs_cannot_be_resumed(tmp_path,
 
     assert main(["run", "--dry-run", "--out", str(tmp_path)]) == 0
     capsys.readouterr()
-    assert main(["run", "--resume", str(only_run_dir(tmp_path))]) == 2
+    assert main(["run", "--resume", str(only_dir(tmp_path))]) == 2
     assert "dry-run projection" in capsys.readouterr().err
 
 

@@ -17,7 +17,7 @@ from fedsim.accounting import thop_macs
 from fedsim.cli import main
 from fedsim.data.base import FederatedDataset, Split
 from fedsim.io.runlog import RunLog
-from tests.helpers import digits_cnn
+from tests.helpers import digits_cnn, only_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 RESNET8_PARAMS = 1_235_274  # ResNet-8 for 10 classes (FedPart's table; tests/test_accounting.py)
@@ -34,12 +34,6 @@ def fedsim(*args: str) -> subprocess.CompletedProcess:
         text=True,
         timeout=300,
     )
-
-
-def only_dir(parent: Path) -> Path:
-    dirs = [p for p in parent.iterdir() if p.is_dir()]
-    assert len(dirs) == 1, dirs
-    return dirs[0]
 
 
 def comparison_rows(stdout: str) -> dict[str, list[str]]:

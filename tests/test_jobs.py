@@ -1,4 +1,5 @@
-"""Ray Jobs: every file in jobs/ is a valid experiment and a valid submission; a real local Ray head (token auth on) running `fedsim submit`; ray_cluster.yaml.
+"""Ray Jobs: every file in jobs/ parses strictly and builds a submission; a real local Ray head
+(token auth on) running `fedsim submit`; ray_cluster.yaml.
 
 The ``cluster`` tests start their own Ray head with ``ray start --head --block`` in a subprocess
 (token authentication on, every port chosen free, its own temp dir and token file), so they never
@@ -309,9 +310,12 @@ def test_excludes_keep_the_package_and_jobs_and_drop_large_dirs():
         assert spec.match_file(dropped), dropped
 
 
-@pytest.mark.parametrize("job", sorted(p.name for p in (ROOT / "jobs").glob("*.yaml")))
-def test_every_job_file_is_a_valid_experiment(job):  # strict: unknown keys or values fail here
-    cfg = config.load(ROOT / "jobs" / job)
+JOBS = sorted((ROOT / "jobs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", JOBS, ids=[p.name for p in JOBS])
+def test_job_file_is_a_valid_experiment(path):  # parses strictly: unknown keys or values fail here
+    cfg = config.load(path)
     assert cfg.runs and all(r.label for r in cfg.runs)
 
 

@@ -19,10 +19,9 @@ import yaml
 
 from fedsim import config
 from fedsim.engine import api
-from tests.helpers import tiny_experiment
+from tests.helpers import only_dir, tables, tiny_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
-WALL = ["wall_seconds", "seconds", "worker", "started_at", "finished_at", "versions_json"]
 TWO_RUNS = [
     {"algorithm": "fedavg", "rounds": 2, "local_epochs": 1, "lr": 0.05, "batch_size": 32},
     {"algorithm": "fedprox", "rounds": 2, "local_epochs": 1, "lr": 0.05, "batch_size": 32, "mu": 0.01},
@@ -36,22 +35,8 @@ def _write(tmp_path: Path, raw: dict, name: str = "exp.yaml") -> Path:
     return path
 
 
-def _only_dir(out: Path) -> Path:
-    dirs = [p for p in out.iterdir() if p.is_dir()]
-    assert len(dirs) == 1, dirs
-    return dirs[0]
-
-
-def _tables(run_dir: Path) -> dict[str, pd.DataFrame]:
-    out = {}
-    for name in ("runs", "rounds", "clients"):
-        df = pd.read_parquet(run_dir / f"{name}.parquet")
-        out[name] = df.drop(columns=[c for c in WALL if c in df.columns]).reset_index(drop=True)
-    return out
-
-
 def _assert_same_tables(a: Path, b: Path, drop: tuple[str, ...] = ()) -> None:
-    ta, tb = _tables(a), _tables(b)
+    ta, tb = tables(a), tables(b)
     for name in ("runs", "rounds", "clients"):
         x, y = (t[name].drop(columns=[c for c in drop if c in t[name].columns]) for t in (ta, tb))
         pd.testing.assert_frame_equal(x, y, check_dtype=False, obj=f"{a.name}/{name}")
@@ -73,7 +58,7 @@ def test_grid_of_8_trials_equals_direct_runs_and_the_report_pools_seeds(ray_loca
     from analysis.report import write_report
     from fedsim.cli import main
 
-    # in-process trials (fast; tests/test_engine.py: both backends give the same tables); the Ray
+    # in-process trials (fast; tests/engine/test_engine.py: both backends give the same tables); the Ray
     # pool inside a trial's placement group is the next tests' subject
     base = tiny_experiment(data=DATA, runs=TWO_RUNS, engine={"backend": "sequential", "clients_per_round": 3})
     cfg_file = _write(tmp_path, base)
@@ -96,7 +81,7 @@ def test_grid_of_8_trials_equals_direct_runs_and_the_report_pools_seeds(ray_loca
     )
     cap = capsys.readouterr()
     assert code == 0, cap.err
-    sweep_dir = _only_dir(tmp_path / "out")
+    sweep_dir = only_dir(tmp_path / "out")
     assert f"results: {sweep_dir}" in cap.out
     for i in range(8):  # one line as each trial starts and one as it ends
         assert f"trial-0{i} started: " in cap.err and f"trial-0{i} finished in " in cap.err
@@ -285,7 +270,7 @@ def test_two_one_cpu_trials_run_side_by_side_on_two_cpus_and_a_diverging_one_is_
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("fedsim: trial-")]
     assert code == 1, lines  # not every trial finished
     assert [ln.split()[2] for ln in lines[:2]] == ["started:", "started:"], lines  # side by side
-    sweep_dir = _only_dir(tmp_path / "out")
+    sweep_dir = only_dir(tmp_path / "out")
     index = pd.read_parquet(sweep_dir / "sweep.parquet").set_index("trial_id")
     assert index.loc["trial-00", "status"] == "finished" and index.loc["trial-00", "message"] == ""
     assert (
@@ -360,11 +345,11 @@ def test_a_trial_whose_worker_is_killed_completes_with_the_clean_result(ray_loca
         watcher.join(timeout=10)
     assert code == 0, capsys.readouterr().err
     assert killed, "no ClientWorker was killed"
-    trial = _only_dir(out) / "trial-00"
+    trial = only_dir(out) / "trial-00"
     clients = pd.read_parquet(trial / "clients.parquet")
     assert clients["attempt"].max() >= 1  # the lost clients were retried on a new worker
     assert (pd.read_parquet(trial / "runs.parquet")["status"] == "finished").all()
-    # the clean run: in-process (tests/test_engine.py: the two backends give identical tables)
+    # the clean run: in-process (tests/engine/test_engine.py: the two backends give identical tables)
     clean = _direct_run(base, ["runs.0.lr=0.05", "seed=3", "engine.backend=sequential"], tmp_path / "clean")
     _assert_same_tables(clean, trial, drop=("attempt", "config_json"))
 

@@ -284,6 +284,10 @@ class Algorithm:
     quick: ClassVar[dict[str, Any]] = {"rounds": 3}
     #: what the model name needs appended for this algorithm (MOON: ``"+moon"``, a projection head)
     model_suffix: ClassVar[str] = ""
+    #: clients' local updates are FedAvg's plain minibatch SGD on the received model (plus at most
+    #: :meth:`stacked_penalty`), so a worker may train its clients as one stacked model
+    #: (:mod:`fedsim.engine.vectorize`)
+    vectorizable: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -475,6 +479,12 @@ class Algorithm:
         """
         ce = F.cross_entropy(ctx.model(x), y)
         return ce, ce
+
+    def stacked_penalty(self, params: P.Params, received: P.Params) -> torch.Tensor | None:
+        """A term added to one client's objective in a stacked (vectorised) local update, called
+        under ``torch.func.vmap`` with that client's trainable parameters (name -> tensor of the
+        parameter's shape) and the received global model: FedProx's proximal term. FedAvg: None."""
+        return None
 
     def client_state_type(self) -> type[ClientState]:
         """The class of a client's stored state (FedPart: its local objective's)."""

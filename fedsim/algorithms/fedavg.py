@@ -16,3 +16,4 @@ class FedAvg(Algorithm):
     name = "fedavg"
     Config = FullNetworkConfig
     full_network = True
+    vectorizable = True

@@ -43,6 +43,7 @@ class FedMedian(Algorithm):
     name = "fedmedian"
     Config = FullNetworkConfig
     full_network = True  # the median changes the server's arithmetic, not the traffic
+    vectorizable = True
 
     def aggregate(self, state: ServerState, plan: RoundPlan, results: list[ClientResult]) -> ServerState:
         if plan.own_init:  # independently trained models: FedAvg's mean (FedMA App. A), as the others

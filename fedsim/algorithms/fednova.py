@@ -49,6 +49,7 @@ class FedNova(Algorithm):
 
     name = "fednova"
     full_network = True  # the normalisation changes the server's arithmetic, not the traffic
+    vectorizable = True
     Config = FedNovaConfig
 
     def aggregate(self, state: ServerState, plan: RoundPlan, results: list[ClientResult]) -> ServerState:

@@ -73,6 +73,7 @@ class ServerOptimizer(Algorithm):
     :meth:`update` for one tensor."""
 
     full_network = True  # the server optimiser changes the server's arithmetic, not the traffic
+    vectorizable = True
     AlgoState = ServerOptState
 
     def update(

@@ -48,3 +48,7 @@ class FedProx(FedAvg):
         objective, ce = super().batch_loss(ctx, x, y)
         trainable = [(k, w) for k, w in ctx.model.named_parameters() if w.requires_grad]
         return objective + proximal_term(trainable, ctx.received, self.cfg.mu), ce
+
+    def stacked_penalty(self, params, received):
+        """The proximal term of one client in a stacked local update (vmapped over clients)."""
+        return proximal_term(params.items(), received, self.cfg.mu)

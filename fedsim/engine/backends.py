@@ -41,12 +41,27 @@ def run_tasks(
     states: list[Any],
     extras: list[Any],
 ) -> list[ClientResult]:
-    """Run ``tasks`` one after another on ``runner``; the :class:`ClientResult` s in task order.
+    """Run ``tasks`` on ``runner``: as one stacked model when they can be
+    (:func:`fedsim.engine.vectorize.stackable`), else one after another; the
+    :class:`ClientResult` s in task order.
 
     Raises:
         FedsimError: as raised by the client code (bad input found during training).
         RuntimeError: a client's local training failed; the message names client, round and run.
     """
+    from fedsim.engine import vectorize
+
+    algo = runner.algorithm(run)
+    if vectorize.stackable(runner, run, algo, tasks, states, extras):
+        try:
+            return vectorize.train_stacked(runner, run, algo, tasks, received)
+        except FedsimError:
+            raise
+        except Exception as err:
+            raise RuntimeError(
+                f"clients {[t.client_id for t in tasks]} failed in round {tasks[0].round} of run "
+                f"{tasks[0].run_id!r} during stacked local training: {err!r}"
+            ) from err
     out = []
     for task, state, extra in zip(tasks, states, extras):
         try:

@@ -166,6 +166,14 @@ class ClientRunner:
             self._algorithms[run.label] = make_algorithm(run, self.experiment, self.dataset)
         return self._algorithms[run.label]
 
+    def forward_macs(self, widths: dict[str, int] | None, model: torch.nn.Module) -> int:
+        """F, multiply-accumulates of one example's forward pass through ``model`` (the cached
+        model at ``widths``; thop's convention), computed once per architecture."""
+        key = widths_key(widths)
+        if key not in self._forward:
+            self._forward[key] = forward_cost(model, self.dataset.input_shape, "thop")
+        return self._forward[key]
+
     def _fresh_weights(self, generator: torch.Generator) -> P.Params:
         m = build_model(
             self.experiment.model.name,
@@ -242,11 +250,8 @@ class ClientRunner:
                 torch.cuda.manual_seed(dropout_seed)
             upload, train_loss = algo.local_update(ctx)
         upload_np = P.to_numpy(upload)
-        key = widths_key(widths)
-        if key not in self._forward:
-            self._forward[key] = forward_cost(model, self.dataset.input_shape, "thop")
         passes = (3 if plan.trainable is None else 2) + ctx.frozen_forwards  # in units of F per example
-        macs = len(idx) * plan.local_epochs * passes * self._forward[key]
+        macs = len(idx) * plan.local_epochs * passes * self.forward_macs(widths, model)
         return ClientResult(
             client_id=task.client_id,
             round=task.round,

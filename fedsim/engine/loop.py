@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -329,6 +330,12 @@ def _run_one(
     if previous is not None and previous["status"] != "running":  # ended before: replay it
         yield from _replay(log, run, rounds)
         return
+    if cfg.engine.vectorize == "always" and not algo.vectorizable:
+        print(
+            f"fedsim: run {run.label!r}: engine.vectorize is always, but {run.algorithm}'s clients "
+            "cannot be stacked (see fedsim.engine.vectorize); they train one by one",
+            file=sys.stderr,
+        )
     at = _start(cfg, run, algo, dataset, backend, log, resumed=previous is not None)
     yield {"kind": "start", "run": run.label, "rounds": rounds}
     yield from _logged_rounds(log, run, rounds)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -13,25 +12,9 @@ from fedsim import config
 from fedsim import params as P
 from fedsim.algorithms import ClientResult, ClientTask, FedAvg, FedProx
 from fedsim.algorithms.fedprox import proximal_term
-from fedsim.data.base import FederatedDataset, Split
 from fedsim.engine.backends import SequentialBackend
 from fedsim.engine.loop import run_experiment
-from tests.helpers import digits_cnn, tiny_experiment
-
-
-def toy_dataset(n_clients=2, per_client=20, seed=0) -> FederatedDataset:
-    """Random 8x8 'images' with 10 classes, split into equal contiguous clients."""
-    rng = np.random.default_rng(seed)
-    n = n_clients * per_client
-    train = Split(
-        x=rng.normal(size=(n, 1, 8, 8)).astype(np.float32), y=rng.integers(0, 10, n).astype(np.int64)
-    )
-    test = Split(
-        x=rng.normal(size=(30, 1, 8, 8)).astype(np.float32), y=rng.integers(0, 10, 30).astype(np.int64)
-    )
-    idx = [np.arange(i * per_client, (i + 1) * per_client) for i in range(n_clients)]
-    counts = np.stack([np.bincount(train.y[i], minlength=10) for i in idx])
-    return FederatedDataset("toy", train, test, 10, (1, 8, 8), idx, counts)
+from tests.helpers import digits_cnn, tiny_experiment, toy
 
 
 def test_proximal_term_is_squared_norm_with_gradient_mu_times_difference():
@@ -51,7 +34,7 @@ def test_proximal_term_is_squared_norm_with_gradient_mu_times_difference():
 
 
 def test_fedavg_with_one_client_and_one_step_is_one_sgd_step():
-    ds = toy_dataset(n_clients=1, per_client=20)
+    ds = toy(n_clients=1, per_client=20, n_test=30)
     raw = tiny_experiment(
         data={"dataset": "digits", "num_clients": 1},
         engine={"backend": "sequential", "clients_per_round": 1},
@@ -111,7 +94,7 @@ def test_fedavg_weights_each_upload_by_its_examples():
 def test_fedprox_local_steps_follow_the_cross_entropy_plus_proximal_gradient():
     # Two full-batch steps from the global weights w0: the first has no proximal pull (w = w0),
     # the second adds mu * (w1 - w0) to the cross-entropy gradient (Li et al. 2020, eq. 2).
-    ds = toy_dataset(n_clients=1, per_client=20)
+    ds = toy(n_clients=1, per_client=20, n_test=30)
     mu, lr = 2.0, 0.1
     cfg = config.parse(
         tiny_experiment(
@@ -145,7 +128,7 @@ def test_fedprox_local_steps_follow_the_cross_entropy_plus_proximal_gradient():
 
 def _run(raw, tmp_path, name):
     cfg = config.parse(raw)
-    ds = toy_dataset(n_clients=4, per_client=25)
+    ds = toy(n_clients=4, per_client=25, n_test=30)
     out = tmp_path / name
     list(run_experiment(cfg, ds, str(out), SequentialBackend(cfg, ds)))
     return pd.read_parquet(out / "rounds.parquet"), pd.read_parquet(out / "clients.parquet")
@@ -169,7 +152,7 @@ def test_fedprox_with_mu_zero_equals_fedavg_exactly(tmp_path):
 
 
 def test_fedprox_with_large_mu_keeps_local_weights_closer_to_global():
-    ds = toy_dataset(n_clients=1, per_client=40)
+    ds = toy(n_clients=1, per_client=40, n_test=30)
     dist = {}
     for algo_cls, extra in ((FedAvg, {}), (FedProx, {"mu": 10.0})):
         raw = tiny_experiment(
@@ -195,61 +178,3 @@ def test_fedprox_with_large_mu_keeps_local_weights_closer_to_global():
         )[0]
         dist[algo_cls.name] = sum(float(((torch.from_numpy(res.upload[k]) - w0[k]) ** 2).sum()) for k in w0)
     assert dist["fedprox"] < 0.5 * dist["fedavg"]
-
-
-def _evaluate_three_members(algorithm: str):
-    """A one-shot baseline of three digits-CNN members from seeds 1, 2, 3, evaluated on a toy test
-    set: (accuracy, loss, the members, x, y)."""
-    from fedsim.algorithms import ALGORITHMS
-
-    ds = toy_dataset(n_clients=3, per_client=5)
-    cfg = config.parse(
-        tiny_experiment(
-            data={"dataset": "digits", "num_clients": 3},
-            engine={"backend": "sequential", "clients_per_round": 3},
-            runs=[{"algorithm": algorithm}],
-        )
-    )
-    algo = ALGORITHMS[algorithm](cfg.runs[0], cfg, 10, (1, 8, 8))
-    members = [digits_cnn(s) for s in (1, 2, 3)]
-    state0 = algo.init_state(P.clone(members[0].state_dict()))
-    results = [
-        ClientResult(
-            client_id=j,
-            round=0,
-            upload=P.to_numpy(m.state_dict()),
-            n_examples=5,
-            train_loss=0.0,
-            bytes_up=0,
-            bytes_down=0,
-            seconds=0.0,
-        )
-        for j, m in enumerate(members)
-    ]
-    state = algo.aggregate(state0, algo.plan_round(state0, 0, (0, 1, 2)), results)
-    acc, loss = algo.evaluate(state, digits_cnn(), ds.test, 7)
-    return acc, loss, members, torch.from_numpy(ds.test.x), torch.from_numpy(ds.test.y)
-
-
-def test_ensemble_predicts_the_uniform_mean_of_its_members_softmax():
-    # FedMA paper, Figure 1's ensemble: p(y|x) = (1/J) sum_j softmax(f_j(x)); accuracy and
-    # cross-entropy of that mixture, computed here by hand from three members.
-    acc, loss, members, x, y = _evaluate_three_members("ensemble")
-    with torch.no_grad():
-        probs = [torch.softmax(m.eval()(x), 1) for m in members]
-    mix = (probs[0] + probs[1] + probs[2]) / 3
-    assert acc == int((mix.argmax(1) == y).sum()) / len(y)
-    assert loss == pytest.approx(float(-torch.log(mix[torch.arange(len(y)), y]).mean()), rel=1e-5)
-    single = float(-torch.log(probs[0][torch.arange(len(y)), y]).mean())
-    assert abs(loss - single) > 1e-3  # one member alone would not pass
-
-
-def test_local_models_report_the_mean_of_each_members_own_accuracy_and_loss():
-    # FedMA paper, Figure 1's "local models": every client's model on the global test set, averaged.
-    acc, loss, members, x, y = _evaluate_three_members("local")
-    with torch.no_grad():
-        logits = [m.eval()(x) for m in members]
-    accs = [float((z.argmax(1) == y).float().mean()) for z in logits]
-    losses = [float(torch.nn.functional.cross_entropy(z, y)) for z in logits]
-    assert acc == pytest.approx(sum(accs) / 3)
-    assert loss == pytest.approx(sum(losses) / 3, rel=1e-5)

@@ -17,7 +17,7 @@ from fedsim.errors import FedsimError
 from fedsim.matching import atom_prior_mean, layer_atoms, n_units, permute_next_input, permute_units
 from fedsim.models import build_model
 from fedsim.rng import torch_rng
-from tests.helpers import tiny_experiment
+from tests.helpers import digits_cnn, tiny_experiment
 
 INPUT = (1, 8, 8)
 
@@ -32,10 +32,7 @@ def experiment(algorithm="pfnm", num_clients=3, **run):
 
 
 def client_models(n: int, seed0: int = 10):
-    return [
-        build_model("digits_cnn", num_classes=10, input_shape=INPUT, generator=torch_rng(seed0 + j, "init"))
-        for j in range(n)
-    ]
+    return [digits_cnn(seed0 + j) for j in range(n)]
 
 
 def pfnm_global(states, cfg, counts=None):
@@ -65,7 +62,7 @@ def random_perms(model, rng):
 
 
 def forward(params, widths, x):
-    m = build_model("digits_cnn", num_classes=10, input_shape=INPUT, widths=widths)
+    m = digits_cnn(widths=widths)
     m.load_state_dict(params)
     m.eval()
     with torch.no_grad():
@@ -251,9 +248,7 @@ def test_layer_wise_retraining_has_no_weight_decay_and_the_classifier_round_foll
     # round uses lr / 10, weight decay 1e-4 and 3x the retraining epochs.
     cfg = experiment("fedma", lr=0.05, weight_decay=5e-4, local_epochs=2, retrain_epochs=3)
     algo = FedMA(cfg.runs[0], cfg, 10, INPUT)
-    state = algo.init_state(
-        P.clone(build_model("digits_cnn", num_classes=10, input_shape=INPUT).state_dict())
-    )
+    state = algo.init_state(P.clone(digits_cnn().state_dict()))
     plans = [algo.plan_round(state, r, (0, 1, 2)) for r in range(algo.N)]
     assert algo.N >= 3
     first, *retrain, last = plans

@@ -22,7 +22,6 @@ from fedsim import config, dryrun
 from fedsim import params as P
 from fedsim.algorithms.base import Algorithm
 from fedsim.cli import main
-from fedsim.data.base import FederatedDataset, Split
 from fedsim.engine import api
 from fedsim.engine.backends import SequentialBackend
 from fedsim.engine.client import ClientRunner
@@ -32,6 +31,7 @@ from fedsim.io import checkpoint
 from fedsim.io.runlog import RunLog
 from fedsim.models import build_model
 from fedsim.rng import torch_rng
+from tests.helpers import dataset
 
 SEED = 4
 WIDTHS = {"conv1": 4, "conv2": 4, "fc1": 8}
@@ -51,18 +51,6 @@ COMPARED = [
     "trainable_params",
     "global_params",
 ]
-
-
-def unequal_dataset() -> FederatedDataset:
-    """Random 8x8 'images', 10 classes, clients of SIZES examples (contiguous)."""
-    g = np.random.default_rng(0)
-    n = sum(SIZES)
-    train = Split(x=g.normal(size=(n, 1, 8, 8)).astype(np.float32), y=g.integers(0, 10, n).astype(np.int64))
-    test = Split(x=g.normal(size=(20, 1, 8, 8)).astype(np.float32), y=g.integers(0, 10, 20).astype(np.int64))
-    ends = np.cumsum((0,) + SIZES)
-    idx = [np.arange(ends[j], ends[j + 1]) for j in range(len(SIZES))]
-    counts = np.stack([np.bincount(train.y[i], minlength=10) for i in idx])
-    return FederatedDataset("toy", train, test, 10, (1, 8, 8), idx, counts)
 
 
 def experiment(run: dict, model: str = "digits_cnn", clients_per_round: int = 4) -> dict:
@@ -106,7 +94,7 @@ def run_recording(raw: dict, tmp_path, monkeypatch, name: str = "run"):
     monkeypatch.setattr(ClientRunner, "run", run_spy)
     monkeypatch.setattr(Algorithm, "local_update", update_spy)  # MOON's calls it through super()
     cfg = config.parse(raw)
-    ds = unequal_dataset()
+    ds = dataset(SIZES)
     out = tmp_path / name
     list(run_experiment(cfg, ds, str(out), SequentialBackend(cfg, ds)))
     monkeypatch.undo()
@@ -296,7 +284,7 @@ def test_a_shared_run_is_bit_identical_to_one_without_the_key(tmp_path):
         ("independent", {**base, "init": "independent"}),
     ):
         cfg = config.parse(experiment(run))
-        ds = unequal_dataset()
+        ds = dataset(SIZES)
         list(run_experiment(cfg, ds, str(tmp_path / name), SequentialBackend(cfg, ds)))
         dirs.append(tmp_path / name)
     timing = ["wall_seconds", "seconds", "worker", "started_at", "finished_at"]

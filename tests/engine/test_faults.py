@@ -21,10 +21,9 @@ from fedsim.engine import api
 from fedsim.engine.backends import SequentialBackend
 from fedsim.engine.loop import run_experiment
 from fedsim.io import checkpoint
-from tests.helpers import tiny_experiment
+from tests.helpers import tables, tiny_experiment
 
 ROOT = Path(__file__).resolve().parents[2]
-WALL = ["wall_seconds", "seconds", "worker", "started_at", "finished_at", "versions_json"]
 
 # A stateful FedMA run (its client store and assignments must survive) followed by FedAvg.
 RESUMABLE = """
@@ -37,14 +36,6 @@ runs:
   - {algorithm: fedma, rounds: 2, local_epochs: 2, retrain_epochs: 1, lr: 0.05, batch_size: 16, iterations: 1}
   - {algorithm: fedavg, rounds: 2, local_epochs: 2, lr: 0.05, batch_size: 16}
 """
-
-
-def _tables(run_dir: Path) -> dict[str, pd.DataFrame]:
-    out = {}
-    for name in ("runs", "rounds", "clients"):
-        df = pd.read_parquet(run_dir / f"{name}.parquet")
-        out[name] = df.drop(columns=[c for c in WALL if c in df.columns]).reset_index(drop=True)
-    return out
 
 
 def _cli(*args, **kw):
@@ -88,7 +79,7 @@ def test_sigkilled_driver_resumes_to_the_uninterrupted_results(tmp_path):
 
     resumed = _cli("--resume", str(killed_dir))
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
-    a, b = _tables(clean_dir), _tables(killed_dir)
+    a, b = tables(clean_dir), tables(killed_dir)
     for name in ("runs", "rounds", "clients"):
         pd.testing.assert_frame_equal(a[name], b[name], check_dtype=False, obj=name)
     rounds = b["rounds"]
@@ -152,11 +143,11 @@ def test_sigkilled_worker_is_replaced_and_the_run_matches_a_clean_one(ray_local,
             assert workers, "no ClientWorker process found"
             killed = workers[0].pid
             os.kill(killed, signal.SIGKILL)
-    faulty = _tables(run_dir)
+    faulty = tables(run_dir)
     clean_raw = tiny_experiment(runs=SLOW, engine={"backend": "sequential", "clients_per_round": 3})
     clean_dir, clean_events = _ray_run(clean_raw, tmp_path / "clean")
     list(clean_events)
-    clean = _tables(clean_dir)
+    clean = tables(clean_dir)
     pd.testing.assert_frame_equal(clean["rounds"], faulty["rounds"], check_dtype=False)
     cols = [c for c in clean["clients"].columns if c != "attempt"]
     pd.testing.assert_frame_equal(clean["clients"][cols], faulty["clients"][cols], check_dtype=False)
@@ -180,7 +171,7 @@ def test_round_timeout_drop_records_late_clients_and_fail_stops_only_that_run(ra
     )
     run_dir, events = _ray_run(raw, tmp_path / "drop")
     list(events)
-    t = _tables(run_dir)
+    t = tables(run_dir)
     late = t["clients"][t["clients"].run_id == "late"]
     assert late["dropped"].all() and (late["bytes_up"] == 0).all() and (late["bytes_down"] > 0).all()
     assert t["rounds"].set_index("run_id").loc["late", "clients"] == 0
@@ -396,6 +387,6 @@ def test_resume_continues_from_the_last_checkpoint_and_recomputes_only_the_round
     after = pd.read_parquet(crashed / "rounds.parquet")
     kept = after[after["round"] <= ckpt_round]
     assert kept["wall_seconds"].tolist() == before[before["round"] <= ckpt_round]["wall_seconds"].tolist()
-    clean = _tables(tmp_path / "clean")
-    for name, df in _tables(crashed).items():
+    clean = tables(tmp_path / "clean")
+    for name, df in tables(crashed).items():
         pd.testing.assert_frame_equal(clean[name], df, check_dtype=False, obj=name)

@@ -9,7 +9,9 @@ from torch import nn
 
 from fedsim.errors import FedsimError
 from fedsim.models import MODELS, build_model, forward_macs
-from tests.helpers import digits_cnn
+from tests.helpers import digits_cnn, gen, n_params
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # name -> (num_classes, input_shape) of the dataset the model is meant for
 DEFAULT_SETUP = {
@@ -40,25 +42,6 @@ SMALL = {
     "resnet18": ({"layer1": 3, "layer2": 4, "layer3": 5, "layer4": 6}, 4, (3, 32, 32)),
     "moon_cnn": ({"conv1": 3, "conv2": 5, "fc1": 7, "fc2": 9, "projection": 11}, 4, (3, 32, 32)),
 }
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only add overhead (25x on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def gen(seed: int) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(seed)
-    return g
 
 
 def build(name: str, seed: int = 0, small: bool = False) -> nn.Module:
@@ -108,7 +91,7 @@ def test_parameter_counts_match_the_papers():
         "char_lstm": 293_584,
         # conv1 1*16*9+16=160, conv2 16*32*9+32=4,640, fc1 512*64+64=32,832, fc2 64*10+10=650
         "digits_cnn": 38_282,
-        # arithmetic in tests/test_resnet_moon.py
+        # arithmetic in tests/models/test_resnet.py
         "resnet8": 1_235_274,
         "resnet18": 11_181_642,
         "moon_cnn": 92_626,
