@@ -1,6 +1,6 @@
 """Engine overhead: fedsim (Ray backend) against a bare single-process PyTorch loop (not a test).
 
-Workload (issue 6): FedAvg, sklearn digits, the small CNN (digits_cnn), 100 clients with a
+Workload (the targets in docs/performance.md): FedAvg, sklearn digits, the small CNN (digits_cnn), 100 clients with a
 Dirichlet(0.5) label mixture each (digits has 1,438 training images, too few for FedMA's
 hetero-dir recipe to give 100 clients >= 10 images each, so every client gets exactly 14 images
 with a per-client Dir(0.5) class mixture: ``data.examples_per_client: 14``), 10 clients per
@@ -28,10 +28,10 @@ the ratio within a repeat: fedsim against the faster bare-loop configuration's r
 (Earlier versions divided by the smaller of the two bare runs of each repeat: the minimum of two
 noisy draws, which biased the ratio against fedsim by about half the run-to-run spread.)
 
-Also measured (issue 6, "concurrency that fits the hardware"): fedsim with 2 workers x 1 torch
+Also measured (concurrency that fits the hardware): fedsim with 2 workers x 1 torch
 thread against 1 worker x 2 threads.
 
-Vectorised cohorts (issue 19): the same workload with ``engine.vectorize: auto`` (each worker
+Vectorised cohorts: the same workload with ``engine.vectorize: auto`` (each worker
 trains its share of the cohort as one stacked model), against the same bare loop; the other
 fedsim runs set ``engine.vectorize: never``, the per-client path.
 
@@ -56,7 +56,7 @@ from fedsim.models import build_model
 from fedsim.rng import torch_rng
 
 TARGET = 1.15
-VECTOR_TARGET = 0.6  # issue 19: vectorised cohorts against the hand-written per-client loop
+VECTOR_TARGET = 0.6  # vectorised cohorts against the hand-written per-client loop
 
 
 def experiment(

@@ -14,7 +14,7 @@ the ``logreg`` model through fedsim's public API (``fedsim.engine.api``): 10 cli
   per round (client sizes are log-normal, so rounds differ in work; the cohorts of larger
   populations can hold much larger clients).
 
-The flat-memory target (issue 6): peak PSS with 10,000 clients <= 1.2 x peak PSS with 10 clients.
+The flat-memory target (docs/performance.md): peak PSS with 10,000 clients <= 1.2 x peak PSS with 10 clients.
 
 Run: ``python benchmarks/bench_scale.py [--clients 10 100 1000 10000] [--rounds 20]
 [--examples-per-client N]``.

@@ -1,6 +1,6 @@
 """fedsim against Flower 1.42's simulation on the same FedAvg workload (not a test).
 
-Workload (issue 6): sklearn digits, 100 clients with a Dirichlet(0.5) class mixture each
+Workload (the targets in docs/performance.md): sklearn digits, 100 clients with a Dirichlet(0.5) class mixture each
 (14 images per client: ``data.examples_per_client: 14``, because digits is too small for FedMA's
 hetero-dir recipe at 100 clients; see bench_overhead.py), 10 clients per round, 100 rounds,
 FedAvg with 1 local epoch of plain SGD (batch 16, lr 0.05), fedsim's ``digits_cnn`` model, the

@@ -50,7 +50,8 @@ class DataConfig(_Strict):
         description="share of each client's (or role's) examples used for training where the dataset has no test split",
     )
     min_samples: int | None = Field(
-        None, description="drop clients (Shakespeare roles) with fewer training examples"
+        None,
+        description="Shakespeare: keep roles with more than this many windows; null: 10,000 (FedMA's filter)",
     )
     examples_per_client: int | None = Field(
         None, description="cap each client at this many training examples (a seeded sample)"
@@ -98,7 +99,9 @@ class EngineConfig(_Strict):
     )
     eval_batch_size: int = Field(1024, description="examples per evaluation batch")
     ray_address: str | None = Field(
-        None, description="Ray cluster to join (host:port or ray://host:port); null: start a local Ray"
+        None,
+        description="Ray cluster to join (host:port or ray://host:port); null: RAY_ADDRESS if set "
+        "(Ray Jobs sets it), else start a local Ray",
     )
     max_attempts: int = Field(3, description="tries per client task when its worker dies")
     round_timeout_s: float | None = Field(None, description="seconds a round may take; null: no deadline")
@@ -134,7 +137,9 @@ class RunConfig(_Strict):
     """
 
     algorithm: str
+    """Registered algorithm name (required): one of ``fedsim.algorithms.ALGORITHMS``."""
     name: str | None = None
+    """The run's id (``run_id`` in the tables); null: the algorithm's name. Ids must differ."""
     rounds: int = Field(20, description="communication rounds")
     local_epochs: int = Field(1, description="passes over a client's data per round")
     lr: float = Field(0.05, description="client learning rate")
@@ -183,12 +188,14 @@ class FullNetworkConfig(RunConfig):
     """
 
     init: Literal["shared", "independent"] = "shared"
+    """Round 0's start: the server's initial model (shared) or each client's own initialisation."""
 
 
 class FedProxConfig(FullNetworkConfig):
     """FedProx run: ``mu`` is the proximal coefficient (FedMA's baselines: 0.001)."""
 
     mu: float = 0.001
+    """Proximal coefficient mu in (mu / 2) ||w - w_global||^2 (>= 0)."""
 
     def check(self, where: str, experiment: ExperimentConfig) -> None:
         if self.mu < 0:
@@ -203,7 +210,9 @@ class MoonConfig(FullNetworkConfig):
     ``tau`` is the temperature (0.5)."""
 
     mu: float = 5.0
+    """Weight of the model-contrastive loss (>= 0)."""
     tau: float = 0.5
+    """Temperature of the model-contrastive loss (> 0)."""
 
     def check(self, where: str, experiment: ExperimentConfig) -> None:
         if self.mu < 0 or not self.tau > 0:
@@ -221,15 +230,25 @@ class FedPartConfig(FullNetworkConfig):
     """
 
     rounds: int | None = None
+    """Must stay unset: the run has cycles * (warmup_rounds + rounds_per_group * G) rounds."""
     optimizer: Literal["sgd", "adam"] = "adam"
+    """Client optimiser, recreated each round over the trainable tensors (the paper: Adam)."""
     lr: float = 1e-3
+    """Client learning rate (the paper: 1e-3 with Adam)."""
     warmup_rounds: int = 5
+    """W: full-network rounds at the start of each cycle (>= 0)."""
     rounds_per_group: int = 2
+    """R: rounds each layer group trains in a cycle (>= 1)."""
     cycles: int = 1
+    """C: cycles of W full rounds and a sweep over the G layer groups (>= 1)."""
     order: Literal["sequential", "reverse", "random"] = "sequential"
+    """Layer-group order in a sweep: shallow to deep, deep to shallow, or a seeded permutation per cycle."""
     local_objective: Literal["fedavg", "fedprox", "moon"] = "fedavg"
+    """Local loss: cross-entropy, plus FedProx's proximal or MOON's contrastive term."""
     mu: float | None = None
+    """Coefficient of the proximal or contrastive term; null: 0.001 (fedprox) or 5 (moon)."""
     tau: float = 0.5
+    """MOON's temperature (local_objective: moon)."""
 
     def check(self, where: str, experiment: ExperimentConfig) -> None:
         if self.rounds is not None:
@@ -254,7 +273,9 @@ class FedAvgMConfig(FullNetworkConfig):
     ``server_momentum: 0`` and ``server_lr: 1`` it is FedAvg."""
 
     server_lr: float = 1.0
+    """Server learning rate eta_s (> 0)."""
     server_momentum: float = 0.9
+    """Server momentum beta, in [0, 1)."""
 
     def check(self, where: str, experiment: ExperimentConfig) -> None:
         if not self.server_lr > 0 or not 0 <= self.server_momentum < 1:
@@ -269,8 +290,11 @@ class FedAdagradConfig(FullNetworkConfig):
     the first-moment decay (0.9), ``epsilon`` the paper's tau (1e-3, also v's initial value's root)."""
 
     server_lr: float = 0.01
+    """Server learning rate eta (> 0)."""
     beta1: float = 0.9
+    """First-moment decay, in [0, 1)."""
     epsilon: float = 1e-3
+    """The paper's tau, the adaptivity constant (> 0); v starts at its square."""
 
     def check(self, where: str, experiment: ExperimentConfig) -> None:
         if not self.server_lr > 0 or not self.epsilon > 0 or not 0 <= self.beta1 < 1:
@@ -286,6 +310,7 @@ class FedAdamConfig(FedAdagradConfig):
     ``beta2``, the second-moment decay (0.99)."""
 
     beta2: float = 0.99
+    """Second-moment decay, in [0, 1)."""
 
     def check(self, where: str, experiment: ExperimentConfig) -> None:
         super().check(where, experiment)
@@ -299,6 +324,7 @@ class ScaffoldConfig(FullNetworkConfig):
     control variate divides the model's displacement by K * lr)."""
 
     server_lr: float = 1.0
+    """Global step size eta_g (> 0)."""
 
     def check(self, where: str, experiment: ExperimentConfig) -> None:
         if not self.server_lr > 0:
@@ -350,17 +376,29 @@ class FedMAConfig(RunConfig):
     """
 
     rounds: int = 1
+    """FedMA rounds; each takes one communication round per layer of the model."""
     momentum: float = 0.9
+    """Client SGD momentum (the paper's 0.9)."""
     sigma2: float = 1.0
+    """BBP-MAP: variance of a client's neuron around its global neuron (> 0)."""
     sigma0_2: float = 1.0
+    """BBP-MAP: prior variance of a global neuron (> 0)."""
     gamma: float = 7.0
+    """BBP-MAP: Indian-buffet-process mass; larger opens new global neurons more readily (> 0)."""
     iterations: int = 5
+    """BBP-MAP refinement sweeps over the clients (>= 0; 0: one greedy pass)."""
     retrain_epochs: int | None = None
+    """Epochs of the layer-wise retraining; null: ``local_epochs``."""
     max_global_neurons: int | None = None
+    """Hard cap on a matched layer's global neurons (>= the largest client layer); null: no cap."""
     growth_budget: int | None = None
+    """Soft cap on a matched layer's growth, the authors' rule (their code: 700); null: none."""
     classifier_retrain: Literal["auto", "appendix_a", "plain"] = "auto"
+    """How clients retrain when only the classifier is left (see the class description above)."""
     lstm_estimate: Literal["mean", "map"] = "mean"
+    """Global embedding and LSTM input neurons: mean of the matched clients' or the MAP estimate."""
     match_outgoing: bool = False
+    """Match the last hidden layer with its classifier weights appended (PFNM's code)."""
 
     def check(self, where: str, experiment: ExperimentConfig) -> None:
         for key in ("sigma2", "sigma0_2", "gamma"):
@@ -394,6 +432,7 @@ class PFNMConfig(FedMAConfig):
     docs/algorithms.md section 4 for why)."""
 
     match_outgoing: bool = True
+    """Match the last hidden layer with its classifier weights appended (PFNM's code)."""
 
     def check(self, where: str, experiment: ExperimentConfig) -> None:
         super().check(where, experiment)
@@ -408,7 +447,9 @@ class OneShotConfig(RunConfig):
     FedMA authors' (IBM/FedMA main.py, train_net)."""
 
     rounds: int = 1
+    """Must stay 1: one round."""
     momentum: float = 0.9
+    """Client SGD momentum (the FedMA authors' 0.9)."""
 
     def check(self, where: str, experiment: ExperimentConfig) -> None:
         if self.rounds != 1:
@@ -426,16 +467,22 @@ class SweepConfig(_Strict):
     as the cluster fits). Range checks: :func:`fedsim.sweep.plan`."""
 
     grid: dict[str, list[Any]] = Field(default_factory=dict)
+    """Key path as ``--set`` takes it (``runs.0.lr``) -> the values to try; one trial per combination."""
     seeds: list[int] | None = None
+    """Seeds each combination runs with; null: the experiment's ``seed``."""
     max_concurrent: int | None = None
+    """Trials running at once; null: as many as the cluster fits."""
 
 
 class ExperimentConfig(_Strict):
     """A whole experiment file, resolved (defaults filled in)."""
 
     name: str = "digits"
+    """Experiment name; the run directory is ``<output_dir>/<name>-<timestamp>/``."""
     seed: int = 0
+    """Root of every random stream: (seed, stream, round, client)."""
     output_dir: str = "runs"
+    """Where run directories go: a path or a URI such as ``s3://bucket/prefix`` (``--out`` overrides)."""
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     engine: EngineConfig = EngineConfig()

@@ -3,14 +3,21 @@
 Every page whose text holds the marker ``<!-- fedsim:config-reference -->`` gets, in its place, one
 table per config section (``data:``, ``model:``, ``engine:``, ``sweep:``) and one per
 ``algorithm:`` name: each key with its type (allowed values for a choice), default and
-description, and the class's own docstring. The page cannot go stale: it is read from the
-classes that validate the files.
+description, and the class's own docstring. A key's description is its ``Field(description=...)``
+or, failing that, the docstring written under the attribute; a subclass that redeclares a key
+only to change its default inherits the nearest base class's description. The page cannot go
+stale: it is read from the classes that validate the files.
 """
 
 from __future__ import annotations
 
+import ast
+import functools
 import inspect
+import itertools
+import json
 import re
+import textwrap
 import typing
 
 MARKER = "<!-- fedsim:config-reference -->"
@@ -30,19 +37,63 @@ def _type(annotation) -> str:
 
 
 def _default(field) -> str:
-    if field.default_factory is not None:
-        return f"`{field.default_factory()!r}`"
-    value = field.default
+    if field.is_required():
+        return "required"
+    value = field.default_factory() if field.default_factory is not None else field.default
     if value is None:
         return "null"
-    if value is ...:
-        return "required"
-    return f"`{value!r}`".replace("'", '"')
+    try:
+        return f"`{json.dumps(value)}`"  # as YAML writes it: false, "digits", {}
+    except TypeError:
+        return f"`{value!r}`"
+
+
+def _markdown(text: str, one_line: bool = True) -> str:
+    """Docstring text as Markdown: reST roles and double backticks become code spans; for a table
+    cell (``one_line``) line breaks become spaces, elsewhere paragraphs and bullet lists stay."""
+    text = re.sub(r":(?:mod|func|class|data|meth|attr):`~?([^`]+)`", r"`\1`", text)
+    text = re.sub(r"``([^`]+)``", r"`\1`", text)
+    text = re.sub(r"(?<![\w/`])docs/([\w-]+)\.md", r"[docs/\1.md](\1.md)", text)  # pages of this site
+    if one_line:
+        return re.sub(r"\s*\n\s*", " ", text).strip()
+    return re.sub(r"([^\n])\n(\* )", r"\1\n\n\2", text).strip()  # a list needs a blank line before it
+
+
+@functools.cache
+def _attribute_docs(cls) -> dict[str, str]:
+    """The docstrings written under annotated attributes in ``cls``'s own body."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs = {}
+    for stmt, after in itertools.pairwise(body):
+        if (
+            isinstance(stmt, ast.AnnAssign)
+            and isinstance(stmt.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            docs[stmt.target.id] = inspect.cleandoc(after.value.value)
+    return docs
+
+
+def _description(cls, name: str) -> str:
+    """A key's description: from the nearest class in ``cls``'s MRO that describes it."""
+    for klass in cls.__mro__:
+        fields = getattr(klass, "model_fields", {})
+        if name not in fields or name not in vars(klass).get("__annotations__", {}):
+            continue
+        text = fields[name].description or _attribute_docs(klass).get(name, "")
+        if text:
+            return _markdown(text)
+    return ""
 
 
 def _doc(cls) -> str:
-    doc = inspect.getdoc(cls) or ""
-    return re.sub(r"\s*\n\s*", " ", doc).strip()
+    return _markdown(inspect.getdoc(cls) or "", one_line=False)
 
 
 def _table(cls, skip: tuple[str, ...] = ()) -> str:
@@ -50,7 +101,7 @@ def _table(cls, skip: tuple[str, ...] = ()) -> str:
     for name, field in cls.model_fields.items():
         if name in skip:
             continue
-        desc = (field.description or "").replace("|", "\\|")
+        desc = _description(cls, name).replace("|", "\\|")
         rows.append(f"| `{name}` | {_type(field.annotation)} | {_default(field)} | {desc} |")
     return "\n".join(rows)
 
@@ -67,18 +118,12 @@ def reference() -> str:
         ("sweep", config.SweepConfig),
     ):
         out += [f"## `{key}:`", "", _doc(cls), "", _table(cls), ""]
-    top = [
-        n
-        for n in config.ExperimentConfig.model_fields
-        if n not in ("data", "model", "engine", "sweep", "runs")
-    ]
     out += [
         "## Top-level keys",
         "",
         _table(config.ExperimentConfig, skip=("data", "model", "engine", "sweep", "runs")),
         "",
     ]
-    del top
     out += [
         "## `runs:` entries, per `algorithm:`",
         "",

@@ -398,7 +398,7 @@ DRIVER_NICE = 10
 """Niceness the driver actor's loop thread adds to itself. A round's evaluation and writing run
 while the workers train (see :mod:`fedsim.engine.loop`); where the driver shares cores with
 workers (a laptop, a cluster's head node) they then take only CPU the workers leave, and at worst
-finish after the workers do, as they did before they overlapped. The rest of a round (collecting,
+finish after the workers do. The rest of a round (collecting,
 aggregating, submitting) runs while the workers wait, so niceness does not slow it."""
 
 

@@ -283,7 +283,7 @@ def _spawn_worker(worker_cls: Any, experiment: ExperimentConfig, dataset_ref: An
 class _RoundInFlight:
     """A round submitted to the Ray pool: its calls in flight and what is still to dispatch."""
 
-    run: RunConfig  # sent inline with each call: ~20 us to pickle, cheaper than an object-store get
+    run: RunConfig  # sent inline with each call: cheaper than an object-store get
     tasks: list[ClientTask]
     handle: Any
     states: list[Any]

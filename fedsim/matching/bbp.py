@@ -397,7 +397,7 @@ class _GlobalState:
                 "pass float64 atoms or rescale them"
             )
         from scipy.optimize import (
-            linear_sum_assignment,  # here: scipy.optimize costs every worker 0.3 s to import
+            linear_sum_assignment,  # imported here, not at the top: see docs/performance.md
         )
 
         rows, cols = linear_sum_assignment(cost)
