@@ -257,11 +257,12 @@ class _Recorder:
             row = replace(row, test_accuracy=acc, test_loss=loss, test_accuracy_clients_mean=acc_mean)
         for x in done.results:
             self.log.add("clients", _client_row(self.run.label, row.round, x))
-        self.log.add("rounds", asdict(row))
+        record = asdict(row)
+        self.log.add("rounds", record)
         self.log.flush()
         if (row.round + 1) % self.cfg.engine.checkpoint_every == 0 or row.round == self.rounds - 1:
             _save(self.log, self.run, row.round, done.progress, self.backend)
-        return {"kind": "round", **asdict(row), "rounds": self.rounds}
+        return {"kind": "round", **record, "rounds": self.rounds}
 
 
 def _client_row(run_id: str, r: int, x: ClientResult) -> dict[str, Any]:

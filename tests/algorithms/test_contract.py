@@ -32,11 +32,9 @@ from fedsim.engine import api
 from fedsim.engine.backends import SequentialBackend
 from fedsim.engine.loop import run_experiment
 from fedsim.io.runlog import CLIENTS_SCHEMA, ROUNDS_SCHEMA, RUNS_SCHEMA
+from tests.helpers import WIDTHS, tables
 
 NAMES = sorted(ALGORITHMS)
-WIDTHS = {"conv1": 4, "conv2": 4, "fc1": 8}
-#: columns that hold wall-clock times, worker names or the software versions
-VOLATILE = ("wall_seconds", "seconds", "worker", "started_at", "finished_at", "versions_json")
 
 
 def experiment(suffix: str, backend: str = "sequential") -> config.ExperimentConfig:
@@ -58,17 +56,9 @@ def experiment(suffix: str, backend: str = "sequential") -> config.ExperimentCon
     )
 
 
-def read(run_dir) -> dict[str, pd.DataFrame]:
-    out = {}
-    for name in ("runs", "rounds", "clients"):
-        df = pd.read_parquet(run_dir / f"{name}.parquet")
-        out[name] = df.drop(columns=[c for c in VOLATILE if c in df.columns])
-    return out
-
-
-def of(tables: dict[str, pd.DataFrame], name: str) -> dict[str, pd.DataFrame]:
+def of(logged: dict[str, pd.DataFrame], name: str) -> dict[str, pd.DataFrame]:
     """The rows of run ``name`` (runs are named after their algorithm)."""
-    return {t: df[df["run_id"] == name].reset_index(drop=True) for t, df in tables.items()}
+    return {t: df[df["run_id"] == name].reset_index(drop=True) for t, df in logged.items()}
 
 
 def assert_same(a: dict, b: dict, name: str, drop: tuple[str, ...] = ()) -> None:
@@ -100,28 +90,28 @@ def runs(tmp_path_factory, ray_local) -> dict[str, dict[str, dict[str, pd.DataFr
         for key in ("first", "again"):
             d = tmp_path_factory.mktemp(key)
             sequential(cfg, d)
-            out[key][suffix] = read(d)
+            out[key][suffix] = tables(d)
         out["dirs"][suffix] = d
         ray_cfg = experiment(suffix, backend="ray")
         d = tmp_path_factory.mktemp("ray")
         list(api.execute(ray_cfg, api.prepare(ray_cfg), d))
-        out["ray"][suffix] = read(d)
+        out["ray"][suffix] = tables(d)
         d = tmp_path_factory.mktemp("resumed")
         first = True
         for run in cfg.runs:
             sequential(cfg, d, resume=not first, stop_after=(run.label, 1))
             first = False
         sequential(cfg, d, resume=True)
-        out["resumed"][suffix] = read(d)
+        out["resumed"][suffix] = tables(d)
     return {k: {n: v[ALGORITHMS[n].model_suffix] for n in NAMES} for k, v in out.items()}
 
 
 def test_the_contract_covers_every_registered_algorithm(runs):
-    for key, tables in runs.items():
-        assert set(tables) == set(ALGORITHMS), key
+    for key, by_name in runs.items():
+        assert set(by_name) == set(ALGORITHMS), key
         if key == "dirs":
             continue
-        for name, t in tables.items():
+        for name, t in by_name.items():
             assert name in set(t["runs"]["run_id"]), (key, name)
 
 

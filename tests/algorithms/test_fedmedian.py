@@ -7,16 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedsim import config
 from fedsim import params as P
-from fedsim.algorithms import ALGORITHMS
 from fedsim.algorithms.fedmedian import coordinate_median
-from tests.helpers import result, tiny_experiment
-
-
-def fedmedian():
-    cfg = config.parse(tiny_experiment(runs=[{"algorithm": "fedmedian"}]))
-    return ALGORITHMS["fedmedian"](cfg.runs[0], cfg)
+from tests.helpers import algorithm, result
 
 
 @pytest.mark.parametrize("count", [1, 2, 3, 6])
@@ -29,7 +22,7 @@ def test_coordinate_median_equals_numpys_median(count):
 
 
 def test_one_outlying_client_moves_the_median_not_at_all_and_the_mean_a_lot():
-    algo = fedmedian()
+    algo = algorithm("fedmedian")
     honest = [{"w": torch.full((5,), v)} for v in (1.0, 2.0, 3.0, 4.0)]
     outlier = {"w": torch.full((5,), 1e6)}
     state = algo.init_state({"w": torch.zeros(5)})
@@ -41,7 +34,7 @@ def test_one_outlying_client_moves_the_median_not_at_all_and_the_mean_a_lot():
 
 
 def test_integer_buffers_take_fedavgs_weighted_mean():
-    algo = fedmedian()
+    algo = algorithm("fedmedian")
     uploads = [{"w": torch.ones(2), "bn.num_batches_tracked": torch.tensor(t)} for t in (2, 10)]
     state = algo.init_state({k: torch.zeros_like(v) for k, v in uploads[0].items()})
     plan = algo.plan_round(state, 0, (0, 1))

@@ -18,7 +18,7 @@ from fedsim.engine.client import ClientRunner
 from fedsim.engine.loop import run_experiment
 from fedsim.io import checkpoint
 from fedsim.models import build_model
-from tests.helpers import dataset
+from tests.helpers import dataset, digits_cnn
 
 SIZES = [1, 7, 40, 13]  # batch 10: 1, 1, 4 and 2 steps per epoch
 STACKABLE = sorted(n for n, cls in ALGORITHMS.items() if cls.vectorizable)
@@ -100,7 +100,7 @@ def _runner_and_tasks(cfg):
     ds = dataset(SIZES)
     runner = ClientRunner(cfg, ds)
     algo = runner.algorithm(cfg.runs[0])
-    model = build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8))
+    model = digits_cnn()
     state = algo.init_state({k: v.detach() for k, v in model.state_dict().items()})
     plan = algo.plan_round(state, 0, tuple(range(len(SIZES))))
     received = {k: v.numpy() for k, v in state.params.items()}
@@ -136,7 +136,7 @@ def test_results_do_not_depend_on_how_clients_are_grouped_or_chunked():
 
 
 def test_models_with_batchnorm_or_dropout_are_not_stacked():
-    assert vectorize.model_stackable(build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8)))
+    assert vectorize.model_stackable(digits_cnn())
     assert not vectorize.model_stackable(build_model("resnet8", num_classes=10, input_shape=(3, 32, 32)))
     assert not vectorize.model_stackable(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5)))
 
