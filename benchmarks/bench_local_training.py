@@ -3,8 +3,11 @@
 Times ``fedsim.engine.backends.run_tasks`` (what a worker runs for its share of a round) on one
 process, without Ray, for ``engine.vectorize: never`` and ``auto``: FedAvg, one local epoch,
 random inputs of the model's shape. Each figure is the mean of ``--calls`` calls after 3 warm-up
-calls. Models: ``digits_cnn`` (8x8 digits) and ``moon_cnn`` at widths conv 32/64, fc 512 on
-3x32x32 inputs (a CIFAR-sized CNN).
+calls. Models: ``digits_cnn`` (8x8 digits), ``moon_cnn`` on 3x32x32 inputs at three widths up to
+conv 32/64, fc 512 (a CIFAR-sized CNN), and ``resnet8`` at small widths (BatchNorm: batches are
+not padded, so the last batches of an epoch make extra calls). Each row prints the model's
+forward multiply-accumulates per example (F, thop's count), which sets where stacking stops
+paying on a CPU (the ``engine.vectorize: auto`` rule, ``fedsim.engine.vectorize.AUTO_MAX_MACS``).
 
 Run: ``python benchmarks/bench_local_training.py [--threads 1] [--calls 10]``.
 """
@@ -25,8 +28,14 @@ from fedsim.engine.client import ClientRunner
 
 MODELS = {
     "digits_cnn": ({"name": "digits_cnn"}, (1, 8, 8)),
+    "moon_cnn 4/8/64": ({"name": "moon_cnn", "widths": {"conv1": 4, "conv2": 8, "fc1": 64}}, (3, 32, 32)),
+    "moon_cnn 8/16/128": ({"name": "moon_cnn", "widths": {"conv1": 8, "conv2": 16, "fc1": 128}}, (3, 32, 32)),
     "moon_cnn 32/64/512": (
         {"name": "moon_cnn", "widths": {"conv1": 32, "conv2": 64, "fc1": 512}},
+        (3, 32, 32),
+    ),
+    "resnet8 8/16/32": (
+        {"name": "resnet8", "widths": {"layer1": 8, "layer2": 16, "layer3": 32}},
         (3, 32, 32),
     ),
 }
@@ -44,7 +53,10 @@ def toy(clients: int, examples: int, shape) -> FederatedDataset:
     )
 
 
-def seconds(model: dict, shape, clients: int, examples: int, batch: int, mode: str, calls: int) -> float:
+def seconds(
+    model: dict, shape, clients: int, examples: int, batch: int, mode: str, calls: int
+) -> tuple[float, int]:
+    """Mean seconds of one ``run_tasks`` call, and the model's forward MACs per example."""
     ds = toy(clients, examples, shape)
     cfg = config.parse(
         {
@@ -67,7 +79,7 @@ def seconds(model: dict, shape, clients: int, examples: int, batch: int, mode: s
     t0 = time.perf_counter()
     for _ in range(calls):
         run_tasks(runner, run, tasks, received, none, none)
-    return (time.perf_counter() - t0) / calls
+    return (time.perf_counter() - t0) / calls, runner.forward_macs(None, runner.model(None))
 
 
 def main() -> None:
@@ -78,15 +90,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"{args.threads} torch thread(s); mean of {args.calls} calls after 3 warm-up calls")
     print(
-        f"{'model':20s} {'clients x examples, batch':>26s} {'one by one':>11s} {'stacked':>9s} {'ratio':>6s}"
+        f"{'model':20s} {'F (MACs)':>10s} {'clients x examples, batch':>26s} {'one by one':>11s} "
+        f"{'stacked':>9s} {'ratio':>6s}"
     )
     for name, (model, shape) in MODELS.items():
         for clients, examples, batch in SHAPES:
-            one = seconds(model, shape, clients, examples, batch, "never", args.calls)
-            stacked = seconds(model, shape, clients, examples, batch, "auto", args.calls)
+            one, macs = seconds(model, shape, clients, examples, batch, "never", args.calls)
+            stacked, _ = seconds(model, shape, clients, examples, batch, "always", args.calls)
             print(
-                f"{name:20s} {f'{clients} x {examples}, {batch}':>26s} {one * 1e3:9.1f}ms {stacked * 1e3:7.1f}ms "
-                f"{stacked / one:6.2f}"
+                f"{name:20s} {macs:10,d} {f'{clients} x {examples}, {batch}':>26s} {one * 1e3:9.1f}ms "
+                f"{stacked * 1e3:7.1f}ms {stacked / one:6.2f}",
+                flush=True,
             )
 
 

@@ -112,11 +112,12 @@ class EngineConfig(_Strict):
         1, description="write the run's checkpoint every this many rounds (and after the last)"
     )
     vectorize: Literal["auto", "always", "never"] = Field(
-        "never",
-        description="auto or always: train the clients of a worker's call as one stacked model where "
-        "the algorithm and model allow it (always also says, once per run, when they do not); never: "
-        "one by one. Off by default: on a CPU it is faster for small models and slower for "
-        "CIFAR-sized CNNs (docs/performance.md)",
+        "auto",
+        description="train the clients of a worker's call as one stacked model (same results up to "
+        "float rounding). always: wherever the algorithm and model allow it (and say once per run "
+        "when they do not); auto: there too, but on a CPU only for models of at most 600,000 "
+        "multiply-accumulates per example, where stacking was measured faster (docs/performance.md); "
+        "never: one by one",
     )
     vectorize_max_clients: int = Field(64, description="clients stacked at most at once; more are chunked")
     worker_resources: dict[str, float] | None = Field(

@@ -7,7 +7,15 @@ Importing this package imports every module in it, and each algorithm class regi
 import importlib
 import pkgutil
 
-from fedsim.algorithms.base import Algorithm, ClientContext, ClientResult, ClientTask, RoundPlan, ServerState
+from fedsim.algorithms.base import (
+    Algorithm,
+    ClientContext,
+    ClientResult,
+    ClientTask,
+    RoundPlan,
+    ServerState,
+    StackedContext,
+)
 from fedsim.algorithms.registry import ALGORITHMS, register
 
 for _module in pkgutil.iter_modules(__path__):
@@ -46,5 +54,6 @@ __all__ = [
     "RoundPlan",
     "Scaffold",
     "ServerState",
+    "StackedContext",
     "register",
 ]

@@ -253,6 +253,24 @@ class ClientContext:
     local_steps: int = 0
 
 
+@dataclass
+class StackedContext:
+    """What the stacked-update hooks of :class:`Algorithm` share for one stack of clients.
+
+    Attributes:
+        model: the worker's template model (its own tensors are not used; ``functional_call``
+            runs it on each client's ``tensors``).
+        received: the broadcast as tensors on the worker's device, shared by every client.
+        plan: the round's plan (the same for every stacked client).
+        trainable: the parameter names the clients train (the plan's, or every parameter).
+    """
+
+    model: torch.nn.Module
+    received: P.Params
+    plan: RoundPlan
+    trainable: tuple[str, ...]
+
+
 class Algorithm:
     """FedAvg, and the hooks every other algorithm overrides.
 
@@ -284,9 +302,9 @@ class Algorithm:
     quick: ClassVar[dict[str, Any]] = {"rounds": 3}
     #: what the model name needs appended for this algorithm (MOON: ``"+moon"``, a projection head)
     model_suffix: ClassVar[str] = ""
-    #: clients' local updates are FedAvg's plain minibatch SGD on the received model (plus at most
-    #: :meth:`stacked_penalty`), so a worker may train its clients as one stacked model
-    #: (:mod:`fedsim.engine.vectorize`)
+    #: the class's local update is also written in functional form (:meth:`stacked_begin`,
+    #: :meth:`stacked_loss`, :meth:`stacked_finish`), so a worker may train its clients as one
+    #: stacked model (:mod:`fedsim.engine.vectorize`)
     vectorizable: ClassVar[bool] = False
 
     def __init__(
@@ -480,11 +498,61 @@ class Algorithm:
         ce = F.cross_entropy(ctx.model(x), y)
         return ce, ce
 
-    def stacked_penalty(self, params: P.Params, received: P.Params) -> torch.Tensor | None:
-        """A term added to one client's objective in a stacked (vectorised) local update, called
-        under ``torch.func.vmap`` with that client's trainable parameters (name -> tensor of the
-        parameter's shape) and the received global model: FedProx's proximal term. FedAvg: None."""
-        return None
+    # ---- stacked (vectorised) local update: fedsim.engine.vectorize ----------------------------
+    def stacked_begin(self, sctx: StackedContext, states: list[Any]) -> dict[str, torch.Tensor]:
+        """Per-client tensors for :meth:`stacked_loss`, built once before a stacked local update.
+
+        Args:
+            sctx: the stack's shared context; states: each stacked client's stored state (None
+                for a first participation), in stack order.
+
+        Returns:
+            name -> tensor of shape ``(K, ...)``, row i belonging to the i-th stacked client;
+            :meth:`stacked_loss` receives row i as ``aux`` under ``vmap``. FedAvg: ``{}``.
+        """
+        return {}
+
+    def stacked_loss(
+        self,
+        sctx: StackedContext,
+        tensors: P.Params,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        w: torch.Tensor,
+        aux: dict[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`batch_loss` of one client in functional form, called under ``torch.func.vmap``.
+
+        Args:
+            sctx: the stack's shared context (template model, received tensors, plan, trainable names).
+            tensors: the client's parameters and buffers (state_dict key -> tensor of the model's shape).
+            x: ``(B, *input_shape)`` float inputs (padding rows included); y: ``(B,)`` int64 labels.
+            w: ``(B,)`` example weights: 1/b on the b real examples of the batch, 0 on padding,
+                so a weighted sum is the mean over the real batch.
+            aux: row i of :meth:`stacked_begin`'s tensors.
+
+        Returns:
+            (objective, cross-entropy), 0-dim each. FedAvg: both the weighted cross-entropy.
+        """
+        from torch.func import functional_call
+
+        ce = (F.cross_entropy(functional_call(sctx.model, tensors, (x,)), y, reduction="none") * w).sum()
+        return ce, ce
+
+    def stacked_finish(
+        self, sctx: StackedContext, task: ClientTask, state: Any, final: P.Params, steps: int
+    ) -> tuple[P.Params, ClientState | None, int]:
+        """One stacked client's (upload, new stored state, frozen forwards per example and epoch),
+        from its ``final`` state_dict (key -> tensor, the model's order) after ``steps`` optimizer
+        steps: what :meth:`local_update` returns and sets on the per-client path. FedAvg: the
+        plan's upload keys, and the BatchNorm statistics as the new state under ``bn_stats: local``."""
+        keys = task.plan.upload if task.plan.upload is not None else tuple(final)
+        new_state = None
+        if self.keeps_bn_local:
+            bn = set(self.bn_keys)
+            keys = tuple(k for k in keys if k not in bn)
+            new_state = self.client_state_type()(bn=P.to_numpy({k: final[k] for k in self.bn_keys}))
+        return {k: final[k] for k in keys}, new_state, 0
 
     def client_state_type(self) -> type[ClientState]:
         """The class of a client's stored state (FedPart: its local objective's)."""

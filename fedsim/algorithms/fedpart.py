@@ -114,3 +114,17 @@ class FedPart(Algorithm):
 
     def local_update(self, ctx: ClientContext):
         return self.inner.local_update(ctx)
+
+    @property
+    def vectorizable(self) -> bool:  # type: ignore[override]
+        """The local objective's: FedPart only restricts which tensors are trained and sent."""
+        return self.inner.vectorizable
+
+    def stacked_begin(self, sctx, states):
+        return self.inner.stacked_begin(sctx, states)
+
+    def stacked_loss(self, sctx, tensors, x, y, w, aux):
+        return self.inner.stacked_loss(sctx, tensors, x, y, w, aux)
+
+    def stacked_finish(self, sctx, task, state, final, steps):
+        return self.inner.stacked_finish(sctx, task, state, final, steps)

@@ -49,6 +49,9 @@ class FedProx(FedAvg):
         trainable = [(k, w) for k, w in ctx.model.named_parameters() if w.requires_grad]
         return objective + proximal_term(trainable, ctx.received, self.cfg.mu), ce
 
-    def stacked_penalty(self, params, received):
-        """The proximal term of one client in a stacked local update (vmapped over clients)."""
-        return proximal_term(params.items(), received, self.cfg.mu)
+    def stacked_loss(self, sctx, tensors, x, y, w, aux):
+        """The weighted cross-entropy plus the client's proximal term over the trainable tensors
+        (one client of a stacked local update, under ``vmap``)."""
+        objective, ce = super().stacked_loss(sctx, tensors, x, y, w, aux)
+        trainable = [(k, tensors[k]) for k in sctx.trainable]
+        return objective + proximal_term(trainable, sctx.received, self.cfg.mu), ce

@@ -23,25 +23,32 @@ import torch
 import torch.nn.functional as F
 
 from fedsim import params as P
-from fedsim.algorithms.base import Algorithm, ClientContext, ClientState
+from fedsim.algorithms.base import Algorithm, ClientContext, ClientState, StackedContext
 from fedsim.algorithms.registry import register
 from fedsim.config import ExperimentConfig, MoonConfig, RunConfig
 from fedsim.errors import FedsimError
 
 
-def contrastive_loss(z: torch.Tensor, z_glob: torch.Tensor, z_prev: torch.Tensor, tau: float) -> torch.Tensor:
-    """MOON's model-contrastive loss l_con (Li et al. 2021, eq. 3), averaged over the batch.
+def contrastive_terms(
+    z: torch.Tensor, z_glob: torch.Tensor, z_prev: torch.Tensor, tau: float
+) -> torch.Tensor:
+    """MOON's model-contrastive loss l_con (Li et al. 2021, eq. 3) of each example.
 
     Args:
         z, z_glob, z_prev: ``(B, P)`` float projections of the local, global and previous model.
         tau: temperature > 0.
 
     Returns:
-        0-dim tensor: mean over the batch of -log softmax([cos(z, z_glob), cos(z, z_prev)] / tau)[0].
+        ``(B,)``: -log softmax([cos(z, z_glob), cos(z, z_prev)] / tau)[0] per example.
     """
     pos = F.cosine_similarity(z, z_glob, dim=1) / tau  # (B,)
     neg = F.cosine_similarity(z, z_prev, dim=1) / tau  # (B,)
-    return (torch.logsumexp(torch.stack([pos, neg], 1), 1) - pos).mean()
+    return torch.logsumexp(torch.stack([pos, neg], 1), 1) - pos
+
+
+def contrastive_loss(z: torch.Tensor, z_glob: torch.Tensor, z_prev: torch.Tensor, tau: float) -> torch.Tensor:
+    """l_con averaged over the batch (:func:`contrastive_terms`); a 0-dim tensor."""
+    return contrastive_terms(z, z_glob, z_prev, tau).mean()
 
 
 def _frozen(model: torch.nn.Module, weights: dict | None = None) -> torch.nn.Module:
@@ -83,6 +90,7 @@ class MOON(Algorithm):
     Config = MoonConfig
     keeps_client_state = True
     frozen_forwards = 2  # z_glob and z_prev: each a full forward pass of a frozen model
+    vectorizable = True
 
     def __init__(
         self,
@@ -122,3 +130,65 @@ class MOON(Algorithm):
             z_glob = ctx.aux["glob"](x, return_projection=True)[1]
             z_prev = ctx.aux["prev"](x, return_projection=True)[1]
         return ce + self.cfg.mu * contrastive_loss(z, z_glob, z_prev, self.cfg.tau), ce
+
+    # ---- stacked local update (fedsim.engine.vectorize)
+    def stacked_begin(self, sctx: StackedContext, states: list[Any]) -> dict[str, torch.Tensor]:
+        """Each client's previous model, stacked (``"prev:" + key``, ``(K, *shape)``), its own
+        BatchNorm statistics for the frozen global model under ``bn_stats: local`` (``"glob:" +
+        key``), and
+        ``"has_prev"`` ``(K,)`` float: 1 for a returning client, 0 for a first participation,
+        whose l_con is multiplied by 0 (its previous model is a placeholder: the received one)."""
+        prevs = [s.prev if s is not None else None for s in states]
+        if all(p is None for p in prevs):
+            return {}
+        keys = list(sctx.model.state_dict())
+        rows = [
+            sctx.received
+            if p is None
+            else {k: v.to(sctx.received[k].device) for k, v in P.from_numpy(p).items()}
+            for p in prevs
+        ]
+        aux = {"prev:" + k: torch.stack([r[k] for r in rows]) for k in keys}
+        if self.keeps_bn_local:  # the frozen global model carries each client's own statistics
+            for k in self.bn_keys:
+                aux["glob:" + k] = torch.stack(
+                    [
+                        sctx.received[k]
+                        if s is None or s.bn is None
+                        else torch.from_numpy(s.bn[k]).to(rows[0][k].device)
+                        for s in states
+                    ]
+                )
+        aux["has_prev"] = torch.tensor([float(p is not None) for p in prevs], device=rows[0][keys[0]].device)
+        return aux
+
+    def stacked_loss(self, sctx, tensors, x, y, w, aux):
+        """CE + mu * has_prev * l_con, both weighted means over the real examples; z_glob and
+        z_prev come from frozen forward passes in eval mode, as on the per-client path."""
+        from torch.func import functional_call
+
+        model = sctx.model
+        logits, z = functional_call(model, tensors, (x,), {"return_projection": True})
+        ce = (F.cross_entropy(logits, y, reduction="none") * w).sum()
+        if not aux:  # no client of the stack has a previous model: l_con = 0 for all
+            return ce, ce
+        prev = {k[len("prev:") :]: v for k, v in aux.items() if k.startswith("prev:")}
+        glob = {k: aux.get("glob:" + k, sctx.received[k]) for k in prev}
+        model.eval()
+        try:
+            with torch.no_grad():
+                z_glob = functional_call(model, glob, (x,), {"return_projection": True})[1]
+                z_prev = functional_call(model, prev, (x,), {"return_projection": True})[1]
+        finally:
+            model.train()
+        l_con = (contrastive_terms(z, z_glob, z_prev, self.cfg.tau) * w).sum()
+        return ce + self.cfg.mu * aux["has_prev"] * l_con, ce
+
+    def stacked_finish(self, sctx, task, state, final, steps):
+        """The upload, the client's final model as its new previous model, and 2 frozen forward
+        passes for a returning client (0 for a first participation)."""
+        upload, new_state, _ = super().stacked_finish(sctx, task, state, final, steps)
+        new_state = new_state or self.client_state_type()()
+        new_state.prev = P.to_numpy(final)
+        returning = state is not None and state.prev is not None
+        return upload, new_state, self.frozen_forwards if returning else 0

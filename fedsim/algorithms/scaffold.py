@@ -51,6 +51,7 @@ from fedsim.algorithms.base import (
     ClientState,
     RoundPlan,
     ServerState,
+    StackedContext,
     Traffic,
     WireFacts,
 )
@@ -78,6 +79,27 @@ class ScaffoldClientState(ClientState):
     c: dict[str, Any] | None = None
 
 
+def _server_c(received: P.Params) -> P.Params:
+    """c from the broadcast: stepped key -> tensor."""
+    return {k[len(C_PREFIX) :]: v for k, v in received.items() if k.startswith(C_PREFIX)}
+
+
+def _client_c(state: ScaffoldClientState | None, c: P.Params) -> P.Params:
+    """The client's stored c_i as tensors on c's device; zeros before its first participation."""
+    stored = state.c if state is not None else None
+    if stored is None:
+        return {k: torch.zeros_like(v) for k, v in c.items()}
+    return {k: v.to(c[k].device) for k, v in P.from_numpy(stored).items()}
+
+
+def _next_c(c: P.Params, c_i: P.Params, x: P.Params, y: P.Params, steps: int, lr: float) -> P.Params:
+    """c_i+ = c_i - c + (x - y) / (K * lr), Algorithm 1 option II (K = ``steps`` local steps);
+    c_i unchanged when no step was taken (no examples: nothing learnt about the client's drift)."""
+    if not steps:
+        return c_i
+    return {k: c_i[k] - c[k] + (x[k] - y[k].detach()) / (steps * lr) for k in c}
+
+
 @register
 class Scaffold(Algorithm):
     """SCAFFOLD: local SGD corrected by control variates; clients keep c_i in the engine's store."""
@@ -87,6 +109,7 @@ class Scaffold(Algorithm):
     keeps_client_state = True
     AlgoState = ScaffoldState
     ClientStateType = ScaffoldClientState
+    vectorizable = True
 
     def traffic(self, rp: Any, wire: WireFacts) -> Traffic:
         """FedAvg's traffic plus c down to and Delta c_i up from every cohort client (one tensor
@@ -132,25 +155,42 @@ class Scaffold(Algorithm):
         state. In an ``own_init`` round (nothing received): plain SGD, y only, c_i unchanged."""
         if ctx.plan.own_init:
             return super().local_update(ctx)
-        c = {k[len(C_PREFIX) :]: v for k, v in ctx.received.items() if k.startswith(C_PREFIX)}
-        stored = ctx.state.c if ctx.state is not None else None
-        c_i = (
-            {k: v.to(c[k].device) for k, v in P.from_numpy(stored).items()}
-            if stored is not None
-            else {k: torch.zeros_like(v) for k, v in c.items()}
-        )
+        c = _server_c(ctx.received)
+        c_i = _client_c(ctx.state, c)
         x = {k: ctx.received[k] for k in c}
         ctx.aux["correction"] = [
             (w, c[k] - c_i[k]) for k, w in ctx.model.named_parameters() if k in c and w.requires_grad
         ]
         upload, loss = super().local_update(ctx)
-        steps, lr = ctx.local_steps, ctx.plan.lr
-        y = ctx.model.state_dict()
-        c_new = (
-            {k: c_i[k] - c[k] + (x[k] - y[k].detach()) / (steps * lr) for k in c} if steps else c_i
-        )  # no step taken (no examples): nothing learnt about the client's drift
+        c_new = _next_c(c, c_i, x, ctx.model.state_dict(), ctx.local_steps, ctx.plan.lr)
         self.new_client_state(ctx).c = P.to_numpy(c_new)
         return {**upload, **{DC_PREFIX + k: c_new[k] - c_i[k] for k in c}}, loss
+
+    def stacked_begin(self, sctx: StackedContext, states: list[Any]) -> dict[str, torch.Tensor]:
+        """c - c_i for every stacked client and trainable stepped key, ``(K, *shape)`` each (an
+        ``own_init`` round is never stacked)."""
+        c = _server_c(sctx.received)
+        keys = [k for k in c if k in set(sctx.trainable)]
+        rows = [_client_c(s, c) for s in states]
+        return {C_PREFIX + k: torch.stack([c[k] - c_i[k] for c_i in rows]) for k in keys}
+
+    def stacked_loss(self, sctx, tensors, x, y, w, aux):
+        """The weighted cross-entropy plus sum_k <c - c_i, w_k>: a linear term whose gradient is the
+        correction c - c_i that :meth:`before_step` adds on the per-client path."""
+        objective, ce = super().stacked_loss(sctx, tensors, x, y, w, aux)
+        for key, correction in aux.items():
+            objective = objective + (correction * tensors[key[len(C_PREFIX) :]]).sum()
+        return objective, ce
+
+    def stacked_finish(self, sctx, task, state, final, steps):
+        """y plus Delta c_i, and c_i+ (option II of Algorithm 1) as the client's new state."""
+        upload, new_state, frozen = super().stacked_finish(sctx, task, state, final, steps)
+        c = _server_c(sctx.received)
+        c_i = _client_c(state, c)
+        c_new = _next_c(c, c_i, {k: sctx.received[k] for k in c}, final, steps, task.plan.lr)
+        new_state = new_state or self.client_state_type()()
+        new_state.c = P.to_numpy(c_new)
+        return {**upload, **{DC_PREFIX + k: c_new[k] - c_i[k] for k in c}}, new_state, frozen
 
     def before_step(self, ctx: ClientContext) -> None:
         """grad += c - c_i for every trainable parameter (Algorithm 1's corrected local step)."""

@@ -54,7 +54,7 @@ def run_tasks(
     algo = runner.algorithm(run)
     if vectorize.stackable(runner, run, algo, tasks, states, extras):
         try:
-            return vectorize.train_stacked(runner, run, algo, tasks, received)
+            return vectorize.train_stacked(runner, run, algo, tasks, received, states)
         except FedsimError:
             raise
         except Exception as err:

@@ -70,6 +70,9 @@ def _one_client(algo, cfg, ds, plan, w0, state=None):
 
 def test_partial_round_freezes_other_tensors_and_uploads_only_the_group():
     cfg, algo = fedpart(optimizer="sgd", lr=0.1)
+    # the worker's model is read after training: the per-client path trains in it (the stacked
+    # path trains copies, and tests/engine/test_vectorize.py checks it equals this path)
+    cfg = cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"vectorize": "never"})})
     ds = toy()
     w0 = digits_cnn(1).state_dict()
     plan = algo.plan_round(None, 3, (0,))  # cycle 0, second partial round: group 1 (conv2)

@@ -59,7 +59,9 @@ def experiment(run: dict, model: str = "digits_cnn", clients_per_round: int = 4)
         "seed": SEED,
         "data": {"dataset": "digits", "partition": "iid", "num_clients": len(SIZES)},
         "model": {"name": model, "widths": WIDTHS},
-        "engine": {"backend": "sequential", "clients_per_round": clients_per_round},
+        # the spies of run_recording watch the per-client path (the stacked path equals it:
+        # tests/engine/test_vectorize.py)
+        "engine": {"backend": "sequential", "clients_per_round": clients_per_round, "vectorize": "never"},
         "runs": [{"local_epochs": 1, "batch_size": 8, "lr": 0.1, **run}],
     }
 
