@@ -15,11 +15,18 @@ GPU memory of each worker process as ``nvidia-smi`` reports it (its CUDA context
 caching allocator holds: what limits how many workers fit), the mean and largest over workers and
 their sum, sampled every 0.2 s. Then the fraction with the highest throughput.
 
+Vectorised cohorts: every fraction runs once per ``--vectorize`` mode (default ``never`` and
+``always``: each worker trains its share of the cohort one client after another, or as one stacked
+model), so the table compares them at equal packing. ``--workload pfl`` swaps VGG-9 for
+pfl-research's CIFAR-10 benchmark shape (1,000 clients x 50 images, cohort 50, batch 10, 1 epoch;
+fedsim's ``moon_cnn`` at conv 32/64, fc 512, as ``bench_pfl_cifar.py`` uses).
+
 ``--cpu`` runs the same pipeline with CPU workers (1/f workers of 1 CPU each, no GPU, no memory
 column) to check the script where no GPU is available; its figures are not the GPU table.
 
-Run: ``python benchmarks/bench_gpu.py [--fractions 1 0.5 0.25 0.125] [--rounds 6] [--clients 64]
-[--examples 250] [--cohort 32] [--batch 64] [--cpu]``.
+Run: ``python benchmarks/bench_gpu.py [--workload vgg9|pfl] [--vectorize never always]
+[--fractions 1 0.5 0.25 0.125] [--rounds 6] [--clients 64] [--examples 250] [--cohort 32]
+[--batch 64] [--cpu]`` (``--workload pfl`` sets clients, examples, cohort and batch to its shape).
 """
 
 from __future__ import annotations
@@ -79,8 +86,15 @@ class GpuMemory(Poller):
                 self.peak[int(pid)] = max(self.peak.get(int(pid), 0), int(used))
 
 
-def one(fraction: float, args) -> dict:
-    """Measure one fraction in this process; returns the figures as a dict."""
+WORKLOADS = {
+    "vgg9": {"name": "vgg9"},
+    "pfl": {"name": "moon_cnn", "widths": {"conv1": 32, "conv2": 64, "fc1": 512}},
+}
+PFL_SHAPE = {"clients": 1000, "examples": 50, "cohort": 50, "batch": 10}
+
+
+def one(fraction: float, mode: str, args) -> dict:
+    """Measure one fraction and ``engine.vectorize`` mode in this process; returns the figures."""
     from fedsim import config
     from fedsim.engine import api
 
@@ -95,7 +109,7 @@ def one(fraction: float, args) -> dict:
                 "examples_per_client": args.examples,
                 "data_dir": "/nonexistent",
             },
-            "model": {"name": "vgg9"},
+            "model": WORKLOADS[args.workload],
             "engine": {
                 "backend": "ray",
                 "clients_per_round": args.cohort,
@@ -103,6 +117,7 @@ def one(fraction: float, args) -> dict:
                 "cpus_per_worker": 1,
                 "gpus_per_worker": 0 if args.cpu else fraction,
                 "eval_every": args.rounds,
+                "vectorize": mode,
             },
             "runs": [
                 {
@@ -133,6 +148,7 @@ def one(fraction: float, args) -> dict:
     gaps = [b - a for a, b in zip(t["t_round"], t["t_round"][1:])]
     return {
         "fraction": fraction,
+        "mode": mode,
         "workers": workers,
         "gpu": ray.cluster_resources().get("GPU", 0.0),
         "tasks_per_s": args.cohort * len(gaps) / (t["t_round"][-1] - t["t_round"][0]),
@@ -158,6 +174,10 @@ def gpu_name() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workload", choices=sorted(WORKLOADS), default="vgg9")
+    ap.add_argument(
+        "--vectorize", nargs="+", choices=["never", "always", "auto"], default=["never", "always"]
+    )
     ap.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.125])
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--clients", type=int, default=64)
@@ -168,13 +188,17 @@ def main() -> None:
         "--cpu", action="store_true", help="CPU workers instead of GPU fractions (a check of the script)"
     )
     ap.add_argument("--one", type=float, default=None, help=argparse.SUPPRESS)  # child mode
+    ap.add_argument("--mode", default="never", help=argparse.SUPPRESS)  # child mode
     args = ap.parse_args()
+    if args.workload == "pfl" and args.one is None:
+        for k, v in PFL_SHAPE.items():
+            setattr(args, k, v)
     if args.rounds < 2:
         ap.error("--rounds must be >= 2 (round 0 is left out of the throughput)")
     if any(not 0 < f <= 1 for f in args.fractions):
         ap.error("--fractions must lie in (0, 1]")
     if args.one is not None:
-        print("RESULT " + json.dumps(one(args.one, args)))
+        print("RESULT " + json.dumps(one(args.one, args.mode, args)))
         return
 
     if not args.cpu:
@@ -188,13 +212,13 @@ def main() -> None:
             )
     device = "CPU workers (--cpu: a check of the script, not GPU figures)" if args.cpu else gpu_name()
     print(
-        f"workload: FedAvg, vgg9, random CIFAR-shaped data, {args.clients} clients x {args.examples} examples, "
+        f"workload: FedAvg, {args.workload} ({WORKLOADS[args.workload]['name']}), random CIFAR-shaped data, {args.clients} clients x {args.examples} examples, "
         f"cohort {args.cohort}, 1 epoch, batch {args.batch}, {args.rounds} rounds; device: {device}",
         flush=True,
     )
     rows = []
-    for f in args.fractions:
-        cmd = [sys.executable, __file__, "--one", str(f)] + [
+    for f, mode in [(f, m) for f in args.fractions for m in args.vectorize]:
+        cmd = [sys.executable, __file__, "--one", str(f), "--mode", mode, "--workload", args.workload] + [
             x
             for k in ("rounds", "clients", "examples", "cohort", "batch")
             for x in (f"--{k}", str(getattr(args, k)))
@@ -207,7 +231,9 @@ def main() -> None:
         )
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
-            sys.exit(f"bench_gpu: the run at gpus_per_worker {f} failed:\n{proc.stderr[-3000:]}")
+            sys.exit(
+                f"bench_gpu: the run at gpus_per_worker {f}, vectorize {mode} failed:\n{proc.stderr[-3000:]}"
+            )
         r = json.loads(lines[-1][len("RESULT ") :])
         rows.append(r)
         mem = (
@@ -218,17 +244,18 @@ def main() -> None:
         )
         label = "cpu workers" if args.cpu else f"gpus_per_worker {f:<5}"
         print(
-            f"{label} {r['workers']:>2} workers | {r['tasks_per_s']:7.2f} client tasks/s | "
+            f"{label} vectorize {mode:6s} {r['workers']:>2} workers | {r['tasks_per_s']:7.2f} client tasks/s | "
             f"{r['s_per_round']:7.3f} s/round | {mem}",
             flush=True,
         )
-    best = max(rows, key=lambda r: r["tasks_per_s"])
     base = next((r for r in rows if r["workers"] == 1), rows[0])
-    print(
-        f"highest throughput: {best['workers']} workers (gpus_per_worker {best['fraction']}), "
-        f"{best['tasks_per_s']:.2f} client tasks/s = {best['tasks_per_s'] / base['tasks_per_s']:.2f}x "
-        f"{base['workers']} worker(s)"
-    )
+    for mode in args.vectorize:
+        best = max((r for r in rows if r["mode"] == mode), key=lambda r: r["tasks_per_s"])
+        print(
+            f"vectorize {mode}: highest throughput {best['workers']} workers (gpus_per_worker "
+            f"{best['fraction']}), {best['tasks_per_s']:.2f} client tasks/s = "
+            f"{best['tasks_per_s'] / base['tasks_per_s']:.2f}x {base['workers']} worker(s), vectorize {base['mode']}"
+        )
 
 
 if __name__ == "__main__":

@@ -146,12 +146,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     events: list[dict] = []
     bar = stream = None
     try:
-        dataset = api.prepare(cfg)
+        dataset = api.load_data(cfg)
         api.check_gpus(cfg)
+        if cfg.engine.backend == "sequential":
+            api.check_fit(cfg, dataset)
         if not args.resume:
             run_dir, created = api.new_run_dir(args.out or cfg.output_dir, cfg.name), True
         if cfg.engine.backend == "ray":
+            # Ray first, then the check that imports torch: a process holding torch takes
+            # about 1.3 s longer to start Ray (docs/performance.md)
             api.start_ray(cfg)
+            api.check_fit(cfg, dataset)
         print(
             f"fedsim: experiment {cfg.name!r}: {len(cfg.runs)} run(s), {dataset.num_clients} clients of "
             f"{dataset.name}, {cfg.engine.clients_per_round} per round, backend {cfg.engine.backend}; "

@@ -8,9 +8,12 @@ order, on which worker ran a client, or on which algorithm is running.
 from __future__ import annotations
 
 import zlib
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 STREAMS = ("partition", "init", "cohort", "shuffle", "augment", "dropout", "matching", "schedule", "data")
 
@@ -37,7 +40,10 @@ def numpy_rng(seed: int, stream: str, round: int = 0, client: int = 0) -> np.ran
 
 
 def torch_rng(seed: int, stream: str, round: int = 0, client: int = 0) -> torch.Generator:
-    """A CPU torch.Generator for one (seed, stream, round, client)."""
+    """A CPU torch.Generator for one (seed, stream, round, client). (torch is imported here, not
+    with the module, so loading data in a process that trains nothing imports no torch.)"""
+    import torch
+
     g = torch.Generator()
     g.manual_seed(seed_for(seed, stream, round, client))
     return g

@@ -307,6 +307,16 @@ class Algorithm:
     #: stacked model (:mod:`fedsim.engine.vectorize`)
     vectorizable: ClassVar[bool] = False
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass that overrides the per-client update (``local_update``, ``batch_loss`` or
+        ``before_step``) does not inherit ``vectorizable``: it must set it itself, next to the
+        stacked hooks that mirror its update, or its clients train one by one (a FedAvg subclass
+        with its own loss would otherwise be stacked with FedAvg's)."""
+        super().__init_subclass__(**kwargs)
+        overrides = any(name in cls.__dict__ for name in ("local_update", "batch_loss", "before_step"))
+        if overrides and "vectorizable" not in cls.__dict__:
+            cls.vectorizable = False
+
     def __init__(
         self,
         cfg: RunConfig,

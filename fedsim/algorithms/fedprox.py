@@ -43,6 +43,7 @@ class FedProx(FedAvg):
 
     name = "fedprox"
     Config = FedProxConfig
+    vectorizable = True  # stacked_loss adds the same proximal term
 
     def batch_loss(self, ctx: ClientContext, x, y):
         objective, ce = super().batch_loss(ctx, x, y)

@@ -24,18 +24,29 @@ if TYPE_CHECKING:  # torch loads with the data, so a bad --out or --resume fails
 
 
 def prepare(cfg: ExperimentConfig) -> FederatedDataset:
-    """Load and partition the dataset and check that the model fits it.
+    """Load and partition the dataset and check that the model and the algorithms fit it
+    (:func:`load_data`, then :func:`check_fit`).
 
     Raises:
         FedsimError: unreadable or missing data, an impossible partition, a model that does not
-            fit the dataset's inputs.
+            fit the dataset's inputs, an algorithm that cannot run on it.
+    """
+    dataset = load_data(cfg)
+    check_fit(cfg, dataset)
+    return dataset
+
+
+def load_data(cfg: ExperimentConfig) -> FederatedDataset:
+    """Load and partition the experiment's dataset (numpy arrays). For the bundled and synthetic
+    datasets this imports no torch (torchvision's datasets do).
+
+    Raises:
+        FedsimError: unreadable or missing data, an impossible partition.
     """
     from fedsim.data import load_federated
-    from fedsim.engine.client import make_algorithm
-    from fedsim.models import build_model
 
     d = cfg.data
-    dataset = load_federated(
+    return load_federated(
         d.dataset,
         partition=d.partition,
         num_clients=d.num_clients,
@@ -49,6 +60,18 @@ def prepare(cfg: ExperimentConfig) -> FederatedDataset:
         synthetic_alpha=d.synthetic_alpha,
         synthetic_beta=d.synthetic_beta,
     )
+
+
+def check_fit(cfg: ExperimentConfig, dataset: FederatedDataset) -> None:
+    """Build the model and every run's algorithm once for ``dataset`` (imports torch).
+
+    Raises:
+        FedsimError: a model that does not fit the dataset's inputs, an algorithm that cannot run
+            on it (e.g. FedMA on a model without matchable layers).
+    """
+    from fedsim.engine.client import make_algorithm
+    from fedsim.models import build_model
+
     build_model(
         cfg.model.name,
         num_classes=dataset.num_classes,
@@ -57,7 +80,6 @@ def prepare(cfg: ExperimentConfig) -> FederatedDataset:
     )
     for run in cfg.runs:
         make_algorithm(run, cfg, dataset)
-    return dataset
 
 
 _started_ray: str | None = None  # GCS address of the local Ray instance start_ray started, if any
@@ -184,7 +206,7 @@ def start_ray(cfg: ExperimentConfig, num_cpus: int | None = None) -> None:
         # user's business here; worker errors still reach the run as exceptions.
         # A local Ray started here returns objects up to LOCAL_INLINE_BYTES in the reply of the
         # call that made them, instead of through the object store (Ray's default: 100 KiB).
-        from fedsim.engine.backends import LOCAL_INLINE_BYTES
+        from fedsim.engine.pool import LOCAL_INLINE_BYTES
 
         local = (
             {"num_cpus": num_cpus, "_system_config": {"max_direct_call_object_size": LOCAL_INLINE_BYTES}}
@@ -223,11 +245,13 @@ def check_gpus(cfg: ExperimentConfig) -> None:
     Raises:
         FedsimError: ``engine.gpus_per_worker > 0`` and no GPU.
     """
-    import torch
-
     e = cfg.engine
     local = e.backend == "sequential" or (e.ray_address is None and "RAY_ADDRESS" not in os.environ)
-    if e.gpus_per_worker > 0 and local and not torch.cuda.is_available():
+    if e.gpus_per_worker <= 0 or not local:
+        return
+    import torch  # only here: a CPU run's own process never imports torch (fedsim.engine.pool)
+
+    if not torch.cuda.is_available():
         raise FedsimError(
             f"engine.gpus_per_worker is {e.gpus_per_worker} but this machine has no GPU; "
             "set engine.gpus_per_worker: 0 or run on a machine or cluster with GPUs"
@@ -472,27 +496,26 @@ def execute(
         FedsimError: bad input detected inside the driver.
         RuntimeError: a client's local training failed (the message names client and round).
     """
-    from fedsim.engine.loop import run_experiment
-
     if not resume:
         storage.write_bytes(
             storage.join(run_dir, "config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode()
         )
     if cfg.engine.backend == "sequential":
         from fedsim.engine.backends import SequentialBackend
+        from fedsim.engine.loop import run_experiment
 
         yield from run_experiment(cfg, dataset, str(run_dir), SequentialBackend(cfg, dataset), resume)
         return
     import ray
 
-    from fedsim.engine.backends import LOCAL_INLINE_BYTES, RAY_INLINE_BYTES, RayBackend
+    from fedsim.engine import pool
 
     # Ray's inline limit: fedsim's own on a local Ray that start_ray started, else Ray's default
     # (a cluster's setting cannot be read from Python, so nothing larger is assumed).
     ours = _started_ray is not None and ray.get_runtime_context().gcs_address == _started_ray
-    inline_bytes = LOCAL_INLINE_BYTES if ours else RAY_INLINE_BYTES
+    inline_bytes = pool.LOCAL_INLINE_BYTES if ours else pool.RAY_INLINE_BYTES
     box = [ray.put(dataset)]
-    workers = RayBackend.start_workers(cfg, box[0])  # they import torch while the driver starts
+    workers = pool.start_workers(cfg, box[0])  # they import torch while the driver starts
     driver = _driver_class().options(scheduling_strategy=_driver_placement()).remote()
     try:
         for ref in driver.run.options(num_returns="streaming").remote(

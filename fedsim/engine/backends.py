@@ -17,7 +17,6 @@ apart (docs/design.md decision 6):
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -29,7 +28,15 @@ from fedsim import params as P
 from fedsim.algorithms import ClientResult, ClientTask
 from fedsim.config import ExperimentConfig, RunConfig
 from fedsim.data.base import FederatedDataset
-from fedsim.engine.client import ClientRunner, freeze_startup_objects, set_threads, warm_up
+from fedsim.engine.client import ClientRunner, set_threads
+from fedsim.engine.pool import (  # noqa: F401  (LOCAL_INLINE_BYTES, pool_size: re-exported)
+    LOCAL_INLINE_BYTES,
+    RAY_INLINE_BYTES,
+    make_worker_class,
+    pool_size,
+    spawn_worker,
+    start_workers,
+)
 from fedsim.errors import FedsimError
 
 
@@ -122,65 +129,6 @@ class SequentialBackend(_RoundBackend):
         pass
 
 
-def pool_size(experiment: ExperimentConfig, resources: dict[str, float]) -> int:
-    """Number of ClientWorker actors: ``engine.num_workers``, or with ``auto`` as many as the
-    cluster's CPUs (or GPU fractions, when ``gpus_per_worker > 0``, and ``worker_resources``) fit,
-    capped at the cohort size.
-
-    Args:
-        resources: ``ray.cluster_resources()``-style totals, e.g. ``{"CPU": 2.0, "GPU": 1.0}``.
-    """
-    e = experiment.engine
-    if e.num_workers != "auto":
-        return int(e.num_workers)
-    fit = math.floor(resources.get("CPU", 1.0) / e.cpus_per_worker + 1e-9)
-    if e.gpus_per_worker > 0:
-        fit = min(fit, math.floor(resources.get("GPU", 0.0) / e.gpus_per_worker + 1e-9))
-    for key, amount in (e.worker_resources or {}).items():  # custom placement resources
-        fit = min(fit, math.floor(resources.get(key, 0.0) / amount + 1e-9))
-    return max(1, min(fit, e.clients_per_round))
-
-
-def _make_worker_class():
-    import ray
-
-    @ray.remote
-    class ClientWorker:
-        """A Ray actor that runs client tasks with a :class:`ClientRunner` it keeps for its life."""
-
-        def __init__(self, experiment: ExperimentConfig, dataset_box: list, worker_id: str):
-            gpus = experiment.engine.gpus_per_worker
-            if gpus == 0:
-                os.environ["CUDA_VISIBLE_DEVICES"] = ""  # keep CPU-only workers off every GPU
-            set_threads(experiment.engine.cpus_per_worker)
-            warm_up()
-            dataset = ray.get(dataset_box[0])  # numpy arrays, zero-copy views of the object store
-            self.runner = ClientRunner(
-                experiment, dataset, device="cuda" if gpus > 0 else "cpu", worker_id=worker_id
-            )
-            freeze_startup_objects()
-
-        def run(
-            self,
-            run: RunConfig,
-            tasks: list[ClientTask],
-            received: dict,
-            states: list[Any],
-            extras: list[Any],
-        ) -> list[ClientResult]:
-            """Train ``tasks`` one after another; ``states`` holds object refs (or None)."""
-            refs = [i for i, h in enumerate(states) if isinstance(h, ray.ObjectRef)]
-            states = list(states)
-            for i, value in zip(refs, ray.get([states[i] for i in refs])):
-                states[i] = value
-            return pack_uploads(run_tasks(self.runner, run, tasks, received, states, extras))
-
-        def pid(self) -> int:
-            return os.getpid()
-
-    return ClientWorker
-
-
 def pack_uploads(results: list[ClientResult]) -> tuple[list[ClientResult], np.ndarray]:
     """The results with every upload moved into one byte buffer, as a worker returns them.
 
@@ -242,18 +190,6 @@ def balance(costs: Sequence[float], bins: int) -> list[list[int]]:
     return [sorted(b) for b in batches if b]
 
 
-RAY_INLINE_BYTES = 100 * 1024
-"""Ray's default ``max_direct_call_object_size`` (bytes): a call's arguments and return values up
-to this size travel inside the call's message; larger ones go through the object store."""
-
-LOCAL_INLINE_BYTES = 4 << 20
-"""``max_direct_call_object_size`` (bytes) of a local Ray instance that fedsim starts
-(:func:`fedsim.engine.api.start_ray`): a worker's results for a round of a small model (five
-digits-CNN clients: 0.75 MB) return inside the call's reply instead of through the shared-memory
-object store (its create, seal, get and release). A cluster keeps its own setting
-(``ray start --system-config``; see docs/performance.md, which also has the measurements)."""
-
-
 def sends_inline(nbytes: int, calls: int, inline_bytes: int) -> bool:
     """Whether a round's broadcast of ``nbytes`` bytes goes inline with each of the round's
     ``calls`` (one per worker; one per client under ``timeout_policy: drop``) instead of into the
@@ -270,13 +206,6 @@ def sends_inline(nbytes: int, calls: int, inline_bytes: int) -> bool:
 
 
 TASKS_IN_FLIGHT = 2  # per worker, when every client is its own call (timeout_policy: drop)
-
-
-def _spawn_worker(worker_cls: Any, experiment: ExperimentConfig, dataset_ref: Any, name: str) -> Any:
-    e = experiment.engine
-    return worker_cls.options(
-        num_cpus=e.cpus_per_worker, num_gpus=e.gpus_per_worker, resources=dict(e.worker_resources or {})
-    ).remote(experiment, [dataset_ref], name)
 
 
 @dataclass
@@ -363,7 +292,7 @@ class RayBackend(_RoundBackend):
         self._names: dict[str, str] = {}
         self._replaced: dict[str, Any] = {}
         self._started: set[str] = set()  # actor ids of workers known to have finished starting
-        self._worker_cls = _make_worker_class()
+        self._worker_cls = make_worker_class()
         self._sizes = None if client_sizes is None else list(client_sizes)
         self._inline_bytes = int(inline_bytes)
         if workers is None:
@@ -374,21 +303,12 @@ class RayBackend(_RoundBackend):
             self._spawned += 1
         self.num_workers = len(self.workers)
 
-    @staticmethod
-    def start_workers(experiment: ExperimentConfig, dataset_ref: Any) -> list[Any]:
-        """Start the pool's ClientWorker actors (:func:`pool_size` of them), named worker-0.. in order."""
-        import ray
-
-        cls = _make_worker_class()
-        return [
-            _spawn_worker(cls, experiment, dataset_ref, f"worker-{i}")
-            for i in range(pool_size(experiment, ray.cluster_resources()))
-        ]
+    start_workers = staticmethod(start_workers)
 
     def _spawn(self) -> Any:
         name = f"worker-{self._spawned}"
         self._spawned += 1
-        w = _spawn_worker(self._worker_cls, self.experiment, self._dataset_ref, name)
+        w = spawn_worker(self._worker_cls, self.experiment, self._dataset_ref, name)
         self._names[w._actor_id.hex()] = name
         return w
 

@@ -96,6 +96,9 @@ class ClientRunner:
         self._forward: dict[tuple, int] = {}  # forward MACs per example by model widths
         self._received: tuple[Any, P.Params] | None = None  # (last broadcast, as tensors on device)
         self._states: dict[int, dict[str, torch.Tensor]] = {}  # id(model) -> its state_dict views
+        #: id(model) -> its stacked-update template (fedsim.engine.vectorize.template), or None
+        #: when the model cannot be stacked
+        self.templates: dict[int, Any] = {}
 
     def tensors(self, received: dict[str, np.ndarray]) -> P.Params:
         """The broadcast as tensors on the device, converted once per round: every client of a

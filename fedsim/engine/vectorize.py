@@ -47,6 +47,11 @@ FedNova, FedMedian, SCAFFOLD, MOON, and FedPart over any of them), the model has
 (a stacked forward pass cannot draw each client's masks from its own seeded generator), the
 optimiser is SGD or Adam, and nothing is sent to a client alone. FedMA's and PFNM's clients have
 different widths and train one by one (:func:`stackable`).
+
+Dropout masks are drawn on the CPU from each client's (seed, "dropout", round, client) generator,
+as the per-client path draws them on a CPU, so the two paths agree there. On a GPU the per-client
+path's dropout runs torch's fused CUDA kernel from the CUDA generator: both paths then draw
+per-client, reproducible masks, but not the same ones.
 """
 
 from __future__ import annotations
@@ -139,10 +144,9 @@ def template(runner: ClientRunner, model: nn.Module) -> Template | None:
     model cannot be stacked: a module of :func:`model_stackable`'s list, a dropout called other
     than once per forward pass, or an operation without a ``vmap`` rule (found by running two
     stacked copies on two of client 0's examples)."""
-    cache = runner.__dict__.setdefault("_stack_templates", {})
-    if id(model) not in cache:
-        cache[id(model)] = _build_template(runner, model)
-    return cache[id(model)]
+    if id(model) not in runner.templates:
+        runner.templates[id(model)] = _build_template(runner, model)
+    return runner.templates[id(model)]
 
 
 def _build_template(runner: ClientRunner, model: nn.Module) -> Template | None:

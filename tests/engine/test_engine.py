@@ -51,11 +51,11 @@ def sequential_run(tmp_path_factory):
 
 @pytest.mark.parametrize("broadcast", ["object_store", "inline"])
 def test_ray_backend_equals_sequential_backend(sequential_run, ray_local, tmp_path, monkeypatch, broadcast):
-    from fedsim.engine import backends
+    from fedsim.engine import pool
 
     # The digits CNN's broadcast (153 KB) goes through the object store under a 0-byte inline
     # limit and by value with every worker's call under an unbounded one: both give the same run.
-    monkeypatch.setattr(backends, "RAY_INLINE_BYTES", 0 if broadcast == "object_store" else 1 << 40)
+    monkeypatch.setattr(pool, "RAY_INLINE_BYTES", 0 if broadcast == "object_store" else 1 << 40)
     _, rounds_s, clients_s, _ = sequential_run
     raw = tiny_experiment(runs=TWO_RUNS, engine={"backend": "ray", "clients_per_round": 3, "num_workers": 2})
     _, rounds_r, clients_r, _ = run_tables(raw, tmp_path)
@@ -334,3 +334,24 @@ def test_a_client_trains_the_same_on_a_worker_that_trained_others_before(run):
     assert after_others.upload.keys() == alone.upload.keys()
     for k in alone.upload:
         assert np.array_equal(np.asarray(after_others.upload[k]), np.asarray(alone.upload[k])), k
+
+
+def test_the_submitting_process_of_a_ray_run_imports_no_torch():
+    """The process that loads the data, starts the workers and reads the driver's events never
+    imports torch (a process holding torch starts Ray more slowly; fedsim.engine.pool)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from fedsim import config\n"
+        "from fedsim.engine import api, pool\n"
+        "import fedsim.cli\n"
+        "cfg = config.parse({'data': {'dataset': 'digits', 'num_clients': 10}, 'runs': [{'algorithm': 'fedavg'}]})\n"
+        "ds = api.load_data(cfg)\n"
+        "api.check_gpus(cfg)\n"
+        "pool.make_worker_class()\n"
+        "print(len(ds.client_indices), 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["10", "False"]

@@ -144,6 +144,28 @@ def assert_arrays_close(got: dict, want: dict, adam_lr: float | None, steps: int
         assert off <= max(3, w.size // 100), f"{what} {k}: {off} of {w.size} elements off"
 
 
+def test_a_subclass_with_its_own_per_client_loss_is_not_stacked_unless_it_says_so():
+    from fedsim.algorithms import FedAvg
+
+    class OwnLoss(FedAvg):
+        def batch_loss(self, ctx, x, y):
+            objective, ce = super().batch_loss(ctx, x, y)
+            return 2 * objective, ce
+
+    class OwnLossStacked(OwnLoss):
+        vectorizable = True
+
+        def stacked_loss(self, sctx, tensors, x, y, w, aux):
+            objective, ce = super().stacked_loss(sctx, tensors, x, y, w, aux)
+            return 2 * objective, ce
+
+    class OnlyAggregates(FedAvg):
+        pass
+
+    assert FedAvg.vectorizable and OnlyAggregates.vectorizable
+    assert not OwnLoss.vectorizable and OwnLossStacked.vectorizable
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_stacked_training_equals_the_per_client_path(case, tmp_path, monkeypatch):
     """Every stacked call of a run is checked against the same clients trained one by one from
