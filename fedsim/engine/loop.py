@@ -331,12 +331,22 @@ def _run_one(
     if previous is not None and previous["status"] != "running":  # ended before: replay it
         yield from _replay(log, run, rounds)
         return
-    if cfg.engine.vectorize == "always" and not algo.vectorizable:
-        print(
-            f"fedsim: run {run.label!r}: engine.vectorize is always, but {run.algorithm}'s clients "
-            "cannot be stacked (see fedsim.engine.vectorize); they train one by one",
-            file=sys.stderr,
+    if cfg.engine.vectorize == "always":
+        from fedsim.engine.vectorize import model_stackable
+
+        why = (
+            f"{run.algorithm}'s clients cannot be stacked"
+            if not algo.vectorizable
+            else f"model {cfg.model.name!r} has a recurrent or alpha-dropout layer"
+            if not model_stackable(algo.reference_model())
+            else None
         )
+        if why:
+            print(
+                f"fedsim: run {run.label!r}: engine.vectorize is always, but {why} "
+                "(see fedsim.engine.vectorize); they train one by one",
+                file=sys.stderr,
+            )
     at = _start(cfg, run, algo, dataset, backend, log, resumed=previous is not None)
     yield {"kind": "start", "run": run.label, "rounds": rounds}
     yield from _logged_rounds(log, run, rounds)

@@ -16,7 +16,8 @@ own. An epoch runs max_i s_i steps, where client i takes s_i = ceil(n_i / B).
   size B and its losses are weighted sums with weights 1/b over the b real examples, 0 over
   padding (a fixed width, so a client's arithmetic does not depend on its stack-mates). One
   ``vmap`` call per step.
-* BatchNorm models (:func:`mixes_batch`): padding would enter the batch statistics, so a step makes
+* BatchNorm models (:func:`mixes_batch`, or any model whose outputs move when :func:`template`'s
+  probe pads a batch): padding would enter the batch statistics, so a step makes
   one call per distinct batch length, over the clients whose batch has that length (their
   parameters gathered, their running statistics written back). Each client keeps its own batch
   statistics and its own running statistics.
@@ -112,11 +113,15 @@ class Template:
 
     Attributes:
         module: the model to call. dropouts: (mask key, p, feature, per-example input shape) of
-            each dropout, in the order a forward pass calls them.
+            each dropout, in the order a forward pass calls them. exact: its examples see each
+            other in training mode (BatchNorm, or any layer whose outputs for a batch moved
+            when the probe padded it), so its batches are never padded.
     """
 
-    def __init__(self, module: nn.Module, dropouts: list[tuple[str, float, bool, tuple[int, ...]]]):
-        self.module, self.dropouts = module, dropouts
+    def __init__(
+        self, module: nn.Module, dropouts: list[tuple[str, float, bool, tuple[int, ...]]], exact: bool
+    ):
+        self.module, self.dropouts, self.exact = module, dropouts, exact
 
     def masks(
         self, generator: torch.Generator, b: int, width: int, device: torch.device
@@ -173,19 +178,24 @@ def _build_template(runner: ClientRunner, model: nn.Module) -> Template | None:
     )
     x = torch.from_numpy(runner.dataset.train.inputs(idx)).to(runner.device)
     tensors = {n: t.detach() for n, t in module.state_dict().items()}
+
+    def forward(inputs: torch.Tensor) -> torch.Tensor:  # on copies: buffers stay as they are
+        return functional_call(module, {n: t.clone() for n, t in tensors.items()}, (inputs,))
+
     try:
         module.train()
         with torch.no_grad():
-            functional_call(
-                module, {n: t.clone() for n, t in tensors.items()}, (x,)
-            )  # shapes at each dropout
+            alone = forward(x)  # also records the shape at each dropout
             order = list(calls)
             shapes = dict(order)
             if sorted(n for n, _ in order) != sorted(names):
                 return None  # a dropout called twice, or never
-            masks = {f"{n}.mask": torch.ones((2, *x.shape[:1], *shapes[n])) for n in names}
+            padded = forward(torch.cat([x, torch.zeros_like(x)]))[: len(x)]
+            masks = {f"{n}.mask": torch.ones((2, len(x), *shapes[n]), device=x.device) for n in names}
             stacked = {n: torch.stack([t, t]) for n, t in tensors.items()}
             vmap(lambda t, x: functional_call(module, t, (x,)))({**stacked, **masks}, torch.stack([x, x]))
+            # padding moved the real examples' outputs: its examples see each other (BatchNorm)
+            exact = mixes_batch(model) or not torch.allclose(alone, padded, rtol=1e-4, atol=1e-5)
     except Exception:  # no vmap rule (or the model cannot run on a batch of 2): train one by one
         return None
     finally:
@@ -197,13 +207,17 @@ def _build_template(runner: ClientRunner, model: nn.Module) -> Template | None:
             (f"{n}.mask", module.get_submodule(n).p, module.get_submodule(n).feature, shapes[n])
             for n, _ in order
         ],
+        exact,
     )
 
 
 def mixes_batch(model: nn.Module) -> bool:
-    """Whether an example's output depends on the other examples of its batch (BatchNorm's batch
-    statistics in training mode): such a model's batches cannot be padded."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    """Whether ``model`` has a layer through which an example's output depends on the other
+    examples of its batch in training mode (BatchNorm's batch statistics, InstanceNorm's running
+    statistics): such a model's batches cannot be padded. (:func:`template` also pads a probe
+    batch, to catch layers this list does not know.)"""
+    norms = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+    return any(isinstance(m, norms) for m in model.modules())
 
 
 #: ``engine.vectorize: auto`` on a CPU stacks models of at most this many forward
@@ -358,7 +372,7 @@ def _train_chunk(
     per_client = vmap(objective)
     bs = run.batch_size
     shape = tuple(runner.dataset.input_shape)
-    exact = mixes_batch(model)  # BatchNorm: no padding, one call per batch length
+    exact = tpl.exact  # BatchNorm: no padding, one call per batch length
     loss_sum, seen, steps = np.zeros(k), np.zeros(k), np.zeros(k, dtype=np.int64)
     tpl.module.train()
     for _ in range(plan.local_epochs):

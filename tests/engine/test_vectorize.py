@@ -40,9 +40,20 @@ class DropoutCNN(DigitsCNN):
         return self.fc2(self.drop_fc(F.relu(self.fc1(x))))
 
 
+class BatchCentredCNN(DigitsCNN):
+    """The digits CNN with fc1's activations centred on their batch mean: a layer through which
+    examples see each other that no list of module types names."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv2(F.relu(self.conv1(x)))), 2).flatten(1)
+        h = F.relu(self.fc1(x))
+        return self.fc2(h - h.mean(0, keepdim=True))
+
+
 @pytest.fixture(autouse=True)
-def dropout_model(monkeypatch):
+def test_models(monkeypatch):
     monkeypatch.setitem(MODELS, "digits_cnn_dropout", DropoutCNN)
+    monkeypatch.setitem(MODELS, "digits_cnn_centred", BatchCentredCNN)
 
 
 SMALL_RESNET = {"name": "resnet8", "widths": {"layer1": 4, "layer2": 8, "layer3": 8}}  # BatchNorm
@@ -56,6 +67,7 @@ CASES = {
     # a cohort of 3 of 4 clients over 3 rounds: first and returning clients stacked together
     "scaffold": ({"algorithm": "scaffold", "rounds": 3}, "digits_cnn", 3),
     "moon": ({"algorithm": "moon", "rounds": 3, "mu": 1.0}, "digits_cnn+moon", 3),
+    "fedavg-batch-centred": ({"algorithm": "fedavg"}, "digits_cnn_centred", 4),
     "fedavg-dropout": ({"algorithm": "fedavg"}, "digits_cnn_dropout", 4),
     "moon-dropout": ({"algorithm": "moon", "rounds": 3, "mu": 1.0}, "digits_cnn_dropout+moon", 3),
     "fedavg-adam": ({"algorithm": "fedavg", "optimizer": "adam", "lr": 0.01}, "digits_cnn", 4),
@@ -256,6 +268,13 @@ def test_recurrent_and_alpha_dropout_models_are_not_stacked_and_batchnorm_batche
     assert vectorize.mixes_batch(resnet) and not vectorize.mixes_batch(digits_cnn())
 
 
+def test_the_probe_finds_layers_that_mix_a_batch_and_stops_padding_for_them():
+    for model, exact in [("digits_cnn", False), ("digits_cnn_centred", True), (SMALL_RESNET, True)]:
+        cfg = experiment({"algorithm": "fedavg"}, "always", model)
+        runner, *_ = _runner_and_tasks(cfg)
+        assert vectorize.template(runner, runner.model(None)).exact is exact, model
+
+
 def test_a_model_without_a_vmap_rule_trains_one_by_one():
     cfg = experiment({"algorithm": "fedavg"}, "auto")
     runner, algo, tasks, _ = _runner_and_tasks(cfg)
@@ -276,6 +295,24 @@ def test_always_on_an_algorithm_that_cannot_stack_says_so_once_and_trains_one_by
     list(run_experiment(cfg, ds, str(tmp_path), SequentialBackend(cfg, ds)))
     err = capsys.readouterr().err
     assert err.count("engine.vectorize is always") == 1 and "one by one" in err
+    assert "ensemble's clients cannot be stacked" in err
+
+
+def test_always_on_a_recurrent_model_says_so_once_and_trains_one_by_one(tmp_path, capsys, monkeypatch):
+    class WithLSTM(DigitsCNN):  # an LSTM layer (unused in forward) is enough to refuse stacking
+        def build(self, generator):
+            super().build(generator)
+            self.rnn = torch.nn.LSTM(4, 4)
+
+    monkeypatch.setitem(MODELS, "digits_cnn_lstm", WithLSTM)
+    calls = []
+    real = vectorize.train_stacked
+    monkeypatch.setattr(vectorize, "train_stacked", lambda *a: calls.append(1) or real(*a))
+    cfg = experiment({"algorithm": "fedavg"}, "always", "digits_cnn_lstm")
+    ds = dataset(SIZES)
+    list(run_experiment(cfg, ds, str(tmp_path), SequentialBackend(cfg, ds)))
+    err = capsys.readouterr().err
+    assert err.count("engine.vectorize is always") == 1 and "recurrent" in err and not calls
 
 
 def test_ray_backend_gives_the_sequential_tables_with_stacking_on(ray_local, tmp_path):
