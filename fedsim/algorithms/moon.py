@@ -133,11 +133,15 @@ class MOON(Algorithm):
 
     # ---- stacked local update (fedsim.engine.vectorize)
     def stacked_begin(self, sctx: StackedContext, states: list[Any]) -> dict[str, torch.Tensor]:
-        """Each client's previous model, stacked (``"prev:" + key``, ``(K, *shape)``), its own
-        BatchNorm statistics for the frozen global model under ``bn_stats: local`` (``"glob:" +
-        key``), and
-        ``"has_prev"`` ``(K,)`` float: 1 for a returning client, 0 for a first participation,
-        whose l_con is multiplied by 0 (its previous model is a placeholder: the received one)."""
+        """Per-client tensors, each stacked on a leading client axis K:
+
+        * ``"prev:" + key`` ``(K, *shape)``: each client's previous model;
+        * ``"glob:" + key``: each client's own BatchNorm statistics for the frozen global model,
+          under ``bn_stats: local`` only;
+        * ``"has_prev"`` ``(K,)`` float: 1 for a returning client, 0 for a first participation,
+          whose l_con is multiplied by 0 (its previous model is a placeholder: the received one).
+
+        Empty when no client of the stack has a previous model."""
         prevs = [s.prev if s is not None else None for s in states]
         if all(p is None for p in prevs):
             return {}

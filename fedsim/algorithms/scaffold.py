@@ -34,6 +34,11 @@ option II's (x - y) / (K eta_l) then measures the momentum-amplified mean step (
 momentum) times larger), so the control variates are scaled accordingly: not the paper's
 setting. ``weight_decay`` is added by the optimiser after the correction, and c_i+ absorbs it
 through x - y. A parameter that gets no gradient in a batch (``.grad`` None) gets no correction.
+
+Stacked (vectorised) clients (:mod:`fedsim.engine.vectorize`): the correction enters as the linear
+term sum_k <c - c_i, y_k> added to each client's loss, whose gradient is exactly c - c_i, so the
+stacked update equals the per-client one up to float rounding. A trainable parameter always gets
+its correction there, since every trainable tensor of a client is in its loss.
 """
 
 from __future__ import annotations

@@ -373,7 +373,10 @@ def _train_chunk(
     bs = run.batch_size
     shape = tuple(runner.dataset.input_shape)
     exact = tpl.exact  # BatchNorm: no padding, one call per batch length
-    loss_sum, seen, steps = np.zeros(k), np.zeros(k), np.zeros(k, dtype=np.int64)
+    # sum over steps of (batch CE x batch size) per client, in float64 as the per-client path's
+    # Python floats, kept on the device so that a GPU is not synchronised at every step
+    loss_sum = torch.zeros(k, dtype=torch.float64, device=device)
+    seen, steps = np.zeros(k), np.zeros(k, dtype=np.int64)
     tpl.module.train()
     for _ in range(plan.local_epochs):
         orders = [torch.randperm(d.x.shape[0], generator=d.shuffle) for d in data]
@@ -396,9 +399,12 @@ def _train_chunk(
                     with torch.no_grad():
                         for n in buffers:
                             tensors[n][rows[:real]] = sub[n][:real]
-                for j, i in enumerate(rows[:real]):
-                    if len(batches[i]):
-                        loss_sum[i] += float(ce[j].detach()) * len(batches[i])
+                sizes = torch.tensor(
+                    [len(batches[i]) for i in rows[:real]], dtype=torch.float64, device=device
+                )
+                loss_sum.index_add_(
+                    0, torch.tensor(rows[:real], device=device), ce[:real].detach().double() * sizes
+                )
             idle = [i for i in range(k) if i not in set(active)]
             kept = _snapshot(opt, tensors, trainable, idle)
             opt.step()
@@ -406,6 +412,7 @@ def _train_chunk(
             for i in active:
                 seen[i] += len(batches[i])
                 steps[i] += 1
+    losses = loss_sum.cpu().numpy()
     seconds = (time.perf_counter() - t0) / len(tasks)
     forward = runner.forward_macs(None, model)
     passes = 3 if plan.trainable is None else 2  # in units of F per example, as the per-client path
@@ -422,7 +429,7 @@ def _train_chunk(
                 round=t.round,
                 upload=upload,
                 n_examples=n_i,
-                train_loss=float(loss_sum[i] / max(seen[i], 1)),
+                train_loss=float(losses[i] / max(seen[i], 1)),
                 bytes_up=P.nbytes(upload),
                 bytes_down=P.nbytes(received),
                 seconds=seconds,
