@@ -1,7 +1,7 @@
 """Local training alone, stacked against one by one (not a test).
 
 Times ``fedsim.engine.backends.run_tasks`` (what a worker runs for its share of a round) on one
-process, without Ray, for ``engine.vectorize: never`` and ``auto``: FedAvg, one local epoch,
+process, without Ray, for ``engine.vectorize: never`` and ``always``: FedAvg, one local epoch,
 random inputs of the model's shape. Each figure is the mean of ``--calls`` calls after 3 warm-up
 calls. Models: ``digits_cnn`` (8x8 digits), ``moon_cnn`` on 3x32x32 inputs at three widths up to
 conv 32/64, fc 512 (a CIFAR-sized CNN), and ``resnet8`` at small widths (BatchNorm: batches are
