@@ -275,7 +275,7 @@ def train_stacked(
     no client is ever masked.
     """
     states = list(states) if states is not None else [None] * len(tasks)
-    limit = max(2, runner.experiment.engine.vectorize_max_clients)
+    limit = runner.experiment.engine.vectorize_max_clients
     if run.optimizer == "adam":
         groups: dict[int, list[int]] = {}
         for i, t in enumerate(tasks):

@@ -247,13 +247,18 @@ def test_results_do_not_depend_on_how_clients_are_grouped_or_chunked(model):
     apart = vectorize.train_stacked(runner, cfg.runs[0], algo, tasks[:1], received) + vectorize.train_stacked(
         runner, cfg.runs[0], algo, tasks[1:], received
     )
-    chunked_cfg = experiment({"algorithm": "fedprox", "mu": 0.1}, "auto", model, vectorize_max_clients=2)
-    r2, a2, t2, rec2 = _runner_and_tasks(chunked_cfg)
-    chunked = vectorize.train_stacked(r2, chunked_cfg.runs[0], a2, t2, rec2)
-    for x, y, z in zip(together, apart, chunked):
-        assert x.train_loss == y.train_loss == z.train_loss
-        for k in x.upload:
-            assert np.array_equal(x.upload[k], y.upload[k]) and np.array_equal(x.upload[k], z.upload[k]), k
+    for limit in [1, 2]:  # chunks of one client (stacked with its copy) and of two
+        chunked_cfg = experiment(
+            {"algorithm": "fedprox", "mu": 0.1}, "auto", model, vectorize_max_clients=limit
+        )
+        r2, a2, t2, rec2 = _runner_and_tasks(chunked_cfg)
+        chunked = vectorize.train_stacked(r2, chunked_cfg.runs[0], a2, t2, rec2)
+        for x, y, z in zip(together, apart, chunked):
+            assert x.train_loss == y.train_loss == z.train_loss
+            for k in x.upload:
+                assert np.array_equal(x.upload[k], y.upload[k]) and np.array_equal(
+                    x.upload[k], z.upload[k]
+                ), k
 
 
 def test_recurrent_and_alpha_dropout_models_are_not_stacked_and_batchnorm_batches_are_not_padded():
