@@ -119,7 +119,11 @@ class EngineConfig(_Strict):
         "multiply-accumulates per example, where stacking was measured faster (docs/performance.md); "
         "never: one by one",
     )
-    vectorize_max_clients: int = Field(64, description="clients stacked at most at once; more are chunked")
+    vectorize_max_clients: int = Field(
+        64,
+        description="clients stacked at most at once; more are chunked (a chunk that runs out of GPU "
+        "memory is split in halves, which changes no result)",
+    )
     worker_resources: dict[str, float] | None = Field(
         None,
         description="extra Ray resources each ClientWorker requests, e.g. {fedsim_worker: 0.001} "

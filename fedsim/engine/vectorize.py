@@ -272,7 +272,7 @@ def train_stacked(
 
     Under ``optimizer: adam`` only clients that take the same number of steps per epoch are
     stacked together (Adam's step count, which sets its bias correction, is one per tensor), so
-    no client is ever masked.
+    no client is ever masked. A chunk that runs out of GPU memory is split in halves.
     """
     states = list(states) if states is not None else [None] * len(tasks)
     limit = runner.experiment.engine.vectorize_max_clients
@@ -288,12 +288,30 @@ def train_stacked(
     for part in parts:
         for start in range(0, len(part), limit):
             rows = part[start : start + limit]
-            done = _train_chunk(
-                runner, run, algo, [tasks[i] for i in rows], received, [states[i] for i in rows]
-            )
-            for i, res in zip(rows, done):
+            for i, res in zip(rows, _train_fitting(runner, run, algo, tasks, received, states, rows)):
                 out[i] = res
     return out  # type: ignore[return-value]
+
+
+def _train_fitting(runner, run, algo, tasks, received, states, rows: list[int]) -> list[ClientResult]:
+    """:func:`_train_chunk` on ``tasks[rows]``; a chunk that runs out of GPU memory is trained as
+    two halves instead, recursively down to one client. Results do not depend on the chunking,
+    so this changes no number; it only lets ``vectorize_max_clients`` be larger than what fits.
+
+    Raises:
+        torch.OutOfMemoryError: a single client does not fit.
+    """
+    try:
+        return _train_chunk(runner, run, algo, [tasks[i] for i in rows], received, [states[i] for i in rows])
+    except torch.OutOfMemoryError:
+        if len(rows) == 1:
+            raise
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    half = len(rows) // 2
+    return _train_fitting(runner, run, algo, tasks, received, states, rows[:half]) + _train_fitting(
+        runner, run, algo, tasks, received, states, rows[half:]
+    )
 
 
 class _ClientData(NamedTuple):

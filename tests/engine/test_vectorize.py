@@ -261,6 +261,26 @@ def test_results_do_not_depend_on_how_clients_are_grouped_or_chunked(model):
                 ), k
 
 
+def test_a_chunk_that_runs_out_of_gpu_memory_is_trained_in_halves_with_the_same_results(monkeypatch):
+    cfg = experiment({"algorithm": "fedprox", "mu": 0.1}, "auto")
+    runner, algo, tasks, received = _runner_and_tasks(cfg)
+    whole = vectorize.train_stacked(runner, cfg.runs[0], algo, tasks, received)
+    real, sizes = vectorize._train_chunk, []
+
+    def small_gpu(runner, run, algo, chunk, *rest):  # pretend only one client fits at a time
+        sizes.append(len(chunk))
+        if len(chunk) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(runner, run, algo, chunk, *rest)
+
+    monkeypatch.setattr(vectorize, "_train_chunk", small_gpu)
+    halved = vectorize.train_stacked(runner, cfg.runs[0], algo, tasks, received)
+    assert sizes == [4, 2, 1, 1, 2, 1, 1]
+    for x, y in zip(whole, halved):
+        assert x.client_id == y.client_id and x.train_loss == y.train_loss
+        assert all(np.array_equal(x.upload[k], y.upload[k]) for k in x.upload)
+
+
 def test_recurrent_and_alpha_dropout_models_are_not_stacked_and_batchnorm_batches_are_not_padded():
     resnet = build_model("resnet8", num_classes=10, input_shape=(3, 32, 32))
     lstm = build_model("char_lstm", num_classes=80, input_shape=(80,))
