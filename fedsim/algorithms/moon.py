@@ -146,24 +146,14 @@ class MOON(Algorithm):
         if all(p is None for p in prevs):
             return {}
         keys = list(sctx.model.state_dict())
-        rows = [
-            sctx.received
-            if p is None
-            else {k: v.to(sctx.received[k].device) for k, v in P.from_numpy(p).items()}
-            for p in prevs
-        ]
-        aux = {"prev:" + k: torch.stack([r[k] for r in rows]) for k in keys}
+        device = sctx.received[keys[0]].device
+        rows = [sctx.received if p is None else P.from_numpy(p) for p in prevs]
+        aux = {"prev:" + k: torch.stack([r[k].to(device) for r in rows]) for k in keys}
         if self.keeps_bn_local:  # the frozen global model carries each client's own statistics
+            own = [sctx.received if s is None or s.bn is None else P.from_numpy(s.bn) for s in states]
             for k in self.bn_keys:
-                aux["glob:" + k] = torch.stack(
-                    [
-                        sctx.received[k]
-                        if s is None or s.bn is None
-                        else torch.from_numpy(s.bn[k]).to(rows[0][k].device)
-                        for s in states
-                    ]
-                )
-        aux["has_prev"] = torch.tensor([float(p is not None) for p in prevs], device=rows[0][keys[0]].device)
+                aux["glob:" + k] = torch.stack([o[k].to(device) for o in own])
+        aux["has_prev"] = torch.tensor([float(p is not None) for p in prevs], device=device)
         return aux
 
     def stacked_loss(self, sctx, tensors, x, y, w, aux):

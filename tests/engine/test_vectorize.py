@@ -380,3 +380,29 @@ def test_vectorize_max_clients_must_be_positive():
 
     with pytest.raises(FedsimError, match="vectorize_max_clients must be >= 1"):
         experiment({"algorithm": "fedavg"}, "auto", vectorize_max_clients=0)
+
+
+def test_moon_stacks_states_restored_from_a_checkpoint_as_tensors():
+    """A checkpoint restores client state as tensors where it stored arrays
+    (fedsim.io.checkpoint); MOON's stacked update reads both alike, BatchNorm statistics included."""
+    from fedsim.algorithms import StackedContext
+    from fedsim.algorithms.moon import MoonClientState
+
+    cfg = experiment(
+        {"algorithm": "moon", "bn_stats": "local"}, "auto", {**SMALL_RESNET, "name": "resnet8+moon"}
+    )
+    runner, algo, tasks, received = _runner_and_tasks(cfg)
+    model = runner.model(None)
+    down = runner.tensors(received)
+    sctx = StackedContext(model=model, received=down, plan=tasks[0].plan, trainable=())
+    weights = {k: v.detach() + 1.0 for k, v in model.state_dict().items()}
+    bn = {k: weights[k] for k in algo.bn_keys}
+    as_arrays = MoonClientState(
+        bn={k: v.numpy() for k, v in bn.items()}, prev={k: v.numpy() for k, v in weights.items()}
+    )
+    as_tensors = MoonClientState(bn=bn, prev=weights)
+    a = algo.stacked_begin(sctx, [as_arrays, None])
+    b = algo.stacked_begin(sctx, [as_tensors, None])
+    assert a.keys() == b.keys() and any(k.startswith("glob:") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
