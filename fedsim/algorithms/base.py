@@ -556,13 +556,19 @@ class Algorithm:
         from its ``final`` state_dict (key -> tensor, the model's order) after ``steps`` optimizer
         steps: what :meth:`local_update` returns and sets on the per-client path. FedAvg: the
         plan's upload keys, and the BatchNorm statistics as the new state under ``bn_stats: local``."""
-        keys = task.plan.upload if task.plan.upload is not None else tuple(final)
-        new_state = None
-        if self.keeps_bn_local:
-            bn = set(self.bn_keys)
-            keys = tuple(k for k in keys if k not in bn)
-            new_state = self.client_state_type()(bn=P.to_numpy({k: final[k] for k in self.bn_keys}))
-        return {k: final[k] for k in keys}, new_state, 0
+        upload, bn = self._upload_and_bn(task.plan, final)
+        return upload, None if bn is None else self.client_state_type()(bn=bn), 0
+
+    def _upload_and_bn(self, plan: RoundPlan, final: P.Params) -> tuple[P.Params, dict | None]:
+        """From a client's final state_dict (key -> tensor): its upload (the plan's ``upload``
+        keys, or all; without the BatchNorm statistics under ``bn_stats: local``) and those
+        statistics as arrays for its stored state (None unless ``bn_stats: local``)."""
+        keys = plan.upload if plan.upload is not None else tuple(final)
+        if not self.keeps_bn_local:
+            return {k: final[k].detach() for k in keys}, None
+        bn = set(self.bn_keys)
+        upload = {k: final[k].detach() for k in keys if k not in bn}
+        return upload, P.to_numpy({k: final[k] for k in self.bn_keys})
 
     def client_state_type(self) -> type[ClientState]:
         """The class of a client's stored state (FedPart: its local objective's)."""
@@ -610,10 +616,7 @@ class Algorithm:
                 ctx.local_steps += 1
                 loss_sum += float(ce.detach()) * len(idx)
                 seen += len(idx)
-        state = model.state_dict()
-        keys = plan.upload if plan.upload is not None else tuple(state)
-        if self.keeps_bn_local:
-            bn = set(self.bn_keys)
-            keys = tuple(k for k in keys if k not in bn)
-            self.new_client_state(ctx).bn = P.to_numpy({k: state[k] for k in self.bn_keys})
-        return {k: state[k].detach() for k in keys}, loss_sum / max(seen, 1)
+        upload, bn = self._upload_and_bn(plan, model.state_dict())
+        if bn is not None:
+            self.new_client_state(ctx).bn = bn
+        return upload, loss_sum / max(seen, 1)

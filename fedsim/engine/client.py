@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,7 @@ import torch
 
 from fedsim import params as P
 from fedsim.accounting import forward_cost
-from fedsim.algorithms import ALGORITHMS, Algorithm, ClientContext, ClientResult, ClientTask
+from fedsim.algorithms import ALGORITHMS, Algorithm, ClientContext, ClientResult, ClientTask, RoundPlan
 from fedsim.config import ExperimentConfig, RunConfig
 from fedsim.data.base import FederatedDataset
 from fedsim.engine.augment import augmenter
@@ -67,6 +68,22 @@ def trainable_count(model: torch.nn.Module, names: tuple[str, ...] | None) -> in
     """
     params = dict(model.named_parameters())
     return P.numel(params if names is None else P.subset(params, names))
+
+
+def trainable_names(model: torch.nn.Module, plan: RoundPlan) -> tuple[str, ...]:
+    """The parameter names of ``model`` that ``plan`` trains, in the model's order: the plan's
+    ``trainable`` keys, or every parameter when it is None."""
+    names = tuple(k for k, _ in model.named_parameters())
+    return names if plan.trainable is None else tuple(k for k in names if k in set(plan.trainable))
+
+
+def training_macs(n_examples: int, plan: RoundPlan, frozen_forwards: int, forward: int) -> int:
+    """Multiply-accumulates of one client's local training: ``n_examples`` x ``plan.local_epochs``
+    x (3 forward-pass costs for a full update, 2 for a partial one, whose frozen tensors need no
+    weight gradient, plus ``frozen_forwards`` passes through frozen models such as MOON's) x
+    ``forward`` (F, MACs of one example's forward pass)."""
+    passes = (3 if plan.trainable is None else 2) + frozen_forwards
+    return int(n_examples * plan.local_epochs * passes * forward)
 
 
 class ClientRunner:
@@ -164,6 +181,26 @@ class ClientRunner:
                 group["momentum"] = plan.momentum
         return opt
 
+    def examples(self, task: ClientTask) -> tuple[torch.Tensor, torch.Tensor]:
+        """The task's training examples on the device: ``x`` ``(n, *input_shape)`` and ``y``
+        ``(n,)`` int64; every client's, pooled, when the plan says ``pooled``."""
+        idx = (
+            np.concatenate(self.dataset.client_indices)
+            if task.plan.pooled
+            else self.dataset.client_indices[task.client_id]
+        )
+        x = torch.from_numpy(self.dataset.train.inputs(idx)).to(self.device)
+        return x, torch.from_numpy(self.dataset.train.y[idx]).to(self.device)
+
+    def augment(self, task: ClientTask) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The task's batch transform: the dataset's augmentation driven by the client's
+        (seed, "augment", round, client) generator, or the identity."""
+        kind = self.dataset.augment
+        seed = self.experiment.seed
+        return augmenter(
+            kind, None if kind is None else torch_rng(seed, "augment", task.round, task.client_id)
+        )
+
     def algorithm(self, run: RunConfig) -> Algorithm:
         if run.label not in self._algorithms:
             self._algorithms[run.label] = make_algorithm(run, self.experiment, self.dataset)
@@ -215,17 +252,10 @@ class ClientRunner:
         widths, weights = algo.client_weights(task, down, state, self._fresh_weights)
         model = self.model(widths)
         self.load(model, weights)  # in-place copy into the cached model
-        names = tuple(k for k, _ in model.named_parameters())
-        trainable = names if plan.trainable is None else tuple(k for k in names if k in set(plan.trainable))
+        trainable = trainable_names(model, plan)
         for k, w in model.named_parameters():
             w.requires_grad_(k in trainable)
-        idx = (
-            np.concatenate(self.dataset.client_indices)
-            if plan.pooled
-            else self.dataset.client_indices[task.client_id]
-        )
-        x = torch.from_numpy(self.dataset.train.inputs(idx)).to(self.device)
-        y = torch.from_numpy(self.dataset.train.y[idx]).to(self.device)
+        x, y = self.examples(task)
         ctx = ClientContext(
             model=model,
             received=down,
@@ -233,12 +263,7 @@ class ClientRunner:
             y=y,
             plan=plan,
             generator=torch_rng(self.experiment.seed, "shuffle", task.round, task.client_id),
-            augment=augmenter(
-                self.dataset.augment,
-                None
-                if self.dataset.augment is None
-                else torch_rng(self.experiment.seed, "augment", task.round, task.client_id),
-            ),
+            augment=self.augment(task),
             optimizer=self.optimizer(model, run, trainable, plan),
             state=state,
         )
@@ -253,13 +278,12 @@ class ClientRunner:
                 torch.cuda.manual_seed(dropout_seed)
             upload, train_loss = algo.local_update(ctx)
         upload_np = P.to_numpy(upload)
-        passes = (3 if plan.trainable is None else 2) + ctx.frozen_forwards  # in units of F per example
-        macs = len(idx) * plan.local_epochs * passes * self.forward_macs(widths, model)
+        macs = training_macs(len(y), plan, ctx.frozen_forwards, self.forward_macs(widths, model))
         return ClientResult(
             client_id=task.client_id,
             round=task.round,
             upload=upload_np,
-            n_examples=len(idx),
+            n_examples=len(y),
             train_loss=float(train_loss),
             bytes_up=0 if plan.pooled else P.nbytes(upload_np),
             bytes_down=0 if plan.pooled else P.nbytes({**received, **(extra or {})}),

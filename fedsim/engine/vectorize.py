@@ -71,8 +71,7 @@ from torch.func import functional_call, vmap
 from fedsim import params as P
 from fedsim.algorithms import Algorithm, ClientResult, ClientTask, StackedContext
 from fedsim.config import RunConfig
-from fedsim.engine.augment import augmenter
-from fedsim.engine.client import trainable_count
+from fedsim.engine.client import trainable_count, trainable_names, training_macs
 from fedsim.rng import torch_rng
 
 if TYPE_CHECKING:
@@ -342,11 +341,8 @@ def _train_chunk(
     k = len(members)
     device = runner.device
     seed = runner.experiment.seed
-    params = [n for n, _ in model.named_parameters()]
     buffers = [n for n, _ in model.named_buffers()]
-    trainable = (
-        tuple(params) if plan.trainable is None else tuple(n for n in params if n in set(plan.trainable))
-    )
+    trainable = trainable_names(model, plan)
     current = model.state_dict()
     starts = [
         algo.client_weights(t, down, s, runner._fresh_weights)[1] for t, s in zip(members, member_states)
@@ -361,23 +357,15 @@ def _train_chunk(
     assert tpl is not None  # stackable() said so
     sctx = StackedContext(model=tpl.module, received=down, plan=plan, trainable=trainable)
     aux = algo.stacked_begin(sctx, member_states)
-    data = []
-    for t in members:
-        idx = runner.dataset.client_indices[t.client_id]
-        x = torch.from_numpy(runner.dataset.train.inputs(idx)).to(device)
-        y = torch.from_numpy(runner.dataset.train.y[idx]).to(device)
-        aug = runner.dataset.augment
-        data.append(
-            _ClientData(
-                x,
-                y,
-                shuffle=torch_rng(seed, "shuffle", t.round, t.client_id),
-                augment=augmenter(
-                    aug, None if aug is None else torch_rng(seed, "augment", t.round, t.client_id)
-                ),
-                dropout=torch_rng(seed, "dropout", t.round, t.client_id),
-            )
+    data = [
+        _ClientData(
+            *runner.examples(t),
+            shuffle=torch_rng(seed, "shuffle", t.round, t.client_id),
+            augment=runner.augment(t),
+            dropout=torch_rng(seed, "dropout", t.round, t.client_id),
         )
+        for t in members
+    ]
     stepped = [tensors[n] for n in trainable]
     if run.optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam(stepped, lr=plan.lr, weight_decay=plan.weight_decay)
@@ -433,7 +421,6 @@ def _train_chunk(
     losses = loss_sum.cpu().numpy()
     seconds = (time.perf_counter() - t0) / len(tasks)
     forward = runner.forward_macs(None, model)
-    passes = 3 if plan.trainable is None else 2  # in units of F per example, as the per-client path
     n_trainable = trainable_count(model, trainable)
     results = []
     for i, t in enumerate(tasks):
@@ -454,7 +441,7 @@ def _train_chunk(
                 worker=runner.worker_id,
                 attempt=t.attempt,
                 state=new_state,
-                macs=int(n_i * plan.local_epochs * (passes + frozen) * forward),
+                macs=training_macs(n_i, plan, frozen, forward),
                 trainable_params=n_trainable,
                 local_steps=int(steps[i]),
             )
