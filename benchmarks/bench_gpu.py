@@ -134,7 +134,7 @@ def one(fraction: float, mode: str, args) -> dict:
     api.start_ray(cfg, num_cpus=round(1 / fraction) if args.cpu else None)
     import ray
 
-    from fedsim.engine.backends import pool_size
+    from fedsim.engine.pool import pool_size
 
     workers = pool_size(cfg, ray.cluster_resources())  # 1/f per GPU the local Ray offers
     sampler = GpuMemory() if not args.cpu and shutil.which("nvidia-smi") else None

@@ -419,8 +419,8 @@ def trial_bundles(cfg, resources: dict[str, float]) -> list[dict[str, float]]:
     """The placement-group bundles a trial of ``cfg`` reserves.
 
     Ray backend: ``[{"CPU": DRIVER_CPUS}]`` for the driver, then one bundle per ClientWorker of
-    the pool that :meth:`fedsim.engine.backends.RayBackend.start_workers` will start
-    (:func:`fedsim.engine.backends.pool_size` with ``resources``: ``engine.num_workers``, or with
+    the pool that :func:`fedsim.engine.pool.start_workers` will start
+    (:func:`fedsim.engine.pool.pool_size` with ``resources``: ``engine.num_workers``, or with
     ``auto`` what the cluster fits), each ``{"CPU": cpus_per_worker, "GPU": gpus_per_worker,
     **worker_resources}``. Sequential backend: one bundle of one worker's resources, since the
     trainable trains in its own process. Zero amounts are dropped by Ray Tune (an all-zero driver
@@ -429,7 +429,7 @@ def trial_bundles(cfg, resources: dict[str, float]) -> list[dict[str, float]]:
     Args:
         resources: ``ray.cluster_resources()`` of the cluster the trials will run on.
     """
-    from fedsim.engine.backends import pool_size
+    from fedsim.engine.pool import pool_size
 
     e = cfg.engine
     worker = {
@@ -520,7 +520,7 @@ def run_trial(
     if cfg.engine.backend == "ray" and workers is not None:
         import ray
 
-        from fedsim.engine.backends import pool_size
+        from fedsim.engine.pool import pool_size
 
         now = pool_size(cfg, ray.cluster_resources())
         if now != workers:

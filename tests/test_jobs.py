@@ -33,7 +33,7 @@ import pytest
 import yaml
 
 from fedsim import config
-from fedsim.engine.backends import pool_size
+from fedsim.engine.pool import pool_size
 from fedsim.errors import FedsimError
 from fedsim.submit import EXCLUDES, build_submission, connect
 from tests.helpers import tiny_experiment

@@ -29,14 +29,7 @@ from fedsim.algorithms import ClientResult, ClientTask
 from fedsim.config import ExperimentConfig, RunConfig
 from fedsim.data.base import FederatedDataset
 from fedsim.engine.client import ClientRunner, set_threads
-from fedsim.engine.pool import (  # noqa: F401  (LOCAL_INLINE_BYTES, pool_size: re-exported)
-    LOCAL_INLINE_BYTES,
-    RAY_INLINE_BYTES,
-    make_worker_class,
-    pool_size,
-    spawn_worker,
-    start_workers,
-)
+from fedsim.engine.pool import RAY_INLINE_BYTES, make_worker_class, spawn_worker, start_workers
 from fedsim.errors import FedsimError
 
 
@@ -279,7 +272,7 @@ class RayBackend(_RoundBackend):
         inline_bytes: int = RAY_INLINE_BYTES,
     ):
         """Args: the experiment; the object-store ref of the dataset; optionally the pool's actors,
-        already started by :meth:`start_workers` (so they start while the driver does); the
+        already started by :func:`fedsim.engine.pool.start_workers` (so they start while the driver does); the
         training examples of every client (indexed by client id), to balance the workers' loads
         (equal loads assumed without it); the Ray instance's ``max_direct_call_object_size``
         (bytes; Ray's default unless fedsim started the instance), for :func:`sends_inline`."""
@@ -296,14 +289,12 @@ class RayBackend(_RoundBackend):
         self._sizes = None if client_sizes is None else list(client_sizes)
         self._inline_bytes = int(inline_bytes)
         if workers is None:
-            workers = self.start_workers(experiment, dataset_ref)
+            workers = start_workers(experiment, dataset_ref)
         self.workers = list(workers)
         for w in self.workers:
             self._names[w._actor_id.hex()] = f"worker-{self._spawned}"
             self._spawned += 1
         self.num_workers = len(self.workers)
-
-    start_workers = staticmethod(start_workers)
 
     def _spawn(self) -> Any:
         name = f"worker-{self._spawned}"

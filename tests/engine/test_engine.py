@@ -11,8 +11,8 @@ import pytest
 
 from fedsim import config
 from fedsim.engine import api
-from fedsim.engine.backends import pool_size
 from fedsim.engine.loop import sample_cohort
+from fedsim.engine.pool import pool_size
 from fedsim.io.runlog import CLIENTS_SCHEMA, ROUNDS_SCHEMA, RUNS_SCHEMA
 from fedsim.models import build_model
 from tests.helpers import digits_cnn, tiny_experiment
@@ -170,7 +170,8 @@ def test_pool_size_follows_resources_and_cohort():
 
 
 def test_small_broadcasts_go_inline_and_no_round_sends_more_than_rays_inline_limit():
-    from fedsim.engine.backends import LOCAL_INLINE_BYTES, RAY_INLINE_BYTES, sends_inline
+    from fedsim.engine.backends import sends_inline
+    from fedsim.engine.pool import LOCAL_INLINE_BYTES, RAY_INLINE_BYTES
     from fedsim.params import nbytes
 
     def broadcast_bytes(name):
