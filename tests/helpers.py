@@ -36,6 +36,18 @@ from fedsim.rng import torch_rng
 WIDTHS = {"conv1": 4, "conv2": 4, "fc1": 8}
 #: columns that hold wall-clock times, worker names or the software versions
 VOLATILE = ["wall_seconds", "seconds", "worker", "started_at", "finished_at", "versions_json"]
+#: rounds.parquet's accounting columns: what a round sent, computed and trained
+ACCOUNTING = [
+    "bytes_up",
+    "bytes_down",
+    "cum_bytes_up",
+    "cum_bytes_down",
+    "cum_bytes",
+    "flops",
+    "clients",
+    "trainable_params",
+    "global_params",
+]
 
 
 # ------------------------------------------------------------------------ experiment configs

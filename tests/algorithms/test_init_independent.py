@@ -31,26 +31,12 @@ from fedsim.io import checkpoint
 from fedsim.io.runlog import RunLog
 from fedsim.models import build_model
 from fedsim.rng import torch_rng
-from tests.helpers import dataset
+from tests.helpers import ACCOUNTING, dataset
 
 SEED = 4
 WIDTHS = {"conv1": 4, "conv2": 4, "fc1": 8}
 SIZES = (5, 12, 20, 9)  # unequal, so an example-weighted mean differs from a plain one
-COMPARED = [
-    "run_id",
-    "round",
-    "phase",
-    "layer",
-    "bytes_up",
-    "bytes_down",
-    "cum_bytes_up",
-    "cum_bytes_down",
-    "cum_bytes",
-    "flops",
-    "clients",
-    "trainable_params",
-    "global_params",
-]
+COMPARED = ["run_id", "round", "phase", "layer", *ACCOUNTING]
 
 
 def experiment(run: dict, model: str = "digits_cnn", clients_per_round: int = 4) -> dict:

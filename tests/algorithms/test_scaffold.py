@@ -19,6 +19,7 @@ from fedsim.engine.client import ClientRunner
 from fedsim.errors import FedsimError
 from fedsim.io.runlog import RunLog
 from tests.helpers import (
+    ACCOUNTING,
     WIDTHS,
     algorithm,
     dataset,
@@ -138,19 +139,7 @@ def test_control_variates_survive_resume(tmp_path):
         assert torch.equal(v, resumed["params"][k]), k
 
 
-COMPARED = [
-    "run_id",
-    "round",
-    "bytes_up",
-    "bytes_down",
-    "cum_bytes_up",
-    "cum_bytes_down",
-    "cum_bytes",
-    "flops",
-    "clients",
-    "trainable_params",
-    "global_params",
-]
+COMPARED = ["run_id", "round", *ACCOUNTING]
 
 
 def test_bytes_are_twice_fedavgs_each_way_and_equal_the_dry_run(tmp_path):
