@@ -17,10 +17,10 @@ import copy
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fedsim.errors import FedsimError
 
@@ -131,6 +131,132 @@ class EngineConfig(_Strict):
     )
 
 
+class Distribution(_Strict):
+    """How one device quantity is spread over the clients (``system.devices``): each client's
+    value is one draw from its own (seed, "devices", quantity, client) stream.
+
+    * ``constant``: every client gets ``value``;
+    * ``lognormal``: ``median * exp(sigma * z)``, z standard normal (``sigma`` is the standard
+      deviation of the natural log; the median is the distribution's, not the population's);
+    * ``uniform``: uniform on [``low``, ``high``].
+    """
+
+    distribution: Literal["constant", "lognormal", "uniform"] = Field(
+        "constant", description="constant, lognormal (median, sigma) or uniform (low, high)"
+    )
+    value: float | None = Field(None, description="constant: every client's value")
+    median: float | None = Field(None, description="lognormal: the median")
+    sigma: float = Field(0.0, description="lognormal: standard deviation of the natural log (>= 0)")
+    low: float | None = Field(None, description="uniform: lower bound")
+    high: float | None = Field(None, description="uniform: upper bound")
+
+
+class DeviceTier(_Strict):
+    """One named tier of devices (``system.devices.tiers``): a share of the clients with identical
+    devices. Units: multiply-accumulates per second, bytes per second, seconds (one way)."""
+
+    name: str = Field(description="tier name, e.g. fast or slow")
+    fraction: float = Field(description="share of the clients in this tier; the fractions sum to 1")
+    compute_macs_per_s: float = Field(description="training throughput, multiply-accumulates per second")
+    uplink_bytes_per_s: float = Field(description="client-to-server bandwidth, bytes per second")
+    downlink_bytes_per_s: float = Field(description="server-to-client bandwidth, bytes per second")
+    latency_s: float = Field(0.0, description="one-way latency of each message, seconds")
+
+
+_QUANTITY_NAMES = ("compute_macs_per_s", "uplink_bytes_per_s", "downlink_bytes_per_s", "latency_s")
+
+
+class DevicesConfig(_Strict):
+    """``system.devices``: each client's device. Exactly one source: per-quantity distributions
+    (the default: every quantity constant, every device identical), ``tiers`` (named shares of
+    identical devices; clients are assigned by a seeded permutation), or ``trace`` (a Parquet
+    table of device profiles, docs/heterogeneity.md; clients map to profiles by a seeded draw).
+    A number stands for a constant distribution."""
+
+    compute_macs_per_s: Distribution = Field(
+        Distribution(value=1.0e9),
+        description="training throughput, multiply-accumulates per second (a number or a distribution)",
+    )
+    uplink_bytes_per_s: Distribution = Field(
+        Distribution(value=1.25e6),
+        description="client-to-server bandwidth, bytes per second (1.25e6 = 10 Mbit/s)",
+    )
+    downlink_bytes_per_s: Distribution = Field(
+        Distribution(value=6.25e6),
+        description="server-to-client bandwidth, bytes per second (6.25e6 = 50 Mbit/s)",
+    )
+    latency_s: Distribution = Field(
+        Distribution(value=0.05), description="one-way latency of each message, seconds"
+    )
+    tiers: list[DeviceTier] | None = Field(
+        None, description="named tiers with fractions instead of distributions"
+    )
+
+    @field_validator(*_QUANTITY_NAMES, mode="before")
+    @classmethod
+    def _number_is_constant(cls, v: Any) -> Any:
+        """A bare number stands for a constant distribution."""
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return {"distribution": "constant", "value": float(v)}
+        return v
+
+    trace: str | None = Field(
+        None,
+        description="Parquet file of device profiles (schema in docs/heterogeneity.md) instead of distributions",
+    )
+
+
+class AvailabilityConfig(_Strict):
+    """``system.availability``: when each client is online, a pure function of (client, simulated
+    time). ``always``: every client, all the time. ``daily``: online for ``on_fraction`` of every
+    ``period_s`` seconds, from a phase drawn per client from the (seed, "availability", 0, client)
+    stream. ``trace``: the intervals of a Parquet table (schema in docs/heterogeneity.md), clients
+    mapped to its traces by a seeded draw."""
+
+    kind: Literal["always", "daily", "trace"] = Field("always", description="always, daily or trace")
+    on_fraction: float = Field(0.5, description="daily: share of each period a client is online, in (0, 1]")
+    period_s: float = Field(86400.0, description="daily: the cycle's length, simulated seconds")
+    trace: str | None = Field(None, description="trace: Parquet file of online intervals")
+
+
+class RoundRule(_Strict):
+    """When a synchronous round ends and which clients it aggregates (docs/heterogeneity.md).
+
+    * ``sync``: the round ends when its last client arrives;
+    * ``deadline``: the round lasts at most ``deadline_s`` simulated seconds; a client that cannot
+      arrive by then is dropped (its download counted, its upload not), or with ``partial_work``
+      trains only the local steps that fit (FedProx's variable amount of work, Li et al. 2020);
+    * ``overselect``: ceil(``overselect`` x k) clients are sampled and the first k to arrive are
+      aggregated (Bonawitz et al. 2019; FedScale's over-commitment); the others are not trained.
+    """
+
+    mode: Literal["sync", "deadline", "overselect"] = Field(
+        "sync", description="sync, deadline or overselect: when a round ends and whom it aggregates"
+    )
+    deadline_s: float | None = Field(None, description="deadline: a round's length, simulated seconds")
+    partial_work: bool = Field(
+        False, description="deadline: a late client trains the local steps that fit instead of being dropped"
+    )
+    overselect: float = Field(
+        1.3, description="overselect: clients sampled per aggregated client (ceil(overselect x k) sampled)"
+    )
+
+
+class SystemConfig(RoundRule):
+    """``system:`` section: the simulated world of devices, availability and a virtual clock
+    (docs/heterogeneity.md). Without it fedsim simulates an ideal federation and logs no
+    simulated time. The round rule set here (``mode``, ``deadline_s``, ``partial_work``,
+    ``overselect``) applies to every run; a run's own ``system:`` overrides it."""
+
+    devices: DevicesConfig = DevicesConfig()
+    availability: AvailabilityConfig = AvailabilityConfig()
+    server_macs_per_s: float | None = Field(
+        None,
+        description="the server's throughput for aggregation and evaluation, multiply-accumulates per "
+        "second; null: the server takes no simulated time",
+    )
+
+
 class RunConfig(_Strict):
     """One entry of ``runs:``: an algorithm with its local-training hyper-parameters.
 
@@ -156,6 +282,17 @@ class RunConfig(_Strict):
         "shared",
         description="BatchNorm running statistics averaged like weights (shared) or kept by each client (local)",
     )
+    system: RoundRule | None = Field(
+        None, description="this run's round rule (mode, deadline_s, partial_work, overselect); null: system's"
+    )
+    #: every client takes part in every round and the round waits for each (matching, one-shot and
+    #: pooled baselines): such a run is synchronous only, and an offline client delays its round
+    every_client: ClassVar[bool] = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """The run's keys as a JSON-serialisable dict; ``system`` only when set, so a run without
+        one writes the ``config_json`` it did before round rules existed."""
+        return self.model_dump(mode="json", exclude=None if self.system is not None else {"system"})
 
     @property
     def label(self) -> str:
@@ -380,6 +517,7 @@ class FedMAConfig(RunConfig):
       only (false).
     """
 
+    every_client: ClassVar[bool] = True
     rounds: int = 1
     """FedMA rounds; each takes one communication round per layer of the model."""
     momentum: float = 0.9
@@ -451,6 +589,7 @@ class OneShotConfig(RunConfig):
     """A one-shot baseline: ``rounds`` must stay 1; local training uses momentum 0.9 as the
     FedMA authors' (IBM/FedMA main.py, train_net)."""
 
+    every_client: ClassVar[bool] = True
     rounds: int = 1
     """Must stay 1: one round."""
     momentum: float = 0.9
@@ -462,6 +601,13 @@ class OneShotConfig(RunConfig):
                 f"config key '{where}.rounds': {self.algorithm} is one-shot, set rounds: 1 "
                 f"(got {self.rounds})"
             )
+
+
+class PooledConfig(RunConfig):
+    """The entire-data baseline: one model trained on every client's examples pooled. Nothing
+    crosses a wire, so a run with a ``system:`` section logs no simulated time for it."""
+
+    every_client: ClassVar[bool] = True
 
 
 class SweepConfig(_Strict):
@@ -491,15 +637,27 @@ class ExperimentConfig(_Strict):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     engine: EngineConfig = EngineConfig()
+    system: SystemConfig | None = None
+    """The simulated devices, availability and round rule (docs/heterogeneity.md); null: an
+    ideal federation without simulated time."""
     runs: tuple[RunConfig, ...] = ()
     sweep: SweepConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain, JSON-serialisable dict with every run's algorithm-specific keys (``sweep`` only
-        when set, so an experiment without one writes what it did before sweeps existed)."""
-        d = self.model_dump(mode="json", exclude={"runs"} if self.sweep is not None else {"runs", "sweep"})
-        d["runs"] = [r.model_dump(mode="json") for r in self.runs]
+        """Plain, JSON-serialisable dict with every run's algorithm-specific keys (``sweep`` and
+        ``system``, the experiment's and a run's, only when set, so an experiment without them
+        writes what it did before they existed)."""
+        skip = {"runs"} | ({"sweep"} if self.sweep is None else set())
+        d = self.model_dump(mode="json", exclude=skip | ({"system"} if self.system is None else set()))
+        d["runs"] = [r.to_dict() for r in self.runs]
         return d
+
+    def round_rule(self, run: RunConfig) -> RoundRule | None:
+        """The round rule of ``run``: its own ``system:``, else the experiment's, else None (no
+        ``system:`` section: no simulated time)."""
+        if self.system is None:
+            return None
+        return run.system if run.system is not None else self.system
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -640,7 +798,7 @@ RUN_CONFIGS: dict[str, type[RunConfig]] = {
     "pfnm": PFNMConfig,
     "ensemble": OneShotConfig,
     "local": OneShotConfig,
-    "entire_data": RunConfig,
+    "entire_data": PooledConfig,
     "fedavgm": FedAvgMConfig,
     "fedadam": FedAdamConfig,
     "fedyogi": FedAdamConfig,
@@ -754,6 +912,22 @@ def validate(cfg: ExperimentConfig) -> None:
                 f"engine.worker_resources.{key} must be a custom resource with an amount > 0 "
                 f"(got {amount}); use engine.cpus_per_worker / gpus_per_worker for CPU and GPU"
             )
+    if cfg.system is not None:
+        _check_system(cfg.system)
+    for i, r in enumerate(cfg.runs):
+        if r.system is not None and cfg.system is None:
+            raise FedsimError(
+                f"config key 'runs.{i}.system' sets a round rule, but the experiment has no 'system:' "
+                "section of devices; add one (system: {} gives identical, always-online devices)"
+            )
+        if r.system is not None:
+            _check_rule(r.system, f"runs.{i}.system")
+        rule = cfg.round_rule(r)
+        if rule is not None and r.every_client and rule.mode != "sync":
+            raise FedsimError(
+                f"run {r.label!r}: {r.algorithm} needs every client in every round, so it cannot drop or "
+                f"leave out clients under system mode {rule.mode!r}; give the run 'system: {{mode: sync}}'"
+            )
     labels = [r.label for r in cfg.runs]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
@@ -770,6 +944,135 @@ def validate(cfg: ExperimentConfig) -> None:
         if r.name is not None:
             _check_name(r.name, f"runs.{i}.name")
         r.check(f"runs.{i}", cfg)
+
+
+_QUANTITIES = {
+    "compute_macs_per_s": "multiply-accumulates per second",
+    "uplink_bytes_per_s": "bytes per second",
+    "downlink_bytes_per_s": "bytes per second",
+    "latency_s": "seconds",
+}
+
+
+def _check_distribution(d: float | Distribution, key: str) -> None:  # a tier's quantities are floats
+    """A device quantity's distribution: positive values (a latency may be 0).
+
+    Raises:
+        FedsimError: a missing parameter or a value out of range, naming ``key``.
+    """
+    floor_ok = key.endswith("latency_s")  # a latency of 0 is allowed, a speed of 0 is not
+    unit = _QUANTITIES[key.rsplit(".", 1)[-1]]
+
+    def positive(x: float | None, what: str) -> None:
+        if x is None:
+            raise FedsimError(f"config key '{key}.{what}' is required for this distribution ({unit})")
+        if not (x >= 0 if floor_ok else x > 0) or x != x or x == float("inf"):
+            raise FedsimError(
+                f"config key '{key}{'.' + what if what else ''}' must be {'>= 0' if floor_ok else '> 0'} "
+                f"{unit} (got {x}); device speeds and bandwidths are positive"
+            )
+
+    if not isinstance(d, Distribution):
+        positive(d, "")
+        return
+    if d.distribution == "constant":
+        positive(d.value, "value")
+    elif d.distribution == "lognormal":
+        if d.median is None or not d.median > 0:
+            raise FedsimError(
+                f"config key '{key}.median' must be > 0 {unit} for a lognormal (got {d.median})"
+            )
+        if not d.sigma >= 0:
+            raise FedsimError(f"config key '{key}.sigma' must be >= 0 (got {d.sigma})")
+    else:
+        positive(d.low, "low")
+        positive(d.high, "high")
+        if d.high < d.low:
+            raise FedsimError(f"config key '{key}': uniform needs low <= high (got {d.low} > {d.high})")
+
+
+def _check_rule(rule: RoundRule, key: str) -> None:
+    """A round rule's keys fit its mode.
+
+    Raises:
+        FedsimError: a deadline mode without a positive ``deadline_s``, a key that does not
+            apply to the mode, or ``overselect`` below 1.
+    """
+    if rule.mode == "deadline":
+        if rule.deadline_s is None or not rule.deadline_s > 0:
+            raise FedsimError(
+                f"config key '{key}.deadline_s' must be > 0 simulated seconds with mode deadline "
+                f"(got {rule.deadline_s})"
+            )
+    elif rule.deadline_s is not None or rule.partial_work:
+        raise FedsimError(
+            f"config keys '{key}.deadline_s' and '{key}.partial_work' apply only to mode deadline "
+            f"(mode is {rule.mode!r}); remove them or set mode: deadline"
+        )
+    if not rule.overselect >= 1 or rule.overselect != rule.overselect:
+        raise FedsimError(f"config key '{key}.overselect' must be >= 1 (got {rule.overselect})")
+
+
+def _check_system(sysc: SystemConfig) -> None:
+    """The ``system:`` section's ranges (files are checked when they are read).
+
+    Raises:
+        FedsimError: the first bad key, named with its fix.
+    """
+    _check_rule(sysc, "system")
+    dev = sysc.devices
+    sources = [k for k in ("tiers", "trace") if getattr(dev, k) is not None]
+    chosen = sorted(set(dev.model_fields_set) & set(_QUANTITIES))
+    if len(sources) > 1 or (sources and chosen):
+        both = sources + chosen
+        raise FedsimError(
+            f"config keys 'system.devices.{both[0]}' and 'system.devices.{both[1]}' are two sources of "
+            "devices; keep one (distributions, tiers or a trace)"
+        )
+    for q in _QUANTITIES:
+        _check_distribution(getattr(dev, q), f"system.devices.{q}")
+    if dev.tiers is not None:
+        if not dev.tiers:
+            raise FedsimError(
+                "config key 'system.devices.tiers' is empty; list at least one tier or remove it"
+            )
+        names = [t.name for t in dev.tiers]
+        if len(set(names)) != len(names):
+            raise FedsimError(
+                "config key 'system.devices.tiers': two tiers share a name; name each tier once"
+            )
+        for i, t in enumerate(dev.tiers):
+            if not 0 < t.fraction <= 1:
+                raise FedsimError(
+                    f"config key 'system.devices.tiers.{i}.fraction' must be in (0, 1] (got {t.fraction})"
+                )
+            for q in _QUANTITIES:
+                _check_distribution(getattr(t, q), f"system.devices.tiers.{i}.{q}")
+        total = sum(t.fraction for t in dev.tiers)
+        if abs(total - 1) > 1e-9:
+            raise FedsimError(
+                f"config key 'system.devices.tiers': the fractions sum to {total:g}; make them sum to 1"
+            )
+    av = sysc.availability
+    if av.kind == "daily":
+        if not 0 < av.on_fraction <= 1:
+            raise FedsimError(
+                f"config key 'system.availability.on_fraction' must be in (0, 1] (got {av.on_fraction})"
+            )
+        if not av.period_s > 0:
+            raise FedsimError(
+                f"config key 'system.availability.period_s' must be > 0 simulated seconds (got {av.period_s})"
+            )
+    if (av.kind == "trace") != (av.trace is not None):
+        raise FedsimError(
+            "config keys 'system.availability.kind' and 'system.availability.trace' go together: "
+            "kind: trace needs a trace file, and a trace file needs kind: trace"
+        )
+    if sysc.server_macs_per_s is not None and not sysc.server_macs_per_s > 0:
+        raise FedsimError(
+            f"config key 'system.server_macs_per_s' must be > 0 multiply-accumulates per second or null "
+            f"(got {sysc.server_macs_per_s})"
+        )
 
 
 def _check_name(name: str, key: str) -> None:

@@ -496,9 +496,7 @@ def write_run_dir(cfg: ExperimentConfig, runs: list[DryRun], run_dir: str | Path
                 "run_id": r.run_id,
                 "experiment": cfg.name,
                 "algorithm": r.algorithm,
-                "config_json": json.dumps(
-                    {**cfg.to_dict(), "runs": [run.model_dump(mode="json")]}, sort_keys=True
-                ),
+                "config_json": json.dumps({**cfg.to_dict(), "runs": [run.to_dict()]}, sort_keys=True),
                 "seed": cfg.seed,
                 "fedsim_version": fedsim.__version__,
                 "versions_json": version_json,

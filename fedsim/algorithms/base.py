@@ -71,13 +71,16 @@ class RoundPlan:
 
 @dataclass(frozen=True)
 class ClientTask:
-    """One client's work in one round. ``attempt`` counts retries after a worker failure."""
+    """One client's work in one round. ``attempt`` counts retries after a worker failure;
+    ``max_steps`` caps its local optimizer steps (the partial work that fits a round's deadline,
+    :mod:`fedsim.system.clock`), None for the plan's full ``local_epochs``."""
 
     run_id: str
     round: int
     client_id: int
     plan: RoundPlan
     attempt: int = 0
+    max_steps: int | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,10 @@ class ClientResult:
         local_steps: optimizer steps (minibatches) its local training took, tau_i in FedNova
             (Wang et al., NeurIPS 2020) and K in SCAFFOLD (Karimireddy et al., ICML 2020); 0 for a
             dropped client; the ``local_steps`` column of clients.parquet.
+        outcome: what the round did with it (:data:`fedsim.system.clock.OUTCOMES`): "aggregated",
+            or why it was not.
+        sim_dispatch_s / sim_arrival_s: simulated seconds at which it received the model and at
+            which its upload arrives (or would have); None without a ``system:`` section.
     """
 
     client_id: int
@@ -118,6 +125,9 @@ class ClientResult:
     macs: int = 0
     trainable_params: int = 0
     local_steps: int = 0
+    outcome: str = "aggregated"
+    sim_dispatch_s: float | None = None
+    sim_arrival_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -236,6 +246,8 @@ class ClientContext:
             training cost (3F full, 2F partial).
         local_steps: optimizer steps taken so far by :meth:`Algorithm.local_update` (one per
             minibatch); the engine reports the final count as :attr:`ClientResult.local_steps`.
+        max_steps: the most optimizer steps the client may take (:attr:`ClientTask.max_steps`;
+            partial work under a deadline), None for every minibatch of every local epoch.
     """
 
     model: FedModel
@@ -251,6 +263,7 @@ class ClientContext:
     aux: dict[str, Any] = field(default_factory=dict)
     frozen_forwards: int = 0
     local_steps: int = 0
+    max_steps: int | None = None
 
 
 @dataclass
@@ -438,6 +451,24 @@ class Algorithm:
         """Parameters of the global model (``model`` holds its architecture)."""
         return sum(w.numel() for w in model.parameters())
 
+    # ---- the virtual clock (fedsim.system.clock) -----------------------------------------------
+    def upload_nbytes(self, state: ServerState, plan: RoundPlan) -> int:
+        """Bytes one client of ``plan`` uploads (numel x element size), known before it trains:
+        the plan's upload keys of the model at the global widths, without the BatchNorm
+        statistics under ``bn_stats: local``; what :meth:`local_update` returns has exactly
+        these tensors. The clock projects a client's time with it, and the engine checks the
+        logged bytes against it."""
+        ref = self.reference_model(self.model_widths(state))
+        upload, _ = self._upload_and_bn(plan, ref.state_dict())
+        return P.nbytes(upload)
+
+    def training_passes(self, plan: RoundPlan, returning: bool) -> int:
+        """Forward-pass costs per example and local epoch of a client's training: 3 for a full
+        update, 2 for a partial one, plus :attr:`frozen_forwards` for a ``returning`` client (one
+        with stored state) outside an ``own_init`` round (MOON's frozen models)."""
+        frozen = self.frozen_forwards if returning and not plan.own_init else 0
+        return (3 if plan.trainable is None else 2) + frozen
+
     # ---- dry run -------------------------------------------------------------------------------
     def projected_rounds(self, model: FedModel, input_shape: tuple[int, ...], **common: Any) -> Any:
         """The run's rounds and their model-tensor bytes, laid out by
@@ -591,7 +622,8 @@ class Algorithm:
 
         Batches come from a fresh permutation per epoch drawn from ``ctx.generator``; the last
         batch of an epoch may be smaller; every batch is one optimizer step, counted in
-        ``ctx.local_steps``. Parameters outside ``plan.trainable`` get no gradient.
+        ``ctx.local_steps``; training stops after ``ctx.max_steps`` steps when that is set (partial
+        work). Parameters outside ``plan.trainable`` get no gradient.
         In an ``own_init`` round the objective is the plain cross-entropy of
         :meth:`Algorithm.batch_loss` whatever the algorithm: nothing was received, so there is no
         global model for FedProx's proximal or MOON's contrastive term to refer to (the FedMA
@@ -603,9 +635,14 @@ class Algorithm:
         bs = self.cfg.batch_size
         model.train()
         loss_sum, seen = 0.0, 0
+        cap = ctx.max_steps
         for _ in range(plan.local_epochs):
+            if cap is not None and ctx.local_steps >= cap:
+                break
             order = torch.randperm(n, generator=ctx.generator)
             for start in range(0, n, bs):
+                if cap is not None and ctx.local_steps >= cap:
+                    break
                 idx = order[start : start + bs]
                 xb, yb = ctx.augment(ctx.x[idx]), ctx.y[idx]
                 opt.zero_grad(set_to_none=True)

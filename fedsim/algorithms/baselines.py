@@ -26,7 +26,7 @@ from fedsim.algorithms.base import (
     WireFacts,
 )
 from fedsim.algorithms.registry import register
-from fedsim.config import OneShotConfig
+from fedsim.config import OneShotConfig, PooledConfig
 
 
 @dataclass
@@ -129,6 +129,7 @@ class EntireData(Algorithm):
         return Traffic("pooled", 0, 0, 1, wire.params, pooled=True)
 
     name = "entire_data"
+    Config = PooledConfig
 
     def plan_round(self, state: ServerState, round: int, cohort: tuple[int, ...]) -> RoundPlan:
         c = self.cfg

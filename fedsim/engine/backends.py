@@ -237,6 +237,7 @@ def dropped_result(task: ClientTask, worker: str, seconds: float) -> ClientResul
         worker=worker,
         attempt=task.attempt,
         dropped=True,
+        outcome="dropped_timeout",
     )
 
 

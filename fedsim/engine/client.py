@@ -24,6 +24,7 @@ from fedsim.data.base import FederatedDataset
 from fedsim.engine.augment import augmenter
 from fedsim.models import build_model, widths_key
 from fedsim.rng import seed_for, torch_rng
+from fedsim.system.clock import examples_in_steps
 
 
 def make_algorithm(run: RunConfig, experiment: ExperimentConfig, dataset: FederatedDataset) -> Algorithm:
@@ -77,13 +78,22 @@ def trainable_names(model: torch.nn.Module, plan: RoundPlan) -> tuple[str, ...]:
     return names if plan.trainable is None else tuple(k for k in names if k in set(plan.trainable))
 
 
-def training_macs(n_examples: int, plan: RoundPlan, frozen_forwards: int, forward: int) -> int:
-    """Multiply-accumulates of one client's local training: ``n_examples`` x ``plan.local_epochs``
-    x (3 forward-pass costs for a full update, 2 for a partial one, whose frozen tensors need no
-    weight gradient, plus ``frozen_forwards`` passes through frozen models such as MOON's) x
-    ``forward`` (F, MACs of one example's forward pass)."""
+def trained_examples(n_examples: int, task: ClientTask, batch_size: int, steps: int) -> int:
+    """Examples one client's local training processed, over all its epochs: ``n_examples`` x
+    ``local_epochs``, or under partial work (``task.max_steps`` set) those of its first ``steps``
+    minibatches (:func:`fedsim.system.clock.examples_in_steps`)."""
+    if task.max_steps is None:
+        return n_examples * task.plan.local_epochs
+    return examples_in_steps(n_examples, batch_size, steps)
+
+
+def training_macs(examples: int, plan: RoundPlan, frozen_forwards: int, forward: int) -> int:
+    """Multiply-accumulates of one client's local training: ``examples`` processed over all its
+    local epochs (:func:`trained_examples`) x (3 forward-pass costs for a full update, 2 for a
+    partial one, whose frozen tensors need no weight gradient, plus ``frozen_forwards`` passes
+    through frozen models such as MOON's) x ``forward`` (F, MACs of one example's forward pass)."""
     passes = (3 if plan.trainable is None else 2) + frozen_forwards
-    return int(n_examples * plan.local_epochs * passes * forward)
+    return int(examples * passes * forward)
 
 
 class ClientRunner:
@@ -266,6 +276,7 @@ class ClientRunner:
             augment=self.augment(task),
             optimizer=self.optimizer(model, run, trainable, plan),
             state=state,
+            max_steps=task.max_steps,
         )
         # Dropout draws from torch's global generator (it takes no generator argument): seed it
         # from (seed, "dropout", round, client) inside fork_rng so nothing outside is disturbed.
@@ -278,7 +289,8 @@ class ClientRunner:
                 torch.cuda.manual_seed(dropout_seed)
             upload, train_loss = algo.local_update(ctx)
         upload_np = P.to_numpy(upload)
-        macs = training_macs(len(y), plan, ctx.frozen_forwards, self.forward_macs(widths, model))
+        examples = trained_examples(len(y), task, run.batch_size, ctx.local_steps)
+        macs = training_macs(examples, plan, ctx.frozen_forwards, self.forward_macs(widths, model))
         return ClientResult(
             client_id=task.client_id,
             round=task.round,

@@ -38,13 +38,16 @@ from fedsim.algorithms import Algorithm, ClientResult, ClientTask, ServerState
 from fedsim.algorithms.base import from_plain, to_plain
 from fedsim.config import ExperimentConfig, RunConfig
 from fedsim.data.base import FederatedDataset
+from fedsim.engine import timing
 from fedsim.engine.backends import RoundTimeout
 from fedsim.engine.client import make_algorithm, trainable_count
+from fedsim.engine.timing import RunClock
 from fedsim.evaluation import evaluate, evaluate_probs  # noqa: F401  (re-exported)
 from fedsim.io import checkpoint
 from fedsim.io.runlog import RunLog
 from fedsim.models import build_model
 from fedsim.rng import numpy_rng, sample_cohort, torch_rng  # noqa: F401  (re-exported)
+from fedsim.system.world import World, build_world
 
 
 def versions() -> dict[str, str]:
@@ -79,8 +82,24 @@ def run_experiment(
     ``{"kind": "end", "run", "status", "message"}``.
     """
     log = RunLog.read(run_dir) if resume else RunLog(run_dir)
+    world = None
+    if cfg.system is not None:
+        world = build_world(cfg.system, dataset.num_clients, cfg.seed)
+        _write_devices(world, run_dir)
     for run in cfg.runs:
-        yield from _run_one(cfg, run, dataset, backend, log)
+        yield from _run_one(cfg, run, dataset, backend, log, world)
+
+
+def _write_devices(world: World, run_dir: str) -> None:
+    """devices.parquet: one row per client (:data:`fedsim.system.world.DEVICES_COLUMNS`), written
+    atomically; the same bytes on every write, so a resumed experiment rewrites it unchanged."""
+    import pyarrow as pa
+
+    from fedsim.io import storage
+    from fedsim.io.runlog import write_atomic
+
+    storage.make_dirs(run_dir)
+    write_atomic(pa.table(world.table()), storage.join(run_dir, "devices.parquet"))
 
 
 def _logged_rounds(log: RunLog, run: RunConfig, rounds: int) -> Iterator[dict]:
@@ -99,14 +118,16 @@ def _replay(log: RunLog, run: RunConfig, rounds: int) -> Iterator[dict]:
 
 @dataclass
 class Progress:
-    """Where a run stands: the server state, the next round to run, the cumulative bytes, and
-    the client-state store (client id -> backend handle; stateful algorithms only)."""
+    """Where a run stands: the server state, the next round to run, the cumulative bytes, the
+    client-state store (client id -> backend handle; stateful algorithms only), and the simulated
+    time at which the next round may start (seconds; 0 without a ``system:`` section)."""
 
     state: ServerState
     next_round: int = 0
     cum_up: int = 0
     cum_down: int = 0
     store: dict[int, Any] = field(default_factory=dict)
+    sim_time: float = 0.0
 
 
 @dataclass
@@ -115,6 +136,8 @@ class RoundRow:
 
     Units: bytes (numel x element size), multiply-accumulates (``flops``), seconds; accuracy in
     [0, 1], losses in nats. ``global_params`` and ``trainable_params`` are parameter counts.
+    ``sim_time_s``: simulated seconds at which the round's model is ready (None without a
+    ``system:`` section).
     """
 
     run_id: str
@@ -136,6 +159,7 @@ class RoundRow:
     test_accuracy_clients_mean: float | None
     clients: int
     wall_seconds: float
+    sim_time_s: float | None = None
 
 
 @dataclass
@@ -195,6 +219,7 @@ def _start(
             cum_up=int(ckpt["cum_up"]),
             cum_down=int(ckpt["cum_down"]),
             store={int(c): backend.put_state(from_plain(client_state, v)) for c, v in ckpt["store"].items()},
+            sim_time=float(ckpt.get("sim_time", 0.0)),
         )
     log.add(
         "runs",
@@ -202,9 +227,7 @@ def _start(
             "run_id": run.label,
             "experiment": cfg.name,
             "algorithm": run.algorithm,
-            "config_json": json.dumps(
-                {**cfg.to_dict(), "runs": [run.model_dump(mode="json")]}, sort_keys=True
-            ),
+            "config_json": json.dumps({**cfg.to_dict(), "runs": [run.to_dict()]}, sort_keys=True),
             "seed": cfg.seed,
             "fedsim_version": fedsim.__version__,
             "versions_json": json.dumps(versions(), sort_keys=True),
@@ -280,6 +303,10 @@ def _client_row(run_id: str, r: int, x: ClientResult) -> dict[str, Any]:
         "worker": x.worker,
         "attempt": x.attempt,
         "dropped": x.dropped,
+        "macs": x.macs,
+        "sim_dispatch_s": x.sim_dispatch_s,
+        "sim_arrival_s": x.sim_arrival_s,
+        "outcome": x.outcome,
     }
 
 
@@ -293,6 +320,7 @@ def _save(log: RunLog, run: RunConfig, r: int, progress: Progress, backend: Any)
             "algo_state": to_plain(progress.state.algo_state),
             "cum_up": progress.cum_up,
             "cum_down": progress.cum_down,
+            "sim_time": progress.sim_time,
             "store": {c: to_plain(backend.get_state(h)) for c, h in progress.store.items()},
         },
     )
@@ -322,10 +350,19 @@ def _evaluate_bn_local(
 
 
 def _run_one(
-    cfg: ExperimentConfig, run: RunConfig, dataset: FederatedDataset, backend: Any, log: RunLog
+    cfg: ExperimentConfig,
+    run: RunConfig,
+    dataset: FederatedDataset,
+    backend: Any,
+    log: RunLog,
+    world: World | None = None,
 ) -> Iterator[dict]:
-    """One run of the experiment, round by round; yields its progress events."""
+    """One run of the experiment, round by round; yields its progress events. With a ``world``
+    (a ``system:`` section), the run's round rule and the virtual clock (:mod:`fedsim.engine.timing`)
+    choose whom each round trains and when it ends."""
     algo: Algorithm = make_algorithm(run, cfg, dataset)
+    rule = cfg.round_rule(run)
+    timer = RunClock(cfg, run, rule, algo, dataset, world) if world is not None and rule is not None else None
     rounds = algo.num_rounds()
     previous = log.run_row(run.label)
     if previous is not None and previous["status"] != "running":  # ended before: replay it
@@ -355,17 +392,50 @@ def _run_one(
     unwritten: Aggregated | None = None  # the previous round, written while this one trains
     for r in range(at.next_round, rounds):
         t0 = time.perf_counter()
-        cohort = sample_cohort(cfg.seed, r, dataset.num_clients, cfg.engine.clients_per_round)
+        start = at.sim_time
+        if timer is not None:
+            cohort, start = timer.cohort(r, start)
+        else:
+            cohort = sample_cohort(cfg.seed, r, dataset.num_clients, cfg.engine.clients_per_round)
         plan = algo.plan_round(at.state, r, cohort)
         broadcast = P.to_numpy(algo.downlink(at.state, plan))
         own = [algo.client_downlink(at.state, plan, c) for c in plan.cohort]  # per-client extras
         own = [None if d is None else P.to_numpy(d) for d in own]
-        pending = backend.submit(
-            run,
-            [ClientTask(run_id=run.label, round=r, client_id=c, plan=plan) for c in plan.cohort],
-            backend.broadcast(broadcast),
-            [at.store.get(c) if algo.stateful else None for c in plan.cohort],
-            own,
+        timed = timer is not None and not plan.pooled  # pooled training crosses no wire: no time
+        schedule = None
+        if timed and timer.projects:  # times known before training: train only whom the rule keeps
+            schedule = timer.project(
+                at.state,
+                plan,
+                start,
+                timing.bytes_down(plan, broadcast, own),
+                [c in at.store for c in plan.cohort],
+            )
+            steps = {d.client_id: d.max_steps for d in schedule.trained}
+            picked = [i for i, c in enumerate(plan.cohort) if c in steps]
+        else:
+            steps, picked = {}, list(range(len(plan.cohort)))
+        tasks = [
+            ClientTask(
+                run_id=run.label,
+                round=r,
+                client_id=plan.cohort[i],
+                plan=plan,
+                max_steps=steps.get(plan.cohort[i]),
+            )
+            for i in picked
+        ]
+        own = [own[i] for i in picked]
+        pending = (
+            backend.submit(
+                run,
+                tasks,
+                backend.broadcast(broadcast),
+                [at.store.get(t.client_id) if algo.stateful else None for t in tasks],
+                own,
+            )
+            if tasks
+            else None
         )
         if unwritten is not None:
             event, unwritten = recorder.commit(unwritten), None
@@ -374,7 +444,7 @@ def _run_one(
                 break
             yield event
         try:
-            results = backend.collect(pending)
+            results = backend.collect(pending) if pending is not None else []
         except RoundTimeout as err:
             status, message = "failed", str(err)
             break
@@ -384,6 +454,11 @@ def _run_one(
             else replace(x, bytes_down=0 if plan.pooled else P.nbytes(broadcast) + P.nbytes(d or {}))
             for x, d in zip(results, own)
         ]
+        end = None
+        if schedule is not None:
+            results, end = timer.complete(schedule, plan, results), schedule.times.end_s
+        elif timed:
+            results, end = timer.time_logged(start, results)
         kept = [x for x in results if not x.dropped]
         store = (
             {**at.store, **{x.client_id: backend.put_state(x.state) for x in kept}}
@@ -392,7 +467,16 @@ def _run_one(
         )
         state = algo.aggregate(at.state, plan, kept) if kept else at.state
         up, down = sum(x.bytes_up for x in results), sum(x.bytes_down for x in results)
-        at = Progress(state, r + 1, at.cum_up + up, at.cum_down + down, store)
+        due = plan.evaluate and ((r + 1) % cfg.engine.eval_every == 0 or r == rounds - 1)
+        sim_time = None if end is None else end + timer.server_seconds(kept, due)
+        at = Progress(
+            state,
+            r + 1,
+            at.cum_up + up,
+            at.cum_down + down,
+            store,
+            at.sim_time if sim_time is None else sim_time,
+        )
         weights = np.array([x.n_examples for x in kept], dtype=np.float64)
         train_loss = float(np.dot(weights, [x.train_loss for x in kept]) / weights.sum()) if kept else None
         if not (P.all_finite(algo.global_weights(state)) and (train_loss is None or np.isfinite(train_loss))):
@@ -422,8 +506,8 @@ def _run_one(
             flops=int(sum(x.macs for x in kept)),
             test_accuracy_clients_mean=None,
             wall_seconds=time.perf_counter() - t0,
+            sim_time_s=sim_time,
         )
-        due = plan.evaluate and ((r + 1) % cfg.engine.eval_every == 0 or r == rounds - 1)
         unwritten = Aggregated(row, results, due, at)
     if unwritten is not None:  # the run's last round
         event = recorder.commit(unwritten)

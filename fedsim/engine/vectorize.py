@@ -71,7 +71,7 @@ from torch.func import functional_call, vmap
 from fedsim import params as P
 from fedsim.algorithms import Algorithm, ClientResult, ClientTask, StackedContext
 from fedsim.config import RunConfig
-from fedsim.engine.client import trainable_count, trainable_names, training_macs
+from fedsim.engine.client import trainable_count, trainable_names, trained_examples, training_macs
 from fedsim.rng import torch_rng
 
 if TYPE_CHECKING:
@@ -383,12 +383,16 @@ def _train_chunk(
     # Python floats, kept on the device so that a GPU is not synchronised at every step
     loss_sum = torch.zeros(k, dtype=torch.float64, device=device)
     seen, steps = np.zeros(k), np.zeros(k, dtype=np.int64)
+    caps = [t.max_steps for t in members]
     tpl.module.train()
     for _ in range(plan.local_epochs):
         orders = [torch.randperm(d.x.shape[0], generator=d.shuffle) for d in data]
         counts = [math.ceil(d.x.shape[0] / bs) for d in data]
         for step in range(max(counts)):
-            batches = [o[step * bs : (step + 1) * bs] for o in orders]
+            batches = [  # a client past its max_steps (partial work) takes no more steps
+                o[step * bs : (step + 1) * bs] if caps[i] is None or steps[i] < caps[i] else o[:0]
+                for i, o in enumerate(orders)
+            ]
             active = [i for i, b in enumerate(batches) if len(b)]
             opt.zero_grad(set_to_none=True)
             for rows, width in _calls(batches, exact, bs):
@@ -441,7 +445,7 @@ def _train_chunk(
                 worker=runner.worker_id,
                 attempt=t.attempt,
                 state=new_state,
-                macs=training_macs(n_i, plan, frozen, forward),
+                macs=training_macs(trained_examples(n_i, t, bs, int(steps[i])), plan, frozen, forward),
                 trainable_params=n_trainable,
                 local_steps=int(steps[i]),
             )

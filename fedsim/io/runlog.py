@@ -4,8 +4,12 @@ An experiment directory holds three tables with schemas fixed from round 0:
 
 * ``runs.parquet``: one row per run (id, algorithm, config, seed, versions, status, times);
 * ``rounds.parquet``: one row per communication round (accuracy, losses, bytes per direction and
-  cumulative, global parameter count, cohort size, wall seconds);
-* ``clients.parquet``: one row per (round, client) (examples, loss, bytes, seconds, worker).
+  cumulative, global parameter count, cohort size, wall seconds, simulated time);
+* ``clients.parquet``: one row per (round, client) (examples, loss, bytes, seconds, worker,
+  multiply-accumulates, simulated dispatch and arrival, outcome).
+
+With a ``system:`` section the experiment directory also holds ``devices.parquet``, one row per
+client (:data:`fedsim.system.world.DEVICES_COLUMNS`).
 
 Every flush rewrites each changed table whole; rows already converted to Arrow are kept as record
 batches, so a flush converts only the rows added since the last one (a flush of a 1,000-round run
@@ -69,6 +73,7 @@ ROUNDS_SCHEMA = pa.schema(
         ("test_accuracy_clients_mean", pa.float64()),
         ("clients", pa.int64()),
         ("wall_seconds", pa.float64()),
+        ("sim_time_s", pa.float64()),
     ]
 )
 
@@ -86,6 +91,10 @@ CLIENTS_SCHEMA = pa.schema(
         ("worker", pa.string()),
         ("attempt", pa.int64()),
         ("dropped", pa.bool_()),
+        ("macs", pa.int64()),
+        ("sim_dispatch_s", pa.float64()),
+        ("sim_arrival_s", pa.float64()),
+        ("outcome", pa.string()),
     ]
 )
 
@@ -147,6 +156,9 @@ class RunLog:
         for name, schema in TABLES.items():
             data = storage.read_bytes(storage.join(log.dir, f"{name}.parquet"))
             table = pq.read_table(pa.BufferReader(data))
+            for f in schema:  # a table written before a column existed: the column as nulls
+                if f.name not in table.column_names:
+                    table = table.append_column(f.name, pa.nulls(table.num_rows, f.type))
             table = table.select(schema.names).cast(schema)
             log.rows[name] = table.to_pylist()
             log._batches[name], log._converted[name] = table.to_batches(), len(log.rows[name])

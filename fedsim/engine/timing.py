@@ -1,0 +1,243 @@
+"""The round loop's use of the virtual clock (:mod:`fedsim.system`): who a round dispatches,
+when each client arrives, and the simulated time at which the round's model is ready.
+
+For a run whose clients can be projected (every algorithm but those that need every client), a
+client's bytes and multiply-accumulates are known before it trains: its download is what the
+server sends it, its upload the plan's tensors (:meth:`Algorithm.upload_nbytes`), its compute
+examples x epochs x passes x F. The round rule (sync, deadline, over-selection) decides from these
+times alone, so clients that will be dropped or left unused are never trained, and a client under
+partial work trains exactly the steps that fit. After training, every logged byte and MAC is
+checked against its projection: the times in the tables are the formula applied to the logged
+columns. A run that needs every client (FedMA, PFNM, the one-shot and pooled baselines) trains
+first and is timed from its logged bytes and MACs; a client offline at the round's start is
+dispatched when it next comes online for long enough (:meth:`fedsim.system.world.World.first_fit`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+from fedsim import params as P
+from fedsim.accounting import forward_cost
+from fedsim.algorithms import Algorithm, ClientResult, RoundPlan, ServerState
+from fedsim.config import ExperimentConfig, RoundRule, RunConfig
+from fedsim.data.base import FederatedDataset
+from fedsim.rng import sample_cohort
+from fedsim.system import clock
+from fedsim.system.world import World
+
+
+@dataclass(frozen=True)
+class Projection:
+    """One client's projected traffic and compute: bytes down and up, training
+    multiply-accumulates (of the steps it will take)."""
+
+    bytes_down: int
+    bytes_up: int
+    macs: int
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A projected round: the rule's decisions and each client's projection, by client id."""
+
+    times: clock.RoundTimes
+    projections: dict[int, Projection]
+
+    def decision(self, client: int) -> clock.Decision:
+        return next(d for d in self.times.decisions if d.client_id == client)
+
+    @property
+    def trained(self) -> list[clock.Decision]:
+        """The decisions of the clients that train (those the round aggregates), cohort order."""
+        return [d for d in self.times.decisions if d.outcome == clock.AGGREGATED]
+
+
+class RunClock:
+    """One run's virtual clock on the driver.
+
+    Args:
+        cfg: the experiment; run: the run; rule: its round rule; algo: its algorithm;
+        dataset: the federated dataset (client sizes, test set); world: devices and availability.
+    """
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        run: RunConfig,
+        rule: RoundRule,
+        algo: Algorithm,
+        dataset: FederatedDataset,
+        world: World,
+    ):
+        self.cfg, self.run, self.rule, self.algo, self.world = cfg, run, rule, algo, world
+        self.sizes = [len(ix) for ix in dataset.client_indices]
+        self.test_examples = len(dataset.test)
+        self.input_shape = tuple(dataset.input_shape)
+        self._forward: int | None = None
+
+    @property
+    def projects(self) -> bool:
+        """Whether clients are timed before they train (every run but those needing every client)."""
+        return not self.run.every_client
+
+    def forward(self) -> int:
+        """F, forward multiply-accumulates of one example at the global widths (thop's count, as
+        the workers'); computed once."""
+        if self._forward is None:
+            self._forward = forward_cost(self.algo.reference_model(), self.input_shape, "thop")
+        return self._forward
+
+    def cohort(self, round: int, start_s: float) -> tuple[tuple[int, ...], float]:
+        """(the round's clients, its start time). A run that needs every client takes them all at
+        ``start_s``; otherwise k clients (ceil(overselect x k) under over-selection) are drawn
+        from those online (:meth:`World.sample_cohort`)."""
+        j, k = self.world.num_clients, self.cfg.engine.clients_per_round
+        if not self.projects:
+            return sample_cohort(self.cfg.seed, round, j, k), start_s
+        if self.rule.mode == "overselect":
+            k = min(j, clock.overselected(k, self.rule.overselect))
+        return self.world.sample_cohort(self.cfg.seed, round, start_s, k)
+
+    def project(
+        self,
+        state: ServerState,
+        plan: RoundPlan,
+        start_s: float,
+        bytes_down: list[int],
+        returning: list[bool],
+    ) -> Schedule:
+        """Time every client of ``plan.cohort`` before training and apply the round rule.
+
+        Args:
+            bytes_down: each cohort client's download, bytes (cohort order).
+            returning: whether each has stored state (MOON's frozen passes).
+        """
+        f, run, rule = self.forward(), self.run, self.rule
+        up = self.algo.upload_nbytes(state, plan)
+        cands, proj = [], {}
+        for c, down, back in zip(plan.cohort, bytes_down, returning):
+            dev, n = self.world.device(c), self.sizes[c]
+            per_example = self.algo.training_passes(plan, back) * f
+            macs = n * plan.local_epochs * per_example
+            partial = None
+            if rule.mode == "deadline" and rule.partial_work:
+                total = plan.local_epochs * clock.steps_per_epoch(n, run.batch_size)
+                s = clock.steps_that_fit(
+                    dev, rule.deadline_s, down, up, n, run.batch_size, total, per_example
+                )
+                partial_macs = clock.examples_in_steps(n, run.batch_size, s) * per_example
+                partial = (s, clock.duration(dev, down, partial_macs, up))
+            d = clock.duration(dev, down, macs, up)
+            offline = self.world.availability.offline_at(c, start_s)
+            cands.append(clock.Candidate(c, start_s, d, offline, partial))
+            proj[c] = Projection(down, up, macs)
+        if rule.mode == "deadline":
+            times = clock.deadline_round(start_s, rule.deadline_s, cands)
+        elif rule.mode == "overselect":
+            times = clock.overselect_round(start_s, self.cfg.engine.clients_per_round, cands)
+        else:
+            times = clock.sync_round(start_s, cands)
+        for dec in times.decisions:  # partial work: the projection of the steps it will take
+            if dec.max_steps is not None:
+                n = self.sizes[dec.client_id]
+                per_example = self.algo.training_passes(plan, returning[plan.cohort.index(dec.client_id)]) * f
+                p = proj[dec.client_id]
+                examples = clock.examples_in_steps(n, run.batch_size, dec.max_steps)
+                proj[dec.client_id] = replace(p, macs=examples * per_example)
+        return Schedule(times, proj)
+
+    def complete(
+        self, schedule: Schedule, plan: RoundPlan, trained: list[ClientResult]
+    ) -> list[ClientResult]:
+        """Every cohort client's result in cohort order: the trained ones with their times, after
+        checking their logged bytes and MACs against the projection, and a record for each client
+        that was not trained (its download counted, nothing uploaded).
+
+        Raises:
+            RuntimeError: a logged byte or MAC count differs from its projection (a fedsim bug:
+                an algorithm whose upload or compute the clock does not know).
+        """
+        by_id = {x.client_id: x for x in trained}
+        out = []
+        for dec in schedule.times.decisions:
+            p = schedule.projections[dec.client_id]
+            x = by_id.get(dec.client_id)
+            if x is None:
+                out.append(
+                    ClientResult(
+                        client_id=dec.client_id,
+                        round=plan.round,
+                        upload={},
+                        n_examples=self.sizes[dec.client_id],
+                        train_loss=float("nan"),
+                        bytes_up=0,
+                        bytes_down=p.bytes_down,
+                        seconds=0.0,
+                        dropped=True,
+                        outcome=dec.outcome,
+                        sim_dispatch_s=dec.dispatch_s,
+                        sim_arrival_s=dec.arrival_s,
+                    )
+                )
+                continue
+            if not x.dropped and (x.bytes_down, x.bytes_up, x.macs) != (p.bytes_down, p.bytes_up, p.macs):
+                raise RuntimeError(
+                    f"client {x.client_id} in round {plan.round} logged (bytes down, bytes up, MACs) = "
+                    f"{(x.bytes_down, x.bytes_up, x.macs)} but the clock projected "
+                    f"{(p.bytes_down, p.bytes_up, p.macs)} for {self.run.algorithm}; this is a fedsim bug "
+                    "(Algorithm.upload_nbytes or training_passes); run it with system mode sync meanwhile"
+                )
+            outcome = clock.DROPPED_TIMEOUT if x.dropped else dec.outcome
+            out.append(
+                replace(x, outcome=outcome, sim_dispatch_s=dec.dispatch_s, sim_arrival_s=dec.arrival_s)
+            )
+        return out
+
+    def time_logged(self, start_s: float, results: list[ClientResult]) -> tuple[list[ClientResult], float]:
+        """A round of a run that needs every client, timed from its logged bytes and MACs: each
+        client dispatched at its first online window long enough for its work. Returns (results
+        with their times, the time its last client arrives)."""
+        out, cands = [], []
+        for x in results:
+            if x.dropped:  # wall-clock timeout: no time on the simulated clock
+                out.append(replace(x, outcome=clock.DROPPED_TIMEOUT))
+                continue
+            d = clock.duration(self.world.device(x.client_id), x.bytes_down, x.macs, x.bytes_up)
+            cands.append(
+                clock.Candidate(x.client_id, self.world.first_fit(x.client_id, start_s, d), d, math.inf)
+            )
+        times = clock.sync_round(start_s, cands)
+        by_id = {d.client_id: d for d in times.decisions}
+        done = []
+        for x in results:
+            if x.dropped:
+                done.append(next(o for o in out if o.client_id == x.client_id))
+                continue
+            dec = by_id[x.client_id]
+            done.append(
+                replace(x, outcome=dec.outcome, sim_dispatch_s=dec.dispatch_s, sim_arrival_s=dec.arrival_s)
+            )
+        return done, times.end_s
+
+    def server_seconds(self, kept: list[ClientResult], evaluated: bool) -> float:
+        """Simulated seconds the server spends on a round: one multiply-accumulate per uploaded
+        scalar of each aggregated client, plus F per test example when the round is evaluated,
+        at ``system.server_macs_per_s`` (0 when that is null)."""
+        speed = self.world.server_macs_per_s
+        if speed is None:
+            return 0.0
+        macs = sum(int(v.size) for x in kept for v in x.upload.values())
+        if evaluated:
+            macs += self.test_examples * self.forward()
+        return macs / speed
+
+
+def bytes_down(plan: RoundPlan, broadcast: dict[str, Any], own: list[dict[str, Any] | None]) -> list[int]:
+    """Each cohort client's download in bytes, as its worker counts it (the broadcast merged with
+    its own extra tensors; 0 in a pooled round)."""
+    if plan.pooled:
+        return [0] * len(own)
+    return [P.nbytes({**broadcast, **(d or {})}) for d in own]
