@@ -67,7 +67,8 @@ def check_fit(cfg: ExperimentConfig, dataset: FederatedDataset) -> None:
 
     Raises:
         FedsimError: a model that does not fit the dataset's inputs, an algorithm that cannot run
-            on it (e.g. FedMA on a model without matchable layers).
+            on it (e.g. FedMA on a model without matchable layers), an unreadable device or
+            availability trace, a deadline no client can meet.
     """
     from fedsim.engine.client import make_algorithm
     from fedsim.models import build_model
@@ -80,6 +81,11 @@ def check_fit(cfg: ExperimentConfig, dataset: FederatedDataset) -> None:
     )
     for run in cfg.runs:
         make_algorithm(run, cfg, dataset)
+    if cfg.system is not None:  # the devices and traces are readable, and every deadline can be met
+        from fedsim.engine.timing import check_deadlines
+        from fedsim.system.world import build_world
+
+        check_deadlines(cfg, dataset, build_world(cfg.system, dataset.num_clients, cfg.seed))
 
 
 _started_ray: str | None = None  # GCS address of the local Ray instance start_ray started, if any

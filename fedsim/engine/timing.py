@@ -241,3 +241,37 @@ def bytes_down(plan: RoundPlan, broadcast: dict[str, Any], own: list[dict[str, A
     if plan.pooled:
         return [0] * len(own)
     return [P.nbytes({**broadcast, **(d or {})}) for d in own]
+
+
+def check_deadlines(cfg: ExperimentConfig, dataset: FederatedDataset, world: World) -> None:
+    """Before a run starts: every run under a deadline has a client that can meet it in round 0
+    (its full work, or with ``partial_work`` one local step), with every client online.
+
+    Raises:
+        FedsimError: a run's deadline no client can meet, naming the key and the fastest time.
+    """
+    from fedsim.algorithms import ALGORITHMS
+    from fedsim.errors import FedsimError
+    from fedsim.system.availability import AlwaysOnline
+
+    always = World(world.devices, AlwaysOnline(), world.server_macs_per_s)
+    for i, run in enumerate(cfg.runs):
+        rule = cfg.round_rule(run)
+        if rule is None or rule.mode != "deadline":
+            continue
+        algo = ALGORITHMS[run.algorithm](run, cfg, dataset.num_classes, tuple(dataset.input_shape))
+        state = algo.init_state(P.clone(algo.reference_model().state_dict()))
+        plan = algo.plan_round(state, 0, tuple(range(dataset.num_clients)))
+        broadcast = P.to_numpy(algo.downlink(state, plan))
+        own = [algo.client_downlink(state, plan, c) for c in plan.cohort]
+        own = [None if d is None else P.to_numpy(d) for d in own]
+        timer = RunClock(cfg, run, rule, algo, dataset, always)
+        sched = timer.project(state, plan, 0.0, bytes_down(plan, broadcast, own), [False] * len(own))
+        if not sched.trained:
+            key = f"runs.{i}.system.deadline_s" if run.system is not None else "system.deadline_s"
+            fastest = min(d.arrival_s for d in sched.times.decisions)
+            raise FedsimError(
+                f"config key '{key}': no client of run {run.label!r} can meet the {rule.deadline_s:g} s deadline "
+                f"(the fastest needs {fastest:.3g} s in round 0); raise the deadline"
+                + ("" if rule.partial_work else " or set partial_work: true")
+            )

@@ -70,6 +70,17 @@ class Availability:
         }
 
 
+def _settle(av: Availability, client: int, t: float, online: bool) -> float:
+    """``t`` moved up by the fewest float steps after which ``av.online(client, t) == online``: a
+    boundary computed in floating point can land a rounding step before the instant at which the
+    modular lookup flips, and the queries must agree with one another exactly."""
+    for _ in range(64):
+        if av.online(client, t) == online:
+            return t
+        t = math.nextafter(t, _INF)
+    return t
+
+
 class AlwaysOnline(Availability):
     """Every client is online all the time."""
 
@@ -108,11 +119,13 @@ class DailyCycle(Availability):
         if self.on_fraction >= 1:
             return _INF
         pos = self._pos(client, t)
-        return t + (self.on - pos) if pos < self.on else t
+        return _settle(self, client, t + (self.on - pos), False) if pos < self.on else t
 
     def next_online(self, client: int, t: float) -> float:
         pos = self._pos(client, t)
-        return t if self.on_fraction >= 1 or pos < self.on else t + (self.period - pos)
+        if self.on_fraction >= 1 or pos < self.on:
+            return t
+        return _settle(self, client, t + (self.period - pos), True)
 
     def describe(self, client: int) -> dict[str, object]:
         return {
@@ -177,7 +190,7 @@ class TraceAvailability(Availability):
         p = self.periods[i]
         if not math.isinf(p) and self.ends[i][j] >= p and self.starts[i][0] <= 0:
             return self.offline_at(client, base + p) if self.ends[i][0] < p else _INF
-        return end
+        return _settle(self, client, end, False)
 
     def next_online(self, client: int, t: float) -> float:
         i = int(self.assignment[client])
@@ -186,9 +199,9 @@ class TraceAvailability(Availability):
             return t
         j = int(np.searchsorted(self.starts[i], tt, side="right"))
         if j < len(self.starts[i]):
-            return base + self.starts[i][j]
+            return _settle(self, client, base + self.starts[i][j], True)
         p = self.periods[i]
-        return _INF if math.isinf(p) else base + p + self.starts[i][0]
+        return _INF if math.isinf(p) else _settle(self, client, base + p + self.starts[i][0], True)
 
     def describe(self, client: int) -> dict[str, object]:
         i = int(self.assignment[client])
