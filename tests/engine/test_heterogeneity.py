@@ -23,10 +23,22 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 RUN = {"algorithm": "fedavg", "rounds": 3, "local_epochs": 2, "lr": 0.05, "batch_size": 16}
 TIERS = [
-    {"name": "fast", "fraction": 0.6, "compute_macs_per_s": 2e8, "uplink_bytes_per_s": 1e6,
-     "downlink_bytes_per_s": 4e6, "latency_s": 0.05},
-    {"name": "slow", "fraction": 0.4, "compute_macs_per_s": 1e7, "uplink_bytes_per_s": 5e4,
-     "downlink_bytes_per_s": 2e5, "latency_s": 0.3},
+    {
+        "name": "fast",
+        "fraction": 0.6,
+        "compute_macs_per_s": 2e8,
+        "uplink_bytes_per_s": 1e6,
+        "downlink_bytes_per_s": 4e6,
+        "latency_s": 0.05,
+    },
+    {
+        "name": "slow",
+        "fraction": 0.4,
+        "compute_macs_per_s": 1e7,
+        "uplink_bytes_per_s": 5e4,
+        "downlink_bytes_per_s": 2e5,
+        "latency_s": 0.3,
+    },
 ]
 WORLD = {"devices": {"tiers": TIERS}, "availability": {"kind": "daily", "on_fraction": 0.6, "period_s": 40.0}}
 
@@ -76,7 +88,9 @@ def test_zero_heterogeneity_gives_todays_tables_bit_for_bit(tmp_path):
         list(run_experiment(cfg, ds, str(d), SequentialBackend(cfg, ds)))
     a, b = tables(tmp_path / "a"), tables(tmp_path / "b")
     old_rounds = [c for c in ROUNDS_SCHEMA.names if c not in ("sim_time_s", "wall_seconds")]
-    old_clients = [c for c in CLIENTS_SCHEMA.names if c not in ("macs", "sim_dispatch_s", "sim_arrival_s", "outcome")]
+    old_clients = [
+        c for c in CLIENTS_SCHEMA.names if c not in ("macs", "sim_dispatch_s", "sim_arrival_s", "outcome")
+    ]
     old_clients = [c for c in old_clients if c in a["clients"].columns]
     pd.testing.assert_frame_equal(a["rounds"][old_rounds], b["rounds"][old_rounds], check_exact=True)
     pd.testing.assert_frame_equal(a["clients"][old_clients], b["clients"][old_clients], check_exact=True)
@@ -100,7 +114,9 @@ def test_logged_times_are_the_formula_on_the_logged_bytes_macs_and_device(het):
     # MACs: examples x epochs x 3F for a full update, F from a client of the run (same model)
     f = agg["macs"] / (agg["n_examples"] * 2 * 3)
     full = agg[agg["local_steps"] == 2 * np.ceil(agg["n_examples"] / 16)]
-    assert (f[full.index] == f[full.index].iloc[0]).all() and f[full.index].iloc[0] == int(f[full.index].iloc[0])
+    assert (f[full.index] == f[full.index].iloc[0]).all() and f[full.index].iloc[0] == int(
+        f[full.index].iloc[0]
+    )
 
 
 def test_each_round_starts_when_the_previous_model_is_ready_and_ends_at_its_rule(het):
@@ -129,10 +145,14 @@ def test_offline_clients_are_never_sampled_and_a_client_that_goes_offline_is_dro
     pos = np.fmod(start + c["availability_phase_s"], c["availability_period_s"])
     assert (pos < c["availability_on_fraction"] * c["availability_period_s"]).all()  # online at dispatch
     off = c[c["outcome"] == "dropped_offline"]
-    on_until = start[off.index] + (off["availability_on_fraction"] * off["availability_period_s"] - pos[off.index])
+    on_until = start[off.index] + (
+        off["availability_on_fraction"] * off["availability_period_s"] - pos[off.index]
+    )
     assert (on_until < off["sim_arrival_s"]).all()
     agg = c[c["outcome"] == "aggregated"]
-    agg_until = start[agg.index] + (agg["availability_on_fraction"] * agg["availability_period_s"] - pos[agg.index])
+    agg_until = start[agg.index] + (
+        agg["availability_on_fraction"] * agg["availability_period_s"] - pos[agg.index]
+    )
     assert (agg_until >= agg["sim_arrival_s"] - 1e-9).all()
 
 
@@ -178,7 +198,11 @@ def test_overselection_aggregates_exactly_the_first_k_arrivals(het):
         assert alive["outcome"].tolist()[:5] == ["aggregated"] * min(5, len(alive))
         assert set(alive["outcome"].tolist()[5:]) <= {"overselected_unused"}
         unused = rows[rows["outcome"] == "overselected_unused"]
-        assert (unused["bytes_up"] == 0).all() and (unused["macs"] == 0).all() and (unused["bytes_down"] > 0).all()
+        assert (
+            (unused["bytes_up"] == 0).all()
+            and (unused["macs"] == 0).all()
+            and (unused["bytes_down"] > 0).all()
+        )
 
 
 def test_ray_and_stacking_give_the_same_times_and_outcomes(het, ray_local, tmp_path):
@@ -186,37 +210,63 @@ def test_ray_and_stacking_give_the_same_times_and_outcomes(het, ray_local, tmp_p
         {**RUN, "name": "partial", "system": {"mode": "deadline", "deadline_s": 1.0, "partial_work": True}},
         {**RUN, "name": "over", "system": {"mode": "overselect", "overselect": 1.6}},
     ]
-    keys = ["run_id", "round", "client_id", "local_steps", "bytes_up", "bytes_down", "macs",
-            "sim_dispatch_s", "sim_arrival_s", "outcome"]
+    keys = [
+        "run_id",
+        "round",
+        "client_id",
+        "local_steps",
+        "bytes_up",
+        "bytes_down",
+        "macs",
+        "sim_dispatch_s",
+        "sim_arrival_s",
+        "outcome",
+    ]
     seq = het["clients"][het["clients"]["run_id"].isin(["partial", "over"])][keys].reset_index(drop=True)
     ray2 = run(raw(runs, backend="ray", num_workers=2, vectorize="always"), tmp_path / "ray")
     pd.testing.assert_frame_equal(seq, ray2["clients"][keys].reset_index(drop=True), check_exact=True)
     one = run(raw(runs, num_workers=1, vectorize="never"), tmp_path / "seq1")
     pd.testing.assert_frame_equal(seq, one["clients"][keys].reset_index(drop=True), check_exact=True)
     pd.testing.assert_frame_equal(
-        het["rounds"][het["rounds"]["run_id"].isin(["partial", "over"])][["sim_time_s"]].reset_index(drop=True),
+        het["rounds"][het["rounds"]["run_id"].isin(["partial", "over"])][["sim_time_s"]].reset_index(
+            drop=True
+        ),
         ray2["rounds"][["sim_time_s"]],
         check_exact=True,
     )
 
 
 def test_a_resumed_heterogeneous_run_equals_an_uninterrupted_one(tmp_path):
-    cfg = config.parse(raw([{**RUN, "system": {"mode": "deadline", "deadline_s": 1.0, "partial_work": True}}]))
+    cfg = config.parse(
+        raw([{**RUN, "system": {"mode": "deadline", "deadline_s": 1.0, "partial_work": True}}])
+    )
     ds = api.prepare(cfg)
     resumed_equals_uninterrupted(cfg, ds, tmp_path)  # asserts the tables, sim columns included
 
 
 def test_fedma_waits_for_every_client_to_be_online_long_enough(tmp_path):
-    fedma = {"algorithm": "fedma", "rounds": 1, "local_epochs": 1, "retrain_epochs": 1, "lr": 0.05, "batch_size": 16}
+    fedma = {
+        "algorithm": "fedma",
+        "rounds": 1,
+        "local_epochs": 1,
+        "retrain_epochs": 1,
+        "lr": 0.05,
+        "batch_size": 16,
+    }
     t = run(raw([fedma], clients=6, per_round=6), tmp_path)
     c = with_devices(t)
     assert (c["outcome"] == "aggregated").all()
     pos = np.fmod(c["sim_dispatch_s"] + c["availability_phase_s"], c["availability_period_s"])
     on = c["availability_on_fraction"] * c["availability_period_s"]
     assert (pos < on).all()
-    assert (c["sim_dispatch_s"] + (on - pos) >= c["sim_arrival_s"] - 1e-9).all()  # stays online until it arrives
+    assert (
+        c["sim_dispatch_s"] + (on - pos) >= c["sim_arrival_s"] - 1e-9
+    ).all()  # stays online until it arrives
     for r, rows in c.groupby("round"):
-        assert t["rounds"].set_index(["run_id", "round"])["sim_time_s"][("fedma", r)] == rows["sim_arrival_s"].max()
+        assert (
+            t["rounds"].set_index(["run_id", "round"])["sim_time_s"][("fedma", r)]
+            == rows["sim_arrival_s"].max()
+        )
 
 
 def cli(tmp_path, raw_cfg):
@@ -238,9 +288,17 @@ def cli(tmp_path, raw_cfg):
     "system,runs,match",
     [
         ({"devices": {"compute_macs_per_s": -5}}, [RUN], "system.devices.compute_macs_per_s"),
-        ({"devices": {"uplink_bytes_per_s": {"distribution": "pareto"}}}, [RUN], "'constant', 'lognormal' or 'uniform'"),
+        (
+            {"devices": {"uplink_bytes_per_s": {"distribution": "pareto"}}},
+            [RUN],
+            "'constant', 'lognormal' or 'uniform'",
+        ),
         ({"mode": "deadline", "deadline_s": 1e-6}, [RUN], "no client of run 'fedavg' can meet"),
-        ({"mode": "deadline", "deadline_s": 5}, [{**RUN, "algorithm": "fedma", "rounds": 1}], "needs every client"),
+        (
+            {"mode": "deadline", "deadline_s": 5},
+            [{**RUN, "algorithm": "fedma", "rounds": 1}],
+            "needs every client",
+        ),
         ({"devices": {"trace": "missing.parquet"}}, [RUN], "does not exist"),
     ],
 )

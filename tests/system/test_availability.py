@@ -34,7 +34,12 @@ def trace_file(tmp_path, rows):
 
 def worlds(tmp_path):
     yield build_availability(AvailabilityConfig(kind="daily", on_fraction=0.4, period_s=500.0), 30, seed=4)
-    rows = [("a", 10.0, 50.0, 200.0), ("a", 120.0, 200.0, 200.0), ("b", 0.0, 30.0, None), ("b", 60.0, 90.0, None)]
+    rows = [
+        ("a", 10.0, 50.0, 200.0),
+        ("a", 120.0, 200.0, 200.0),
+        ("b", 0.0, 30.0, None),
+        ("b", 60.0, 90.0, None),
+    ]
     yield build_availability(AvailabilityConfig(kind="trace", trace=trace_file(tmp_path, rows)), 30, seed=4)
 
 
@@ -43,7 +48,10 @@ def test_lookups_are_pure_any_query_order_gives_the_same_answers(tmp_path):
         queries = [(c, float(t)) for c in range(30) for t in np.linspace(0, 1500, 61)]
         forward = [(av.online(c, t), av.offline_at(c, t), av.next_online(c, t)) for c, t in queries]
         order = np.random.default_rng(0).permutation(len(queries))
-        shuffled = {i: (av.online(*queries[i]), av.offline_at(*queries[i]), av.next_online(*queries[i])) for i in order}
+        shuffled = {
+            i: (av.online(*queries[i]), av.offline_at(*queries[i]), av.next_online(*queries[i]))
+            for i in order
+        }
         assert forward == [shuffled[i] for i in range(len(queries))]
         assert forward == [(av.online(c, t), av.offline_at(c, t), av.next_online(c, t)) for c, t in queries]
 

@@ -59,14 +59,18 @@ def cands(*rows):
 
 
 def test_sync_ends_with_the_last_arrival_and_drops_clients_that_go_offline_first():
-    times = clock.sync_round(0.0, cands((1, 5.0, math.inf, None), (2, 9.0, math.inf, None), (3, 4.0, 3.0, None)))
+    times = clock.sync_round(
+        0.0, cands((1, 5.0, math.inf, None), (2, 9.0, math.inf, None), (3, 4.0, 3.0, None))
+    )
     outcome = {d.client_id: d.outcome for d in times.decisions}
     assert outcome == {1: "aggregated", 2: "aggregated", 3: "dropped_offline"}
     assert times.end_s == 9.0
 
 
 def test_deadline_drops_late_clients_and_ends_at_the_deadline():
-    times = clock.deadline_round(10.0, 6.0, [Candidate(1, 10.0, 5.0, math.inf), Candidate(2, 10.0, 7.0, math.inf)])
+    times = clock.deadline_round(
+        10.0, 6.0, [Candidate(1, 10.0, 5.0, math.inf), Candidate(2, 10.0, 7.0, math.inf)]
+    )
     assert [d.outcome for d in times.decisions] == ["aggregated", "dropped_deadline"]
     assert times.end_s == 16.0
     everyone = clock.deadline_round(10.0, 6.0, [Candidate(1, 10.0, 5.0, math.inf)])
