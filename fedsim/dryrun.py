@@ -191,6 +191,8 @@ class RoundRow:
             MOON's returning clients).
         clients: cohort size; trainable_params: parameters trained; global_params: parameters of
             the global model (None when matching decides it).
+        sim_time_s: simulated seconds at which the round's model is ready, with a ``system:``
+            section (the clock replayed from the projected bytes and MACs), else None.
     """
 
     round: int
@@ -203,6 +205,7 @@ class RoundRow:
     clients: int
     trainable_params: int
     global_params: int | None
+    sim_time_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -394,6 +397,9 @@ def project_experiment(cfg: ExperimentConfig) -> tuple[ClientSizes, list[DryRun]
                     global_params=t.global_params,
                 )
             )
+        rule = cfg.round_rule(run)
+        if rule is not None and not run.every_client:
+            rows = _timed(cfg, run, rule, algo, model, sizes, facts, rows)
         out.append(
             DryRun(
                 run.label,
@@ -409,6 +415,56 @@ def project_experiment(cfg: ExperimentConfig) -> tuple[ClientSizes, list[DryRun]
     return sizes, out
 
 
+def _timed(
+    cfg, run, rule, algo, model, sizes: ClientSizes, facts: DatasetFacts, rows: list[RoundRow]
+) -> list[RoundRow]:
+    """The projected rounds of a run with a round rule, replayed on the virtual clock as the
+    engine runs them (:class:`fedsim.engine.timing.RunClock`): cohorts drawn from the clients
+    online at each round's start, the rule's decisions from the projected bytes and MACs, and
+    each round's bytes, compute and clients those of the clients it keeps (its downloads those of
+    every client it dispatched). Evaluation time on the server is left out (the test set's size
+    is not read)."""
+    from fedsim import params as P
+    from fedsim.engine.timing import RunClock, bytes_down
+    from fedsim.system.world import build_world
+
+    world = build_world(cfg.system, cfg.data.num_clients, cfg.seed)
+    timer = RunClock(cfg, run, rule, algo, sizes.sizes.tolist(), 0, tuple(facts.input_shape), world)
+    state = algo.init_state(P.clone(model.state_dict()))
+    seen: set[int] = set()
+    t, out = 0.0, []
+    for row in rows:
+        cohort, start = timer.cohort(row.round, t)
+        plan = algo.plan_round(state, row.round, cohort)
+        broadcast = P.to_numpy(algo.downlink(state, plan))
+        own = [algo.client_downlink(state, plan, c) for c in plan.cohort]
+        own = [None if d is None else P.to_numpy(d) for d in own]
+        sched = timer.project(
+            state, plan, start, bytes_down(plan, broadcast, own), [c in seen for c in plan.cohort]
+        )
+        kept = [d.client_id for d in sched.trained]
+        seen.update(kept)
+        up = sum(sched.projections[c].bytes_up for c in kept)
+        scalars = up // 4  # float32 uploads
+        t = sched.times.end_s + timer.server_seconds_for(scalars, False)
+        out.append(
+            RoundRow(
+                round=row.round,
+                phase=row.phase,
+                layer=row.layer,
+                group_name=row.group_name,
+                bytes_up=up,
+                bytes_down=sum(p.bytes_down for p in sched.projections.values()),
+                flops=sum(sched.projections[c].macs for c in kept),
+                clients=len(kept),
+                trainable_params=row.trainable_params,
+                global_params=row.global_params,
+                sim_time_s=t,
+            )
+        )
+    return out
+
+
 # ------------------------------------------------------------------------------------ output
 
 
@@ -417,6 +473,12 @@ def _gb(nbytes: float) -> str:
 
     gb = fedpart_gb(nbytes)
     return f"{gb:.2f}" if gb >= 1 or gb == 0 else f"{gb:.3g}"
+
+
+def _spread(times: list[float]) -> str:
+    """Round durations as 'min-max' from cumulative times."""
+    d = np.diff([0.0, *times])
+    return f"{d.min():.3g}" if np.isclose(d.min(), d.max()) else f"{d.min():.3g}-{d.max():.3g}"
 
 
 def format_report(cfg: ExperimentConfig, sizes: ClientSizes, runs: list[DryRun]) -> str:
@@ -438,6 +500,11 @@ def format_report(cfg: ExperimentConfig, sizes: ClientSizes, runs: list[DryRun])
             lines.append(f"  {r.note}; skipped")
             continue
         lines.append(f"  schedule: {r.schedule}")
+        if r.rounds and r.rounds[-1].sim_time_s is not None:
+            lines.append(
+                f"  simulated time: {r.rounds[-1].sim_time_s:,.1f} s "
+                f"(rounds of {_spread([x.sim_time_s for x in r.rounds])} s; server evaluation time left out)"
+            )
         lines.append(f"  bytes up:   {r.bytes_up:,} ({_gb(r.bytes_up)} GB)")
         lines.append(f"  bytes down: {r.bytes_down:,} ({_gb(r.bytes_down)} GB)")
         lines.append(
@@ -527,6 +594,7 @@ def write_run_dir(cfg: ExperimentConfig, runs: list[DryRun], run_dir: str | Path
                     "trainable_params": row.trainable_params,
                     "flops": row.flops,
                     "clients": row.clients,
+                    "sim_time_s": row.sim_time_s,
                 },
             )
     log.flush()

@@ -362,7 +362,9 @@ def _run_one(
     choose whom each round trains and when it ends."""
     algo: Algorithm = make_algorithm(run, cfg, dataset)
     rule = cfg.round_rule(run)
-    timer = RunClock(cfg, run, rule, algo, dataset, world) if world is not None and rule is not None else None
+    timer = (
+        RunClock.of(cfg, run, rule, algo, dataset, world) if world is not None and rule is not None else None
+    )
     rounds = algo.num_rounds()
     previous = log.run_row(run.label)
     if previous is not None and previous["status"] != "running":  # ended before: replay it

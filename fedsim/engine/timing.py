@@ -60,7 +60,8 @@ class RunClock:
 
     Args:
         cfg: the experiment; run: the run; rule: its round rule; algo: its algorithm;
-        dataset: the federated dataset (client sizes, test set); world: devices and availability.
+        sizes: each client's training examples; test_examples: the global test set's size;
+        input_shape: one example's shape; world: devices and availability.
     """
 
     def __init__(
@@ -69,14 +70,32 @@ class RunClock:
         run: RunConfig,
         rule: RoundRule,
         algo: Algorithm,
-        dataset: FederatedDataset,
+        sizes: list[int],
+        test_examples: int,
+        input_shape: tuple[int, ...],
         world: World,
     ):
         self.cfg, self.run, self.rule, self.algo, self.world = cfg, run, rule, algo, world
-        self.sizes = [len(ix) for ix in dataset.client_indices]
-        self.test_examples = len(dataset.test)
-        self.input_shape = tuple(dataset.input_shape)
+        self.sizes, self.test_examples, self.input_shape = (
+            [int(n) for n in sizes],
+            int(test_examples),
+            input_shape,
+        )
         self._forward: int | None = None
+
+    @classmethod
+    def of(
+        cls,
+        cfg: ExperimentConfig,
+        run: RunConfig,
+        rule: RoundRule,
+        algo: Algorithm,
+        dataset: FederatedDataset,
+        world: World,
+    ) -> RunClock:
+        """The clock of ``run`` over ``dataset``'s clients and test set."""
+        sizes = [len(ix) for ix in dataset.client_indices]
+        return cls(cfg, run, rule, algo, sizes, len(dataset.test), tuple(dataset.input_shape), world)
 
     @property
     def projects(self) -> bool:
@@ -226,12 +245,14 @@ class RunClock:
         """Simulated seconds the server spends on a round: one multiply-accumulate per uploaded
         scalar of each aggregated client, plus F per test example when the round is evaluated,
         at ``system.server_macs_per_s`` (0 when that is null)."""
+        return self.server_seconds_for(sum(int(v.size) for x in kept for v in x.upload.values()), evaluated)
+
+    def server_seconds_for(self, uploaded_scalars: int, evaluated: bool) -> float:
+        """:meth:`server_seconds` from the number of scalars the aggregated clients uploaded."""
         speed = self.world.server_macs_per_s
         if speed is None:
             return 0.0
-        macs = sum(int(v.size) for x in kept for v in x.upload.values())
-        if evaluated:
-            macs += self.test_examples * self.forward()
+        macs = uploaded_scalars + (self.test_examples * self.forward() if evaluated else 0)
         return macs / speed
 
 
@@ -265,7 +286,7 @@ def check_deadlines(cfg: ExperimentConfig, dataset: FederatedDataset, world: Wor
         broadcast = P.to_numpy(algo.downlink(state, plan))
         own = [algo.client_downlink(state, plan, c) for c in plan.cohort]
         own = [None if d is None else P.to_numpy(d) for d in own]
-        timer = RunClock(cfg, run, rule, algo, dataset, always)
+        timer = RunClock.of(cfg, run, rule, algo, dataset, always)
         sched = timer.project(state, plan, 0.0, bytes_down(plan, broadcast, own), [False] * len(own))
         if not sched.trained:
             key = f"runs.{i}.system.deadline_s" if run.system is not None else "system.deadline_s"

@@ -311,3 +311,23 @@ def test_bad_system_input_is_one_line_exit_2_nothing_written(tmp_path, system, r
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fedsim: error:") and match in lines[0], p.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_the_dry_run_projects_the_simulated_times_a_run_logs(tmp_path):
+    from fedsim import dryrun
+
+    runs = [
+        {**RUN, "name": "partial", "system": {"mode": "deadline", "deadline_s": 1.0, "partial_work": True}},
+        {**RUN, "name": "over", "system": {"mode": "overselect", "overselect": 1.6}},
+    ]
+    r = raw(runs)
+    r["data"] = {"dataset": "digits", "partition": "iid", "num_clients": 12}  # exact sizes for the dry run
+    cfg = config.parse(r)
+    sizes, projected = dryrun.project_experiment(cfg)
+    assert sizes.exact
+    logged = run(r, tmp_path)["rounds"]
+    for p in projected:
+        got = logged[logged["run_id"] == p.run_id]
+        assert [x.sim_time_s for x in p.rounds] == pytest.approx(got["sim_time_s"].tolist(), abs=1e-9)
+        assert [x.bytes_up for x in p.rounds] == got["bytes_up"].tolist()
+        assert [x.flops for x in p.rounds] == got["flops"].tolist()

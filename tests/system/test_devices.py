@@ -110,3 +110,37 @@ def test_a_trace_with_missing_columns_or_other_units_is_refused(tmp_path):
     )
     with pytest.raises(FedsimError, match="compute_macs_per_s"):
         build_devices(devices_cfg(trace=negative), 2, 0)
+
+
+def test_fedscale_traces_convert_with_their_units_and_load(tmp_path):
+    """A small file in FedScale's published format: ms per sample and kbit/s in, MAC/s and bytes/s
+    out; a behave trace's intervals repeat every finish_time."""
+    import pickle
+
+    from fedsim.system import fedscale
+    from fedsim.system.availability import build_availability
+
+    cap = {
+        1: {"computation": 20.0, "communication": 8000.0},
+        2: {"computation": 50.0, "communication": 800.0},
+    }
+    behave = {1: {"active": [0, 100], "inactive": [50, 150], "finish_time": 200, "duration": 200}}
+    (tmp_path / "cap").write_bytes(pickle.dumps(cap))
+    (tmp_path / "beh").write_bytes(pickle.dumps(behave))
+    dev_out, av_out = tmp_path / "d.parquet", tmp_path / "a.parquet"
+    assert (
+        fedscale.main(["devices", str(tmp_path / "cap"), "--reference-macs", "1e8", "--out", str(dev_out)])
+        == 0
+    )
+    assert fedscale.main(["availability", str(tmp_path / "beh"), "--out", str(av_out)]) == 0
+    d = pd.read_parquet(dev_out).set_index("device_id")
+    assert d.loc["1", "compute_macs_per_s"] == pytest.approx(1e8 / 0.020)  # 5e9 MAC/s
+    assert d.loc["2", "uplink_bytes_per_s"] == pytest.approx(100_000.0)  # 800 kbit/s = 1e5 B/s
+    table = build_devices(devices_cfg(trace=str(dev_out)), 5, seed=0)
+    assert set(table.device_id) <= {"1", "2"}
+    av = build_availability(config.AvailabilityConfig(kind="trace", trace=str(av_out)), 3, seed=0)
+    assert [av.online(0, t) for t in (10, 60, 120, 210, 260, 310)] == [True, False, True, True, False, True]
+    assert (
+        fedscale.main(["devices", str(tmp_path / "beh"), "--reference-macs", "1e8", "--out", str(dev_out)])
+        == 2
+    )
