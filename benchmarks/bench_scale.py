@@ -16,8 +16,13 @@ the ``logreg`` model through fedsim's public API (``fedsim.engine.api``): 10 cli
 
 The flat-memory target (docs/performance.md): peak PSS with 10,000 clients <= 1.2 x peak PSS with 10 clients.
 
+``--heterogeneous`` adds a ``system:`` section (docs/heterogeneity.md): log-normal compute speeds
+and uplinks, a daily availability cycle, and a deadline with partial work, so every client has a
+device and an availability and every round runs the clock; the same target holds for it (issue:
+a 10,000-client heterogeneous population within 1.2x the memory of a 10-client one).
+
 Run: ``python benchmarks/bench_scale.py [--clients 10 100 1000 10000] [--rounds 20]
-[--examples-per-client N]``.
+[--examples-per-client N] [--heterogeneous]``.
 """
 
 from __future__ import annotations
@@ -35,7 +40,21 @@ from _common import TreeSampler, mb, median, timed_fedsim_run
 TARGET = 1.2
 
 
-def experiment(num_clients: int, rounds: int, epc: int | None):
+HETEROGENEOUS = {
+    "devices": {
+        "compute_macs_per_s": {"distribution": "lognormal", "median": 1.0e7, "sigma": 1.0},
+        "uplink_bytes_per_s": {"distribution": "lognormal", "median": 1.25e5, "sigma": 1.0},
+        "downlink_bytes_per_s": 1.25e6,
+        "latency_s": {"distribution": "uniform", "low": 0.02, "high": 0.3},
+    },
+    "availability": {"kind": "daily", "on_fraction": 0.5, "period_s": 600.0},
+    "mode": "deadline",
+    "deadline_s": 0.05,
+    "partial_work": True,
+}
+
+
+def experiment(num_clients: int, rounds: int, epc: int | None, heterogeneous: bool = False):
     from fedsim import config
 
     data = {
@@ -57,11 +76,12 @@ def experiment(num_clients: int, rounds: int, epc: int | None):
             "runs": [
                 {"algorithm": "fedavg", "rounds": rounds, "local_epochs": 1, "lr": 0.01, "batch_size": 10}
             ],
+            **({"system": HETEROGENEOUS} if heterogeneous else {}),
         }
     )
 
 
-def one(num_clients: int, rounds: int, epc: int | None) -> dict:
+def one(num_clients: int, rounds: int, epc: int | None, heterogeneous: bool = False) -> dict:
     """Measure one client count in this process; returns the figures as a dict."""
     import pandas as pd
 
@@ -69,7 +89,7 @@ def one(num_clients: int, rounds: int, epc: int | None) -> dict:
     from fedsim.engine import api
 
     with TreeSampler(interval=0.2) as mem:
-        cfg = experiment(num_clients, rounds, epc)
+        cfg = experiment(num_clients, rounds, epc, heterogeneous)
         t0 = time.perf_counter()
         d = cfg.data
         ds = load_federated(
@@ -117,10 +137,13 @@ def main() -> None:
         default=None,
         help="fixed client size instead of FedProx's log-normal sizes",
     )
+    ap.add_argument("--heterogeneous", action="store_true", help="devices, availability and a deadline")
     ap.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # child mode
     args = ap.parse_args()
     if args.one is not None:
-        print("RESULT " + json.dumps(one(args.one, args.rounds, args.examples_per_client)))
+        print(
+            "RESULT " + json.dumps(one(args.one, args.rounds, args.examples_per_client, args.heterogeneous))
+        )
         return
 
     rows = []
@@ -128,6 +151,8 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--one", str(n), "--rounds", str(args.rounds)]
         if args.examples_per_client is not None:
             cmd += ["--examples-per-client", str(args.examples_per_client)]
+        if args.heterogeneous:
+            cmd.append("--heterogeneous")
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:

@@ -116,12 +116,18 @@ def reference() -> str:
         ("model", config.ModelConfig),
         ("engine", config.EngineConfig),
         ("sweep", config.SweepConfig),
+        ("system", config.SystemConfig),
+        ("system.devices", config.DevicesConfig),
+        ("system.devices.<quantity>", config.Distribution),
+        ("system.devices.tiers[]", config.DeviceTier),
+        ("system.availability", config.AvailabilityConfig),
+        ("runs[].system", config.RoundRule),
     ):
         out += [f"## `{key}:`", "", _doc(cls), "", _table(cls), ""]
     out += [
         "## Top-level keys",
         "",
-        _table(config.ExperimentConfig, skip=("data", "model", "engine", "sweep", "runs")),
+        _table(config.ExperimentConfig, skip=("data", "model", "engine", "sweep", "system", "runs")),
         "",
     ]
     out += [
