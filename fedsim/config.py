@@ -610,6 +610,159 @@ class PooledConfig(RunConfig):
     every_client: ClassVar[bool] = True
 
 
+ASYNC_OBJECTIVES = ("fedavg", "fedprox", "moon")
+"""Local objectives an asynchronous run's clients may train."""
+
+SYNCHRONOUS_ONLY = {
+    "fedma": "FedMA matches every client's model layer by layer in lockstep",
+    "pfnm": "PFNM matches every client's model at once",
+    "fedpart": "FedPart trains one layer group per round on a schedule every client shares",
+    "scaffold": "SCAFFOLD's control variates assume every update starts from the current global model",
+}
+"""Algorithms that need synchronous rounds, and why (what an asynchronous run names them with)."""
+
+
+class AsyncConfig(RunConfig):
+    """An asynchronous run (FedBuff, FedAsync; docs/heterogeneity.md, "Asynchronous aggregation"):
+    ``concurrency`` clients train at all times on the virtual clock, each from the model version
+    it downloaded; ``rounds`` counts server steps. A client's update is weighted by a function
+    s of its staleness tau (server steps since its download; Xie et al. 2019): ``constant`` 1,
+    ``polynomial`` (tau + 1)^-a, ``hinge`` 1 if tau <= b else 1 / (a (tau - b) + 1). Updates staler
+    than ``max_staleness`` are discarded (and logged). The clients train the local objective of
+    FedAvg, FedProx or MOON (``mu``: FedProx's proximal or MOON's contrastive coefficient,
+    defaults 0.001 and 5; ``tau``: MOON's temperature)."""
+
+    rounds: int = Field(20, description="server steps")
+    concurrency: int = Field(10, description="C, clients training at any simulated time")
+    staleness: Literal["constant", "polynomial", "hinge"] = Field(
+        "polynomial", description="s(tau): constant, polynomial (tau + 1)^-a, or hinge (a, b)"
+    )
+    staleness_a: float = Field(0.5, description="a of the polynomial and hinge staleness functions (>= 0)")
+    staleness_b: float = Field(4.0, description="b of the hinge staleness function (>= 0)")
+    max_staleness: int | None = Field(
+        None, description="updates with a larger staleness are discarded; null: none are"
+    )
+    eval_every_s: float | None = Field(
+        None,
+        description="evaluate the global model whenever a server step crosses a multiple of this many "
+        "simulated seconds (instead of every engine.eval_every steps); null: by steps",
+    )
+    local_objective: str = Field(
+        "fedavg", description="the clients' local objective: fedavg, fedprox or moon"
+    )
+    mu: float | None = Field(
+        None,
+        description="FedProx's proximal or MOON's contrastive coefficient; null: 0.001 (fedprox) or 5 (moon)",
+    )
+    tau: float = Field(0.5, description="MOON's temperature (local_objective: moon)")
+
+    def check(self, where: str, experiment: ExperimentConfig) -> None:
+        obj = self.local_objective
+        if obj in SYNCHRONOUS_ONLY:
+            raise FedsimError(
+                f"config key '{where}.local_objective': {obj} cannot run asynchronously: "
+                f"{SYNCHRONOUS_ONLY[obj]}; use fedavg, fedprox or moon"
+            )
+        if obj not in ASYNC_OBJECTIVES:
+            raise FedsimError(
+                f"config key '{where}.local_objective' is {obj!r}; choose one of {', '.join(ASYNC_OBJECTIVES)}"
+            )
+        if self.concurrency < 1:
+            raise FedsimError(f"config key '{where}.concurrency' must be >= 1 (got {self.concurrency})")
+        if self.concurrency > experiment.data.num_clients:
+            raise FedsimError(
+                f"config key '{where}.concurrency' ({self.concurrency}) is larger than data.num_clients "
+                f"({experiment.data.num_clients}); a client trains one update at a time"
+            )
+        if not self.staleness_a >= 0 or not self.staleness_b >= 0:
+            raise FedsimError(f"config keys '{where}.staleness_a' and '{where}.staleness_b' must be >= 0")
+        if self.max_staleness is not None and self.max_staleness < 0:
+            raise FedsimError(
+                f"config key '{where}.max_staleness' must be >= 0 or null (got {self.max_staleness})"
+            )
+        if self.eval_every_s is not None and not self.eval_every_s > 0:
+            raise FedsimError(f"config key '{where}.eval_every_s' must be > 0 simulated seconds or null")
+        if self.mu is not None and self.mu < 0:
+            raise FedsimError(f"config key '{where}.mu' must be >= 0 (got {self.mu})")
+        rule = experiment.round_rule(self)
+        if rule is not None and rule.mode != "sync":
+            raise FedsimError(
+                f"run {self.label!r}: {self.algorithm} is asynchronous, so system mode {rule.mode!r} (a rule for "
+                "synchronous rounds) does not apply; give the run 'system: {mode: sync}'"
+            )
+        if experiment.engine.round_timeout_s is not None:
+            raise FedsimError(
+                f"run {self.label!r}: {self.algorithm} is asynchronous and times clients on the virtual clock; "
+                "set engine.round_timeout_s to null"
+            )
+
+
+class FedBuffConfig(AsyncConfig):
+    """FedBuff run (Nguyen et al., AISTATS 2022, Algorithm 1): the server adds s(tau) x Delta_k of
+    each arriving update to a buffer, and after ``buffer_size`` (K) updates divides it by K (or,
+    with ``weighting: examples``, by the updates' example counts) and applies a server optimiser
+    step to it: ``sgd`` (``server_lr``, ``server_momentum``) or FedAdam, FedYogi, FedAdagrad's rules
+    (``server_lr``, ``beta1``, ``beta2``, ``epsilon``; Reddi et al. 2021, Algorithm 2)."""
+
+    buffer_size: int = Field(10, description="K, updates per server step")
+    allow_buffer_above_concurrency: bool = Field(
+        False,
+        description="accept buffer_size > concurrency (a step then waits for updates of later dispatches)",
+    )
+    server_optimizer: Literal["sgd", "adam", "yogi", "adagrad"] = Field(
+        "sgd", description="the server step on the buffered pseudo-gradient"
+    )
+    server_lr: float = Field(1.0, description="server learning rate (> 0)")
+    server_momentum: float = Field(0.0, description="sgd: server momentum, in [0, 1)")
+    beta1: float = Field(0.9, description="adam, yogi, adagrad: first-moment decay, in [0, 1)")
+    beta2: float = Field(0.99, description="adam, yogi: second-moment decay, in [0, 1)")
+    epsilon: float = Field(1e-3, description="adam, yogi, adagrad: the adaptivity constant tau (> 0)")
+    weighting: Literal["uniform", "examples"] = Field(
+        "uniform", description="each update's weight in the buffer: 1 (the paper's 1/K) or its example count"
+    )
+
+    def check(self, where: str, experiment: ExperimentConfig) -> None:
+        super().check(where, experiment)
+        if self.buffer_size < 1:
+            raise FedsimError(f"config key '{where}.buffer_size' must be >= 1 (got {self.buffer_size})")
+        if self.buffer_size > self.concurrency and not self.allow_buffer_above_concurrency:
+            raise FedsimError(
+                f"config key '{where}.buffer_size' ({self.buffer_size}) is larger than concurrency "
+                f"({self.concurrency}); lower it, or set allow_buffer_above_concurrency: true"
+            )
+        if not self.server_lr > 0 or not self.epsilon > 0:
+            raise FedsimError(f"config keys '{where}.server_lr' and '{where}.epsilon' must be > 0")
+        for key in ("server_momentum", "beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise FedsimError(f"config key '{where}.{key}' must be in [0, 1) (got {getattr(self, key)})")
+
+
+class FedAsyncConfig(AsyncConfig):
+    """FedAsync run (Xie, Koyejo, Gupta, "Asynchronous Federated Optimization", 2019): every
+    arriving update is a server step x <- (1 - alpha_t) x + alpha_t x_new with alpha_t =
+    ``alpha`` x s(tau). The clients' local objective is the paper's proximal one, FedProx's term
+    (``rho`` / 2) ||x_new - x_tau||^2 around the downloaded model (``local_objective: fedprox``,
+    the default; ``rho`` is its coefficient)."""
+
+    concurrency: int = Field(10, description="C, clients training at any simulated time")
+    alpha: float = Field(0.6, description="the mixing weight alpha, in (0, 1]")
+    rho: float = Field(0.01, description="the proximal coefficient rho of the local objective (>= 0)")
+    local_objective: str = Field(
+        "fedprox", description="the clients' local objective: fedprox (rho), fedavg or moon"
+    )
+
+    def check(self, where: str, experiment: ExperimentConfig) -> None:
+        super().check(where, experiment)
+        if not 0 < self.alpha <= 1:
+            raise FedsimError(f"config key '{where}.alpha' must be in (0, 1] (got {self.alpha})")
+        if not self.rho >= 0:
+            raise FedsimError(f"config key '{where}.rho' must be >= 0 (got {self.rho})")
+        if self.mu is not None and self.local_objective == "fedprox":
+            raise FedsimError(
+                f"config key '{where}.mu': fedasync's proximal coefficient is rho; remove mu and set rho"
+            )
+
+
 class SweepConfig(_Strict):
     """``sweep:`` section, read by ``fedsim sweep`` (:mod:`fedsim.sweep`; ``fedsim run`` runs the
     experiment without it). ``grid`` maps a key path as ``--set`` takes it (``runs.0.lr``) to the
@@ -805,6 +958,8 @@ RUN_CONFIGS: dict[str, type[RunConfig]] = {
     "fedadagrad": FedAdagradConfig,
     "scaffold": ScaffoldConfig,
     "fednova": FedNovaConfig,
+    "fedbuff": FedBuffConfig,
+    "fedasync": FedAsyncConfig,
 }
 """``algorithm:`` name -> its run-config class (each algorithm's ``Config`` in
 :data:`fedsim.algorithms.ALGORITHMS`)."""

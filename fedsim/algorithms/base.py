@@ -108,6 +108,8 @@ class ClientResult:
             or why it was not.
         sim_dispatch_s / sim_arrival_s: simulated seconds at which it received the model and at
             which its upload arrives (or would have); None without a ``system:`` section.
+        model_version / staleness: in an asynchronous run, the server step its model came from and
+            the server steps taken between its download and its arrival; None in a synchronous one.
     """
 
     client_id: int
@@ -128,6 +130,8 @@ class ClientResult:
     outcome: str = "aggregated"
     sim_dispatch_s: float | None = None
     sim_arrival_s: float | None = None
+    model_version: int | None = None
+    staleness: int | None = None
 
 
 @dataclass(frozen=True)

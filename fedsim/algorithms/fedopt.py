@@ -68,6 +68,44 @@ class ServerOptState:
     v: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def momentum_step(
+    x: torch.Tensor, delta: torch.Tensor, m: torch.Tensor | None, lr: float, beta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Server SGD with momentum on the pseudo-gradient -Delta (FedAvgM, Hsu et al. 2019): buf =
+    beta buf - Delta (buf = -Delta at the first step, as ``torch.optim.SGD``), x = x - lr buf.
+    Returns (new x, new buf), each of ``x``'s shape and dtype."""
+    buf = -delta if m is None else beta * m - delta
+    return x - lr * buf, buf
+
+
+SECOND_MOMENTS = {
+    "adagrad": lambda v, d2, beta2: v + d2,
+    "adam": lambda v, d2, beta2: beta2 * v + (1 - beta2) * d2,
+    "yogi": lambda v, d2, beta2: v - (1 - beta2) * d2 * torch.sign(v - d2),
+}
+"""v_t from v_{t-1}, Delta^2 and beta2 for each adaptive rule (Reddi et al. 2021, Algorithm 2)."""
+
+
+def adaptive_step(
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    m: torch.Tensor | None,
+    v: torch.Tensor | None,
+    rule: str,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    epsilon: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step of FedAdagrad, FedAdam or FedYogi (``rule``: adagrad, adam, yogi; Reddi et al.
+    2021, Algorithm 2): m = beta1 m + (1 - beta1) Delta (m starts at 0), v from
+    :data:`SECOND_MOMENTS` (v starts at epsilon^2), x = x + lr m / (sqrt(v) + epsilon). Returns
+    (new x, m, v), each of ``x``'s shape and dtype."""
+    m = (1 - beta1) * delta if m is None else beta1 * m + (1 - beta1) * delta
+    v = SECOND_MOMENTS[rule](torch.full_like(x, epsilon**2) if v is None else v, delta * delta, beta2)
+    return x + lr * m / (v.sqrt() + epsilon), m, v
+
+
 class ServerOptimizer(Algorithm):
     """FedAvg's clients and a server optimiser on the pseudo-gradient; subclasses define
     :meth:`update` for one tensor."""
@@ -115,23 +153,20 @@ class FedAvgM(ServerOptimizer):
     Config = FedAvgMConfig
 
     def update(self, x, delta, m, v):
-        beta, lr = self.cfg.server_momentum, self.cfg.server_lr
-        buf = -delta if m is None else beta * m - delta  # torch SGD: buf = g at the first step
-        return x - lr * buf, buf, None
+        new, buf = momentum_step(x, delta, m, self.cfg.server_lr, self.cfg.server_momentum)
+        return new, buf, None
 
 
 class _Adaptive(ServerOptimizer):
-    """Reddi et al. 2021, Algorithm 2: m, then v (:meth:`second_moment`), then x."""
+    """Reddi et al. 2021, Algorithm 2: m, then v (the class's ``rule`` of :data:`SECOND_MOMENTS`), then x."""
 
-    def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
-        """v_t from v_{t-1} and Delta^2 (elementwise, same shape and dtype)."""
-        raise NotImplementedError
+    rule = ""
 
     def update(self, x, delta, m, v):
         c = self.cfg
-        m = (1 - c.beta1) * delta if m is None else c.beta1 * m + (1 - c.beta1) * delta
-        v = self.second_moment(torch.full_like(x, c.epsilon**2) if v is None else v, delta * delta)
-        return x + c.server_lr * m / (v.sqrt() + c.epsilon), m, v
+        return adaptive_step(
+            x, delta, m, v, self.rule, c.server_lr, c.beta1, getattr(c, "beta2", 0.0), c.epsilon
+        )
 
 
 @register
@@ -140,9 +175,7 @@ class FedAdagrad(_Adaptive):
 
     name = "fedadagrad"
     Config = FedAdagradConfig
-
-    def second_moment(self, v, d2):
-        return v + d2
+    rule = "adagrad"
 
 
 @register
@@ -151,9 +184,7 @@ class FedAdam(_Adaptive):
 
     name = "fedadam"
     Config = FedAdamConfig
-
-    def second_moment(self, v, d2):
-        return self.cfg.beta2 * v + (1 - self.cfg.beta2) * d2
+    rule = "adam"
 
 
 @register
@@ -162,6 +193,4 @@ class FedYogi(_Adaptive):
 
     name = "fedyogi"
     Config = FedAdamConfig
-
-    def second_moment(self, v, d2):
-        return v - (1 - self.cfg.beta2) * d2 * torch.sign(v - d2)
+    rule = "yogi"

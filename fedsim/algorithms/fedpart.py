@@ -21,21 +21,16 @@ from __future__ import annotations
 from typing import Any
 
 from fedsim.accounting import FedPartSchedule, fedpart_schedule
-from fedsim.algorithms.base import Algorithm, ClientContext, ClientState, RoundPlan, ServerState
-from fedsim.algorithms.fedavg import FedAvg
-from fedsim.algorithms.fedprox import FedProx
-from fedsim.algorithms.moon import MOON
+from fedsim.algorithms.base import RoundPlan, ServerState
+from fedsim.algorithms.objective import WithLocalObjective
 from fedsim.algorithms.registry import register
 from fedsim.config import ExperimentConfig, FedPartConfig, RunConfig
 from fedsim.errors import FedsimError
 from fedsim.rng import numpy_rng
 
-OBJECTIVES = {"fedavg": FedAvg, "fedprox": FedProx, "moon": MOON}
-DEFAULT_MU = {"fedavg": 0.0, "fedprox": 0.001, "moon": 5.0}
-
 
 @register
-class FedPart(Algorithm):
+class FedPart(WithLocalObjective):
     """Partial network updates over the model's layer groups, with a pluggable local objective."""
 
     name = "fedpart"
@@ -50,27 +45,12 @@ class FedPart(Algorithm):
         input_shape: tuple[int, ...] | None = None,
     ):
         super().__init__(cfg, experiment, num_classes, input_shape)
-        mu = cfg.mu if cfg.mu is not None else DEFAULT_MU[cfg.local_objective]
-        self.inner: Algorithm = OBJECTIVES[cfg.local_objective](
-            cfg.model_copy(update={"mu": mu}), experiment, num_classes, input_shape
-        )
         self.groups = self.reference_model().layer_groups() if num_classes is not None else []
         if num_classes is not None:
             rng = numpy_rng(experiment.seed, "schedule")
             spec = FedPartSchedule(cfg.warmup_rounds, cfg.rounds_per_group, cfg.cycles, cfg.order)
             self.schedule = fedpart_schedule(len(self.groups), spec, rng)
             self.param_names = {k for k, _ in self.reference_model().named_parameters()}
-
-    @property
-    def stateful(self) -> bool:
-        return self.inner.stateful
-
-    def client_state_type(self) -> type[ClientState]:
-        return self.inner.client_state_type()
-
-    @property
-    def frozen_forwards(self) -> int:
-        return self.inner.frozen_forwards
 
     def num_rounds(self) -> int:
         return len(self.schedule)
@@ -107,24 +87,3 @@ class FedPart(Algorithm):
             trainable=tuple(k for k in tensors if k in self.param_names),
             upload=tensors,
         )
-
-    # the client side is the local objective's, restricted by the plan to the active group
-    def client_weights(self, task, received, state, init):
-        return self.inner.client_weights(task, received, state, init)
-
-    def local_update(self, ctx: ClientContext):
-        return self.inner.local_update(ctx)
-
-    @property
-    def vectorizable(self) -> bool:  # type: ignore[override]
-        """The local objective's: FedPart only restricts which tensors are trained and sent."""
-        return self.inner.vectorizable
-
-    def stacked_begin(self, sctx, states):
-        return self.inner.stacked_begin(sctx, states)
-
-    def stacked_loss(self, sctx, tensors, x, y, w, aux):
-        return self.inner.stacked_loss(sctx, tensors, x, y, w, aux)
-
-    def stacked_finish(self, sctx, task, state, final, steps):
-        return self.inner.stacked_finish(sctx, task, state, final, steps)

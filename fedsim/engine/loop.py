@@ -21,6 +21,7 @@ of rounds.parquet), :class:`Aggregated` (a round aggregated but not yet written)
 from __future__ import annotations
 
 import json
+import math
 import platform
 import sys
 import time
@@ -120,7 +121,9 @@ def _replay(log: RunLog, run: RunConfig, rounds: int) -> Iterator[dict]:
 class Progress:
     """Where a run stands: the server state, the next round to run, the cumulative bytes, the
     client-state store (client id -> backend handle; stateful algorithms only), and the simulated
-    time at which the next round may start (seconds; 0 without a ``system:`` section)."""
+    time at which the next round may start (seconds; 0 without a ``system:`` section). An
+    asynchronous run adds its event state (``events``: clients in flight, pending dispatches,
+    the models they downloaded; :meth:`fedsim.engine.asynchronous.AsyncEngine.plain`)."""
 
     state: ServerState
     next_round: int = 0
@@ -128,6 +131,7 @@ class Progress:
     cum_down: int = 0
     store: dict[int, Any] = field(default_factory=dict)
     sim_time: float = 0.0
+    events: dict[str, Any] | None = None
 
 
 @dataclass
@@ -137,7 +141,8 @@ class RoundRow:
     Units: bytes (numel x element size), multiply-accumulates (``flops``), seconds; accuracy in
     [0, 1], losses in nats. ``global_params`` and ``trainable_params`` are parameter counts.
     ``sim_time_s``: simulated seconds at which the round's model is ready (None without a
-    ``system:`` section).
+    ``system:`` section). In an asynchronous run a row is a server step; ``clients`` counts the
+    updates it consumed and ``staleness_mean`` / ``staleness_max`` their staleness (server steps).
     """
 
     run_id: str
@@ -160,6 +165,8 @@ class RoundRow:
     clients: int
     wall_seconds: float
     sim_time_s: float | None = None
+    staleness_mean: float | None = None
+    staleness_max: int | None = None
 
 
 @dataclass
@@ -220,6 +227,7 @@ def _start(
             cum_down=int(ckpt["cum_down"]),
             store={int(c): backend.put_state(from_plain(client_state, v)) for c, v in ckpt["store"].items()},
             sim_time=float(ckpt.get("sim_time", 0.0)),
+            events=ckpt.get("events"),
         )
     log.add(
         "runs",
@@ -307,6 +315,8 @@ def _client_row(run_id: str, r: int, x: ClientResult) -> dict[str, Any]:
         "sim_dispatch_s": x.sim_dispatch_s,
         "sim_arrival_s": x.sim_arrival_s,
         "outcome": x.outcome,
+        "model_version": x.model_version,
+        "staleness": x.staleness,
     }
 
 
@@ -321,6 +331,7 @@ def _save(log: RunLog, run: RunConfig, r: int, progress: Progress, backend: Any)
             "cum_up": progress.cum_up,
             "cum_down": progress.cum_down,
             "sim_time": progress.sim_time,
+            "events": progress.events,
             "store": {c: to_plain(backend.get_state(h)) for c, h in progress.store.items()},
         },
     )
@@ -347,6 +358,117 @@ def _evaluate_bn_local(
         if c == 0:
             first = (acc, loss)
     return first[0], first[1], (float(np.mean(accs)) if accs else None)
+
+
+def _run_async(
+    cfg: ExperimentConfig,
+    run: RunConfig,
+    algo: Any,
+    dataset: FederatedDataset,
+    backend: Any,
+    log: RunLog,
+    world: World | None,
+    at: Progress,
+    recorder: _Recorder,
+    steps: int,
+) -> Iterator[dict]:
+    """An asynchronous run (FedBuff, FedAsync): events on the virtual clock
+    (:mod:`fedsim.engine.asynchronous`) until ``steps`` server steps; each step is a row of
+    rounds.parquet, each arrival a row of clients.parquet. Without a ``system:`` section every
+    client gets the default device and is always online."""
+    from fedsim.config import RoundRule, SystemConfig
+    from fedsim.engine.asynchronous import DISPATCH, AsyncEngine
+
+    world = world or build_world(SystemConfig(), dataset.num_clients, cfg.seed)
+    timer = RunClock.of(cfg, run, RoundRule(), algo, dataset, world)
+    eng = AsyncEngine(cfg, run, algo, timer, dataset.num_clients)
+    if at.events is not None:
+        eng.restore(at.events, at.state)
+    state, store, version = at.state, dict(at.store), at.next_round
+    cum_up, cum_down, last_t = at.cum_up, at.cum_down, at.sim_time
+    rows: list[ClientResult] = []  # arrivals since the last server step
+    status, message = "finished", ""
+    t0 = time.perf_counter()
+    while version < steps:
+        ev = eng.next_event()
+        if ev is None:
+            status, message = "failed", "no client is ever online again; check system.availability"
+            break
+        t, kind, f = ev
+        if kind == DISPATCH:
+            eng.dispatch(t, state, version, store)
+            continue
+        if f.result is None and f.outcome == "aggregated":
+            eng.train(backend, store)
+        eng.consume(f)
+        x = eng.result_of(f, version)
+        if x.dropped:  # dropped offline: its download only
+            rows.append(x)
+            continue
+        tau = version - f.version
+        if run.max_staleness is not None and tau > run.max_staleness:
+            rows.append(replace(x, outcome="discarded_stale", staleness=tau, dropped=True))
+            continue
+        x = replace(x, staleness=tau)
+        state, stepped = algo.arrive(state, x, eng.models[f.version], tau)
+        rows.append(x)
+        if algo.stateful:
+            store[x.client_id] = backend.put_state(x.state)
+        if not stepped:
+            continue
+        version += 1
+        eng.release(version)
+        used = [r for r in rows if r.outcome == "aggregated"]
+        up, down = sum(r.bytes_up for r in rows), sum(r.bytes_down for r in rows)
+        cum_up, cum_down = cum_up + up, cum_down + down
+        every_s = run.eval_every_s
+        due = version == steps or (
+            version % cfg.engine.eval_every == 0
+            if every_s is None
+            else math.floor(t / every_s) > math.floor(last_t / every_s)
+        )
+        sim_time = t + timer.server_seconds(used, due)
+        weights = np.array([r.n_examples for r in used], dtype=np.float64)
+        train_loss = float(np.dot(weights, [r.train_loss for r in used]) / weights.sum())
+        if not (P.all_finite(algo.global_weights(state)) and np.isfinite(train_loss)):
+            status, message = "diverged", _diverged(version - 1)
+            break
+        model = algo.reference_model()
+        stale = [r.staleness for r in used]
+        row = RoundRow(
+            run_id=run.label,
+            algorithm=run.algorithm,
+            round=version - 1,
+            phase="async",
+            layer=None,
+            test_accuracy=None,
+            test_loss=None,
+            train_loss=train_loss,
+            bytes_up=up,
+            bytes_down=down,
+            cum_bytes_up=cum_up,
+            cum_bytes_down=cum_down,
+            cum_bytes=cum_up + cum_down,
+            global_params=algo.global_size(state, model),
+            trainable_params=max(r.trainable_params for r in used),
+            flops=int(sum(r.macs for r in used)),
+            test_accuracy_clients_mean=None,
+            clients=len(used),
+            wall_seconds=time.perf_counter() - t0,
+            sim_time_s=sim_time,
+            staleness_mean=float(np.mean(stale)),
+            staleness_max=int(max(stale)),
+        )
+        progress = Progress(state, version, cum_up, cum_down, dict(store), sim_time, eng.plain())
+        event = recorder.commit(Aggregated(row, rows, due, progress))
+        rows, last_t, t0 = [], sim_time, time.perf_counter()
+        if event is None:
+            status, message = "diverged", _diverged(version - 1)
+            break
+        yield event
+    log.update_run(run.label, status=status, message=message, finished_at=_now())
+    log.flush()
+    yield {"kind": "end", "run": run.label, "status": status, "message": message}
 
 
 def _run_one(
@@ -390,6 +512,9 @@ def _run_one(
     yield {"kind": "start", "run": run.label, "rounds": rounds}
     yield from _logged_rounds(log, run, rounds)
     recorder = _Recorder(cfg, run, algo, dataset, backend, log, rounds)
+    if getattr(algo, "asynchronous", False):
+        yield from _run_async(cfg, run, algo, dataset, backend, log, world, at, recorder, rounds)
+        return
     status, message = "finished", ""
     unwritten: Aggregated | None = None  # the previous round, written while this one trains
     for r in range(at.next_round, rounds):

@@ -74,6 +74,8 @@ ROUNDS_SCHEMA = pa.schema(
         ("clients", pa.int64()),
         ("wall_seconds", pa.float64()),
         ("sim_time_s", pa.float64()),
+        ("staleness_mean", pa.float64()),
+        ("staleness_max", pa.int64()),
     ]
 )
 
@@ -95,6 +97,8 @@ CLIENTS_SCHEMA = pa.schema(
         ("sim_dispatch_s", pa.float64()),
         ("sim_arrival_s", pa.float64()),
         ("outcome", pa.string()),
+        ("model_version", pa.int64()),
+        ("staleness", pa.int64()),
     ]
 )
 
