@@ -159,15 +159,16 @@ def _per_run(df: pd.DataFrame, target_fraction: float) -> tuple[pd.DataFrame, li
     table = table.merge(reach.rename(columns={"round": "_round"}), on=KEYS, how="left")
     table["MB_to_target"] = table["cum_bytes"] / 1e6
     table["rounds_to_target"] = table.pop("_round") + 1  # communication rounds, counting the one reaching it
-    table["sim_s_to_target"] = table.pop("sim_time_s")
+    reached_at = table.pop("sim_time_s")
     table = table.rename(columns={"run_id": "run"})
     cols = list(SUMMARY_COLUMNS)
     clocked = "sim_s" in table.columns  # run_table adds it when some run has a virtual clock
     if clocked:
+        table["sim_s_to_target"] = reached_at
         cols.insert(cols.index("wall_s") + 1, "sim_s")
         cols.insert(cols.index("rounds_to_target") + 1, "sim_s_to_target")
     if table["experiment_dir"].nunique() > 1:
-        table["experiment"] = _experiment_names(table["experiment_dir"])
+        table["experiment"] = table["experiment_dir"].map(lambda d: d.rstrip("/").rsplit("/", 1)[-1])
         cols[2:2] = ["experiment", "seed"]
     cols += [c for c in ("TMACs", "status") if c in table.columns]
     where = f" in {best['experiment_dir']}" if table["experiment_dir"].nunique() > 1 else ""
@@ -185,11 +186,6 @@ def _per_run(df: pd.DataFrame, target_fraction: float) -> tuple[pd.DataFrame, li
         )
     note += "; '-': never reached"
     return table.reset_index(drop=True), cols, target, note
-
-
-def _experiment_names(dirs: pd.Series) -> pd.Series:
-    """The last path component of each experiment directory, as the report's ``experiment`` column."""
-    return dirs.map(lambda d: d.rstrip("/").rsplit("/", 1)[-1])
 
 
 def summarize(df: pd.DataFrame, target_fraction: float = TARGET_FRACTION) -> tuple[pd.DataFrame, float, str]:
@@ -360,7 +356,8 @@ def write_report(
             "Client rows of `clients.parquet` per run and `outcome`, over all rounds: `aggregated`; "
             "`dropped_deadline` (could not arrive by the round's deadline); `dropped_offline` (went "
             "offline before arriving); `overselected_unused` (over-selected, arrived after the first "
-            "k); `dropped_timeout` (its worker exceeded the engine's timeout).",
+            "k); `dropped_timeout` (still training when the round passed `engine.round_timeout_s`, "
+            "in wall-clock seconds, under `timeout_policy: drop`).",
             "",
             markdown_table(outcome_shown),
             "",

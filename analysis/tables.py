@@ -233,7 +233,8 @@ def client_outcomes(clients: pd.DataFrame) -> pd.DataFrame:
     ``outcome`` is what a round did with a dispatched client: ``aggregated``,
     ``dropped_deadline`` (could not arrive by the round's deadline), ``dropped_offline`` (went
     offline before it arrived), ``overselected_unused`` (over-selection's late arrivals),
-    ``dropped_timeout`` (its worker exceeded the engine's timeout); docs/outputs.md.
+    ``dropped_timeout`` (still training when the round passed ``engine.round_timeout_s``, in
+    wall-clock seconds, under ``timeout_policy: drop``); docs/outputs.md.
 
     Args:
         clients: the ``clients`` frame of :func:`analysis.read_tables` (one row per (run, round,
