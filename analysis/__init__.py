@@ -3,10 +3,11 @@
 This package reads ``runs.parquet``, ``rounds.parquet`` and ``clients.parquet`` and never imports
 fedsim itself, so it works on a machine with only pandas, pyarrow and matplotlib::
 
-    from analysis import load_runs, bytes_to_target
+    from analysis import load_runs, bytes_to_target, time_to_target
     df = load_runs(["runs/digits-20261121-101500", "s3://bucket/runs/digits-seed1"])
     df.pivot_table(index="round", columns="run_id", values="test_accuracy")
     sweep = load_sweep("runs/digits-grid-sweep-20261205-104228")  # + trial_id and the grid's columns
+    time_to_target(df, 0.8)  # simulated seconds to 80% accuracy (runs with a ``system:`` section)
 """
 
 from analysis.errors import AnalysisError, MixedRunsWarning
@@ -15,10 +16,13 @@ from analysis.sweep import load_sweep
 from analysis.tables import (
     accuracy_vs_bytes,
     accuracy_vs_round,
+    accuracy_vs_time,
     bytes_to_target,
+    client_outcomes,
     mixed_runs,
     over_seeds,
     run_table,
+    time_to_target,
 )
 
 __all__ = [
@@ -26,7 +30,9 @@ __all__ = [
     "MixedRunsWarning",
     "accuracy_vs_bytes",
     "accuracy_vs_round",
+    "accuracy_vs_time",
     "bytes_to_target",
+    "client_outcomes",
     "figure_bytes",
     "load_runs",
     "load_sweep",
@@ -37,6 +43,7 @@ __all__ = [
     "read_tables",
     "run_table",
     "save_figure",
+    "time_to_target",
 ]
 
 _PLOTS = {"plot_convergence", "plot_cost", "save_figure", "figure_bytes"}

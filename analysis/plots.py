@@ -26,12 +26,14 @@ from analysis.tables import (
     _is_dry,
     accuracy_vs_bytes,
     accuracy_vs_round,
+    accuracy_vs_time,
     no_evaluation_message,
     run_table,
 )
 
 ROUNDS_LABEL = "communication rounds"
 ACCURACY_LABEL = "test accuracy"
+TIME_LABEL = "simulated time (s)"
 
 
 def bytes_label(unit: str = "MB", upload_only: bool = False) -> str:
@@ -57,12 +59,16 @@ def plot_convergence(
     target: float | None = None,
     title: str | None = None,
 ) -> Figure:
-    """Test accuracy against message size and against rounds, the shape of FedMA's Figure 2.
+    """Test accuracy against message size and against rounds, the shape of FedMA's Figure 2, and
+    against simulated time when the runs have a virtual clock.
 
     Wang et al., "Federated Learning with Matched Averaging" (ICLR 2020), Figure 2 compares
     methods by test accuracy against the cumulative size of the messages exchanged and against
     communication rounds; this draws the same two panels, one line per run name. Repeated runs of
     one name (several experiment directories, e.g. seeds) share its colour and legend entry.
+    When some run has a clock (a ``system:`` section: non-null ``sim_time_s`` in rounds.parquet),
+    a third panel draws accuracy against simulated seconds, the time-to-accuracy view of FedScale
+    (Lai et al., ICML 2022); runs without a clock are left out of that panel only.
 
     Args:
         df: a :func:`analysis.load_runs` frame.
@@ -73,7 +79,8 @@ def plot_convergence(
 
     Returns:
         A Figure with two Axes: [0] x = ``bytes_label(unit, upload_only)``, [1] x =
-        ``"communication rounds"`` (rounds completed, i.e. ``round + 1``); y = ``"test accuracy"``.
+        ``"communication rounds"`` (rounds completed, i.e. ``round + 1``); and, when some run
+        has a clock, [2] x = ``"simulated time (s)"`` (``sim_time_s``); y = ``"test accuracy"``.
 
     Raises:
         AnalysisError: unknown unit, or ``df`` lacks the load_runs columns or has no evaluated round.
@@ -82,12 +89,16 @@ def plot_convergence(
     by_round = accuracy_vs_round(df)
     if by_round.empty:
         raise AnalysisError(no_evaluation_message(df))
+    by_time = accuracy_vs_time(df)
     xcol = by_bytes.columns[-2]
-    fig = _figure(11.0, 4.2)
-    ax_bytes, ax_rounds = fig.subplots(1, 2, sharey=True)
+    timed = not by_time.empty
+    fig = _figure(16.0 if timed else 11.0, 4.2)
+    axes = list(fig.subplots(1, 3 if timed else 2, sharey=True))
+    ax_bytes, ax_rounds = axes[:2]
     colors = _colors(by_round["run_id"].tolist())
     labelled: set[str] = set()
     counts = by_round.drop_duplicates(KEYS)["run_id"].value_counts()
+    curves_in_time = dict(tuple(by_time.groupby(KEYS, sort=False)))
     for (exp_dir, run_id), curve in by_round.groupby(KEYS, sort=False):
         sized = by_bytes[(by_bytes["experiment_dir"] == exp_dir) & (by_bytes["run_id"] == run_id)]
         label = None
@@ -103,9 +114,14 @@ def plot_convergence(
         )
         ax_bytes.plot(sized[xcol], sized["test_accuracy"], label=label, **style)
         ax_rounds.plot(curve["round"] + 1, curve["test_accuracy"], label=label, **style)
+        in_time = curves_in_time.get((exp_dir, run_id))
+        if in_time is not None:
+            axes[2].plot(in_time["sim_time_s"], in_time["test_accuracy"], **style)
     ax_bytes.set_xlabel(bytes_label(unit, upload_only))
     ax_rounds.set_xlabel(ROUNDS_LABEL)
-    for ax in (ax_bytes, ax_rounds):
+    if timed:
+        axes[2].set_xlabel(TIME_LABEL)
+    for ax in axes:
         ax.set_ylabel(ACCURACY_LABEL)
         ax.grid(True, alpha=0.3)
         if target is not None:

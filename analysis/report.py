@@ -3,9 +3,11 @@
 Writes into DIR (default ``<first RUN_DIR>/report``):
 
 * ``convergence.png`` / ``.svg``: test accuracy against cumulative message size (MB, both
-  directions) and against communication rounds, one line per run (FedMA's Figure 2 layout);
+  directions) and against communication rounds, one line per run (FedMA's Figure 2 layout), and
+  against simulated time when some run has a virtual clock (a ``system:`` section);
 * ``cost.png`` / ``.svg``: final/best accuracy, GB up/down (and TMACs when logged) per run;
-* ``summary.md``: the summary table, per-seed means when runs repeat, and the figures;
+* ``summary.md``: the summary table, a table of client outcomes when some client was not
+  aggregated (dropped or over-selected), per-seed means when runs repeat, and the figures;
 
 and prints the summary table. Dry-run projections (``fedsim run --dry-run``) have no results and
 are left out (a line says so); a report of dry runs only is refused. When runs repeated under one
@@ -33,11 +35,12 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from analysis.errors import AnalysisError, MixedRunsWarning
-from analysis.load import _locate, load_runs, write_bytes
+from analysis.load import _locate, load_runs, read_tables, write_bytes
 from analysis.tables import (
     KEYS,
     _is_dry,
     bytes_to_target,
+    client_outcomes,
     mixed_runs,
     no_evaluation_message,
     over_seeds,
@@ -65,6 +68,8 @@ _FORMATS = {
     "wall_s": "{:.1f}",
     "MB_to_target": "{:.2f}",
     "rounds_to_target": "{:.0f}",
+    "sim_s": "{:.2f}",
+    "sim_s_to_target": "{:.2f}",
     "TMACs": "{:.3g}",
     "rounds": "{:d}",
     "seed": "{:d}",
@@ -79,8 +84,10 @@ class Report:
         out_dir: where the files went (absolute local path or URI).
         files: the files written (summary.md, convergence.png/.svg, cost.png/.svg).
         summary: one row per run, columns ``SUMMARY_COLUMNS`` (``experiment`` and ``seed`` added
-            after ``algorithm`` when several directories are reported, ``TMACs`` when logged,
-            ``status`` last); accuracies in [0, 1], sizes in MB (1e6 bytes), seconds.
+            after ``algorithm`` when several directories are reported; ``sim_s`` after
+            ``wall_s`` and ``sim_s_to_target`` after ``rounds_to_target`` when some run has a
+            virtual clock; ``TMACs`` when logged, ``status`` last); accuracies in [0, 1], sizes
+            in MB (1e6 bytes), seconds (``sim_s*``: simulated seconds).
         seeds: per run name mean/std over repeated runs (:func:`analysis.over_seeds`), or None
             when no run name repeats.
         target: the accuracy ``MB_to_target`` refers to: 0.9 x the best accuracy of any run.
@@ -88,6 +95,10 @@ class Report:
         dry_run_dirs: directories of dry-run projections that were left out.
         seeds_warning: why ``seeds`` is not a spread over seeds (:func:`analysis.mixed_runs`:
             the runs differ in more than the seed, or repeat one), or None.
+        outcomes: client rows per outcome and run (``run``, ``experiment`` when several
+            directories are reported, then the counts of :func:`analysis.client_outcomes`), or
+            None when every client of every run was aggregated (or clients.parquet has no
+            ``outcome`` column).
     """
 
     out_dir: str
@@ -98,6 +109,7 @@ class Report:
     text: str
     dry_run_dirs: tuple[str, ...] = ()
     seeds_warning: str | None = None
+    outcomes: pd.DataFrame | None = None
 
 
 def _fmt(value, spec: str | None) -> str:
@@ -143,12 +155,18 @@ def _per_run(df: pd.DataFrame, target_fraction: float) -> tuple[pd.DataFrame, li
         raise AnalysisError(no_evaluation_message(df))
     best = table.loc[table["best_acc"].idxmax()]
     target = target_fraction * float(best["best_acc"])
-    reach = bytes_to_target(df, target)[KEYS + ["cum_bytes", "round"]].rename(columns={"round": "_round"})
-    table = table.merge(reach, on=KEYS, how="left")
+    reach = bytes_to_target(df, target)[KEYS + ["cum_bytes", "round", "sim_time_s"]]
+    table = table.merge(reach.rename(columns={"round": "_round"}), on=KEYS, how="left")
     table["MB_to_target"] = table["cum_bytes"] / 1e6
     table["rounds_to_target"] = table.pop("_round") + 1  # communication rounds, counting the one reaching it
+    reached_at = table.pop("sim_time_s")
     table = table.rename(columns={"run_id": "run"})
     cols = list(SUMMARY_COLUMNS)
+    clocked = "sim_s" in table.columns  # run_table adds it when some run has a virtual clock
+    if clocked:
+        table["sim_s_to_target"] = reached_at
+        cols.insert(cols.index("wall_s") + 1, "sim_s")
+        cols.insert(cols.index("rounds_to_target") + 1, "sim_s_to_target")
     if table["experiment_dir"].nunique() > 1:
         table["experiment"] = table["experiment_dir"].map(lambda d: d.rstrip("/").rsplit("/", 1)[-1])
         cols[2:2] = ["experiment", "seed"]
@@ -158,8 +176,15 @@ def _per_run(df: pd.DataFrame, target_fraction: float) -> tuple[pd.DataFrame, li
         f"MB_to_target: cumulative traffic (up + down, MB = 1e6 bytes) when test accuracy first "
         f"reached {target:.4f} = {target_fraction:.0%} of the best accuracy observed "
         f"({float(best['best_acc']):.4f}, run {best['run_id']}{where}); rounds_to_target: the "
-        "communication rounds it took (the reaching round included); '-': never reached"
+        "communication rounds it took (the reaching round included)"
     )
+    if clocked:
+        note += (
+            "; sim_s: simulated seconds on the virtual clock when the run's last model was ready; "
+            "sim_s_to_target: simulated seconds when it first reached the target ('-' also for a "
+            "run without a system: section, which has no clock)"
+        )
+    note += "; '-': never reached"
     return table.reset_index(drop=True), cols, target, note
 
 
@@ -184,6 +209,8 @@ def _seed_table(table: pd.DataFrame) -> tuple[pd.DataFrame | None, str | None]:
     if "seed" not in table.columns or not table["run"].duplicated().any():
         return None, None
     metrics = ["final_acc", "best_acc", "MB_to_target", "rounds_to_target"]
+    if "sim_s" in table.columns:  # some run has a virtual clock
+        metrics += ["sim_s", "sim_s_to_target"]
     runs = table.rename(columns={"run": "run_id"})
     problem = mixed_runs(runs, "run_id")
     with warnings.catch_warnings():
@@ -191,6 +218,25 @@ def _seed_table(table: pd.DataFrame) -> tuple[pd.DataFrame | None, str | None]:
         seeds = over_seeds(runs, metrics).rename(columns={"run_id": "run"})
     seeds["reached"] = table.groupby("run", sort=False)["MB_to_target"].count().to_numpy()
     return seeds, problem
+
+
+def _outcome_table(paths: Sequence, table: pd.DataFrame) -> pd.DataFrame | None:
+    """Client rows per outcome for each run of the full per-run ``table`` (``run``, ``experiment``
+    when it has that column, then the counts of :func:`analysis.client_outcomes`), or None when
+    clients.parquet has no ``outcome`` column or every client of these runs was aggregated."""
+    clients = read_tables(paths, ["clients"])["clients"]
+    if "outcome" not in clients.columns:
+        return None
+    ids = ["run"] + [c for c in ("experiment",) if c in table.columns]
+    runs = table[["experiment_dir"] + ids].assign(run_id=table["run"])
+    clients = clients.merge(runs[KEYS], on=KEYS, how="inner")  # the reported runs (no dry runs)
+    if clients["outcome"].dropna().eq("aggregated").all():
+        return None
+    counts = client_outcomes(clients)
+    out = runs.merge(counts, on=KEYS, how="left")
+    named = [c for c in counts.columns if c not in KEYS]
+    out[named] = out[named].fillna(0).astype("int64")
+    return out[ids + named].reset_index(drop=True)
 
 
 def _seed_shown(seeds: pd.DataFrame) -> pd.DataFrame:
@@ -201,7 +247,11 @@ def _seed_shown(seeds: pd.DataFrame) -> pd.DataFrame:
         ("best_acc", "{:.4f}"),
         ("MB_to_target", "{:.2f}"),
         ("rounds_to_target", "{:.1f}"),
+        ("sim_s", "{:.2f}"),
+        ("sim_s_to_target", "{:.2f}"),
     ):
+        if f"{m}_mean" not in seeds.columns:
+            continue
         out[m] = [f"{_fmt(a, spec)} ± {_fmt(s, spec)}" for a, s in zip(seeds[f"{m}_mean"], seeds[f"{m}_std"])]
     out["reached"] = [f"{k}/{n}" for k, n in zip(seeds["reached"], seeds["n_runs"])]
     return out
@@ -267,6 +317,8 @@ def write_report(
     full, cols, target, note = _per_run(df, target_fraction)
     summary = full[cols]
     seeds, problem = _seed_table(full)
+    outcomes = _outcome_table(paths, full)
+    timed = "sim_s" in full.columns  # some run has a virtual clock
     from analysis.plots import figure_bytes, plot_convergence, plot_cost  # imports matplotlib (slow)
 
     loc = _out_location([os.fspath(p) for p in paths], out)
@@ -293,6 +345,23 @@ def write_report(
         )
         text += "\n" + left_out
         md += [left_out, ""]
+    if outcomes is not None:
+        outcome_shown = _shown(
+            outcomes, {c: "{:d}" for c in outcomes.columns if c not in ("run", "experiment")}
+        )
+        text += "\nclient outcomes (clients.parquet rows per run):\n" + outcome_shown.to_string(index=False)
+        md += [
+            "## Client outcomes",
+            "",
+            "Client rows of `clients.parquet` per run and `outcome`, over all rounds: `aggregated`; "
+            "`dropped_deadline` (could not arrive by the round's deadline); `dropped_offline` (went "
+            "offline before arriving); `overselected_unused` (over-selected, arrived after the first "
+            "k); `dropped_timeout` (still training when the round passed `engine.round_timeout_s`, "
+            "in wall-clock seconds, under `timeout_policy: drop`).",
+            "",
+            markdown_table(outcome_shown),
+            "",
+        ]
     if seeds is not None:
         seed_shown = _seed_shown(seeds)
         text += "\n"
@@ -303,16 +372,22 @@ def write_report(
         md += [f"**Warning:** {problem}.", ""] if problem else []
         md += [
             "Mean ± sample standard deviation over runs of the same name; MB_to_target "
-            "over the runs that reached the target (`reached`: how many did).",
+            + ("and sim_s_to_target " if timed else "")
+            + "over the runs that reached the target (`reached`: how many did).",
             "",
             markdown_table(seed_shown),
             "",
         ]
+    axes = (
+        "cumulative message size (MB, up + down), against communication rounds and, for the runs "
+        "with a virtual clock (a `system:` section), against simulated time (`sim_time_s`, seconds)"
+        if timed
+        else "cumulative message size (MB, up + down) and against communication rounds"
+    )
     md += [
         "## Figures",
         "",
-        "Test accuracy against cumulative message size (MB, up + down) and against communication "
-        "rounds; the dotted line is the target accuracy.",
+        f"Test accuracy against {axes}; the dotted line is the target accuracy.",
         "",
         "![convergence](convergence.png)",
         "",
@@ -334,6 +409,7 @@ def write_report(
         text=text,
         dry_run_dirs=dry_dirs,
         seeds_warning=problem,
+        outcomes=outcomes,
     )
 
 

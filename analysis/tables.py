@@ -23,6 +23,8 @@ _ID = ["experiment_dir", "run_id", "algorithm", "seed"]
 # Top-level config keys that may differ between repetitions of one experiment: the seed, and the
 # experiment's name and output location (which name where results go, not what was run).
 NOT_COMPARED = ("seed", "name", "output_dir")
+# clients.parquet ``outcome`` values, in the order fedsim defines them (fedsim/system/clock.py OUTCOMES).
+OUTCOMES = ("aggregated", "dropped_deadline", "dropped_offline", "overselected_unused", "dropped_timeout")
 
 
 def _need(df: pd.DataFrame, columns: Sequence[str]) -> None:
@@ -118,6 +120,42 @@ def accuracy_vs_bytes(df: pd.DataFrame, unit: str = "MB", upload_only: bool = Fa
     return out.reset_index(drop=True)
 
 
+def _sim_time(df: pd.DataFrame) -> pd.Series:
+    """``sim_time_s`` as float64; all NaN for a frame without the column (run logs older than the
+    virtual clock)."""
+    if "sim_time_s" not in df.columns:
+        return pd.Series(np.nan, index=df.index, dtype=np.float64)
+    return df["sim_time_s"].astype(np.float64)
+
+
+def has_clock(df: pd.DataFrame) -> bool:
+    """True when some row of ``df`` has a simulated time (some run had a ``system:`` section)."""
+    return bool(_sim_time(df).notna().any())
+
+
+def accuracy_vs_time(df: pd.DataFrame) -> pd.DataFrame:
+    """Test accuracy against simulated time on fedsim's virtual clock, one row per evaluated round.
+
+    ``sim_time_s`` is the simulated second at which the round's global model is ready (cumulative
+    within a run, from the clients' devices, exact MACs and bytes; docs/outputs.md). Runs without
+    a ``system:`` section have no clock (``sim_time_s`` null, or no such column in older logs) and
+    are left out.
+
+    Returns:
+        Columns ``experiment_dir, run_id, algorithm, seed, round`` (int, 0-based), ``sim_time_s``
+        (float64, simulated seconds) and ``test_accuracy`` (float in [0, 1]); only evaluated rounds
+        with a simulated time. Empty (same columns) when no run has a clock.
+
+    Raises:
+        AnalysisError: ``df`` lacks the load_runs columns.
+    """
+    ev = _evaluated(df)
+    out = ev[_ids(ev) + ["round"]].copy()
+    out["sim_time_s"] = _sim_time(ev)
+    out["test_accuracy"] = ev["test_accuracy"].to_numpy()
+    return out[out["sim_time_s"].notna()].reset_index(drop=True)
+
+
 def bytes_to_target(df: pd.DataFrame, target: float) -> pd.DataFrame:
     """Communication needed to first reach a test accuracy, per run.
 
@@ -132,10 +170,11 @@ def bytes_to_target(df: pd.DataFrame, target: float) -> pd.DataFrame:
         One row per run (``experiment_dir, run_id, algorithm, seed``, and ``dry_run`` when
         loaded), in the frame's order, with ``target`` (float), ``reached`` (bool), and, at the
         first round reaching it (all NaN when the run never did): ``round`` (0-based),
-        ``cum_bytes`` (bytes, both directions), ``cum_bytes_up``, ``cum_bytes_down`` (bytes) and
-        ``cum_wall_seconds`` (seconds), as float; then ``config_json`` when loaded (what
-        :func:`over_seeds` compares). A dry-run projection never reaches a target. Average over
-        seeds with :func:`over_seeds`.
+        ``cum_bytes`` (bytes, both directions), ``cum_bytes_up``, ``cum_bytes_down`` (bytes),
+        ``cum_wall_seconds`` (seconds) and ``sim_time_s`` (simulated seconds on the virtual clock
+        when that round's model was ready; NaN also for a run without a ``system:`` section), as
+        float; then ``config_json`` when loaded (what :func:`over_seeds` compares). A dry-run
+        projection never reaches a target. Average over seeds with :func:`over_seeds`.
 
     Raises:
         AnalysisError: ``target`` outside [0, 1], or ``df`` lacks the load_runs columns.
@@ -146,16 +185,85 @@ def bytes_to_target(df: pd.DataFrame, target: float) -> pd.DataFrame:
     cost = ["round", "cum_bytes", "cum_bytes_up", "cum_bytes_down"] + (
         ["cum_wall_seconds"] if "cum_wall_seconds" in df.columns else []
     )
+    cost.append("sim_time_s")
     ids = _ids(df) + [c for c in ("dry_run",) if c in df.columns]
     tail = [c for c in ("config_json",) if c in df.columns]
     runs = df[ids + tail].drop_duplicates(KEYS).reset_index(drop=True)
-    hit = _evaluated(df)
+    hit = _evaluated(df.assign(sim_time_s=_sim_time(df)))
     hit = hit[hit["test_accuracy"] >= target].drop_duplicates(KEYS, keep="first")[KEYS + cost]
     out = runs.merge(hit, on=KEYS, how="left")
     out[cost] = out[cost].astype(np.float64)
     out["target"] = float(target)
     out["reached"] = out["round"].notna()
     return out[ids + ["target", "reached"] + cost + tail]
+
+
+def time_to_target(df: pd.DataFrame, target: float) -> pd.DataFrame:
+    """Simulated seconds until a run first reaches a test accuracy: the time-to-accuracy measure
+    of FedScale (Lai et al., ICML 2022) on fedsim's virtual clock.
+
+    The columns of :func:`bytes_to_target` that concern time, for reading or for
+    :func:`over_seeds` (``over_seeds(time_to_target(df, 0.8), ["sim_time_s"])``).
+
+    Args:
+        df: a :func:`analysis.load_runs` frame.
+        target: test accuracy in [0, 1].
+
+    Returns:
+        One row per run (``experiment_dir, run_id, algorithm, seed``, and ``dry_run`` when
+        loaded), in the frame's order, with ``target`` (float), ``reached`` (bool), ``round``
+        (0-based, float: NaN when never reached) and ``sim_time_s`` (float64, simulated seconds
+        at which the first round reaching ``target`` had its model ready; NaN when the run never
+        reached it or has no clock, i.e. no ``system:`` section, even if it reached the target);
+        then ``config_json`` when loaded.
+
+    Raises:
+        AnalysisError: ``target`` outside [0, 1], or ``df`` lacks the load_runs columns.
+    """
+    out = bytes_to_target(df, target)
+    keep = [
+        c for c in out.columns if c not in ("cum_bytes", "cum_bytes_up", "cum_bytes_down", "cum_wall_seconds")
+    ]
+    return out[keep]
+
+
+def client_outcomes(clients: pd.DataFrame) -> pd.DataFrame:
+    """How many client rows of each ``outcome`` every run logged (over all its rounds).
+
+    ``outcome`` is what a round did with a dispatched client: ``aggregated``,
+    ``dropped_deadline`` (could not arrive by the round's deadline), ``dropped_offline`` (went
+    offline before it arrived), ``overselected_unused`` (over-selection's late arrivals),
+    ``dropped_timeout`` (still training when the round passed ``engine.round_timeout_s``, in
+    wall-clock seconds, under ``timeout_policy: drop``); docs/outputs.md.
+
+    Args:
+        clients: the ``clients`` frame of :func:`analysis.read_tables` (one row per (run, round,
+            client), with ``experiment_dir``).
+
+    Returns:
+        One row per run (``experiment_dir``, ``run_id``, in the frame's order), then one int64
+        column per outcome: those of :data:`OUTCOMES` in that order, then any other value
+        alphabetically; 0 where a run had none of it. Rows with a null outcome are not counted.
+
+    Raises:
+        AnalysisError: ``clients`` has no ``outcome`` column (a log written before the virtual
+            clock) or lacks ``experiment_dir`` / ``run_id``.
+    """
+    if "outcome" not in clients.columns:
+        raise AnalysisError(
+            "the clients table has no outcome column (written by a fedsim older than the virtual "
+            "clock); re-run the experiment with this fedsim"
+        )
+    _need(clients, KEYS)
+    order = clients[KEYS].drop_duplicates()
+    counts = clients.groupby(KEYS + ["outcome"], sort=False).size().unstack("outcome", fill_value=0)
+    seen = set(counts.columns)
+    columns = [o for o in OUTCOMES if o in seen] + sorted(seen.difference(OUTCOMES))
+    counts = counts.reindex(columns=columns).reset_index()
+    out = order.merge(counts, on=KEYS, how="left")
+    out[columns] = out[columns].fillna(0).astype(np.int64)
+    out.columns.name = None
+    return out.reset_index(drop=True)
 
 
 def run_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -167,7 +275,9 @@ def run_table(df: pd.DataFrame) -> pd.DataFrame:
         round), ``best_acc`` (max over evaluated rounds; both NaN if none was evaluated, as in a
         dry-run projection), ``MB_up``, ``MB_down`` (total traffic in 1e6 bytes), ``wall_s`` (sum
         of round seconds), ``TMACs`` (sum of the per-round ``flops`` column / 1e12) when
-        rounds.parquet has a non-null ``flops``, and ``config_json`` (the run's full config, what
+        rounds.parquet has a non-null ``flops``, ``sim_s`` (simulated seconds on the virtual
+        clock when the run's last round had its model ready; NaN for a run without a clock)
+        when some run has a non-null ``sim_time_s``, and ``config_json`` (the run's full config, what
         :func:`over_seeds` compares) if loaded. Dry-run projections are kept, one row each
         (``dry_run`` True); :func:`over_seeds` leaves them out.
 
@@ -187,6 +297,8 @@ def run_table(df: pd.DataFrame) -> pd.DataFrame:
     out["wall_s"] = g["wall_seconds"].sum()
     if "flops" in df.columns and df["flops"].notna().any():
         out["TMACs"] = g["flops"].sum(min_count=1) / 1e12
+    if has_clock(df):
+        out["sim_s"] = ordered.assign(_sim=_sim_time(ordered)).groupby(KEYS, sort=False)["_sim"].last()
     if "config_json" in df.columns:
         out["config_json"] = g["config_json"].first()
     order = df[KEYS].drop_duplicates()

@@ -355,9 +355,16 @@ def _tiny_dir(
     name: str = "tiny",
     output_dir: str = "runs",
     run_ids: tuple[str, ...] = ("fedavg", "fedprox"),
+    sim_time_s: dict[str, list[float]] | None = None,
+    unevaluated: tuple[int, ...] = (),
+    outcomes: dict[str, list[str]] | None = None,
 ) -> Path:
     """An experiment directory as fedsim writes it, with made-up numbers: accuracy 0.5 + 0.1 seed +
-    0.05 round (null in a dry run), 1000 bytes each way and 1e9 flops per round."""
+    0.05 round + 0.01 run index (null in a dry run and in the ``unevaluated`` rounds), 1000 bytes
+    each way and 1e9 flops per round; ``sim_time_s`` (run id -> one simulated time per round)
+    adds that rounds.parquet column (absent otherwise, as in logs older than the virtual clock);
+    ``outcomes`` (run id -> outcomes) writes one clients.parquet row per outcome, in round 0, with
+    an ``outcome`` column (otherwise clients.parquet is empty and has no such column)."""
     import json
 
     import pyarrow as pa
@@ -390,7 +397,9 @@ def _tiny_dir(
                     "run_id": run_id,
                     "algorithm": run_id,
                     "round": r,
-                    "test_accuracy": None if dry_run else 0.5 + 0.1 * seed + 0.05 * r + 0.01 * k,
+                    "test_accuracy": None
+                    if dry_run or r in unevaluated
+                    else 0.5 + 0.1 * seed + 0.05 * r + 0.01 * k,
                     "bytes_up": 1000,
                     "bytes_down": 1000,
                     "cum_bytes_up": 1000 * (r + 1),
@@ -400,23 +409,29 @@ def _tiny_dir(
                     "wall_seconds": None if dry_run else 1.0,
                 }
             )
-    schema = {"test_accuracy": pa.float64(), "wall_seconds": pa.float64()}
+            if sim_time_s is not None:
+                rows[-1]["sim_time_s"] = sim_time_s.get(run_id, [None] * rounds)[r]
+    schema = {"test_accuracy": pa.float64(), "wall_seconds": pa.float64(), "sim_time_s": pa.float64()}
     rounds_table = pa.Table.from_pylist(rows)
     rounds_table = rounds_table.cast(
         pa.schema([pa.field(f.name, schema.get(f.name, f.type)) for f in rounds_table.schema])
     )
     pq.write_table(pa.Table.from_pylist(runs), path / "runs.parquet")
     pq.write_table(rounds_table, path / "rounds.parquet")
-    pq.write_table(
-        pa.table(
-            {
-                "run_id": pa.array([], pa.string()),
-                "round": pa.array([], pa.int64()),
-                "client_id": pa.array([], pa.int64()),
-            }
-        ),
-        path / "clients.parquet",
-    )
+    clients = {
+        "run_id": pa.array([], pa.string()),
+        "round": pa.array([], pa.int64()),
+        "client_id": pa.array([], pa.int64()),
+    }
+    if outcomes is not None:
+        listed = [(run_id, i, o) for run_id, os_ in outcomes.items() for i, o in enumerate(os_)]
+        clients = {
+            "run_id": pa.array([r for r, _, _ in listed], pa.string()),
+            "round": pa.array([0] * len(listed), pa.int64()),
+            "client_id": pa.array([i for _, i, _ in listed], pa.int64()),
+            "outcome": pa.array([o for _, _, o in listed], pa.string()),
+        }
+    pq.write_table(pa.table(clients), path / "clients.parquet")
     return path
 
 
