@@ -623,7 +623,7 @@ SYNCHRONOUS_ONLY = {
 
 
 class AsyncConfig(RunConfig):
-    """An asynchronous run (FedBuff, FedAsync; docs/heterogeneity.md, "Asynchronous aggregation"):
+    """An asynchronous run (FedBuff, FedAsync; docs/asynchronous.md):
     ``concurrency`` clients train at all times on the virtual clock, each from the model version
     it downloaded; ``rounds`` counts server steps. A client's update is weighted by a function
     s of its staleness tau (server steps since its download; Xie et al. 2019): ``constant`` 1,

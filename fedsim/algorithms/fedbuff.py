@@ -12,10 +12,13 @@ x + Delta_bar, the paper's line 12 with eta_g = 1), or FedAdam, FedYogi or FedAd
 (Reddi et al. 2021, Algorithm 2; :mod:`fedsim.algorithms.fedopt`). BatchNorm running statistics and
 integer counters are not stepped: they become the example-weighted mean of the buffered uploads.
 
-How it differs elsewhere: FLSim's ``FedBuffAggregator`` (flsim/optimizers/async_aggregators.py)
-divides the staleness weights by their value at the average staleness; FedScale's asynchronous
-aggregator averages model weights re-normalised by staleness instead of applying a buffered delta
-with a server learning rate; FLGo's FedBuff weights no update by staleness. fedsim follows the
+How it differs elsewhere: FLSim's ``HybridAggregator`` (flsim/optimizers/async_aggregators.py,
+``_collect_client_update`` and ``_update_global_model``) reduces the buffered deltas as a weighted
+sum (``ReductionType.WEIGHTED_SUM``) and steps a torch optimiser on it, so its server learning rate
+absorbs the paper's 1/K. FedScale's asynchronous aggregator
+(fedscale/cloud/aggregation/async_aggregator.py, ``update_weight_aggregation``) averages the
+clients' model weights with weights 1 / (1 + staleness), normalised by their sum, and sets the
+global model to that average: no buffered delta and no server learning rate. fedsim follows the
 paper: the buffer holds s(tau) Delta and is divided by K.
 
 With C = K = the cohort, identical devices (every update of a step has staleness 0), ``staleness:
@@ -62,7 +65,10 @@ class FedBuffState:
 
 
 def _f64(x) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).to(torch.float64)
+    """A float64 CPU copy of a tensor or numpy array (uploads from Ray's object store are read-only)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().to(torch.float64)
+    return torch.from_numpy(np.array(x, dtype=np.float64))
 
 
 @register

@@ -84,7 +84,13 @@ def test_fedbuff_with_c_equal_k_equal_the_cohort_is_fedavg_with_equal_weights(tm
     cfg = experiment(
         [
             {"algorithm": "fedavg", "rounds": 3},
-            {"algorithm": "fedbuff", "rounds": 3, "concurrency": 4, "buffer_size": 4, "staleness": "constant"},
+            {
+                "algorithm": "fedbuff",
+                "rounds": 3,
+                "concurrency": 4,
+                "buffer_size": 4,
+                "staleness": "constant",
+            },
         ],
         system={},  # identical devices: every update of a step arrives together, staleness 0
         examples_per_client=150,  # equal sizes: FedAvg's example weights are equal weights
@@ -104,7 +110,13 @@ def test_fedasync_with_alpha_1_and_one_client_in_flight_is_sequential_sgd_over_c
     cfg = experiment(
         [
             {"algorithm": "fedavg", "rounds": 5},
-            {"algorithm": "fedasync", "rounds": 5, "concurrency": 1, "alpha": 1.0, "local_objective": "fedavg"},
+            {
+                "algorithm": "fedasync",
+                "rounds": 5,
+                "concurrency": 1,
+                "alpha": 1.0,
+                "local_objective": "fedavg",
+            },
         ],
         clients=6,
     )
@@ -175,7 +187,15 @@ def test_updates_staler_than_max_staleness_are_discarded_and_logged(hetero):
         ({"algorithm": "fedasync", "staleness": "exponential"}, "staleness"),
         ({"algorithm": "fedbuff", "local_objective": "scaffold"}, "scaffold cannot run asynchronously"),
         ({"algorithm": "fedasync", "local_objective": "fedma"}, "fedma cannot run asynchronously"),
-        ({"algorithm": "fedbuff", "concurrency": 2, "buffer_size": 2, "system": {"mode": "deadline", "deadline_s": 3}}, "is asynchronous"),
+        (
+            {
+                "algorithm": "fedbuff",
+                "concurrency": 2,
+                "buffer_size": 2,
+                "system": {"mode": "deadline", "deadline_s": 3},
+            },
+            "is asynchronous",
+        ),
     ],
 )
 def test_bad_asynchronous_settings_are_one_clear_error(run, match):
@@ -185,8 +205,61 @@ def test_bad_asynchronous_settings_are_one_clear_error(run, match):
 
 def test_buffer_above_concurrency_runs_when_allowed(tmp_path):
     cfg = experiment(
-        [{"algorithm": "fedbuff", "rounds": 2, "concurrency": 2, "buffer_size": 3, "allow_buffer_above_concurrency": True}]
+        [
+            {
+                "algorithm": "fedbuff",
+                "rounds": 2,
+                "concurrency": 2,
+                "buffer_size": 3,
+                "allow_buffer_above_concurrency": True,
+            }
+        ]
     )
     run_all(cfg, api.prepare(cfg), tmp_path)
     r = pd.read_parquet(tmp_path / "rounds.parquet")
     assert (r["clients"] == 3).all()
+
+
+def test_stacked_training_and_worker_count_change_no_event_of_an_asynchronous_run(
+    tmp_path, hetero, ray_local
+):
+    """The same FedBuff run with stacked training on two Ray workers: the same events (who, when,
+    which version, staleness) as the sequential one-by-one run of the module fixture, and the same
+    accuracy up to float rounding."""
+    world = {
+        "devices": {
+            "compute_macs_per_s": {"distribution": "lognormal", "median": 2e7, "sigma": 1.0},
+            "uplink_bytes_per_s": {"distribution": "lognormal", "median": 1e5, "sigma": 1.0},
+        }
+    }
+    cfg = experiment(
+        [{"algorithm": "fedbuff", "rounds": 6, "concurrency": 4, "buffer_size": 2}], clients=8, system=world
+    )
+    cfg = cfg.model_copy(
+        update={
+            "engine": cfg.engine.model_copy(
+                update={"backend": "ray", "num_workers": 2, "vectorize": "always"}
+            )
+        }
+    )
+    run_dir = api.new_run_dir(tmp_path, cfg.name)
+    list(api.execute(cfg, api.prepare(cfg), run_dir))
+    c = pd.read_parquet(run_dir / "clients.parquet")
+    ref = hetero[0][hetero[0].run_id == "fedbuff"]
+    keys = [
+        "round",
+        "client_id",
+        "model_version",
+        "staleness",
+        "sim_dispatch_s",
+        "sim_arrival_s",
+        "outcome",
+        "local_steps",
+        "macs",
+    ]
+    pd.testing.assert_frame_equal(
+        c[keys].reset_index(drop=True), ref[keys].reset_index(drop=True), check_exact=True
+    )
+    r = pd.read_parquet(run_dir / "rounds.parquet")
+    ref_r = hetero[1][hetero[1].run_id == "fedbuff"]
+    np.testing.assert_allclose(r["test_accuracy"], ref_r["test_accuracy"], atol=3 / 359)
