@@ -53,6 +53,12 @@ class AsyncAlgorithm(WithLocalObjective):
     )
     quick = {"rounds": 3, "concurrency": 2}
 
+    def updates_per_step(self) -> int:
+        """Consumed updates per server step (FedAsync: 1; FedBuff: K): the event simulation counts
+        steps with it before any update is trained (:mod:`fedsim.engine.asynchronous`), and
+        :meth:`arrive` must step exactly then."""
+        return 1
+
     def s(self, tau: int) -> float:
         """The run's staleness weight of ``tau`` (:func:`staleness_weight`)."""
         c = self.cfg

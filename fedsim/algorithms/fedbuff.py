@@ -80,6 +80,9 @@ class FedBuff(AsyncAlgorithm):
     AlgoState = FedBuffState
     quick = {"rounds": 3, "concurrency": 2, "buffer_size": 2}
 
+    def updates_per_step(self) -> int:
+        return self.cfg.buffer_size
+
     def init_state(self, params: P.Params) -> ServerState:
         return ServerState(params=P.clone(params), algo_state=FedBuffState())
 

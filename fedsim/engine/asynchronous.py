@@ -9,27 +9,35 @@ are ordered by the total key (time, kind, client, dispatch): arrivals (and a dro
 offline) before dispatches at the same instant, so updates that arrive together are consumed
 before their slots are refilled.
 
-Training is not serial: every client in flight trains from a model version the server already
-has, so when the next event is the arrival of a client not yet trained, every untrained client in
-flight is trained in one batch per model version on the worker pool (stacked under
-``engine.vectorize``). Which clients train together changes no result: each trains from its own
-version with its own (seed, stream, dispatch, client) generators.
+None of this depends on the models' values: who is dispatched when, with which model version,
+when each update arrives, its staleness, and which arrival completes a server step (every
+``updates_per_step``-th consumed update) follow from the clock alone. :class:`AsyncEngine`
+therefore simulates the events ahead of the server (:meth:`AsyncEngine.advance`), and the server
+consumes the simulated arrivals in order (:meth:`AsyncEngine.next_arrival`), folding each trained
+update into its state. Training is not serial: when an update that is not trained yet is consumed
+at server version v, the simulation is run on until its step v + 1, so that every client that
+will ever download a version up to v is known, and all of those are trained at once, one backend
+call per model version, stacked under ``engine.vectorize``. For FedBuff that is about K clients a
+call, as a synchronous round's cohort. Which clients train together changes no result: each trains
+from its own version with its own (seed, stream, dispatch, client) generators.
 
 :meth:`AsyncEngine.plain` and :meth:`AsyncEngine.restore` carry the event state through a
-checkpoint (clients in flight, their versions and the models they downloaded, pending dispatches):
-a resumed run retrains the clients in flight and continues to the same tables.
+checkpoint (the simulation's clients in flight, its pending arrivals, dispatches and counters, and
+the models those clients downloaded); a resumed run retrains what it had trained and not yet
+consumed, and continues to the same tables.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from fedsim import params as P
-from fedsim.algorithms import Algorithm, ClientResult, ClientTask, RoundPlan, ServerState
+from fedsim.algorithms import Algorithm, ClientResult, ClientTask, ServerState
 from fedsim.config import ExperimentConfig, RunConfig
 from fedsim.engine import timing
 from fedsim.engine.timing import RunClock
@@ -37,19 +45,25 @@ from fedsim.rng import numpy_rng
 from fedsim.system import clock
 
 ARRIVE, DISPATCH = 0, 1  # event kinds, in their tie-break order
+DISCARDED_STALE = "discarded_stale"
 
 
 @dataclass
 class Flight:
-    """A client dispatched and not yet consumed.
+    """One dispatched client update.
 
     Attributes:
         client: its id; version: the server step its model came from; batch: the dispatch that
-            sent it (its tasks' ``round``, which keys its random streams).
+            sent it (its task's ``round``, which keys its random streams).
         dispatch_s / arrival_s: simulated seconds it received the model / its upload arrives;
             event_s: when the server learns of it (``arrival_s``, or the time its device goes
             offline when ``outcome`` is ``dropped_offline``).
-        bytes_down: its download, bytes.
+        outcome: ``aggregated`` (it will arrive), ``dropped_offline``, or ``discarded_stale`` once
+            the simulation found it too stale.
+        bytes_down / bytes_up / macs: its projected download and upload (bytes) and training
+            multiply-accumulates, which its logged figures must equal. staleness: server steps
+            between its download and its arrival, set when the simulation reaches its arrival.
+            steps: whether consuming it completes a server step (set likewise).
         result: its trained update, None until trained (never stored in a checkpoint).
     """
 
@@ -61,10 +75,11 @@ class Flight:
     event_s: float
     outcome: str
     bytes_down: int
+    bytes_up: int
+    macs: int
+    staleness: int | None = None
+    steps: bool = False
     result: ClientResult | None = None
-
-    def key(self) -> tuple[float, int, int, int]:
-        return (self.event_s, ARRIVE, self.client, self.batch)
 
     def plain(self) -> dict[str, Any]:
         d = asdict(self)
@@ -73,7 +88,7 @@ class Flight:
 
 
 class AsyncEngine:
-    """The event state of one asynchronous run, on the driver.
+    """The event simulation of one asynchronous run, ahead of its server, on the driver.
 
     Args:
         cfg, run, algo: the experiment, the run and its algorithm (an AsyncAlgorithm).
@@ -86,30 +101,36 @@ class AsyncEngine:
     ):
         self.cfg, self.run, self.algo, self.timer, self.j = cfg, run, algo, timer, num_clients
         self.concurrency: int = run.concurrency
-        self.flights: list[Flight] = []
-        self.dispatch_at: list[float] = [0.0]  # simulated times at which freed slots wait to be filled
+        self.per_step: int = algo.updates_per_step()
+        # the simulation
+        self.flights: list[Flight] = []  # in flight in the simulation
+        self.arrived: deque[Flight] = deque()  # arrived in the simulation, not yet consumed by the server
+        self.dispatch_at: list[float] = [0.0]  # times at which freed slots wait to be filled
         self.batches = 0
+        self.sim_version = 0  # server steps the simulation has taken
+        self.sim_count = 0  # updates in the simulated buffer
+        self.has_state: set[int] = set()  # clients with stored state in the simulation (MOON)
+        self.exhausted = False  # no client will ever be online again
+        # the server side
         self.models: dict[int, P.Params] = {}
-        self.plans: dict[int, RoundPlan] = {}
 
-    # ---- events ---------------------------------------------------------------------------------
-    def next_event(self) -> tuple[float, int, Flight | None] | None:
-        """The earliest pending event: (time, kind, the flight for an arrival), or None."""
-        keys = [(f.key(), f) for f in self.flights]
+    # ---- the simulation -------------------------------------------------------------------------
+    def _next_event(self) -> tuple[float, int, Flight | None] | None:
+        keys = [((f.event_s, ARRIVE, f.client, f.batch), f) for f in self.flights]
         keys += [((t, DISPATCH, -1, i), None) for i, t in enumerate(self.dispatch_at)]
         if not keys:
             return None
         k, f = min(keys, key=lambda kv: kv[0])
         return k[0], k[1], f
 
-    def dispatch(self, t: float, state: ServerState, version: int, store: dict[int, Any]) -> list[Flight]:
-        """Fill the free slots at time ``t`` (clearing every dispatch due at or before ``t``):
-        clients online at ``t`` and not in flight, drawn by the (seed, "cohort", b) stream. With no
-        client to draw, the slots wait for the first one to come online."""
+    def _dispatch(self, t: float, state: ServerState) -> None:
+        """Fill the free slots at ``t`` (clearing every dispatch due then): clients online at
+        ``t`` and not in flight, drawn by the (seed, "cohort", b) stream, with the simulation's
+        current version. With nobody to draw, the slots wait for the first client to come online."""
         self.dispatch_at = [x for x in self.dispatch_at if x > t]
         free = self.concurrency - len(self.flights)
         if free <= 0:
-            return []
+            return
         busy = {f.client for f in self.flights}
         online = self.timer.world.availability.online_mask(t, self.j)
         eligible = np.array([c for c in np.flatnonzero(online) if c not in busy], dtype=np.int64)
@@ -118,74 +139,138 @@ class AsyncEngine:
             nxt = min((self.timer.world.availability.next_online(c, t) for c in waiting), default=math.inf)
             if not math.isinf(nxt):
                 self.dispatch_at.append(nxt)
-            return []
+            return
         b = self.batches
         self.batches += 1
-        m = min(free, len(eligible))
-        pick = numpy_rng(self.cfg.seed, "cohort", b).choice(len(eligible), size=m, replace=False)
+        pick = numpy_rng(self.cfg.seed, "cohort", b).choice(
+            len(eligible), size=min(free, len(eligible)), replace=False
+        )
         cohort = tuple(int(c) for c in np.sort(eligible[pick]))
-        plan = self.algo.plan_round(state, b, cohort)
-        self.plans[b] = plan
-        self.models.setdefault(version, state.params)
-        broadcast = P.to_numpy(state.params)
-        downs = timing.bytes_down(plan, broadcast, [None] * len(cohort))
-        sched = self.timer.project(state, plan, t, downs, [c in store for c in cohort])
-        out = []
-        for dec, down in zip(sched.times.decisions, downs):
+        # the plan and the projection depend on the model's shapes only, not on its values
+        plan = self.algo.plan_round(state, self.sim_version, cohort)
+        downs = timing.bytes_down(plan, P.to_numpy(state.params), [None] * len(cohort))
+        sched = self.timer.project(state, plan, t, downs, [c in self.has_state for c in cohort])
+        for dec in sched.times.decisions:
             event = dec.arrival_s
             if dec.outcome == clock.DROPPED_OFFLINE:
                 event = self.timer.world.availability.offline_at(dec.client_id, t)
-            out.append(Flight(dec.client_id, version, b, t, dec.arrival_s, event, dec.outcome, down))
-        self.flights += out
-        return out
+            p = sched.projections[dec.client_id]
+            self.flights.append(
+                Flight(
+                    dec.client_id,
+                    self.sim_version,
+                    b,
+                    t,
+                    dec.arrival_s,
+                    event,
+                    dec.outcome,
+                    p.bytes_down,
+                    p.bytes_up,
+                    p.macs,
+                )
+            )
 
-    def free_slot(self, t: float) -> None:
-        """A client left the flight at ``t``: its slot is refilled at ``t``."""
-        self.dispatch_at.append(t)
+    def _arrive(self, f: Flight) -> None:
+        """``f`` arrives in the simulation: its staleness, whether it is discarded, and whether
+        it completes a server step."""
+        self.flights.remove(f)
+        self.dispatch_at.append(f.event_s)
+        if f.outcome == clock.AGGREGATED:
+            if self.algo.stateful:  # it trained: its next dispatch starts from its stored state
+                self.has_state.add(f.client)
+            f.staleness = self.sim_version - f.version
+            limit = self.run.max_staleness
+            if limit is not None and f.staleness > limit:
+                f.outcome = DISCARDED_STALE
+            else:
+                self.sim_count += 1
+                if self.sim_count >= self.per_step:
+                    f.steps = True
+                    self.sim_version += 1
+                    self.sim_count = 0
+        self.arrived.append(f)
 
-    def untrained(self) -> list[Flight]:
-        """Flights still to train (dropped clients never train), in dispatch order."""
-        return sorted(
-            (f for f in self.flights if f.result is None and f.outcome != clock.DROPPED_OFFLINE),
-            key=lambda f: (f.batch, f.client),
-        )
+    def advance(self, state: ServerState) -> bool:
+        """Simulate one event; False when nothing can happen any more."""
+        ev = self._next_event()
+        if ev is None:
+            self.exhausted = True
+            return False
+        t, kind, f = ev
+        if kind == DISPATCH:
+            self._dispatch(t, state)
+        else:
+            self._arrive(f)
+        return True
 
-    def train(self, backend: Any, store: dict[int, Any]) -> None:
-        """Train every untrained flight: one backend call per (version, dispatch) group, all
-        submitted before any is collected."""
-        groups: dict[tuple[int, int], list[Flight]] = {}
-        for f in self.untrained():
-            groups.setdefault((f.version, f.batch), []).append(f)
-        pending = []
-        for (version, b), fs in groups.items():
-            plan = self.plans[b]
-            tasks = [ClientTask(run_id=self.run.label, round=b, client_id=f.client, plan=plan) for f in fs]
-            handle = backend.broadcast(P.to_numpy(self.models[version]))
+    def next_arrival(self, state: ServerState) -> Flight | None:
+        """The next simulated arrival for the server to consume, in event order (it stays pending
+        until :meth:`consume`); None when no client will ever arrive again."""
+        while not self.arrived:
+            if not self.advance(state):
+                return None
+        return self.arrived[0]
+
+    def consume(self) -> Flight:
+        """The server consumed the next arrival: it is no longer pending."""
+        return self.arrived.popleft()
+
+    # ---- training -------------------------------------------------------------------------------
+    def pending(self) -> list[Flight]:
+        """Every update the server has not consumed: arrived in the simulation, then in flight."""
+        return list(self.arrived) + self.flights
+
+    def train(self, backend: Any, state: ServerState, version: int, store: dict[int, Any]) -> None:
+        """Train every pending update whose model version the server has (<= ``version``): first
+        run the simulation on until it has taken step ``version + 1``, so that every client that
+        will download a version up to ``version`` is dispatched; then one backend call per version,
+        all submitted before any is collected. Updates that will be discarded as stale train too
+        (the device did the work; a client's stored state follows it). For an algorithm with
+        client state, an update waits while an earlier update of its client is unconsumed: it
+        starts from the state that update leaves."""
+        while self.sim_version <= version and self.advance(state):
+            pass
+        todo: dict[int, list[Flight]] = {}
+        earlier: set[int] = set()
+        for f in sorted(self.pending(), key=lambda f: f.batch):
+            trainable = f.outcome != clock.DROPPED_OFFLINE and f.version <= version
+            if f.result is None and trainable and not (self.algo.stateful and f.client in earlier):
+                todo.setdefault(f.version, []).append(f)
+            earlier.add(f.client)
+        calls = []
+        for v, fs in sorted(todo.items()):
+            fs.sort(key=lambda f: (f.batch, f.client))
+            plan = self.algo.plan_round(state, v, tuple(sorted(f.client for f in fs)))
+            tasks = [
+                ClientTask(run_id=self.run.label, round=f.batch, client_id=f.client, plan=plan) for f in fs
+            ]
+            handle = backend.broadcast(P.to_numpy(self.models[v]))
             states = [store.get(f.client) if self.algo.stateful else None for f in fs]
-            pending.append((fs, backend.submit(self.run, tasks, handle, states, [None] * len(fs))))
-        for fs, p in pending:
-            for f, x in zip(fs, backend.collect(p)):
+            calls.append((fs, backend.submit(self.run, tasks, handle, states, [None] * len(fs))))
+        for fs, call in calls:
+            for f, x in zip(fs, backend.collect(call)):
                 f.result = x
 
-    def consume(self, f: Flight) -> None:
-        """``f`` arrived (or dropped out): it leaves the flight; models no flight needs are freed."""
-        self.flights.remove(f)
-        self.free_slot(f.event_s)
+    def keep(self, version: int, params: P.Params) -> None:
+        """Hold version ``version``'s model, and drop those no pending update downloaded."""
+        self.models[version] = params
+        need = {f.version for f in self.pending()} | {version}
+        self.models = {v: m for v, m in self.models.items() if v in need}
 
-    def release(self, current: int) -> None:
-        """Drop the models of versions no flight downloaded, except ``current``."""
-        keep = {f.version for f in self.flights} | {current}
-        self.models = {v: m for v, m in self.models.items() if v in keep}
-        live = {f.batch for f in self.flights}
-        self.plans = {b: p for b, p in self.plans.items() if b in live}
+    def record(self, f: Flight, step: int) -> ClientResult:
+        """The clients.parquet record of ``f``, consumed in server step ``step``.
 
-    def result_of(self, f: Flight, step: int) -> ClientResult:
-        """The clients.parquet record of ``f``'s arrival, consumed in server step ``step``."""
+        Raises:
+            RuntimeError: its logged bytes or MACs differ from the projection its times came from
+                (a fedsim bug).
+        """
         base = dict(
             model_version=f.version,
+            staleness=f.staleness,
             sim_dispatch_s=f.dispatch_s,
             sim_arrival_s=f.arrival_s,
             outcome=f.outcome,
+            dropped=f.outcome != clock.AGGREGATED,
         )
         if f.result is None:  # dropped before it arrived: its download only
             return ClientResult(
@@ -197,29 +282,37 @@ class AsyncEngine:
                 bytes_up=0,
                 bytes_down=f.bytes_down,
                 seconds=0.0,
-                dropped=True,
                 **base,
             )
-        return replace(f.result, round=step, **base)
+        x = f.result
+        if (x.bytes_down, x.bytes_up, x.macs) != (f.bytes_down, f.bytes_up, f.macs):
+            raise RuntimeError(
+                f"client {x.client_id} logged (bytes down, bytes up, MACs) = {(x.bytes_down, x.bytes_up, x.macs)} "
+                f"but the clock projected {(f.bytes_down, f.bytes_up, f.macs)} for {self.run.algorithm}; "
+                "this is a fedsim bug"
+            )
+        return replace(x, round=step, **base)
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def plain(self) -> dict[str, Any]:
-        """The event state as plain containers and tensors (a checkpoint's ``async`` entry)."""
+        """The event state as plain containers and tensors (a checkpoint's ``events`` entry)."""
         return {
             "flights": [f.plain() for f in self.flights],
+            "arrived": [f.plain() for f in self.arrived],
             "dispatch_at": list(self.dispatch_at),
             "batches": self.batches,
+            "sim_version": self.sim_version,
+            "sim_count": self.sim_count,
+            "has_state": sorted(self.has_state),
             "models": {int(v): m for v, m in self.models.items()},
-            "plans": {int(b): p.cohort for b, p in self.plans.items()},
         }
 
-    def restore(self, saved: dict[str, Any], state: ServerState) -> None:
-        """Continue from :meth:`plain`'s state; the flights are retrained when their arrival comes."""
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Continue from :meth:`plain`'s state; updates are retrained when they are consumed."""
         self.flights = [Flight(**f) for f in saved["flights"]]
+        self.arrived = deque(Flight(**f) for f in saved["arrived"])
         self.dispatch_at = [float(t) for t in saved["dispatch_at"]]
         self.batches = int(saved["batches"])
+        self.sim_version, self.sim_count = int(saved["sim_version"]), int(saved["sim_count"])
+        self.has_state = {int(c) for c in saved["has_state"]}
         self.models = {int(v): P.from_numpy(m) for v, m in saved["models"].items()}
-        self.plans = {
-            int(b): self.algo.plan_round(state, int(b), tuple(int(c) for c in cohort))
-            for b, cohort in saved["plans"].items()
-        }

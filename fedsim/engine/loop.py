@@ -377,47 +377,43 @@ def _run_async(
     rounds.parquet, each arrival a row of clients.parquet. Without a ``system:`` section every
     client gets the default device and is always online."""
     from fedsim.config import RoundRule, SystemConfig
-    from fedsim.engine.asynchronous import DISPATCH, AsyncEngine
+    from fedsim.engine.asynchronous import AsyncEngine
 
     world = world or build_world(SystemConfig(), dataset.num_clients, cfg.seed)
     timer = RunClock.of(cfg, run, RoundRule(), algo, dataset, world)
     eng = AsyncEngine(cfg, run, algo, timer, dataset.num_clients)
     if at.events is not None:
-        eng.restore(at.events, at.state)
+        eng.restore(at.events)
     state, store, version = at.state, dict(at.store), at.next_round
+    eng.keep(version, state.params)
     cum_up, cum_down, last_t = at.cum_up, at.cum_down, at.sim_time
     rows: list[ClientResult] = []  # arrivals since the last server step
     status, message = "finished", ""
     t0 = time.perf_counter()
     while version < steps:
-        ev = eng.next_event()
-        if ev is None:
+        f = eng.next_arrival(state)
+        if f is None:
             status, message = "failed", "no client is ever online again; check system.availability"
             break
-        t, kind, f = ev
-        if kind == DISPATCH:
-            eng.dispatch(t, state, version, store)
-            continue
-        if f.result is None and f.outcome == "aggregated":
-            eng.train(backend, store)
-        eng.consume(f)
-        x = eng.result_of(f, version)
-        if x.dropped:  # dropped offline: its download only
-            rows.append(x)
-            continue
-        tau = version - f.version
-        if run.max_staleness is not None and tau > run.max_staleness:
-            rows.append(replace(x, outcome="discarded_stale", staleness=tau, dropped=True))
-            continue
-        x = replace(x, staleness=tau)
-        state, stepped = algo.arrive(state, x, eng.models[f.version], tau)
+        if f.outcome != "dropped_offline" and f.result is None:
+            eng.train(backend, state, version, store)
+        eng.consume()
+        x = eng.record(f, version)
         rows.append(x)
-        if algo.stateful:
+        if x.state is not None:  # the client's own state follows every update it trained
             store[x.client_id] = backend.put_state(x.state)
+        if x.dropped:  # dropped offline, or discarded as too stale
+            continue
+        state, stepped = algo.arrive(state, x, eng.models[f.version], f.staleness)
+        if stepped != f.steps:
+            raise RuntimeError(
+                f"{run.algorithm}: the server's step count departed from the event simulation's"
+            )
         if not stepped:
             continue
+        t = f.event_s
         version += 1
-        eng.release(version)
+        eng.keep(version, state.params)
         used = [r for r in rows if r.outcome == "aggregated"]
         up, down = sum(r.bytes_up for r in rows), sum(r.bytes_down for r in rows)
         cum_up, cum_down = cum_up + up, cum_down + down
