@@ -27,6 +27,8 @@ from analysis.tables import (
     accuracy_vs_bytes,
     accuracy_vs_round,
     accuracy_vs_time,
+    accuracy_vs_updates,
+    is_async,
     no_evaluation_message,
     run_table,
 )
@@ -34,6 +36,7 @@ from analysis.tables import (
 ROUNDS_LABEL = "communication rounds"
 ACCURACY_LABEL = "test accuracy"
 TIME_LABEL = "simulated time (s)"
+UPDATES_LABEL = "client updates (cumulative)"
 
 
 def bytes_label(unit: str = "MB", upload_only: bool = False) -> str:
@@ -59,8 +62,9 @@ def plot_convergence(
     target: float | None = None,
     title: str | None = None,
 ) -> Figure:
-    """Test accuracy against message size and against rounds, the shape of FedMA's Figure 2, and
-    against simulated time when the runs have a virtual clock.
+    """Test accuracy against message size and against rounds, the shape of FedMA's Figure 2,
+    against simulated time when the runs have a virtual clock, and against client updates when
+    some run is asynchronous.
 
     Wang et al., "Federated Learning with Matched Averaging" (ICLR 2020), Figure 2 compares
     methods by test accuracy against the cumulative size of the messages exchanged and against
@@ -68,7 +72,11 @@ def plot_convergence(
     one name (several experiment directories, e.g. seeds) share its colour and legend entry.
     When some run has a clock (a ``system:`` section: non-null ``sim_time_s`` in rounds.parquet),
     a third panel draws accuracy against simulated seconds, the time-to-accuracy view of FedScale
-    (Lai et al., ICML 2022); runs without a clock are left out of that panel only.
+    (Lai et al., ICML 2022); runs without a clock are left out of that panel only. When some run
+    is asynchronous (``phase`` "async" in rounds.parquet: FedBuff, FedAsync), a last panel draws
+    accuracy against cumulative client updates aggregated (:func:`analysis.accuracy_vs_updates`),
+    FedBuff's comparison axis (Nguyen et al., AISTATS 2022), for every run, synchronous ones
+    included, so both kinds share one axis.
 
     Args:
         df: a :func:`analysis.load_runs` frame.
@@ -80,7 +88,9 @@ def plot_convergence(
     Returns:
         A Figure with two Axes: [0] x = ``bytes_label(unit, upload_only)``, [1] x =
         ``"communication rounds"`` (rounds completed, i.e. ``round + 1``); and, when some run
-        has a clock, [2] x = ``"simulated time (s)"`` (``sim_time_s``); y = ``"test accuracy"``.
+        has a clock, [2] x = ``"simulated time (s)"`` (``sim_time_s``); and, when some run is
+        asynchronous, a last one, x = ``"client updates (cumulative)"`` (``client_updates``);
+        y = ``"test accuracy"``.
 
     Raises:
         AnalysisError: unknown unit, or ``df`` lacks the load_runs columns or has no evaluated round.
@@ -90,15 +100,18 @@ def plot_convergence(
     if by_round.empty:
         raise AnalysisError(no_evaluation_message(df))
     by_time = accuracy_vs_time(df)
+    by_updates = accuracy_vs_updates(df) if is_async(df) else None
     xcol = by_bytes.columns[-2]
     timed = not by_time.empty
-    fig = _figure(16.0 if timed else 11.0, 4.2)
-    axes = list(fig.subplots(1, 3 if timed else 2, sharey=True))
+    n_panels = 2 + timed + (by_updates is not None)
+    fig = _figure(5.0 * n_panels + 1.0, 4.2)
+    axes = list(fig.subplots(1, n_panels, sharey=True))
     ax_bytes, ax_rounds = axes[:2]
     colors = _colors(by_round["run_id"].tolist())
     labelled: set[str] = set()
     counts = by_round.drop_duplicates(KEYS)["run_id"].value_counts()
     curves_in_time = dict(tuple(by_time.groupby(KEYS, sort=False)))
+    curves_in_updates = {} if by_updates is None else dict(tuple(by_updates.groupby(KEYS, sort=False)))
     for (exp_dir, run_id), curve in by_round.groupby(KEYS, sort=False):
         sized = by_bytes[(by_bytes["experiment_dir"] == exp_dir) & (by_bytes["run_id"] == run_id)]
         label = None
@@ -117,10 +130,16 @@ def plot_convergence(
         in_time = curves_in_time.get((exp_dir, run_id))
         if in_time is not None:
             axes[2].plot(in_time["sim_time_s"], in_time["test_accuracy"], **style)
+        in_updates = curves_in_updates.get((exp_dir, run_id))
+        if in_updates is not None:
+            axes[-1].plot(in_updates["client_updates"], in_updates["test_accuracy"], **style)
     ax_bytes.set_xlabel(bytes_label(unit, upload_only))
     ax_rounds.set_xlabel(ROUNDS_LABEL)
     if timed:
         axes[2].set_xlabel(TIME_LABEL)
+    if by_updates is not None:
+        axes[-1].set_xlabel(UPDATES_LABEL)
+        axes[-1].xaxis.get_major_locator().set_params(integer=True)
     for ax in axes:
         ax.set_ylabel(ACCURACY_LABEL)
         ax.grid(True, alpha=0.3)

@@ -4,7 +4,8 @@ Writes into DIR (default ``<first RUN_DIR>/report``):
 
 * ``convergence.png`` / ``.svg``: test accuracy against cumulative message size (MB, both
   directions) and against communication rounds, one line per run (FedMA's Figure 2 layout), and
-  against simulated time when some run has a virtual clock (a ``system:`` section);
+  against simulated time when some run has a virtual clock (a ``system:`` section), and against
+  cumulative client updates when some run is asynchronous (FedBuff, FedAsync);
 * ``cost.png`` / ``.svg``: final/best accuracy, GB up/down (and TMACs when logged) per run;
 * ``summary.md``: the summary table, a table of client outcomes when some client was not
   aggregated (dropped or over-selected), per-seed means when runs repeat, and the figures;
@@ -70,6 +71,9 @@ _FORMATS = {
     "rounds_to_target": "{:.0f}",
     "sim_s": "{:.2f}",
     "sim_s_to_target": "{:.2f}",
+    "updates": "{:.0f}",
+    "updates_to_target": "{:.0f}",
+    "staleness": "{:.2f}",
     "TMACs": "{:.3g}",
     "rounds": "{:d}",
     "seed": "{:d}",
@@ -86,8 +90,11 @@ class Report:
         summary: one row per run, columns ``SUMMARY_COLUMNS`` (``experiment`` and ``seed`` added
             after ``algorithm`` when several directories are reported; ``sim_s`` after
             ``wall_s`` and ``sim_s_to_target`` after ``rounds_to_target`` when some run has a
-            virtual clock; ``TMACs`` when logged, ``status`` last); accuracies in [0, 1], sizes
-            in MB (1e6 bytes), seconds (``sim_s*``: simulated seconds).
+            virtual clock; ``updates`` and ``staleness`` after ``rounds`` and
+            ``updates_to_target`` after the other ``*_to_target`` columns when some run is
+            asynchronous; ``TMACs`` when logged, ``status`` last); accuracies in [0, 1], sizes
+            in MB (1e6 bytes), seconds (``sim_s*``: simulated seconds), ``updates*``: client
+            updates aggregated, ``staleness``: server steps.
         seeds: per run name mean/std over repeated runs (:func:`analysis.over_seeds`), or None
             when no run name repeats.
         target: the accuracy ``MB_to_target`` refers to: 0.9 x the best accuracy of any run.
@@ -155,11 +162,15 @@ def _per_run(df: pd.DataFrame, target_fraction: float) -> tuple[pd.DataFrame, li
         raise AnalysisError(no_evaluation_message(df))
     best = table.loc[table["best_acc"].idxmax()]
     target = target_fraction * float(best["best_acc"])
-    reach = bytes_to_target(df, target)[KEYS + ["cum_bytes", "round", "sim_time_s"]]
+    reach = bytes_to_target(df, target)
+    if "client_updates" not in reach.columns:  # rounds.parquet without a clients column
+        reach["client_updates"] = float("nan")
+    reach = reach[KEYS + ["cum_bytes", "round", "sim_time_s", "client_updates"]]
     table = table.merge(reach.rename(columns={"round": "_round"}), on=KEYS, how="left")
     table["MB_to_target"] = table["cum_bytes"] / 1e6
     table["rounds_to_target"] = table.pop("_round") + 1  # communication rounds, counting the one reaching it
     reached_at = table.pop("sim_time_s")
+    updates_at = table.pop("client_updates")
     table = table.rename(columns={"run_id": "run"})
     cols = list(SUMMARY_COLUMNS)
     clocked = "sim_s" in table.columns  # run_table adds it when some run has a virtual clock
@@ -167,6 +178,11 @@ def _per_run(df: pd.DataFrame, target_fraction: float) -> tuple[pd.DataFrame, li
         table["sim_s_to_target"] = reached_at
         cols.insert(cols.index("wall_s") + 1, "sim_s")
         cols.insert(cols.index("rounds_to_target") + 1, "sim_s_to_target")
+    asynchronous = "updates" in table.columns  # run_table adds it when some run is asynchronous
+    if asynchronous:
+        table["updates_to_target"] = updates_at
+        cols[cols.index("rounds") + 1 : cols.index("rounds") + 1] = ["updates", "staleness"]
+        cols.insert(cols.index("sim_s_to_target" if clocked else "rounds_to_target") + 1, "updates_to_target")
     if table["experiment_dir"].nunique() > 1:
         table["experiment"] = table["experiment_dir"].map(lambda d: d.rstrip("/").rsplit("/", 1)[-1])
         cols[2:2] = ["experiment", "seed"]
@@ -183,6 +199,15 @@ def _per_run(df: pd.DataFrame, target_fraction: float) -> tuple[pd.DataFrame, li
             "; sim_s: simulated seconds on the virtual clock when the run's last model was ready; "
             "sim_s_to_target: simulated seconds when it first reached the target ('-' also for a "
             "run without a system: section, which has no clock)"
+        )
+    if asynchronous:
+        note += (
+            "; rounds and rounds_to_target count server steps in an asynchronous run; updates: client "
+            "updates aggregated over the run (a synchronous round adds the clients it aggregated, an "
+            "asynchronous server step the updates it consumed); updates_to_target: cumulative client "
+            "updates when it first reached the target; staleness: mean over the run's server steps "
+            "of their mean staleness (server steps between the model an update was trained from and "
+            "the one it was applied to; '-' for a synchronous run)"
         )
     note += "; '-': never reached"
     return table.reset_index(drop=True), cols, target, note
@@ -211,6 +236,8 @@ def _seed_table(table: pd.DataFrame) -> tuple[pd.DataFrame | None, str | None]:
     metrics = ["final_acc", "best_acc", "MB_to_target", "rounds_to_target"]
     if "sim_s" in table.columns:  # some run has a virtual clock
         metrics += ["sim_s", "sim_s_to_target"]
+    if "updates" in table.columns:  # some run is asynchronous
+        metrics += ["updates", "updates_to_target", "staleness"]
     runs = table.rename(columns={"run": "run_id"})
     problem = mixed_runs(runs, "run_id")
     with warnings.catch_warnings():
@@ -249,6 +276,9 @@ def _seed_shown(seeds: pd.DataFrame) -> pd.DataFrame:
         ("rounds_to_target", "{:.1f}"),
         ("sim_s", "{:.2f}"),
         ("sim_s_to_target", "{:.2f}"),
+        ("updates", "{:.1f}"),
+        ("updates_to_target", "{:.1f}"),
+        ("staleness", "{:.2f}"),
     ):
         if f"{m}_mean" not in seeds.columns:
             continue
@@ -319,6 +349,7 @@ def write_report(
     seeds, problem = _seed_table(full)
     outcomes = _outcome_table(paths, full)
     timed = "sim_s" in full.columns  # some run has a virtual clock
+    asynchronous = "updates" in full.columns  # some run is asynchronous
     from analysis.plots import figure_bytes, plot_convergence, plot_cost  # imports matplotlib (slow)
 
     loc = _out_location([os.fspath(p) for p in paths], out)
@@ -370,10 +401,11 @@ def write_report(
         text += "\nmean ± sample std over repeated runs:\n" + seed_shown.to_string(index=False)
         md += ["## Over seeds", ""]
         md += [f"**Warning:** {problem}.", ""] if problem else []
+        to_target = ["MB_to_target"] + ["sim_s_to_target"] * timed + ["updates_to_target"] * asynchronous
         md += [
-            "Mean ± sample standard deviation over runs of the same name; MB_to_target "
-            + ("and sim_s_to_target " if timed else "")
-            + "over the runs that reached the target (`reached`: how many did).",
+            "Mean ± sample standard deviation over runs of the same name; "
+            + (", ".join(to_target[:-1]) + " and " if len(to_target) > 1 else "")
+            + f"{to_target[-1]} over the runs that reached the target (`reached`: how many did).",
             "",
             markdown_table(seed_shown),
             "",
@@ -384,6 +416,11 @@ def write_report(
         if timed
         else "cumulative message size (MB, up + down) and against communication rounds"
     )
+    if asynchronous:
+        axes += (
+            " and, for every run, against cumulative client updates aggregated (`client_updates`; "
+            "an asynchronous run's rounds are its server steps)"
+        )
     md += [
         "## Figures",
         "",

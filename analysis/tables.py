@@ -24,6 +24,8 @@ _ID = ["experiment_dir", "run_id", "algorithm", "seed"]
 # experiment's name and output location (which name where results go, not what was run).
 NOT_COMPARED = ("seed", "name", "output_dir")
 # clients.parquet ``outcome`` values, in the order fedsim defines them (fedsim/system/clock.py OUTCOMES).
+# rounds.parquet ``phase`` of an asynchronous run's server steps (FedBuff, FedAsync).
+ASYNC_PHASE = "async"
 OUTCOMES = ("aggregated", "dropped_deadline", "dropped_offline", "overselected_unused", "dropped_timeout")
 
 
@@ -156,6 +158,55 @@ def accuracy_vs_time(df: pd.DataFrame) -> pd.DataFrame:
     return out[out["sim_time_s"].notna()].reset_index(drop=True)
 
 
+def is_async(df: pd.DataFrame) -> bool:
+    """True when some row of ``df`` is a server step of an asynchronous run (``phase`` ==
+    ``"async"``: FedBuff, FedAsync); False for a frame without a ``phase`` column."""
+    return "phase" in df.columns and bool(df["phase"].eq(ASYNC_PHASE).any())
+
+
+def _client_updates(df: pd.DataFrame) -> np.ndarray:
+    """Cumulative client updates aggregated per run, in round order, as float64 aligned with the
+    rows of ``df``: the running sum of ``clients`` (a synchronous round's aggregated clients, an
+    asynchronous server step's consumed updates). NaN from a run's first null ``clients`` on (the
+    count is unknown from there); all NaN without the column."""
+    _need(df, KEYS + ["round"])
+    if "clients" not in df.columns:
+        return np.full(len(df), np.nan)
+    flat = df[KEYS + ["round", "clients"]].reset_index(drop=True)
+    ordered = flat.sort_values(KEYS + ["round"], kind="stable")
+    count = ordered["clients"].astype(np.float64)
+    by_run = [ordered[k] for k in KEYS]
+    cum = count.fillna(0.0).groupby(by_run, sort=False).cumsum()
+    unknown = count.isna().groupby(by_run, sort=False).cumsum() > 0
+    return cum.mask(unknown).sort_index().to_numpy()
+
+
+def accuracy_vs_updates(df: pd.DataFrame) -> pd.DataFrame:
+    """Test accuracy against cumulative client updates aggregated, one row per evaluated round.
+
+    The x axis on which FedBuff (Nguyen et al., AISTATS 2022, Figure 2 and Table 2) compares
+    asynchronous and synchronous training: the server has aggregated ``client_updates`` client
+    updates when the row's model is ready. A synchronous round contributes the clients it
+    aggregated, an asynchronous server step (``phase`` "async") the updates it consumed: the
+    running sum of rounds.parquet's ``clients`` over the run's rows in round order, evaluated or
+    not.
+
+    Returns:
+        Columns ``experiment_dir, run_id, algorithm, seed, round`` (int, 0-based),
+        ``client_updates`` (int64, cumulative client updates including this round's) and
+        ``test_accuracy`` (float in [0, 1]); only evaluated rounds. Rows whose count is unknown
+        (a null ``clients`` in that or an earlier round of the run, or no ``clients`` column)
+        are left out.
+
+    Raises:
+        AnalysisError: ``df`` lacks the load_runs columns.
+    """
+    ev = _evaluated(df.assign(client_updates=_client_updates(df)))
+    ev = ev[ev["client_updates"].notna()]
+    out = ev[_ids(ev) + ["round", "client_updates", "test_accuracy"]].reset_index(drop=True)
+    return out.astype({"client_updates": np.int64})
+
+
 def bytes_to_target(df: pd.DataFrame, target: float) -> pd.DataFrame:
     """Communication needed to first reach a test accuracy, per run.
 
@@ -172,7 +223,9 @@ def bytes_to_target(df: pd.DataFrame, target: float) -> pd.DataFrame:
         first round reaching it (all NaN when the run never did): ``round`` (0-based),
         ``cum_bytes`` (bytes, both directions), ``cum_bytes_up``, ``cum_bytes_down`` (bytes),
         ``cum_wall_seconds`` (seconds) and ``sim_time_s`` (simulated seconds on the virtual clock
-        when that round's model was ready; NaN also for a run without a ``system:`` section), as
+        when that round's model was ready; NaN also for a run without a ``system:`` section), and
+        ``client_updates`` (client updates aggregated up to and including that round, see
+        :func:`accuracy_vs_updates`; only when rounds.parquet has a ``clients`` column), as
         float; then ``config_json`` when loaded (what :func:`over_seeds` compares). A dry-run
         projection never reaches a target. Average over seeds with :func:`over_seeds`.
 
@@ -185,11 +238,11 @@ def bytes_to_target(df: pd.DataFrame, target: float) -> pd.DataFrame:
     cost = ["round", "cum_bytes", "cum_bytes_up", "cum_bytes_down"] + (
         ["cum_wall_seconds"] if "cum_wall_seconds" in df.columns else []
     )
-    cost.append("sim_time_s")
+    cost += ["sim_time_s"] + (["client_updates"] if "clients" in df.columns else [])
     ids = _ids(df) + [c for c in ("dry_run",) if c in df.columns]
     tail = [c for c in ("config_json",) if c in df.columns]
     runs = df[ids + tail].drop_duplicates(KEYS).reset_index(drop=True)
-    hit = _evaluated(df.assign(sim_time_s=_sim_time(df)))
+    hit = _evaluated(df.assign(sim_time_s=_sim_time(df), client_updates=_client_updates(df)))
     hit = hit[hit["test_accuracy"] >= target].drop_duplicates(KEYS, keep="first")[KEYS + cost]
     out = runs.merge(hit, on=KEYS, how="left")
     out[cost] = out[cost].astype(np.float64)
@@ -222,7 +275,9 @@ def time_to_target(df: pd.DataFrame, target: float) -> pd.DataFrame:
     """
     out = bytes_to_target(df, target)
     keep = [
-        c for c in out.columns if c not in ("cum_bytes", "cum_bytes_up", "cum_bytes_down", "cum_wall_seconds")
+        c
+        for c in out.columns
+        if c not in ("cum_bytes", "cum_bytes_up", "cum_bytes_down", "cum_wall_seconds", "client_updates")
     ]
     return out[keep]
 
@@ -277,7 +332,10 @@ def run_table(df: pd.DataFrame) -> pd.DataFrame:
         of round seconds), ``TMACs`` (sum of the per-round ``flops`` column / 1e12) when
         rounds.parquet has a non-null ``flops``, ``sim_s`` (simulated seconds on the virtual
         clock when the run's last round had its model ready; NaN for a run without a clock)
-        when some run has a non-null ``sim_time_s``, and ``config_json`` (the run's full config, what
+        when some run has a non-null ``sim_time_s``; when some run is asynchronous (``phase``
+        "async", :func:`is_async`), ``updates`` (client updates aggregated over the run: the sum
+        of ``clients``; NaN when the run logged none) and ``staleness`` (mean over the run's server steps of
+        ``staleness_mean``, in server steps; NaN for a synchronous run); and ``config_json`` (the run's full config, what
         :func:`over_seeds` compares) if loaded. Dry-run projections are kept, one row each
         (``dry_run`` True); :func:`over_seeds` leaves them out.
 
@@ -299,6 +357,10 @@ def run_table(df: pd.DataFrame) -> pd.DataFrame:
         out["TMACs"] = g["flops"].sum(min_count=1) / 1e12
     if has_clock(df):
         out["sim_s"] = ordered.assign(_sim=_sim_time(ordered)).groupby(KEYS, sort=False)["_sim"].last()
+    if is_async(df):
+        out["updates"] = g["clients"].sum(min_count=1) if "clients" in df.columns else np.nan
+        stale = "staleness_mean" in df.columns
+        out["staleness"] = g["staleness_mean"].mean() if stale else np.nan
     if "config_json" in df.columns:
         out["config_json"] = g["config_json"].first()
     order = df[KEYS].drop_duplicates()

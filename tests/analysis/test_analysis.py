@@ -358,13 +358,16 @@ def _tiny_dir(
     sim_time_s: dict[str, list[float]] | None = None,
     unevaluated: tuple[int, ...] = (),
     outcomes: dict[str, list[str]] | None = None,
+    columns: dict[str, dict[str, list]] | None = None,
 ) -> Path:
     """An experiment directory as fedsim writes it, with made-up numbers: accuracy 0.5 + 0.1 seed +
     0.05 round + 0.01 run index (null in a dry run and in the ``unevaluated`` rounds), 1000 bytes
     each way and 1e9 flops per round; ``sim_time_s`` (run id -> one simulated time per round)
     adds that rounds.parquet column (absent otherwise, as in logs older than the virtual clock);
     ``outcomes`` (run id -> outcomes) writes one clients.parquet row per outcome, in round 0, with
-    an ``outcome`` column (otherwise clients.parquet is empty and has no such column)."""
+    an ``outcome`` column (otherwise clients.parquet is empty and has no such column); ``columns``
+    (column -> run id -> one value per round; null for a run not listed) adds rounds.parquet
+    columns, e.g. ``phase``, ``clients`` and ``staleness_mean``."""
     import json
 
     import pyarrow as pa
@@ -411,7 +414,17 @@ def _tiny_dir(
             )
             if sim_time_s is not None:
                 rows[-1]["sim_time_s"] = sim_time_s.get(run_id, [None] * rounds)[r]
-    schema = {"test_accuracy": pa.float64(), "wall_seconds": pa.float64(), "sim_time_s": pa.float64()}
+            for column, values in (columns or {}).items():
+                rows[-1][column] = values.get(run_id, [None] * rounds)[r]
+    schema = {
+        "test_accuracy": pa.float64(),
+        "wall_seconds": pa.float64(),
+        "sim_time_s": pa.float64(),
+        "phase": pa.string(),
+        "clients": pa.int64(),
+        "staleness_mean": pa.float64(),
+        "staleness_max": pa.int64(),
+    }
     rounds_table = pa.Table.from_pylist(rows)
     rounds_table = rounds_table.cast(
         pa.schema([pa.field(f.name, schema.get(f.name, f.type)) for f in rounds_table.schema])
