@@ -48,8 +48,8 @@ class AsyncAlgorithm(WithLocalObjective):
 
     asynchronous: ClassVar[bool] = True
     not_projectable = (
-        "asynchronous: which updates a server step consumes follows the clients' simulated arrival "
-        "order, known only as the run proceeds"
+        "asynchronous: the dry run does not replay the event order (the engine derives it from the "
+        "clock alone while it runs)"
     )
     quick = {"rounds": 3, "concurrency": 2}
 
