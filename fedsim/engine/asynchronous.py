@@ -221,13 +221,17 @@ class AsyncEngine:
         return list(self.arrived) + self.flights
 
     def train(self, backend: Any, state: ServerState, version: int, store: dict[int, Any]) -> None:
+        """:meth:`submit` then :meth:`collect`."""
+        self.collect(backend, self.submit(backend, state, version, store))
+
+    def submit(self, backend: Any, state: ServerState, version: int, store: dict[int, Any]) -> list:
         """Train every pending update whose model version the server has (<= ``version``): first
         run the simulation on until it has taken step ``version + 1``, so that every client that
         will download a version up to ``version`` is dispatched; then one backend call per version,
         all submitted before any is collected. Updates that will be discarded as stale train too
         (the device did the work; a client's stored state follows it). For an algorithm with
         client state, an update waits while an earlier update of its client is unconsumed: it
-        starts from the state that update leaves."""
+        starts from the state that update leaves. Returns the calls for :meth:`collect`."""
         while self.sim_version <= version and self.advance(state):
             pass
         todo: dict[int, list[Flight]] = {}
@@ -247,6 +251,10 @@ class AsyncEngine:
             handle = backend.broadcast(P.to_numpy(self.models[v]))
             states = [store.get(f.client) if self.algo.stateful else None for f in fs]
             calls.append((fs, backend.submit(self.run, tasks, handle, states, [None] * len(fs))))
+        return calls
+
+    def collect(self, backend: Any, calls: list) -> None:
+        """Wait for :meth:`submit`'s calls and keep each update's result."""
         for fs, call in calls:
             for f, x in zip(fs, backend.collect(call)):
                 f.result = x

@@ -389,6 +389,7 @@ def _run_async(
     cum_up, cum_down, last_t = at.cum_up, at.cum_down, at.sim_time
     rows: list[ClientResult] = []  # arrivals since the last server step
     status, message = "finished", ""
+    unwritten: Aggregated | None = None  # the last step, written while the next clients train
     t0 = time.perf_counter()
     while version < steps:
         f = eng.next_arrival(state)
@@ -396,7 +397,14 @@ def _run_async(
             status, message = "failed", "no client is ever online again; check system.availability"
             break
         if f.outcome != "dropped_offline" and f.result is None:
-            eng.train(backend, state, version, store)
+            calls = eng.submit(backend, state, version, store)
+            if unwritten is not None:  # evaluate and write the last step while they train
+                event, unwritten = recorder.commit(unwritten), None
+                if event is None:
+                    status, message = "diverged", _diverged(version - 1)
+                    break
+                yield event
+            eng.collect(backend, calls)
         eng.consume()
         x = eng.record(f, version)
         rows.append(x)
@@ -456,12 +464,20 @@ def _run_async(
             staleness_max=int(max(stale)),
         )
         progress = Progress(state, version, cum_up, cum_down, dict(store), sim_time, eng.plain())
-        event = recorder.commit(Aggregated(row, rows, due, progress))
+        if unwritten is not None:  # two steps without training in between: write the first now
+            event, unwritten = recorder.commit(unwritten), None
+            if event is None:
+                status, message = "diverged", _diverged(version - 2)
+                break
+            yield event
+        unwritten = Aggregated(row, rows, due, progress)
         rows, last_t, t0 = [], sim_time, time.perf_counter()
+    if unwritten is not None:  # the last step taken: a completed step is never lost
+        event = recorder.commit(unwritten)
         if event is None:
-            status, message = "diverged", _diverged(version - 1)
-            break
-        yield event
+            status, message = "diverged", _diverged(unwritten.row.round)
+        else:
+            yield event
     log.update_run(run.label, status=status, message=message, finished_at=_now())
     log.flush()
     yield {"kind": "end", "run": run.label, "status": status, "message": message}
