@@ -263,3 +263,18 @@ def test_stacked_training_and_worker_count_change_no_event_of_an_asynchronous_ru
     r = pd.read_parquet(run_dir / "rounds.parquet")
     ref_r = hetero[1][hetero[1].run_id == "fedbuff"]
     np.testing.assert_allclose(r["test_accuracy"], ref_r["test_accuracy"], atol=3 / 359)
+
+
+def test_eval_every_s_evaluates_when_a_step_crosses_a_multiple_of_it(tmp_path):
+    cfg = experiment(
+        [{"algorithm": "fedasync", "rounds": 12, "concurrency": 2, "eval_every_s": 1.0}],
+        clients=6,
+        system={"devices": {"compute_macs_per_s": 2e7}},
+    )
+    run_all(cfg, api.prepare(cfg), tmp_path)
+    r = pd.read_parquet(tmp_path / "rounds.parquet")
+    t = r["sim_time_s"].to_numpy()
+    crossed = np.floor(t) > np.floor(np.concatenate(([0.0], t[:-1])))
+    crossed[-1] = True  # the last step is always evaluated
+    assert (r["test_accuracy"].notna().to_numpy() == crossed).all()
+    assert 1 < crossed.sum() < len(r)

@@ -331,3 +331,18 @@ def test_the_dry_run_projects_the_simulated_times_a_run_logs(tmp_path):
         assert [x.sim_time_s for x in p.rounds] == pytest.approx(got["sim_time_s"].tolist(), abs=1e-9)
         assert [x.bytes_up for x in p.rounds] == got["bytes_up"].tolist()
         assert [x.flops for x in p.rounds] == got["flops"].tolist()
+
+
+def test_server_time_adds_aggregation_and_evaluation_at_the_servers_speed(tmp_path):
+    speed = 1e6  # multiply-accumulates per second: a slow server, so its time shows
+    t = run(raw([RUN], system={**WORLD, "server_macs_per_s": speed}), tmp_path)
+    c, r = t["clients"], t["rounds"]
+    n_test = 359  # digits' test split
+    agg = c[c["outcome"] == "aggregated"]
+    f = WIDTHS_F(c.assign(run_id="sync"))
+    params = agg["bytes_up"].iloc[0] // 4  # float32 uploads: one multiply-accumulate per scalar
+    for rnd, rows in agg.groupby("round"):
+        served = len(rows) * params + n_test * f  # every round is evaluated (eval_every 1)
+        assert r.set_index("round")["sim_time_s"][rnd] == pytest.approx(
+            rows["sim_arrival_s"].max() + served / speed
+        )
