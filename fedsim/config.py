@@ -131,6 +131,66 @@ class EngineConfig(_Strict):
     )
 
 
+class CodecConfig(_Strict):
+    """``uplink:`` section of a run: the codec that encodes what each client uploads
+    (docs/compression.md has every codec's byte formula). Each codec takes only its own
+    parameter: ``quantize`` ``bits``, ``qsgd`` ``levels``, ``topk`` and ``randk`` ``fraction``,
+    ``powersgd`` ``rank``."""
+
+    codec: Literal["fp16", "bf16", "quantize", "qsgd", "topk", "randk", "sign", "powersgd"] = Field(
+        description="fp16 / bf16 casts; quantize: stochastic b-bit; qsgd: s levels and the l2 norm; "
+        "topk / randk: a fraction of the values; sign: scaled sign; powersgd: rank-r factors"
+    )
+    bits: int | None = Field(None, description="quantize: bits per value, 1..16 (required)")
+    levels: int | None = Field(None, description="qsgd: quantisation levels s, 1..65535 (required)")
+    fraction: float | None = Field(
+        None, description="topk / randk: share of each tensor's values sent, in (0, 1] (required)"
+    )
+    rank: int | None = Field(None, description="powersgd: rank r of the factors, >= 1 (required)")
+    error_feedback: bool = Field(
+        False,
+        description="keep what the codec lost in the client's state and add it to the next upload "
+        "(biased codecs: fp16, bf16, topk, sign, powersgd)",
+    )
+
+    def check(self, where: str, algorithm: str) -> None:
+        """Raises FedsimError naming the key: a parameter missing, out of range or given to a codec
+        that takes another, error feedback on an unbiased codec, or an algorithm no codec serves."""
+        from fedsim.wire import CODECS, REFUSED
+
+        if algorithm in REFUSED:
+            raise FedsimError(f"config key '{where}': a codec cannot serve {algorithm}: {REFUSED[algorithm]}")
+        own = {
+            "quantize": "bits",
+            "qsgd": "levels",
+            "topk": "fraction",
+            "randk": "fraction",
+            "powersgd": "rank",
+        }
+        for key in ("bits", "levels", "fraction", "rank"):
+            if getattr(self, key) is not None and own.get(self.codec) != key:
+                raise FedsimError(
+                    f"config key '{where}.{key}' does not apply to codec {self.codec}; remove it"
+                )
+        key = own.get(self.codec)
+        value = None if key is None else getattr(self, key)
+        if key is not None and value is None:
+            raise FedsimError(f"config key '{where}.{key}' is required for codec {self.codec}")
+        ranges = {"bits": (1, 16), "levels": (1, 65535), "rank": (1, None)}
+        if key == "fraction" and not 0 < value <= 1:
+            raise FedsimError(f"config key '{where}.fraction' must be in (0, 1] (got {value})")
+        if key in ranges:
+            lo, hi = ranges[key]
+            if value < lo or (hi is not None and value > hi):
+                span = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+                raise FedsimError(f"config key '{where}.{key}' must be {span} (got {value})")
+        if self.error_feedback and not CODECS[self.codec].biased:
+            raise FedsimError(
+                f"config key '{where}.error_feedback': codec {self.codec} is unbiased and needs no "
+                "error feedback; remove it or use fp16, bf16, topk, sign or powersgd"
+            )
+
+
 class RunConfig(_Strict):
     """One entry of ``runs:``: an algorithm with its local-training hyper-parameters.
 
@@ -155,6 +215,12 @@ class RunConfig(_Strict):
     bn_stats: Literal["shared", "local"] = Field(
         "shared",
         description="BatchNorm running statistics averaged like weights (shared) or kept by each client (local)",
+    )
+    uplink: CodecConfig | None = Field(
+        None,
+        exclude_if=lambda v: v is None,  # a run without a codec dumps (config_json) as before
+        description="encode each client's upload with a codec, e.g. {codec: topk, fraction: 0.01, "
+        "error_feedback: true}; null: float tensors as they are (docs/compression.md)",
     )
 
     @property
@@ -769,6 +835,8 @@ def validate(cfg: ExperimentConfig) -> None:
                 raise FedsimError(f"config key 'runs.{i}.{key}' must be >= 0 (got {getattr(r, key)})")
         if r.name is not None:
             _check_name(r.name, f"runs.{i}.name")
+        if r.uplink is not None:
+            r.uplink.check(f"runs.{i}.uplink", r.algorithm)
         r.check(f"runs.{i}", cfg)
 
 

@@ -15,7 +15,18 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-STREAMS = ("partition", "init", "cohort", "shuffle", "augment", "dropout", "matching", "schedule", "data")
+STREAMS = (
+    "partition",
+    "init",
+    "cohort",
+    "shuffle",
+    "augment",
+    "dropout",
+    "matching",
+    "schedule",
+    "data",
+    "codec",
+)
 
 
 def _stream_id(stream: str) -> int:

@@ -101,6 +101,12 @@ class ClientResult:
         local_steps: optimizer steps (minibatches) its local training took, tau_i in FedNova
             (Wang et al., NeurIPS 2020) and K in SCAFFOLD (Karimireddy et al., ICML 2020); 0 for a
             dropped client; the ``local_steps`` column of clients.parquet.
+        bytes_up_raw / bytes_down_raw: what the same tensors take uncompressed (numel x element
+            size) when a codec encoded them (:mod:`fedsim.wire`); None: nothing was compressed,
+            the same as ``bytes_up`` / ``bytes_down``. ``upload`` then holds the encoded messages
+            (name -> uint8 array) until the driver decodes them.
+        bytes_secagg: the secure-aggregation protocol's share of bytes_up + bytes_down (0 without).
+        residual_norm: ||e||_2 of the client's error-feedback residual after this round, or None.
     """
 
     client_id: int
@@ -118,6 +124,10 @@ class ClientResult:
     macs: int = 0
     trainable_params: int = 0
     local_steps: int = 0
+    bytes_up_raw: int | None = None
+    bytes_down_raw: int | None = None
+    bytes_secagg: int = 0
+    residual_norm: float | None = None
 
 
 @dataclass(frozen=True)
@@ -191,9 +201,13 @@ class ClientState:
     Attributes:
         bn: its BatchNorm running statistics under ``bn_stats: local`` (state_dict key ->
             array), else None.
+        wire: its uplink codec's memory (:func:`fedsim.wire.transport.encode_upload`: the
+            error-feedback residual and PowerSGD's factors, name -> array), else None. Set by the
+            engine, never by the algorithm.
     """
 
     bn: dict[str, Any] | None = None
+    wire: dict[str, Any] | None = None
 
 
 def to_plain(x: Any) -> Any:
@@ -347,8 +361,13 @@ class Algorithm:
     @property
     def stateful(self) -> bool:
         """Whether the engine keeps a state per client between rounds: the class keeps client
-        state (:attr:`keeps_client_state`) or the clients keep their BatchNorm statistics."""
-        return self.keeps_client_state or self.keeps_bn_local
+        state (:attr:`keeps_client_state`), the clients keep their BatchNorm statistics, or the
+        run's uplink codec keeps a memory (:func:`fedsim.wire.keeps_state`)."""
+        from fedsim.wire import keeps_state
+
+        return (
+            self.keeps_client_state or self.keeps_bn_local or keeps_state(getattr(self.cfg, "uplink", None))
+        )
 
     def reference_model(self, widths: dict[str, int] | None = None) -> FedModel:
         """A model of the experiment's architecture at ``widths`` (default: the configured ones),

@@ -45,6 +45,7 @@ from fedsim.io import checkpoint
 from fedsim.io.runlog import RunLog
 from fedsim.models import build_model
 from fedsim.rng import numpy_rng, sample_cohort, torch_rng  # noqa: F401  (re-exported)
+from fedsim.wire import decode_results, round_wire_columns, wire_columns
 
 
 def versions() -> dict[str, str]:
@@ -136,6 +137,9 @@ class RoundRow:
     test_accuracy_clients_mean: float | None
     clients: int
     wall_seconds: float
+    bytes_up_raw: int = 0
+    bytes_down_raw: int = 0
+    bytes_secagg: int = 0
 
 
 @dataclass
@@ -280,6 +284,7 @@ def _client_row(run_id: str, r: int, x: ClientResult) -> dict[str, Any]:
         "worker": x.worker,
         "attempt": x.attempt,
         "dropped": x.dropped,
+        **wire_columns(x),
     }
 
 
@@ -390,6 +395,7 @@ def _run_one(
             if algo.stateful
             else at.store
         )
+        kept = decode_results(run, broadcast, kept)  # the uplink codec's bytes, decoded
         state = algo.aggregate(at.state, plan, kept) if kept else at.state
         up, down = sum(x.bytes_up for x in results), sum(x.bytes_down for x in results)
         at = Progress(state, r + 1, at.cum_up + up, at.cum_down + down, store)
@@ -422,6 +428,7 @@ def _run_one(
             flops=int(sum(x.macs for x in kept)),
             test_accuracy_clients_mean=None,
             wall_seconds=time.perf_counter() - t0,
+            **round_wire_columns(results),
         )
         due = plan.evaluate and ((r + 1) % cfg.engine.eval_every == 0 or r == rounds - 1)
         unwritten = Aggregated(row, results, due, at)

@@ -69,6 +69,9 @@ ROUNDS_SCHEMA = pa.schema(
         ("test_accuracy_clients_mean", pa.float64()),
         ("clients", pa.int64()),
         ("wall_seconds", pa.float64()),
+        ("bytes_up_raw", pa.int64()),
+        ("bytes_down_raw", pa.int64()),
+        ("bytes_secagg", pa.int64()),
     ]
 )
 
@@ -86,6 +89,10 @@ CLIENTS_SCHEMA = pa.schema(
         ("worker", pa.string()),
         ("attempt", pa.int64()),
         ("dropped", pa.bool_()),
+        ("bytes_up_raw", pa.int64()),
+        ("bytes_down_raw", pa.int64()),
+        ("bytes_secagg", pa.int64()),
+        ("residual_norm", pa.float64()),
     ]
 )
 
