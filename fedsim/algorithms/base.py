@@ -140,12 +140,15 @@ class WireFacts:
         params: scalar parameters of that model.
         clients_per_round: k, cohort clients per round.
         num_classes: K, the dataset's classes.
+        upload_bytes: bytes of one client's upload of the given tensors (name -> tensor): numel x
+            element size, or the encoded length under an uplink codec (:func:`fedsim.wire.upload_bytes`).
     """
 
     state: P.Params
     params: int
     clients_per_round: int
     num_classes: int
+    upload_bytes: Callable[[P.Params], int] = P.nbytes
 
     @property
     def state_bytes(self) -> int:
