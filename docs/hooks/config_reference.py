@@ -132,6 +132,12 @@ def reference() -> str:
         "",
         _table(config.RunConfig),
         "",
+        "### A run's `uplink:` (CodecConfig)",
+        "",
+        _doc(config.CodecConfig),
+        "",
+        _table(config.CodecConfig),
+        "",
     ]
     base = set(config.RunConfig.model_fields)
     for name, cls in sorted(config.run_configs().items()):
