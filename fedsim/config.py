@@ -191,6 +191,49 @@ class CodecConfig(_Strict):
             )
 
 
+class SecAggConfig(_Strict):
+    """``secure_aggregation:`` section of a run: a cost model of secure aggregation
+    (docs/compression.md). Clients clip each update coordinate to [-clip, clip] and quantise it to
+    ``bits`` bits; the masked vector takes R = bits + ceil(log2 n) bits per coordinate for a
+    cohort of n, and each client is billed the protocol's key, share and unmasking messages."""
+
+    protocol: Literal["secagg", "secagg_plus"] = Field(
+        description="secagg: every client shares keys with all others (Bonawitz et al. 2017); "
+        "secagg_plus: with k neighbours (Bell et al. 2020)"
+    )
+    neighbours: int | None = Field(None, description="secagg_plus: k, neighbours per client, >= 1 (required)")
+    bits: int = Field(16, description="b, fixed-point bits per update coordinate, 1..16")
+    clip: float = Field(1.0, description="each update coordinate is clipped to [-clip, clip] (> 0)")
+
+    def check(self, where: str, algorithm: str, uplink: CodecConfig | None) -> None:
+        """Raises FedsimError naming the key: a value out of range, ``neighbours`` missing for
+        secagg_plus or given to secagg, an uplink codec beside it, or an algorithm it cannot serve."""
+        from fedsim.wire.secagg import REFUSED
+
+        if algorithm in REFUSED:
+            raise FedsimError(
+                f"config key '{where}': secure aggregation cannot serve {algorithm}: {REFUSED[algorithm]}"
+            )
+        if uplink is not None:
+            raise FedsimError(
+                f"config key '{where}': secure aggregation sums fixed-point vectors, so it cannot carry "
+                "an uplink codec's messages; remove uplink (its bits are the codec)"
+            )
+        if self.protocol == "secagg_plus" and (self.neighbours is None or self.neighbours < 1):
+            raise FedsimError(
+                f"config key '{where}.neighbours' must be >= 1 for secagg_plus (got {self.neighbours})"
+            )
+        if self.protocol == "secagg" and self.neighbours is not None:
+            raise FedsimError(
+                f"config key '{where}.neighbours' does not apply to secagg (every client is a neighbour); "
+                "remove it or use secagg_plus"
+            )
+        if not 1 <= self.bits <= 16:
+            raise FedsimError(f"config key '{where}.bits' must be 1..16 (got {self.bits})")
+        if not self.clip > 0:
+            raise FedsimError(f"config key '{where}.clip' must be > 0 (got {self.clip})")
+
+
 class RunConfig(_Strict):
     """One entry of ``runs:``: an algorithm with its local-training hyper-parameters.
 
@@ -221,6 +264,12 @@ class RunConfig(_Strict):
         exclude_if=lambda v: v is None,  # a run without a codec dumps (config_json) as before
         description="encode each client's upload with a codec, e.g. {codec: topk, fraction: 0.01, "
         "error_feedback: true}; null: float tensors as they are (docs/compression.md)",
+    )
+    secure_aggregation: SecAggConfig | None = Field(
+        None,
+        exclude_if=lambda v: v is None,
+        description="simulate secure aggregation's fixed-point updates and bill its traffic, e.g. "
+        "{protocol: secagg_plus, neighbours: 8, bits: 16}; null: none (docs/compression.md)",
     )
 
     @property
@@ -837,6 +886,8 @@ def validate(cfg: ExperimentConfig) -> None:
             _check_name(r.name, f"runs.{i}.name")
         if r.uplink is not None:
             r.uplink.check(f"runs.{i}.uplink", r.algorithm)
+        if r.secure_aggregation is not None:
+            r.secure_aggregation.check(f"runs.{i}.secure_aggregation", r.algorithm, r.uplink)
         r.check(f"runs.{i}", cfg)
 
 

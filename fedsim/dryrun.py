@@ -188,7 +188,8 @@ class RoundRow:
         round: 0-based; phase: as the engine logs it ("full", "partial", "one-shot", "pooled");
         layer: the trained group's index in a partial round, else None; group_name: its name.
         bytes_up / bytes_down: bytes the whole cohort sends / receives this round (encoded under an
-            uplink codec); bytes_up_raw / bytes_down_raw: the same tensors uncompressed.
+            uplink codec, with secure aggregation's messages); bytes_up_raw / bytes_down_raw: the
+            same tensors uncompressed; bytes_secagg: secure aggregation's messages.
         flops: multiply-accumulates of the cohort's local training (3F full, 2F partial, + 2F for
             MOON's returning clients).
         clients: cohort size; trainable_params: parameters trained; global_params: parameters of
@@ -207,6 +208,7 @@ class RoundRow:
     global_params: int | None
     bytes_up_raw: int = 0
     bytes_down_raw: int = 0
+    bytes_secagg: int = 0
 
 
 @dataclass(frozen=True)
@@ -337,6 +339,7 @@ def project_experiment(cfg: ExperimentConfig) -> tuple[ClientSizes, list[DryRun]
     from fedsim.algorithms import ALGORITHMS
     from fedsim.algorithms.base import WireFacts
     from fedsim.rng import sample_cohort
+    from fedsim.wire import secagg
 
     facts = DATASET_FACTS.get(cfg.data.dataset)
     if facts is None:
@@ -366,9 +369,15 @@ def project_experiment(cfg: ExperimentConfig) -> tuple[ClientSizes, list[DryRun]
             share_bn_stats=run.bn_stats == "shared",
         )
         proj = raw = algo.projected_rounds(model, facts.input_shape, **common)
-        encoded = wire
+        encoded, protocol = wire, (0, 0)  # protocol: secure aggregation's bytes per client (up, down)
+        size = None
         if run.uplink is not None:
             size = partial(codecs.upload_bytes, codecs.codec_for(run.uplink))
+        elif run.secure_aggregation is not None:
+            sa = run.secure_aggregation
+            size = partial(secagg.masked_bytes, ring=secagg.ring_bits(sa.bits, k))
+            protocol = secagg.protocol_bytes(sa.protocol, sa.neighbours, k)
+        if size is not None:
             proj = algo.projected_rounds(model, facts.input_shape, upload_bytes=size, **common)
             encoded = replace(wire, upload_bytes=size)
         rows = []
@@ -397,10 +406,11 @@ def project_experiment(cfg: ExperimentConfig) -> tuple[ClientSizes, list[DryRun]
                     phase=t.phase,
                     layer=rp.group,
                     group_name=rp.group_name,
-                    bytes_up=t.bytes_up,
-                    bytes_down=t.bytes_down,
+                    bytes_up=t.bytes_up + t.clients * protocol[0],
+                    bytes_down=t.bytes_down + t.clients * protocol[1],
                     bytes_up_raw=t_raw.bytes_up,
                     bytes_down_raw=t_raw.bytes_down,
+                    bytes_secagg=t.clients * sum(protocol),
                     flops=flops,
                     clients=t.clients,
                     trainable_params=trainable,
@@ -544,7 +554,7 @@ def write_run_dir(cfg: ExperimentConfig, runs: list[DryRun], run_dir: str | Path
                     "clients": row.clients,
                     "bytes_up_raw": row.bytes_up_raw,
                     "bytes_down_raw": row.bytes_down_raw,
-                    "bytes_secagg": 0,
+                    "bytes_secagg": row.bytes_secagg,
                 },
             )
     log.flush()

@@ -107,6 +107,8 @@ class ClientResult:
             (name -> uint8 array) until the driver decodes them.
         bytes_secagg: the secure-aggregation protocol's share of bytes_up + bytes_down (0 without).
         residual_norm: ||e||_2 of the client's error-feedback residual after this round, or None.
+        secagg_clipped / secagg_overflow: under secure aggregation, the update coordinates it
+            clipped and the integer coordinates that do not fit the fixed-point range; else None.
     """
 
     client_id: int
@@ -128,6 +130,8 @@ class ClientResult:
     bytes_down_raw: int | None = None
     bytes_secagg: int = 0
     residual_norm: float | None = None
+    secagg_clipped: int | None = None
+    secagg_overflow: int | None = None
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,8 @@ CLIENTS_SCHEMA = pa.schema(
         ("bytes_down_raw", pa.int64()),
         ("bytes_secagg", pa.int64()),
         ("residual_norm", pa.float64()),
+        ("secagg_clipped", pa.int64()),
+        ("secagg_overflow", pa.int64()),
     ]
 )
 

@@ -177,13 +177,16 @@ def encode_results(
     results: list[ClientResult],
     state_type: type,
 ) -> list[ClientResult]:
-    """The worker's results with their uploads encoded by ``run.uplink`` (unchanged without one).
+    """The worker's results with their uploads encoded by ``run.uplink``, or made fixed-point and
+    billed by ``run.secure_aggregation`` (unchanged without either).
 
     Each result's ``bytes_up`` becomes the encoded length and ``bytes_up_raw`` the uncompressed
     one (numel x element size); its stored state (of ``state_type`` when the algorithm made none)
     carries the new codec memory, read from ``states`` (each task's stored state before the round).
     Pooled rounds and dropped clients are left as they are (nothing crosses a wire).
     """
+    if run.secure_aggregation is not None:
+        return [_secure(run, seed, t, received, x) for t, x in zip(tasks, results)]
     cfg = run.uplink
     if cfg is None:
         return results
@@ -212,6 +215,31 @@ def encode_results(
     return out
 
 
+def _secure(run: RunConfig, seed: int, task: ClientTask, received: Mapping[str, np.ndarray], x: ClientResult):
+    """One result under ``run.secure_aggregation``: its upload as the server learns it (clipped,
+    fixed-point) and the protocol's bytes (:mod:`fedsim.wire.secagg`)."""
+    from fedsim.wire import secagg
+
+    sa = run.secure_aggregation
+    if x.dropped or task.plan.pooled:
+        return x
+    n = len(task.plan.cohort)
+    up, down = secagg.protocol_bytes(sa.protocol, sa.neighbours, n)
+    rng = numpy_rng(seed, "codec", task.round, task.client_id)
+    upload, clipped, overflow = secagg.fixed_point_upload(x.upload, received, sa.clip, sa.bits, rng)
+    return replace(
+        x,
+        upload=upload,
+        bytes_up=secagg.masked_bytes(x.upload, secagg.ring_bits(sa.bits, n)) + up,
+        bytes_down=x.bytes_down + down,
+        bytes_up_raw=x.bytes_up,
+        bytes_down_raw=x.bytes_down,
+        bytes_secagg=up + down,
+        secagg_clipped=clipped,
+        secagg_overflow=overflow,
+    )
+
+
 def decode_results(
     run: RunConfig, broadcast: Mapping[str, np.ndarray], results: list[ClientResult]
 ) -> list[ClientResult]:
@@ -232,6 +260,8 @@ def wire_columns(x: ClientResult) -> dict[str, Any]:
         "bytes_down_raw": x.bytes_down if x.bytes_down_raw is None else x.bytes_down_raw,
         "bytes_secagg": x.bytes_secagg,
         "residual_norm": x.residual_norm,
+        "secagg_clipped": x.secagg_clipped,
+        "secagg_overflow": x.secagg_overflow,
     }
 
 
