@@ -132,8 +132,8 @@ class EngineConfig(_Strict):
 
 
 class CodecConfig(_Strict):
-    """``uplink:`` section of a run: the codec that encodes what each client uploads
-    (docs/compression.md has every codec's byte formula). Each codec takes only its own
+    """``uplink:`` (or ``downlink:``) section of a run: the codec that encodes what each client
+    uploads (or the server's broadcast; docs/compression.md has every codec's byte formula). Each codec takes only its own
     parameter: ``quantize`` ``bits``, ``qsgd`` ``levels``, ``topk`` and ``randk`` ``fraction``,
     ``powersgd`` ``rank``."""
 
@@ -152,6 +152,25 @@ class CodecConfig(_Strict):
         description="keep what the codec lost in the client's state and add it to the next upload "
         "(biased codecs: fp16, bf16, topk, sign, powersgd)",
     )
+
+    def check_downlink(self, where: str, algorithm: str) -> None:
+        """:meth:`check` for the ``downlink:`` section, which sends the model itself (a client
+        that missed the last round holds no model to add a delta to): only fp16, bf16 and
+        quantize, and no error feedback.
+
+        Raises:
+            FedsimError: as :meth:`check`, or another codec, or error feedback."""
+        if self.codec not in ("fp16", "bf16", "quantize"):
+            raise FedsimError(
+                f"config key '{where}.codec': the downlink sends the model itself, which {self.codec} "
+                "cannot carry (a client that missed the last round has no model to add a delta to); "
+                "use fp16, bf16 or quantize"
+            )
+        if self.error_feedback:
+            raise FedsimError(
+                f"config key '{where}.error_feedback' does not apply to the downlink; remove it"
+            )
+        self.check(where, algorithm)
 
     def check(self, where: str, algorithm: str) -> None:
         """Raises FedsimError naming the key: a parameter missing, out of range or given to a codec
@@ -264,6 +283,12 @@ class RunConfig(_Strict):
         exclude_if=lambda v: v is None,  # a run without a codec dumps (config_json) as before
         description="encode each client's upload with a codec, e.g. {codec: topk, fraction: 0.01, "
         "error_feedback: true}; null: float tensors as they are (docs/compression.md)",
+    )
+    downlink: CodecConfig | None = Field(
+        None,
+        exclude_if=lambda v: v is None,
+        description="encode the server's broadcast (the model itself) with fp16, bf16 or quantize; "
+        "null: as it is (docs/compression.md)",
     )
     secure_aggregation: SecAggConfig | None = Field(
         None,
@@ -886,6 +911,8 @@ def validate(cfg: ExperimentConfig) -> None:
             _check_name(r.name, f"runs.{i}.name")
         if r.uplink is not None:
             r.uplink.check(f"runs.{i}.uplink", r.algorithm)
+        if r.downlink is not None:
+            r.downlink.check_downlink(f"runs.{i}.downlink", r.algorithm)
         if r.secure_aggregation is not None:
             r.secure_aggregation.check(f"runs.{i}.secure_aggregation", r.algorithm, r.uplink)
         r.check(f"runs.{i}", cfg)

@@ -380,6 +380,10 @@ def project_experiment(cfg: ExperimentConfig) -> tuple[ClientSizes, list[DryRun]
         if size is not None:
             proj = algo.projected_rounds(model, facts.input_shape, upload_bytes=size, **common)
             encoded = replace(wire, upload_bytes=size)
+        if run.downlink is not None:
+            encoded = replace(
+                encoded, download_bytes=partial(codecs.upload_bytes, codecs.codec_for(run.downlink))
+            )
         rows = []
         seen: set[int] = set()  # clients that trained before: MOON's returning clients
         for rp, rp_raw in zip(proj.rounds, raw.rounds):
@@ -388,7 +392,7 @@ def project_experiment(cfg: ExperimentConfig) -> tuple[ClientSizes, list[DryRun]
             returning = int(sizes.sizes[[c for c in cohort if c in seen]].sum())
             seen.update(cohort)
             t = algo.traffic(rp, encoded)
-            t_raw = t if rp is rp_raw else algo.traffic(rp_raw, wire)
+            t_raw = t if encoded is wire else algo.traffic(rp_raw, wire)
             if t.pooled:
                 examples = int(sizes.sizes.sum())
             if rp.phase == "partial":

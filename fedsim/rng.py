@@ -26,6 +26,7 @@ STREAMS = (
     "schedule",
     "data",
     "codec",
+    "downlink",
 )
 
 

@@ -146,6 +146,7 @@ class WireFacts:
         num_classes: K, the dataset's classes.
         upload_bytes: bytes of one client's upload of the given tensors (name -> tensor): numel x
             element size, or the encoded length under an uplink codec (:func:`fedsim.wire.upload_bytes`).
+        download_bytes: the same for what the server sends (a downlink codec's encoded length).
     """
 
     state: P.Params
@@ -153,11 +154,13 @@ class WireFacts:
     clients_per_round: int
     num_classes: int
     upload_bytes: Callable[[P.Params], int] = P.nbytes
+    download_bytes: Callable[[P.Params], int] = P.nbytes
 
     @property
     def state_bytes(self) -> int:
-        """Bytes of the whole state_dict (numel x element size)."""
-        return P.nbytes(self.state)
+        """Bytes of the whole state_dict as broadcast (numel x element size, or encoded under a
+        downlink codec: :attr:`download_bytes`)."""
+        return self.download_bytes(self.state)
 
 
 @dataclass(frozen=True)

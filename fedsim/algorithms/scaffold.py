@@ -127,7 +127,7 @@ class Scaffold(Algorithm):
         return replace(
             base,
             bytes_up=base.bytes_up + k * wire.upload_bytes(c),
-            bytes_down=base.bytes_down + k * P.nbytes(c),
+            bytes_down=base.bytes_down + k * wire.download_bytes(c),
         )
 
     # ---- server side

@@ -31,7 +31,7 @@ from fedsim.data.base import FederatedDataset
 from fedsim.engine.client import ClientRunner, set_threads
 from fedsim.engine.pool import RAY_INLINE_BYTES, make_worker_class, spawn_worker, start_workers
 from fedsim.errors import FedsimError
-from fedsim.wire import encode_results
+from fedsim.wire import decode_broadcast, encode_results
 
 
 def run_tasks(
@@ -54,6 +54,7 @@ def run_tasks(
     from fedsim.engine import vectorize
 
     algo = runner.algorithm(run)
+    sent, received = received, decode_broadcast(run, received)  # the downlink codec's messages, decoded
     out: list[ClientResult] = []
     if vectorize.stackable(runner, run, algo, tasks, states, extras):
         try:
@@ -76,7 +77,9 @@ def run_tasks(
                     f"client {task.client_id} failed in round {task.round} of run "
                     f"{task.run_id!r} during local training: {err!r}"
                 ) from err
-    return encode_results(run, runner.experiment.seed, tasks, received, states, out, algo.client_state_type())
+    return encode_results(
+        run, runner.experiment.seed, tasks, received, states, out, algo.client_state_type(), sent
+    )
 
 
 class _RoundBackend:

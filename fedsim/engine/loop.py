@@ -45,7 +45,14 @@ from fedsim.io import checkpoint
 from fedsim.io.runlog import RunLog
 from fedsim.models import build_model
 from fedsim.rng import numpy_rng, sample_cohort, torch_rng  # noqa: F401  (re-exported)
-from fedsim.wire import decode_results, round_wire_columns, wire_columns
+from fedsim.wire import (
+    decode_broadcast,
+    decode_results,
+    dropped,
+    encode_broadcast,
+    round_wire_columns,
+    wire_columns,
+)
 
 
 def versions() -> dict[str, str]:
@@ -363,12 +370,13 @@ def _run_one(
         cohort = sample_cohort(cfg.seed, r, dataset.num_clients, cfg.engine.clients_per_round)
         plan = algo.plan_round(at.state, r, cohort)
         broadcast = P.to_numpy(algo.downlink(at.state, plan))
+        sent = encode_broadcast(run, cfg.seed, r, broadcast)  # broadcast itself without a downlink codec
         own = [algo.client_downlink(at.state, plan, c) for c in plan.cohort]  # per-client extras
         own = [None if d is None else P.to_numpy(d) for d in own]
         pending = backend.submit(
             run,
             [ClientTask(run_id=run.label, round=r, client_id=c, plan=plan) for c in plan.cohort],
-            backend.broadcast(broadcast),
+            backend.broadcast(sent),
             [at.store.get(c) if algo.stateful else None for c in plan.cohort],
             own,
         )
@@ -384,10 +392,7 @@ def _run_one(
             status, message = "failed", str(err)
             break
         results = [  # a dropped client was still sent the round's tensors
-            x
-            if not x.dropped
-            else replace(x, bytes_down=0 if plan.pooled else P.nbytes(broadcast) + P.nbytes(d or {}))
-            for x, d in zip(results, own)
+            x if not x.dropped else dropped(x, plan.pooled, broadcast, sent, d) for x, d in zip(results, own)
         ]
         kept = [x for x in results if not x.dropped]
         store = (
@@ -395,7 +400,7 @@ def _run_one(
             if algo.stateful
             else at.store
         )
-        kept = decode_results(run, broadcast, kept)  # the uplink codec's bytes, decoded
+        kept = decode_results(run, decode_broadcast(run, sent), kept)  # the uplink codec's bytes, decoded
         state = algo.aggregate(at.state, plan, kept) if kept else at.state
         up, down = sum(x.bytes_up for x in results), sum(x.bytes_down for x in results)
         at = Progress(state, r + 1, at.cum_up + up, at.cum_down + down, store)

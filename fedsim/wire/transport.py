@@ -168,6 +168,51 @@ def upload_bytes(codec: Codec, tensors: Mapping[str, Any]) -> int:
 # ------------------------------------------------------------------------ the engine's calls
 
 
+def encode_broadcast(
+    run: RunConfig, seed: int, round: int, broadcast: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """The broadcast as the server sends it under ``run.downlink``: every floating tensor (the
+    model's weights themselves, not a delta) encoded by the codec with the (seed, "downlink",
+    round) generator, the others lossless, as uint8 arrays; ``broadcast`` itself without one."""
+    if run.downlink is None:
+        return broadcast
+    codec, rng = codec_for(run.downlink), numpy_rng(seed, "downlink", round)
+    return {
+        k: np.frombuffer((codec if _floating(np.asarray(v)) else RAW).encode(v, rng), np.uint8)
+        for k, v in broadcast.items()
+    }
+
+
+def decode_broadcast(run: RunConfig, sent: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What the clients receive: :func:`encode_broadcast`'s messages decoded (floating tensors as
+    float32), on every worker and on the driver alike; ``sent`` itself without a downlink codec."""
+    if run.downlink is None:
+        return sent
+    return decode_upload(codec_for(run.downlink), sent, {})
+
+
+def dropped(
+    x: ClientResult, pooled: bool, broadcast: Mapping[str, Any], sent: Mapping[str, Any], extra
+) -> ClientResult:
+    """A client dropped for lateness, billed what it was sent: the broadcast as sent (encoded
+    under a downlink codec) and its own extra tensors; ``bytes_down_raw`` the uncompressed size."""
+    if pooled:
+        return replace(x, bytes_down=0)
+    own = 0 if not extra else sum(int(np.asarray(v).nbytes) for v in extra.values())
+    size = sum(int(np.asarray(v).nbytes) for v in sent.values()) + own
+    raw = None if sent is broadcast else sum(int(np.asarray(v).nbytes) for v in broadcast.values()) + own
+    return replace(x, bytes_down=size, bytes_down_raw=raw)
+
+
+def _downlink_bytes(x: ClientResult, task: ClientTask, received: Mapping, sent: Mapping) -> ClientResult:
+    """``x`` with ``bytes_down`` the encoded broadcast's length (plus its own extra tensors, as
+    before) and ``bytes_down_raw`` the uncompressed size the worker counted."""
+    if x.dropped or task.plan.pooled:
+        return x
+    size = lambda p: sum(int(np.asarray(v).nbytes) for v in p.values())  # noqa: E731
+    return replace(x, bytes_down=x.bytes_down - size(received) + size(sent), bytes_down_raw=x.bytes_down)
+
+
 def encode_results(
     run: RunConfig,
     seed: int,
@@ -176,15 +221,20 @@ def encode_results(
     states: list[Any],
     results: list[ClientResult],
     state_type: type,
+    sent: Mapping[str, np.ndarray] | None = None,
 ) -> list[ClientResult]:
     """The worker's results with their uploads encoded by ``run.uplink``, or made fixed-point and
-    billed by ``run.secure_aggregation`` (unchanged without either).
+    billed by ``run.secure_aggregation`` (unchanged without either); under ``run.downlink``,
+    ``sent`` is the broadcast as it was sent (encoded) and ``received`` as it was decoded, and
+    ``bytes_down`` becomes the encoded length.
 
     Each result's ``bytes_up`` becomes the encoded length and ``bytes_up_raw`` the uncompressed
     one (numel x element size); its stored state (of ``state_type`` when the algorithm made none)
     carries the new codec memory, read from ``states`` (each task's stored state before the round).
     Pooled rounds and dropped clients are left as they are (nothing crosses a wire).
     """
+    if run.downlink is not None:
+        results = [_downlink_bytes(x, t, received, sent) for t, x in zip(tasks, results)]
     if run.secure_aggregation is not None:
         return [_secure(run, seed, t, received, x) for t, x in zip(tasks, results)]
     cfg = run.uplink
@@ -233,7 +283,7 @@ def _secure(run: RunConfig, seed: int, task: ClientTask, received: Mapping[str, 
         bytes_up=secagg.masked_bytes(x.upload, secagg.ring_bits(sa.bits, n)) + up,
         bytes_down=x.bytes_down + down,
         bytes_up_raw=x.bytes_up,
-        bytes_down_raw=x.bytes_down,
+        bytes_down_raw=x.bytes_down if x.bytes_down_raw is None else x.bytes_down_raw,
         bytes_secagg=up + down,
         secagg_clipped=clipped,
         secagg_overflow=overflow,

@@ -211,7 +211,14 @@ def test_dry_run_projects_the_logged_encoded_bytes(tmp_path):
             "rounds_per_group": 1,
             "uplink": {"codec": "quantize", "bits": 4},
         },
-        {"algorithm": "scaffold", "rounds": 2, "uplink": {"codec": "sign"}},
+        {"algorithm": "scaffold", "rounds": 2, "uplink": {"codec": "sign"}, "downlink": {"codec": "bf16"}},
+        {
+            "algorithm": "fedavg",
+            "name": "down",
+            "rounds": 2,
+            "downlink": {"codec": "quantize", "bits": 8},
+            "uplink": {"codec": "fp16"},
+        },
     ]
     cfg = cfg_for(runs[0], clients=2)
     cfg = cfg.model_copy(update={"runs": tuple(cfg_for(r, clients=2).runs[0] for r in runs)})
@@ -221,19 +228,24 @@ def test_dry_run_projects_the_logged_encoded_bytes(tmp_path):
     cols = ["run_id", "round", "bytes_up", "bytes_down", "bytes_up_raw", "bytes_down_raw", "bytes_secagg"]
     dry = pd.DataFrame(RunLog.read(tmp_path / "dry").rows["rounds"])[cols]
     real = pd.DataFrame(RunLog.read(tmp_path / "real").rows["rounds"])[cols]
-    assert len(real) == 2 + 5 + 2
+    assert len(real) == 2 + 5 + 2 + 2
     pd.testing.assert_frame_equal(dry, real)
     assert (real["bytes_up"] < real["bytes_up_raw"]).all()
+    downlinked = real["run_id"].isin(["scaffold", "down"])
+    assert (real["bytes_down"][downlinked] < real["bytes_down_raw"][downlinked]).all()
+    assert (real["bytes_down"][~downlinked] == real["bytes_down_raw"][~downlinked]).all()
 
 
 def test_ray_backend_with_a_codec_equals_the_sequential_backend(ray_local, tmp_path):
-    """The encoded messages travel back from Ray workers (in the packed upload buffer) and the
-    residuals through Ray's object store: both backends log the same tables."""
+    """The encoded broadcast travels to the Ray workers, the encoded uploads back (in the packed
+    upload buffer) and the residuals through Ray's object store: both backends log the same
+    tables."""
     run = {
         "algorithm": "fedavg",
         "rounds": 2,
         "batch_size": 16,
         "uplink": {"codec": "topk", "fraction": 0.05, "error_feedback": True},
+        "downlink": {"codec": "quantize", "bits": 8},
     }
     out = {}
     for backend in ("sequential", "ray"):
@@ -251,3 +263,30 @@ def test_ray_backend_with_a_codec_equals_the_sequential_backend(ray_local, tmp_p
     for name in ("rounds", "clients"):
         pd.testing.assert_frame_equal(out["sequential"][name], out["ray"][name], obj=name)
     assert out["ray"]["clients"]["residual_norm"].notna().all()
+
+
+def test_downlink_sends_the_model_itself_cast_and_the_integers_exactly():
+    from fedsim.wire import decode_broadcast, encode_broadcast
+
+    run = cfg_for({"algorithm": "fedavg", "downlink": {"codec": "fp16"}}).runs[0]
+    up, _ = upload_and_reference()
+    sent = encode_broadcast(run, 0, 0, up)
+    got = decode_broadcast(run, sent)
+    assert sum(m.size for m in sent.values()) == upload_bytes(make_codec("fp16"), up)
+    np.testing.assert_array_equal(got["w"], up["w"].astype(np.float16).astype(np.float32))
+    assert got["count"] == 7 and got["count"].dtype == np.int64
+
+
+@pytest.mark.parametrize(
+    ("downlink", "match"),
+    [
+        ({"codec": "topk", "fraction": 0.1}, "downlink.codec': the downlink sends the model itself"),
+        ({"codec": "sign"}, "downlink.codec'"),
+        ({"codec": "fp16", "error_feedback": True}, "downlink.error_feedback' does not apply"),
+        ({"codec": "quantize", "bits": 20}, "downlink.bits' must be 1..16"),
+    ],
+)
+def test_bad_downlink_settings_are_one_line_errors(downlink, match):
+    with pytest.raises(FedsimError, match=match) as err:
+        cfg_for({"algorithm": "fedavg", "downlink": downlink})
+    assert "\n" not in str(err.value)
