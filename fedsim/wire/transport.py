@@ -64,6 +64,11 @@ def keeps_state(cfg: CodecConfig | None) -> bool:
     return cfg is not None and (cfg.error_feedback or cfg.codec == "powersgd")
 
 
+def _nbytes(tensors: Mapping[str, Any]) -> int:
+    """numel x element size over numpy arrays (:func:`fedsim.params.nbytes` without torch)."""
+    return sum(int(np.asarray(v).nbytes) for v in tensors.values())
+
+
 def _floating(a: np.ndarray) -> bool:
     return np.issubdtype(a.dtype, np.floating)
 
@@ -198,10 +203,9 @@ def dropped(
     under a downlink codec) and its own extra tensors; ``bytes_down_raw`` the uncompressed size."""
     if pooled:
         return replace(x, bytes_down=0)
-    own = 0 if not extra else sum(int(np.asarray(v).nbytes) for v in extra.values())
-    size = sum(int(np.asarray(v).nbytes) for v in sent.values()) + own
-    raw = None if sent is broadcast else sum(int(np.asarray(v).nbytes) for v in broadcast.values()) + own
-    return replace(x, bytes_down=size, bytes_down_raw=raw)
+    own = _nbytes(extra or {})
+    raw = None if sent is broadcast else _nbytes(broadcast) + own
+    return replace(x, bytes_down=_nbytes(sent) + own, bytes_down_raw=raw)
 
 
 def _downlink_bytes(x: ClientResult, task: ClientTask, received: Mapping, sent: Mapping) -> ClientResult:
@@ -209,8 +213,9 @@ def _downlink_bytes(x: ClientResult, task: ClientTask, received: Mapping, sent: 
     before) and ``bytes_down_raw`` the uncompressed size the worker counted."""
     if x.dropped or task.plan.pooled:
         return x
-    size = lambda p: sum(int(np.asarray(v).nbytes) for v in p.values())  # noqa: E731
-    return replace(x, bytes_down=x.bytes_down - size(received) + size(sent), bytes_down_raw=x.bytes_down)
+    return replace(
+        x, bytes_down=x.bytes_down - _nbytes(received) + _nbytes(sent), bytes_down_raw=x.bytes_down
+    )
 
 
 def encode_results(
