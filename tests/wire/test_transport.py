@@ -243,7 +243,7 @@ def test_ray_backend_with_a_codec_equals_the_sequential_backend(ray_local, tmp_p
     run = {
         "algorithm": "fedavg",
         "rounds": 2,
-        "batch_size": 16,
+        "batch_size": 32,
         "uplink": {"codec": "topk", "fraction": 0.05, "error_feedback": True},
         "downlink": {"codec": "quantize", "bits": 8},
     }
@@ -251,7 +251,7 @@ def test_ray_backend_with_a_codec_equals_the_sequential_backend(ray_local, tmp_p
     for backend in ("sequential", "ray"):
         engine = {
             "backend": backend,
-            "clients_per_round": 3,
+            "clients_per_round": 2,
             **({"num_workers": 2} if backend == "ray" else {}),
         }
         cfg = config.parse(tiny_experiment(runs=[run], engine=engine))
