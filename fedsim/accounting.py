@@ -29,7 +29,7 @@ Reproducing FedPart's table (ResNet-8, 3x32x32, 40 clients x 500 examples, 8 loc
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -388,6 +388,7 @@ def project_run(
     share_bn_stats: bool = False,
     partial_download: Literal["model", "group"] = "model",
     convention: Literal["thop", "fedsim"] = "thop",
+    upload_bytes: Callable[[dict[str, torch.Tensor]], int] | None = None,
 ) -> RunProjection:
     """Project the bytes and multiply-accumulates of a FedPart or full-network run, per round,
     in total and per client, without training (docs/algorithms.md sections 5 and 6).
@@ -415,6 +416,9 @@ def project_run(
             authors' code keeps them local, and the paper's table counts parameters only).
         partial_download: what the server sends in a partial round.
         convention: how F is counted: ``"thop"`` (the paper's) or ``"fedsim"``.
+        upload_bytes: bytes of one client's upload of the given tensors (name -> tensor) when
+            an uplink codec encodes them (:func:`fedsim.wire.upload_bytes`); None: numel x
+            element size.
 
     Returns:
         A :class:`RunProjection` (bytes in bytes, compute in multiply-accumulates).
@@ -458,17 +462,20 @@ def project_run(
     def sent(keys: Sequence[str]) -> list[str]:
         return [key for key in keys if key in param_keys or share_bn_stats]
 
+    def up_bytes(keys: Sequence[str]) -> int:
+        return _nbytes(state, keys) if upload_bytes is None else upload_bytes({k: state[k] for k in keys})
+
     all_keys = sent([key for grp in groups for key in grp.tensors])
     model_bytes = _nbytes(state, all_keys)
     out: list[RoundProjection] = []
     for s in specs:
         if s.phase == "full":
-            up = down = model_bytes
+            up, down = up_bytes(all_keys), model_bytes
             name = None
         else:
             grp = groups[s.group]
-            up = _nbytes(state, sent(grp.tensors))
-            down = up if partial_download == "group" else model_bytes
+            up = up_bytes(sent(grp.tensors))
+            down = _nbytes(state, sent(grp.tensors)) if partial_download == "group" else model_bytes
             name = grp.name
         per_client = training_macs(forward, examples, epochs, s.phase)
         out.append(

@@ -257,6 +257,128 @@ class SystemConfig(RoundRule):
     )
 
 
+class CodecConfig(_Strict):
+    """``uplink:`` (or ``downlink:``) section of a run: the codec that encodes what each client
+    uploads (or the server's broadcast; docs/compression.md has every codec's byte formula). Each codec takes only its own
+    parameter: ``quantize`` ``bits``, ``qsgd`` ``levels``, ``topk`` and ``randk`` ``fraction``,
+    ``powersgd`` ``rank``."""
+
+    codec: Literal["fp16", "bf16", "quantize", "qsgd", "topk", "randk", "sign", "powersgd"] = Field(
+        description="fp16 / bf16 casts; quantize: stochastic b-bit; qsgd: s levels and the l2 norm; "
+        "topk / randk: a fraction of the values; sign: scaled sign; powersgd: rank-r factors"
+    )
+    bits: int | None = Field(None, description="quantize: bits per value, 1..16 (required)")
+    levels: int | None = Field(None, description="qsgd: quantisation levels s, 1..65535 (required)")
+    fraction: float | None = Field(
+        None, description="topk / randk: share of each tensor's values sent, in (0, 1] (required)"
+    )
+    rank: int | None = Field(None, description="powersgd: rank r of the factors, >= 1 (required)")
+    error_feedback: bool = Field(
+        False,
+        description="keep what the codec lost in the client's state and add it to the next upload "
+        "(biased codecs: fp16, bf16, topk, sign, powersgd)",
+    )
+
+    def check_downlink(self, where: str, algorithm: str) -> None:
+        """:meth:`check` for the ``downlink:`` section, which sends the model itself (a client
+        that missed the last round holds no model to add a delta to): only fp16, bf16 and
+        quantize, and no error feedback.
+
+        Raises:
+            FedsimError: as :meth:`check`, or another codec, or error feedback."""
+        if self.codec not in ("fp16", "bf16", "quantize"):
+            raise FedsimError(
+                f"config key '{where}.codec': the downlink sends the model itself, which {self.codec} "
+                "cannot carry (a client that missed the last round has no model to add a delta to); "
+                "use fp16, bf16 or quantize"
+            )
+        if self.error_feedback:
+            raise FedsimError(
+                f"config key '{where}.error_feedback' does not apply to the downlink; remove it"
+            )
+        self.check(where, algorithm)
+
+    def check(self, where: str, algorithm: str) -> None:
+        """Raises FedsimError naming the key: a parameter missing, out of range or given to a codec
+        that takes another, error feedback on an unbiased codec, or an algorithm no codec serves."""
+        from fedsim.wire import CODECS, REFUSED
+
+        if algorithm in REFUSED:
+            raise FedsimError(f"config key '{where}': a codec cannot serve {algorithm}: {REFUSED[algorithm]}")
+        own = {
+            "quantize": "bits",
+            "qsgd": "levels",
+            "topk": "fraction",
+            "randk": "fraction",
+            "powersgd": "rank",
+        }
+        for key in ("bits", "levels", "fraction", "rank"):
+            if getattr(self, key) is not None and own.get(self.codec) != key:
+                raise FedsimError(
+                    f"config key '{where}.{key}' does not apply to codec {self.codec}; remove it"
+                )
+        key = own.get(self.codec)
+        value = None if key is None else getattr(self, key)
+        if key is not None and value is None:
+            raise FedsimError(f"config key '{where}.{key}' is required for codec {self.codec}")
+        ranges = {"bits": (1, 16), "levels": (1, 65535), "rank": (1, None)}
+        if key == "fraction" and not 0 < value <= 1:
+            raise FedsimError(f"config key '{where}.fraction' must be in (0, 1] (got {value})")
+        if key in ranges:
+            lo, hi = ranges[key]
+            if value < lo or (hi is not None and value > hi):
+                span = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+                raise FedsimError(f"config key '{where}.{key}' must be {span} (got {value})")
+        if self.error_feedback and not CODECS[self.codec].biased:
+            raise FedsimError(
+                f"config key '{where}.error_feedback': codec {self.codec} is unbiased and needs no "
+                "error feedback; remove it or use fp16, bf16, topk, sign or powersgd"
+            )
+
+
+class SecAggConfig(_Strict):
+    """``secure_aggregation:`` section of a run: a cost model of secure aggregation
+    (docs/compression.md). Clients clip each update coordinate to [-clip, clip] and quantise it to
+    ``bits`` bits; the masked vector takes R = bits + ceil(log2 n) bits per coordinate for a
+    cohort of n, and each client is billed the protocol's key, share and unmasking messages."""
+
+    protocol: Literal["secagg", "secagg_plus"] = Field(
+        description="secagg: every client shares keys with all others (Bonawitz et al. 2017); "
+        "secagg_plus: with k neighbours (Bell et al. 2020)"
+    )
+    neighbours: int | None = Field(None, description="secagg_plus: k, neighbours per client, >= 1 (required)")
+    bits: int = Field(16, description="b, fixed-point bits per update coordinate, 1..16")
+    clip: float = Field(1.0, description="each update coordinate is clipped to [-clip, clip] (> 0)")
+
+    def check(self, where: str, algorithm: str, uplink: CodecConfig | None) -> None:
+        """Raises FedsimError naming the key: a value out of range, ``neighbours`` missing for
+        secagg_plus or given to secagg, an uplink codec beside it, or an algorithm it cannot serve."""
+        from fedsim.wire.secagg import REFUSED
+
+        if algorithm in REFUSED:
+            raise FedsimError(
+                f"config key '{where}': secure aggregation cannot serve {algorithm}: {REFUSED[algorithm]}"
+            )
+        if uplink is not None:
+            raise FedsimError(
+                f"config key '{where}': secure aggregation sums fixed-point vectors, so it cannot carry "
+                "an uplink codec's messages; remove uplink (its bits are the codec)"
+            )
+        if self.protocol == "secagg_plus" and (self.neighbours is None or self.neighbours < 1):
+            raise FedsimError(
+                f"config key '{where}.neighbours' must be >= 1 for secagg_plus (got {self.neighbours})"
+            )
+        if self.protocol == "secagg" and self.neighbours is not None:
+            raise FedsimError(
+                f"config key '{where}.neighbours' does not apply to secagg (every client is a neighbour); "
+                "remove it or use secagg_plus"
+            )
+        if not 1 <= self.bits <= 16:
+            raise FedsimError(f"config key '{where}.bits' must be 1..16 (got {self.bits})")
+        if not self.clip > 0:
+            raise FedsimError(f"config key '{where}.clip' must be > 0 (got {self.clip})")
+
+
 class RunConfig(_Strict):
     """One entry of ``runs:``: an algorithm with its local-training hyper-parameters.
 
@@ -293,6 +415,25 @@ class RunConfig(_Strict):
         """The run's keys as a JSON-serialisable dict; ``system`` only when set, so a run without
         one writes the ``config_json`` it did before round rules existed."""
         return self.model_dump(mode="json", exclude=None if self.system is not None else {"system"})
+
+    uplink: CodecConfig | None = Field(
+        None,
+        exclude_if=lambda v: v is None,  # a run without a codec dumps (config_json) as before
+        description="encode each client's upload with a codec, e.g. {codec: topk, fraction: 0.01, "
+        "error_feedback: true}; null: float tensors as they are (docs/compression.md)",
+    )
+    downlink: CodecConfig | None = Field(
+        None,
+        exclude_if=lambda v: v is None,
+        description="encode the server's broadcast (the model itself) with fp16, bf16 or quantize; "
+        "null: as it is (docs/compression.md)",
+    )
+    secure_aggregation: SecAggConfig | None = Field(
+        None,
+        exclude_if=lambda v: v is None,
+        description="simulate secure aggregation's fixed-point updates and bill its traffic, e.g. "
+        "{protocol: secagg_plus, neighbours: 8, bits: 16}; null: none (docs/compression.md)",
+    )
 
     @property
     def label(self) -> str:
@@ -1077,6 +1218,14 @@ def validate(cfg: ExperimentConfig) -> None:
             )
         if r.system is not None:
             _check_rule(r.system, f"runs.{i}.system")
+        timed = cfg.system is not None or isinstance(r, AsyncConfig)
+        wire = [k for k in ("uplink", "downlink", "secure_aggregation") if getattr(r, k, None) is not None]
+        if timed and wire:
+            raise FedsimError(
+                f"config key 'runs.{i}.{wire[0]}': the virtual clock does not yet time encoded or "
+                "secure-aggregation traffic; remove the system: section (and use a synchronous "
+                f"algorithm) or remove {wire[0]}"
+            )
         rule = cfg.round_rule(r)
         if rule is not None and r.every_client and rule.mode != "sync":
             raise FedsimError(
@@ -1098,6 +1247,12 @@ def validate(cfg: ExperimentConfig) -> None:
                 raise FedsimError(f"config key 'runs.{i}.{key}' must be >= 0 (got {getattr(r, key)})")
         if r.name is not None:
             _check_name(r.name, f"runs.{i}.name")
+        if r.uplink is not None:
+            r.uplink.check(f"runs.{i}.uplink", r.algorithm)
+        if r.downlink is not None:
+            r.downlink.check_downlink(f"runs.{i}.downlink", r.algorithm)
+        if r.secure_aggregation is not None:
+            r.secure_aggregation.check(f"runs.{i}.secure_aggregation", r.algorithm, r.uplink)
         r.check(f"runs.{i}", cfg)
 
 

@@ -29,8 +29,9 @@ cycle): upload 4.83 vs 1.35 "GB" (bytes / 1e6 / 1024), compute per client 4.38 v
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -186,7 +187,9 @@ class RoundRow:
     Attributes:
         round: 0-based; phase: as the engine logs it ("full", "partial", "one-shot", "pooled");
         layer: the trained group's index in a partial round, else None; group_name: its name.
-        bytes_up / bytes_down: bytes the whole cohort sends / receives this round.
+        bytes_up / bytes_down: bytes the whole cohort sends / receives this round (encoded under an
+            uplink codec, with secure aggregation's messages); bytes_up_raw / bytes_down_raw: the
+            same tensors uncompressed; bytes_secagg: secure aggregation's messages.
         flops: multiply-accumulates of the cohort's local training (3F full, 2F partial, + 2F for
             MOON's returning clients).
         clients: cohort size; trainable_params: parameters trained; global_params: parameters of
@@ -206,6 +209,9 @@ class RoundRow:
     trainable_params: int
     global_params: int | None
     sim_time_s: float | None = None
+    bytes_up_raw: int = 0
+    bytes_down_raw: int = 0
+    bytes_secagg: int = 0
 
 
 @dataclass(frozen=True)
@@ -332,9 +338,11 @@ def project_experiment(cfg: ExperimentConfig) -> tuple[ClientSizes, list[DryRun]
             dataset, or an algorithm that rejects the experiment.
     """
     from fedsim import accounting
+    from fedsim import wire as codecs
     from fedsim.algorithms import ALGORITHMS
     from fedsim.algorithms.base import WireFacts
     from fedsim.rng import sample_cohort
+    from fedsim.wire import secagg
 
     facts = DATASET_FACTS.get(cfg.data.dataset)
     if facts is None:
@@ -354,24 +362,40 @@ def project_experiment(cfg: ExperimentConfig) -> tuple[ClientSizes, list[DryRun]
             out.append(DryRun(run.label, run.algorithm, note=algo.not_projectable, num_clients=j))
             continue
         # the algorithm lays out the rounds and their bytes; compute comes from each round's
-        # cohort and the clients' own sizes below (examples_per_client=1 leaves its MACs unused)
-        proj = algo.projected_rounds(
-            model,
-            facts.input_shape,
+        # cohort and the clients' own sizes below (examples_per_client=1 leaves its MACs unused);
+        # under an uplink codec the uploads are laid out twice: encoded, and raw (bytes_up_raw)
+        common = dict(
             num_clients=j,
             clients_per_round=k,
             examples_per_client=1,
             local_epochs=run.local_epochs,
             share_bn_stats=run.bn_stats == "shared",
         )
+        proj = raw = algo.projected_rounds(model, facts.input_shape, **common)
+        encoded, protocol = wire, (0, 0)  # protocol: secure aggregation's bytes per client (up, down)
+        size = None
+        if run.uplink is not None:
+            size = partial(codecs.upload_bytes, codecs.codec_for(run.uplink))
+        elif run.secure_aggregation is not None:
+            sa = run.secure_aggregation
+            size = partial(secagg.masked_bytes, ring=secagg.ring_bits(sa.bits, k))
+            protocol = secagg.protocol_bytes(sa.protocol, sa.neighbours, k)
+        if size is not None:
+            proj = algo.projected_rounds(model, facts.input_shape, upload_bytes=size, **common)
+            encoded = replace(wire, upload_bytes=size)
+        if run.downlink is not None:
+            encoded = replace(
+                encoded, download_bytes=partial(codecs.upload_bytes, codecs.codec_for(run.downlink))
+            )
         rows = []
         seen: set[int] = set()  # clients that trained before: MOON's returning clients
-        for rp in proj.rounds:
+        for rp, rp_raw in zip(proj.rounds, raw.rounds):
             cohort = sample_cohort(cfg.seed, rp.round, j, k)
             examples = int(sizes.sizes[list(cohort)].sum())
             returning = int(sizes.sizes[[c for c in cohort if c in seen]].sum())
             seen.update(cohort)
-            t = algo.traffic(rp, wire)
+            t = algo.traffic(rp, encoded)
+            t_raw = t if encoded is wire else algo.traffic(rp_raw, wire)
             if t.pooled:
                 examples = int(sizes.sizes.sum())
             if rp.phase == "partial":
@@ -389,8 +413,11 @@ def project_experiment(cfg: ExperimentConfig) -> tuple[ClientSizes, list[DryRun]
                     phase=t.phase,
                     layer=rp.group,
                     group_name=rp.group_name,
-                    bytes_up=t.bytes_up,
-                    bytes_down=t.bytes_down,
+                    bytes_up=t.bytes_up + t.clients * protocol[0],
+                    bytes_down=t.bytes_down + t.clients * protocol[1],
+                    bytes_up_raw=t_raw.bytes_up,
+                    bytes_down_raw=t_raw.bytes_down,
+                    bytes_secagg=t.clients * sum(protocol),
                     flops=flops,
                     clients=t.clients,
                     trainable_params=trainable,
@@ -455,6 +482,8 @@ def _timed(
                 group_name=row.group_name,
                 bytes_up=up,
                 bytes_down=sum(p.bytes_down for p in sched.projections.values()),
+                bytes_up_raw=up,  # no codec runs on the clock (config.validate)
+                bytes_down_raw=sum(p.bytes_down for p in sched.projections.values()),
                 flops=sum(sched.projections[c].macs for c in kept),
                 clients=len(kept),
                 trainable_params=row.trainable_params,
@@ -595,6 +624,9 @@ def write_run_dir(cfg: ExperimentConfig, runs: list[DryRun], run_dir: str | Path
                     "flops": row.flops,
                     "clients": row.clients,
                     "sim_time_s": row.sim_time_s,
+                    "bytes_up_raw": row.bytes_up_raw,
+                    "bytes_down_raw": row.bytes_down_raw,
+                    "bytes_secagg": row.bytes_secagg,
                 },
             )
     log.flush()

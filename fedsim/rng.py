@@ -27,6 +27,8 @@ STREAMS = (
     "data",
     "devices",
     "availability",
+    "codec",
+    "downlink",
 )
 
 

@@ -138,6 +138,18 @@ def reference() -> str:
         "",
         _table(config.RunConfig),
         "",
+        "### A run's `uplink:` (CodecConfig)",
+        "",
+        _doc(config.CodecConfig),
+        "",
+        _table(config.CodecConfig),
+        "",
+        "### A run's `secure_aggregation:` (SecAggConfig)",
+        "",
+        _doc(config.SecAggConfig),
+        "",
+        _table(config.SecAggConfig),
+        "",
     ]
     base = set(config.RunConfig.model_fields)
     for name, cls in sorted(config.run_configs().items()):

@@ -110,6 +110,14 @@ class ClientResult:
             which its upload arrives (or would have); None without a ``system:`` section.
         model_version / staleness: in an asynchronous run, the server step its model came from and
             the server steps taken between its download and its arrival; None in a synchronous one.
+        bytes_up_raw / bytes_down_raw: what the same tensors take uncompressed (numel x element
+            size) when a codec encoded them (:mod:`fedsim.wire`); None: nothing was compressed,
+            the same as ``bytes_up`` / ``bytes_down``. ``upload`` then holds the encoded messages
+            (name -> uint8 array) until the driver decodes them.
+        bytes_secagg: the secure-aggregation protocol's share of bytes_up + bytes_down (0 without).
+        residual_norm: ||e||_2 of the client's error-feedback residual after this round, or None.
+        secagg_clipped / secagg_overflow: under secure aggregation, the update coordinates it
+            clipped and the integer coordinates that do not fit the fixed-point range; else None.
     """
 
     client_id: int
@@ -132,6 +140,12 @@ class ClientResult:
     sim_arrival_s: float | None = None
     model_version: int | None = None
     staleness: int | None = None
+    bytes_up_raw: int | None = None
+    bytes_down_raw: int | None = None
+    bytes_secagg: int = 0
+    residual_norm: float | None = None
+    secagg_clipped: int | None = None
+    secagg_overflow: int | None = None
 
 
 @dataclass(frozen=True)
@@ -144,17 +158,23 @@ class WireFacts:
         params: scalar parameters of that model.
         clients_per_round: k, cohort clients per round.
         num_classes: K, the dataset's classes.
+        upload_bytes: bytes of one client's upload of the given tensors (name -> tensor): numel x
+            element size, or the encoded length under an uplink codec (:func:`fedsim.wire.upload_bytes`).
+        download_bytes: the same for what the server sends (a downlink codec's encoded length).
     """
 
     state: P.Params
     params: int
     clients_per_round: int
     num_classes: int
+    upload_bytes: Callable[[P.Params], int] = P.nbytes
+    download_bytes: Callable[[P.Params], int] = P.nbytes
 
     @property
     def state_bytes(self) -> int:
-        """Bytes of the whole state_dict (numel x element size)."""
-        return P.nbytes(self.state)
+        """Bytes of the whole state_dict as broadcast (numel x element size, or encoded under a
+        downlink codec: :attr:`download_bytes`)."""
+        return self.download_bytes(self.state)
 
 
 @dataclass(frozen=True)
@@ -205,9 +225,13 @@ class ClientState:
     Attributes:
         bn: its BatchNorm running statistics under ``bn_stats: local`` (state_dict key ->
             array), else None.
+        wire: its uplink codec's memory (:func:`fedsim.wire.transport.encode_upload`: the
+            error-feedback residual and PowerSGD's factors, name -> array), else None. Set by the
+            engine, never by the algorithm.
     """
 
     bn: dict[str, Any] | None = None
+    wire: dict[str, Any] | None = None
 
 
 def to_plain(x: Any) -> Any:
@@ -364,8 +388,13 @@ class Algorithm:
     @property
     def stateful(self) -> bool:
         """Whether the engine keeps a state per client between rounds: the class keeps client
-        state (:attr:`keeps_client_state`) or the clients keep their BatchNorm statistics."""
-        return self.keeps_client_state or self.keeps_bn_local
+        state (:attr:`keeps_client_state`), the clients keep their BatchNorm statistics, or the
+        run's uplink codec keeps a memory (:func:`fedsim.wire.keeps_state`)."""
+        from fedsim.wire import keeps_state
+
+        return (
+            self.keeps_client_state or self.keeps_bn_local or keeps_state(getattr(self.cfg, "uplink", None))
+        )
 
     def reference_model(self, widths: dict[str, int] | None = None) -> FedModel:
         """A model of the experiment's architecture at ``widths`` (default: the configured ones),

@@ -122,8 +122,13 @@ class Scaffold(Algorithm):
         base = super().traffic(rp, wire)
         if self.starts_from_own_init(rp.round):
             return base
-        variates = wire.clients_per_round * P.nbytes(P.subset(wire.state, stepped_keys(wire.state)))
-        return replace(base, bytes_up=base.bytes_up + variates, bytes_down=base.bytes_down + variates)
+        c = P.subset(wire.state, stepped_keys(wire.state))
+        k = wire.clients_per_round
+        return replace(
+            base,
+            bytes_up=base.bytes_up + k * wire.upload_bytes(c),
+            bytes_down=base.bytes_down + k * wire.download_bytes(c),
+        )
 
     # ---- server side
     def init_state(self, params: P.Params) -> ServerState:

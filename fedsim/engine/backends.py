@@ -31,6 +31,7 @@ from fedsim.data.base import FederatedDataset
 from fedsim.engine.client import ClientRunner, set_threads
 from fedsim.engine.pool import RAY_INLINE_BYTES, make_worker_class, spawn_worker, start_workers
 from fedsim.errors import FedsimError
+from fedsim.wire import decode_broadcast, encode_results
 
 
 def run_tasks(
@@ -43,7 +44,8 @@ def run_tasks(
 ) -> list[ClientResult]:
     """Run ``tasks`` on ``runner``: as one stacked model when they can be
     (:func:`fedsim.engine.vectorize.stackable`), else one after another; the
-    :class:`ClientResult` s in task order.
+    :class:`ClientResult` s in task order, their uploads encoded by the run's uplink codec if
+    it has one (:func:`fedsim.wire.encode_results`), so the encoded bytes travel back.
 
     Raises:
         FedsimError: as raised by the client code (bad input found during training).
@@ -52,9 +54,11 @@ def run_tasks(
     from fedsim.engine import vectorize
 
     algo = runner.algorithm(run)
+    sent, received = received, decode_broadcast(run, received)  # the downlink codec's messages, decoded
+    out: list[ClientResult] = []
     if vectorize.stackable(runner, run, algo, tasks, states, extras):
         try:
-            return vectorize.train_stacked(runner, run, algo, tasks, received, states)
+            out = vectorize.train_stacked(runner, run, algo, tasks, received, states)
         except FedsimError:
             raise
         except Exception as err:
@@ -62,18 +66,20 @@ def run_tasks(
                 f"clients {[t.client_id for t in tasks]} failed in round {tasks[0].round} of run "
                 f"{tasks[0].run_id!r} during stacked local training: {err!r}"
             ) from err
-    out = []
-    for task, state, extra in zip(tasks, states, extras):
-        try:
-            out.append(runner.run(run, task, received, state, extra))
-        except FedsimError:
-            raise
-        except Exception as err:  # name the client and stage, like FedJAX's debug backend
-            raise RuntimeError(
-                f"client {task.client_id} failed in round {task.round} of run "
-                f"{task.run_id!r} during local training: {err!r}"
-            ) from err
-    return out
+    else:
+        for task, state, extra in zip(tasks, states, extras):
+            try:
+                out.append(runner.run(run, task, received, state, extra))
+            except FedsimError:
+                raise
+            except Exception as err:  # name the client and stage, like FedJAX's debug backend
+                raise RuntimeError(
+                    f"client {task.client_id} failed in round {task.round} of run "
+                    f"{task.run_id!r} during local training: {err!r}"
+                ) from err
+    return encode_results(
+        run, runner.experiment.seed, tasks, received, states, out, algo.client_state_type(), sent
+    )
 
 
 class _RoundBackend:

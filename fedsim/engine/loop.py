@@ -49,6 +49,14 @@ from fedsim.io.runlog import RunLog
 from fedsim.models import build_model
 from fedsim.rng import numpy_rng, sample_cohort, torch_rng  # noqa: F401  (re-exported)
 from fedsim.system.world import World, build_world
+from fedsim.wire import (
+    decode_broadcast,
+    decode_results,
+    dropped,
+    encode_broadcast,
+    round_wire_columns,
+    wire_columns,
+)
 
 
 def versions() -> dict[str, str]:
@@ -167,6 +175,9 @@ class RoundRow:
     sim_time_s: float | None = None
     staleness_mean: float | None = None
     staleness_max: int | None = None
+    bytes_up_raw: int = 0
+    bytes_down_raw: int = 0
+    bytes_secagg: int = 0
 
 
 @dataclass
@@ -317,6 +328,7 @@ def _client_row(run_id: str, r: int, x: ClientResult) -> dict[str, Any]:
         "outcome": x.outcome,
         "model_version": x.model_version,
         "staleness": x.staleness,
+        **wire_columns(x),
     }
 
 
@@ -538,6 +550,7 @@ def _run_one(
             cohort = sample_cohort(cfg.seed, r, dataset.num_clients, cfg.engine.clients_per_round)
         plan = algo.plan_round(at.state, r, cohort)
         broadcast = P.to_numpy(algo.downlink(at.state, plan))
+        sent = encode_broadcast(run, cfg.seed, r, broadcast)  # broadcast itself without a downlink codec
         own = [algo.client_downlink(at.state, plan, c) for c in plan.cohort]  # per-client extras
         own = [None if d is None else P.to_numpy(d) for d in own]
         timed = timer is not None and not plan.pooled  # pooled training crosses no wire: no time
@@ -569,7 +582,7 @@ def _run_one(
             backend.submit(
                 run,
                 tasks,
-                backend.broadcast(broadcast),
+                backend.broadcast(sent),
                 [at.store.get(t.client_id) if algo.stateful else None for t in tasks],
                 own,
             )
@@ -588,10 +601,7 @@ def _run_one(
             status, message = "failed", str(err)
             break
         results = [  # a dropped client was still sent the round's tensors
-            x
-            if not x.dropped
-            else replace(x, bytes_down=0 if plan.pooled else P.nbytes(broadcast) + P.nbytes(d or {}))
-            for x, d in zip(results, own)
+            x if not x.dropped else dropped(x, plan.pooled, broadcast, sent, d) for x, d in zip(results, own)
         ]
         end = None
         if schedule is not None:
@@ -604,6 +614,7 @@ def _run_one(
             if algo.stateful
             else at.store
         )
+        kept = decode_results(run, decode_broadcast(run, sent), kept)  # the uplink codec's bytes, decoded
         state = algo.aggregate(at.state, plan, kept) if kept else at.state
         up, down = sum(x.bytes_up for x in results), sum(x.bytes_down for x in results)
         due = plan.evaluate and ((r + 1) % cfg.engine.eval_every == 0 or r == rounds - 1)
@@ -646,6 +657,7 @@ def _run_one(
             test_accuracy_clients_mean=None,
             wall_seconds=time.perf_counter() - t0,
             sim_time_s=sim_time,
+            **round_wire_columns(results),
         )
         unwritten = Aggregated(row, results, due, at)
     if unwritten is not None:  # the run's last round

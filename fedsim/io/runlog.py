@@ -76,6 +76,9 @@ ROUNDS_SCHEMA = pa.schema(
         ("sim_time_s", pa.float64()),
         ("staleness_mean", pa.float64()),
         ("staleness_max", pa.int64()),
+        ("bytes_up_raw", pa.int64()),
+        ("bytes_down_raw", pa.int64()),
+        ("bytes_secagg", pa.int64()),
     ]
 )
 
@@ -99,6 +102,12 @@ CLIENTS_SCHEMA = pa.schema(
         ("outcome", pa.string()),
         ("model_version", pa.int64()),
         ("staleness", pa.int64()),
+        ("bytes_up_raw", pa.int64()),
+        ("bytes_down_raw", pa.int64()),
+        ("bytes_secagg", pa.int64()),
+        ("residual_norm", pa.float64()),
+        ("secagg_clipped", pa.int64()),
+        ("secagg_overflow", pa.int64()),
     ]
 )
 
