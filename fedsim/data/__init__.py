@@ -122,12 +122,12 @@ def _holdout(
     train: Split, parts: list[np.ndarray], train_fraction: float, seed: int
 ) -> tuple[Split, Split, list[np.ndarray]]:
     """LEAF's per-client split: client j keeps ``max(1, floor(train_fraction * n_j))`` of its
-    examples (a permutation from ``numpy_rng(seed, "holdout", client=j)``) for training; the
+    examples (a permutation from ``numpy_rng(seed, "data", client=j)``) for training; the
     others, of every client, form the test set. Returns the new train split, the test split and
     the clients' indices into the new train split."""
     keep, held = [], []
     for j, idx in enumerate(parts):
-        perm = numpy_rng(seed, "holdout", client=j).permutation(idx)
+        perm = numpy_rng(seed, "data", client=j).permutation(idx)
         n_train = max(1, math.floor(train_fraction * idx.shape[0]))
         keep.append(np.sort(perm[:n_train]))
         held.append(np.sort(perm[n_train:]))
@@ -179,7 +179,7 @@ def load_federated(
         alpha: Dirichlet concentration > 0, used by ``dirichlet`` and ``flwr_dirichlet``.
         data_dir: folder of the dataset files (mnist, cifar10, cifar100, fashion_mnist).
         seed: experiment seed; the ``"partition"`` stream is drawn from (and the ``"data"`` stream
-            for synthetic data and capped Shakespeare clients, ``"holdout"`` for per-client splits).
+            for synthetic data and capped Shakespeare clients, and per-client test splits).
         download: let torchvision download missing files into ``data_dir``.
         train_fraction: per-client (Shakespeare: per-role) train fraction in (0, 1) where the
             dataset has no test split; ignored otherwise.

@@ -95,6 +95,11 @@ def _column(split: Any, column: str, key: str, path: str) -> None:
         )
 
 
+def _array(split: Any, column: str) -> np.ndarray:
+    """One column as a numpy array (``datasets``' numpy format; images decoded)."""
+    return split.select_columns([column]).with_format("numpy")[:][column]
+
+
 def _images(split: Any, column: str) -> np.ndarray:
     """``(N, C, H, W)`` float32 in [-1, 1] from an image column."""
     import datasets
@@ -102,7 +107,7 @@ def _images(split: Any, column: str) -> np.ndarray:
     if not isinstance(split.features[column], datasets.Image):
         split = split.cast_column(column, datasets.Image())
     try:
-        pixels = split.select_columns([column]).with_format("numpy")[column]
+        pixels = _array(split, column)
     except Exception as err:  # undecodable bytes
         raise FedsimError(
             f"could not decode the images of data.image_column={column!r} ({_one_line(err)}); "
@@ -133,7 +138,7 @@ def _labels(split: Any, column: str) -> np.ndarray:
             f"data.label_column={column!r} holds {feature}, not integer class labels; point it at an "
             "integer (or ClassLabel) column"
         )
-    return np.asarray(split.select_columns([column]).with_format("numpy")[column], dtype=np.int64)
+    return _array(split, column).astype(np.int64)
 
 
 def load_hf(data: Any) -> DataArrays:
@@ -170,7 +175,7 @@ def load_hf(data: Any) -> DataArrays:
     ids = None
     if data.partition_by is not None and data.partition == "natural":
         _column(train, data.partition_by, "partition_by", path)
-        ids = np.asarray(train[data.partition_by])
+        ids = _array(train, data.partition_by)
     if test is not None:
         _column(test, column, "image_column", path)
         _column(test, data.label_column, "label_column", path)
