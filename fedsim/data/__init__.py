@@ -213,7 +213,12 @@ def load_federated(
 
         options = DataConfig(dataset=dataset, partition=partition, num_clients=num_clients)
     options = options.model_copy(
-        update={"alpha": alpha, "examples_per_client": examples_per_client, "data_dir": data_dir}
+        update={
+            "alpha": alpha,
+            "examples_per_client": examples_per_client,
+            "data_dir": data_dir,
+            "train_fraction": train_fraction,
+        }
     )
 
     if dataset == "synthetic":
