@@ -93,7 +93,15 @@ class DataConfig(_Strict):
     image_column: str | None = Field(
         None, description="hf: the image column (PIL images or encoded bytes); null: 'image' or 'img'"
     )
-    label_column: str = Field("label", description="hf: the integer class-label column")
+    text_column: str | None = Field(
+        None,
+        description="hf: a column of fixed-length strings (flwrlabs/shakespeare: x), tokenised per "
+        "character with LEAF's 80-symbol vocabulary instead of reading images",
+    )
+    label_column: str = Field(
+        "label",
+        description="hf: the class-label column, integers (or single characters with text_column)",
+    )
     partition_by: str | None = Field(
         None,
         description="hf and registered datasets: the natural-id column of partition natural (e.g. writer_id)",

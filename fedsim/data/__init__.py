@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -136,8 +137,8 @@ def _holdout(
     ends = np.cumsum([k.shape[0] for k in keep])
     new_parts = [np.arange(e - k.shape[0], e, dtype=np.int64) for e, k in zip(ends, keep, strict=True)]
     return (
-        Split(x=train.x[train_idx], y=train.y[train_idx]),
-        Split(x=train.x[test_idx], y=train.y[test_idx]),
+        replace(train, x=train.x[train_idx], y=train.y[train_idx]),
+        replace(train, x=train.x[test_idx], y=train.y[test_idx]),
         new_parts,
     )
 

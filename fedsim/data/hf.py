@@ -18,6 +18,10 @@ RGB, scaled to ``[-1, 1]``: ``(x / 255 - 0.5) / 0.5`` in every channel. Labels
 natural-id column of ``partition: natural`` (FEMNIST ``writer_id``). Without ``data.test_split``
 each client keeps ``data.train_fraction`` of its examples for training and the rest is the test
 set, as LEAF does.
+
+Text (``data.text_column``, e.g. flwrlabs/shakespeare's ``x``: 80-character windows, with the next
+character in ``y``) is tokenised per character with LEAF's 80-symbol vocabulary
+(:func:`tokenise`), so the ``char_lstm`` model reads it as it reads ``dataset: shakespeare``.
 """
 
 from __future__ import annotations
@@ -126,10 +130,49 @@ def _images(split: Any, column: str) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-def _labels(split: Any, column: str) -> np.ndarray:
+def tokenise(texts: list[str]) -> np.ndarray:
+    """Character tokens of equal-length strings with LEAF's 80-symbol Shakespeare vocabulary.
+
+    Each character becomes one symbol id (:data:`fedsim.data.shakespeare.VOCAB`); a character
+    outside the vocabulary becomes the first symbol of
+    :func:`fedsim.data.shakespeare.map_char`'s replacement (``é`` -> ``e``), or a space.
+
+    Args:
+        texts: N strings of one length L.
+
+    Returns:
+        ``(N, L)`` uint8 symbol ids in [0, 80).
+
+    Raises:
+        FedsimError: the strings differ in length.
+    """
+    from fedsim.data.shakespeare import VOCAB, encode, map_char
+
+    lengths = {len(t) for t in texts}
+    if len(lengths) > 1:
+        raise FedsimError(
+            f"the text column's strings have {len(lengths)} different lengths ({min(lengths)} to "
+            f"{max(lengths)}); fedsim needs fixed-length windows such as LEAF's 80 characters"
+        )
+    joined = "".join(texts)
+    outside = set(joined) - set(VOCAB)
+    if outside:
+        joined = joined.translate(str.maketrans({c: (map_char(c)[:1] or " ") for c in outside}))
+    return encode(joined).reshape(len(texts), lengths.pop() if lengths else 0)
+
+
+def _labels(split: Any, column: str, text: bool = False) -> np.ndarray:
     import datasets
 
     feature = split.features[column]
+    if text and isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
+        chars = [str(c) for c in _array(split, column)]
+        if any(len(c) != 1 for c in chars):
+            raise FedsimError(
+                f"data.label_column={column!r} holds strings that are not single characters; the "
+                "next-character labels of a text dataset must be one character each"
+            )
+        return tokenise(chars)[:, 0].astype(np.int64)
     ok = isinstance(feature, datasets.ClassLabel) or (
         isinstance(feature, datasets.Value) and ("int" in feature.dtype or feature.dtype == "bool")
     )
@@ -162,6 +205,8 @@ def load_hf(data: Any) -> DataArrays:
     ds = open_dataset(path)
     train = _split(ds, data.train_split, "train_split", path)
     test = None if data.test_split is None else _split(ds, data.test_split, "test_split", path)
+    if data.text_column is not None:
+        return _load_text(data, train, test, path)
     column = data.image_column
     if column is None:
         column = next((c for c in IMAGE_COLUMNS if c in train.column_names), None)
@@ -170,15 +215,7 @@ def load_hf(data: Any) -> DataArrays:
                 f"{path} has no 'image' or 'img' column (columns: {', '.join(train.column_names)}); "
                 "set data.image_column"
             )
-    _column(train, column, "image_column", path)
-    _column(train, data.label_column, "label_column", path)
-    ids = None
-    if data.partition_by is not None and data.partition == "natural":
-        _column(train, data.partition_by, "partition_by", path)
-        ids = _array(train, data.partition_by)
-    if test is not None:
-        _column(test, column, "image_column", path)
-        _column(test, data.label_column, "label_column", path)
+    _columns(train, test, column, "image_column", data, path)
     feature = train.features[data.label_column]
     k = feature.num_classes if isinstance(feature, datasets.ClassLabel) else None
     return DataArrays(
@@ -186,6 +223,40 @@ def load_hf(data: Any) -> DataArrays:
         y_train=_labels(train, data.label_column),
         x_test=None if test is None else _images(test, column),
         y_test=None if test is None else _labels(test, data.label_column),
-        client_ids=ids,
+        client_ids=_ids(train, data, path),
         num_classes=k,
+    )
+
+
+def _columns(train: Any, test: Any, column: str, key: str, data: Any, path: str) -> None:
+    for split in (train,) if test is None else (train, test):
+        _column(split, column, key, path)
+        _column(split, data.label_column, "label_column", path)
+
+
+def _ids(train: Any, data: Any, path: str) -> np.ndarray | None:
+    if data.partition_by is None or data.partition != "natural":
+        return None
+    _column(train, data.partition_by, "partition_by", path)
+    return _array(train, data.partition_by)
+
+
+def _load_text(data: Any, train: Any, test: Any, path: str) -> DataArrays:
+    """A text dataset: ``(N, L)`` uint8 character tokens (:func:`tokenise`), which
+    :func:`fedsim.data.registry.to_splits` stores in the window layout; labels are integers or
+    single characters (tokenised the same way); K is the vocabulary's 80."""
+    from fedsim.data.shakespeare import NUM_CLASSES
+
+    _columns(train, test, data.text_column, "text_column", data, path)
+
+    def tokens(split: Any) -> np.ndarray:
+        return tokenise([str(t) for t in _array(split, data.text_column)])
+
+    return DataArrays(
+        x_train=tokens(train),
+        y_train=_labels(train, data.label_column, text=True),
+        x_test=None if test is None else tokens(test),
+        y_test=None if test is None else _labels(test, data.label_column, text=True),
+        client_ids=_ids(train, data, path),
+        num_classes=NUM_CLASSES,
     )

@@ -30,8 +30,9 @@ class DataArrays:
     """What a dataset loader returns: numpy arrays or torch tensors (converted with ``numpy()``).
 
     Attributes:
-        x_train: ``(N, *input_shape)`` inputs, already normalised (images channel-first
-            ``(N, C, H, W)``); stored as float32.
+        x_train: ``(N, *input_shape)`` float inputs, already normalised (images channel-first
+            ``(N, C, H, W)``), stored as float32; or ``(N, L)`` integer symbol ids in 0..255
+            (text windows, stored in :class:`~fedsim.data.base.Split`'s window layout).
         y_train: ``(N,)`` integer class labels in ``[0, num_classes)``.
         x_test, y_test: the server's test set, ``(M, *input_shape)`` and ``(M,)``; None (both):
             each client keeps ``data.train_fraction`` of its examples for training and the rest
@@ -134,8 +135,8 @@ def to_splits(
         where: the dataset's name, for messages.
 
     Returns:
-        ``(train, test or None, num_classes, input_shape, client_ids or None)``; ``x`` float32,
-        ``y`` int64.
+        ``(train, test or None, num_classes, input_shape, client_ids or None)``; ``x`` float32
+        (or the window layout for symbol ids), ``y`` int64.
 
     Raises:
         FedsimError: non-integer or negative labels, labels at or above ``num_classes``, inputs and
@@ -146,7 +147,7 @@ def to_splits(
         raise FedsimError(
             f"{where}: the dataset loader returned {type(arrays).__name__}; return fedsim.data.DataArrays"
         )
-    x = _numpy(arrays.x_train).astype(np.float32, copy=False)
+    x = _numpy(arrays.x_train)
     y = _labels(arrays.y_train, "y_train", where)
     if x.ndim < 2 or x.shape[0] != y.shape[0]:
         raise FedsimError(
@@ -160,14 +161,14 @@ def to_splits(
             f"{where}: pass both x_test and y_test, or neither (then clients hold out a test share)"
         )
     if arrays.x_test is not None:
-        xt = _numpy(arrays.x_test).astype(np.float32, copy=False)
+        xt = _numpy(arrays.x_test)
         yt = _labels(arrays.y_test, "y_test", where)
         if xt.shape[1:] != x.shape[1:] or xt.shape[0] != yt.shape[0]:
             raise FedsimError(
                 f"{where}: x_test has shape {xt.shape} for {yt.shape[0]} labels, x_train {x.shape}; "
                 "pass test inputs shaped like the training inputs"
             )
-        test = Split(x=xt, y=yt)
+        test = _split(xt, yt, where)
     top = max(int(y.max()), int(test.y.max()) if test is not None and len(test) else -1)
     k = top + 1 if arrays.num_classes is None else int(arrays.num_classes)
     if top >= k:
@@ -179,4 +180,18 @@ def to_splits(
             raise FedsimError(
                 f"{where}: client_ids has shape {ids.shape} for {y.shape[0]} training examples; pass one id each"
             )
-    return Split(x=x, y=y), test, k, tuple(int(s) for s in x.shape[1:]), ids
+    return _split(x, y, where), test, k, tuple(int(s) for s in x.shape[1:]), ids
+
+
+def _split(x: np.ndarray, y: np.ndarray, where: str) -> Split:
+    """Float inputs -> the tensor layout (float32); integer ``(N, L)`` symbol ids -> the window
+    layout (one uint8 text of the N windows laid end to end)."""
+    if not np.issubdtype(x.dtype, np.integer):
+        return Split(x=x.astype(np.float32, copy=False), y=y)
+    if x.ndim != 2 or (x.size and (x.min() < 0 or x.max() > 255)):
+        raise FedsimError(
+            f"{where}: integer inputs are symbol ids and must be (N, L) in 0..255 (got shape {x.shape}); "
+            "pass images as normalised floats"
+        )
+    offsets = np.arange(x.shape[0], dtype=np.int64) * x.shape[1]
+    return Split(x=offsets, y=y, text=np.ascontiguousarray(x, dtype=np.uint8).reshape(-1), seq_len=x.shape[1])

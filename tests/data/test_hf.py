@@ -228,3 +228,58 @@ def test_fedma_with_fewer_clients_per_round_than_writers_is_refused_before_runni
     cfg_file.write_text(yaml.safe_dump(exp))
     assert main(["run", str(cfg_file), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+# ------------------------------------------------------------- text: flwrlabs/shakespeare's schema
+
+LINES = {
+    "HAMLET_HAMLET": "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer",
+    "MACBETH_WITCH": "Fair is foul, and foul is fair: hover through the fog and filthy air. When shall we",
+    "KING_LEAR_LEAR": "Nothing will come of nothing: speak again. Blow, winds, and crack your cheeks! rage",
+}
+
+
+@pytest.fixture(scope="module")
+def shakespeare_parquet(tmp_path_factory):
+    rows = {"character_id": [], "x": [], "y": []}
+    for role, text in LINES.items():
+        text = text.replace("Blow", "Blöw")  # a character outside the vocabulary: ö -> o
+        for i in range(len(text) - 81 + 1):
+            rows["character_id"].append(role)
+            rows["x"].append(text[i : i + 80])
+            rows["y"].append(text[i + 80])
+    root = tmp_path_factory.mktemp("hf") / "shakespeare"
+    root.mkdir()
+    datasets.Dataset.from_dict(rows).to_parquet(str(root / "train-00000-of-00001.parquet"))
+    return root, rows
+
+
+def test_shakespeare_schema_is_tokenised_into_windows(shakespeare_parquet):
+    from fedsim.data.shakespeare import NUM_CLASSES, decode
+
+    root, rows = shakespeare_parquet
+    d = _data(root, image_column=None, text_column="x", label_column="y", partition_by="character_id")
+    ds = _load(d)
+    assert ds.input_shape == (80,) and ds.num_classes == NUM_CLASSES
+    assert ds.client_names == sorted(LINES)
+    # every training window decodes to its row's text (ö -> o) and its label to the next character
+    want = {x.replace("ö", "o"): y for x, y in zip(rows["x"], rows["y"], strict=True)}
+    inputs = ds.train.inputs(np.arange(len(ds.train)))
+    assert inputs.shape == (len(ds.train), 80) and inputs.dtype == np.int64
+    for window, label in zip(inputs, ds.train.y, strict=True):
+        assert want[decode(window)] == decode(np.array([label]))
+
+
+def test_shakespeare_schema_runs_fedavg_with_the_char_lstm(shakespeare_parquet, tmp_path):
+    root, _ = shakespeare_parquet
+    exp = _experiment(root, "shakespeare-tiny", [{"algorithm": "fedavg", "rounds": 1, "batch_size": 4}])
+    exp["data"].update(
+        {"image_column": None, "text_column": "x", "label_column": "y", "partition_by": "character_id"}
+    )
+    exp["model"] = {"name": "char_lstm", "widths": {"embedding": 4, "lstm": 8}}
+    exp["engine"]["clients_per_round"] = 3
+    cfg_file = tmp_path / "shakespeare.yaml"
+    cfg_file.write_text(yaml.safe_dump(exp))
+    assert main(["run", str(cfg_file), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    rounds = pd.read_parquet(only_dir(tmp_path / "out") / "rounds.parquet")
+    assert rounds.test_accuracy.notna().all()
