@@ -5,6 +5,8 @@ Writes into DIR (default ``<first RUN_DIR>/report``):
 * ``convergence.png`` / ``.svg``: test accuracy against cumulative message size (MB, both
   directions) and against communication rounds, one line per run (FedMA's Figure 2 layout);
 * ``cost.png`` / ``.svg``: final/best accuracy, GB up/down (and TMACs when logged) per run;
+* ``partition.png`` / ``.svg`` (``partition-<i>`` for several directories): clients by classes and
+  the clients' sizes, from each directory's ``partition.parquet``, where it has one;
 * ``summary.md``: the summary table, per-seed means when runs repeat, and the figures;
 
 and prints the summary table. Dry-run projections (``fedsim run --dry-run``) have no results and
@@ -33,7 +35,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from analysis.errors import AnalysisError, MixedRunsWarning
-from analysis.load import _locate, load_runs, write_bytes
+from analysis.load import _locate, load_runs, read_partition, write_bytes
 from analysis.tables import (
     KEYS,
     _is_dry,
@@ -267,7 +269,7 @@ def write_report(
     full, cols, target, note = _per_run(df, target_fraction)
     summary = full[cols]
     seeds, problem = _seed_table(full)
-    from analysis.plots import figure_bytes, plot_convergence, plot_cost  # imports matplotlib (slow)
+    from analysis.plots import figure_bytes, plot_convergence, plot_cost, plot_partition  # matplotlib (slow)
 
     loc = _out_location([os.fspath(p) for p in paths], out)
     title = ", ".join(dict.fromkeys(df["experiment"].dropna())) if "experiment" in df.columns else None
@@ -275,6 +277,9 @@ def write_report(
         "convergence": plot_convergence(df, unit="MB", target=target, title=title),
         "cost": plot_cost(df, title=title),
     }
+    partitions = _partitions(df)
+    for stem, (where, part) in partitions.items():
+        figures[stem] = plot_partition(part, title=f"partition of {where.rsplit('/', 1)[-1]}")
     files = []
     for stem, fig in figures.items():
         for fmt in ("png", "svg"):
@@ -323,6 +328,16 @@ def write_report(
         "Vector versions: `convergence.svg`, `cost.svg`.",
         "",
     ]
+    for stem, (where, part) in partitions.items():
+        md += [
+            f"### Partition of `{where}`",
+            "",
+            partition_summary(part),
+            "Left: each client's examples per class as a share of its own; right: its training examples.",
+            "",
+            f"![{stem}]({stem}.png)",
+            "",
+        ]
     write_bytes(loc.fs, f"{loc.path}/summary.md", "\n".join(md).encode(), f"{loc.name}/summary.md")
     files.insert(0, f"{loc.name}/summary.md")
     return Report(
@@ -334,6 +349,30 @@ def write_report(
         text=text,
         dry_run_dirs=dry_dirs,
         seeds_warning=problem,
+    )
+
+
+def _partitions(df: pd.DataFrame) -> dict[str, tuple[str, pd.DataFrame]]:
+    """Figure stem -> (experiment directory, its partition.parquet frame), for the directories
+    that have one: ``partition`` for one, ``partition-1``, ``partition-2``... for several."""
+    found = []
+    for where in dict.fromkeys(df["experiment_dir"]):
+        part = read_partition(where)
+        if part is not None and len(part):
+            found.append((where, part))
+    if len(found) == 1:
+        return {"partition": found[0]}
+    return {f"partition-{i}": item for i, item in enumerate(found, start=1)}
+
+
+def partition_summary(part: pd.DataFrame) -> str:
+    """One Markdown line: clients, their sizes (min, median, max) and classes per client."""
+    sizes = part.groupby("client")["examples"].sum()
+    classes = part.groupby("client")["label"].nunique()
+    return (
+        f"{sizes.shape[0]} clients, {int(sizes.sum()):,} training examples; examples per client "
+        f"min {int(sizes.min()):,}, median {float(sizes.median()):,.0f}, max {int(sizes.max()):,}; "
+        f"classes per client min {int(classes.min())}, mean {float(classes.mean()):.1f}, max {int(classes.max())}.\n"
     )
 
 

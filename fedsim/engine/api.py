@@ -511,7 +511,9 @@ def execute(
 
     With the Ray backend, the dataset is put in the object store once, and a driver actor pinned to
     this node (so a local run directory is on this machine's disk; a URI is reachable from any
-    node) runs the loop and streams events. ``run_dir`` is a local path or a URI.
+    node) runs the loop and streams events. ``run_dir`` is a local path or a URI. A new (not
+    resumed) experiment first writes ``config.yaml`` (``data.num_clients`` resolved by
+    :func:`with_dataset_clients`) and ``partition.parquet`` (:mod:`fedsim.io.partition_log`).
 
     Raises:
         FedsimError: bad input detected inside the driver.
@@ -519,9 +521,12 @@ def execute(
     """
     cfg = with_dataset_clients(cfg, dataset)
     if not resume:
+        from fedsim.io.partition_log import write_partition
+
         storage.write_bytes(
             storage.join(run_dir, "config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode()
         )
+        write_partition(run_dir, dataset)
     if cfg.engine.backend == "sequential":
         from fedsim.engine.backends import SequentialBackend
         from fedsim.engine.loop import run_experiment

@@ -219,6 +219,15 @@ def test_femnist_schema_runs_fedavg_and_fedma_end_to_end(femnist, tmp_path):
     assert set(clients.client_id) == {0, 1, 2, 3}  # num_clients null: one client per writer
     written = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert written["data"]["num_clients"] == 4
+    # the partition is on record: per writer (client order = sorted ids) its training labels
+    part = pd.read_parquet(run_dir / "partition.parquet")
+    assert part.groupby("client").client_name.first().tolist() == sorted(WRITERS)
+    sizes = part.groupby("client").examples.sum().tolist()
+    assert sizes == [int(0.8 * WRITERS[w]) for w in sorted(WRITERS)]
+    assert main(["report", str(run_dir), "--out", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "partition.png").stat().st_size > 0
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert "### Partition of" in summary and "4 clients" in summary
 
 
 def test_fedma_with_fewer_clients_per_round_than_writers_is_refused_before_running(femnist, tmp_path):
