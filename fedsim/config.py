@@ -42,6 +42,7 @@ class DataConfig(_Strict):
         "dirichlet",
         "natural",
         "bias",
+        "grouped_natural",
         "flwr_dirichlet",
         "shard",
         "pathological",
@@ -53,7 +54,7 @@ class DataConfig(_Strict):
         "dirichlet",
         description="how examples are split over clients: iid; dirichlet (the FedMA authors' hetero-dir); "
         "natural (one client per id: Shakespeare roles, or the partition_by column); bias (FedMA's "
-        "data-bias split); flwr_dirichlet, shard, pathological, linear, square, exponential, power_law "
+        "data-bias split); grouped_natural, flwr_dirichlet, shard, pathological, linear, square, exponential, power_law "
         "(Flower Datasets' partitioners, docs/data.md)",
     )
     alpha: float = Field(0.5, description="Dirichlet concentration (partition: dirichlet)")
@@ -105,6 +106,18 @@ class DataConfig(_Strict):
     partition_by: str | None = Field(
         None,
         description="hf and registered datasets: the natural-id column of partition natural (e.g. writer_id)",
+    )
+    group_size: int | None = Field(
+        None, description="grouped_natural: natural ids per client (Flower's GroupedNaturalIdPartitioner)"
+    )
+    group_mode: Literal["allow-smaller", "allow-bigger", "drop-reminder", "strict"] = Field(
+        "allow-smaller",
+        description="grouped_natural: what happens to the ids left over (Flower's names: a smaller last "
+        "group, bigger first groups, dropped, or an error)",
+    )
+    sort_unique_ids: bool = Field(
+        False,
+        description="grouped_natural: group the ids in sorted order instead of order of first appearance",
     )
     min_partition_size: int = Field(
         10,
@@ -795,9 +808,10 @@ def validate(cfg: ExperimentConfig) -> None:
         raise FedsimError(
             f"data.alpha must be > 0 (got {d.alpha}); use a positive Dirichlet alpha such as 0.5"
         )
-    if d.num_clients is None and d.partition != "natural":
+    if d.num_clients is None and d.partition not in ("natural", "grouped_natural"):
         raise FedsimError(
-            f"data.num_clients is null, which only data.partition natural allows (got {d.partition!r}); "
+            f"data.num_clients is null, which only data.partition natural and grouped_natural allow "
+            f"(got {d.partition!r}); "
             "set data.num_clients to a count"
         )
     if d.num_clients is not None and d.num_clients < 1:
@@ -899,10 +913,19 @@ def _validate_data_options(d: DataConfig) -> None:
             "data.dataset=hf needs data.path: a Hub name such as flwrlabs/femnist, or a local "
             "save_to_disk or Parquet directory"
         )
-    if d.partition == "natural" and d.dataset not in ("shakespeare", "synthetic") and not d.partition_by:
+    if d.partition == "grouped_natural" and (d.group_size is None or d.group_size < 1):
         raise FedsimError(
-            f"data.partition=natural on {d.dataset!r} needs data.partition_by, the column of client ids "
-            "(e.g. writer_id)"
+            f"data.partition=grouped_natural needs data.group_size >= 1 (got {d.group_size}); set the "
+            "number of natural ids per client"
+        )
+    if (
+        d.partition in ("natural", "grouped_natural")
+        and d.dataset not in ("shakespeare", "synthetic")
+        and not d.partition_by
+    ):
+        raise FedsimError(
+            f"data.partition={d.partition} on {d.dataset!r} needs data.partition_by, the column of client "
+            "ids (e.g. writer_id)"
         )
 
 

@@ -148,9 +148,9 @@ def client_sizes(cfg: ExperimentConfig) -> ClientSizes:
     if d.dataset == "shakespeare":
         return _shakespeare_sizes(cfg)
     _known(d.dataset)
-    if d.partition == "natural":
+    if d.partition in ("natural", "grouped_natural"):
         raise FedsimError(
-            f"data.partition=natural needs natural ids but {d.dataset} has none; use another data.partition"
+            f"data.partition={d.partition} needs natural ids but {d.dataset} has none; use another data.partition"
         )
     n = DATASET_FACTS[d.dataset].train_examples
     _check_clients(n, j)

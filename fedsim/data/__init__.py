@@ -8,7 +8,7 @@ dataset, :mod:`fedsim.data.hf`), and any dataset registered with :func:`register
 (:mod:`fedsim.data.registry`).
 
 Partitions (:data:`PARTITIONS`): the registered partitioners of :mod:`fedsim.data.partition`
-(``iid``, ``dirichlet``, ``natural`` on an id column, and Flower Datasets' ``flwr_dirichlet``,
+(``iid``, ``dirichlet``, ``natural`` on an id column, and Flower Datasets' ``grouped_natural``, ``flwr_dirichlet``,
 ``shard``, ``pathological``, ``linear``, ``square``, ``exponential``, ``power_law``); ``natural``
 (one client per role) for Shakespeare and for synthetic (each client holds its own generated data);
 ``bias`` (FedMA's two-client grey-image experiment, :mod:`fedsim.data.bias`) for CIFAR.
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from fedsim.data.base import FederatedDataset, Split
-from fedsim.data.partition import PARTITIONERS, class_counts, natural_id
+from fedsim.data.partition import PARTITIONERS, class_counts, grouped_natural_id, natural_id
 from fedsim.data.registry import DATASET_LOADERS, DataArrays, find_loader, register_dataset, to_splits
 from fedsim.errors import FedsimError
 from fedsim.rng import numpy_rng
@@ -101,7 +101,11 @@ def _validate(dataset, partition, num_clients, alpha, examples_per_client) -> No
             f"data.partition=bias is FedMA's two-client grey-image experiment: it needs dataset cifar10 "
             f"or cifar100 and num_clients 2 (got {dataset!r}, {num_clients!r})"
         )
-    if num_clients is None and partition == "natural" and dataset not in ("shakespeare", "synthetic"):
+    if (
+        num_clients is None
+        and partition in ("natural", "grouped_natural")
+        and dataset not in ("shakespeare", "synthetic")
+    ):
         pass  # every natural id
     elif not _is_int(num_clients) or num_clients < 1:
         raise FedsimError(f"data.num_clients must be an integer >= 1 (got {num_clients!r}); use e.g. 10")
@@ -263,7 +267,7 @@ def load_federated(
         info = VISION[dataset]
         train, test, parts = bias_partition(train, test, num_classes, info.mean, info.std, rng)
     else:
-        if partition == "natural" and ids is None:
+        if partition in ("natural", "grouped_natural") and ids is None:
             raise FedsimError(
                 f"data.partition=natural needs natural ids but {dataset} has none; set data.partition_by "
                 "to the id column (e.g. writer_id), or use another data.partition"
@@ -271,6 +275,10 @@ def load_federated(
         parts = PARTITIONERS[partition](train.y, ids, num_clients, rng, options)
         if partition == "natural":
             names = [str(v) for v in natural_id(ids, num_clients)[1]]
+        elif partition == "grouped_natural":
+            names = grouped_natural_id(
+                ids, options.group_size, options.group_mode, options.sort_unique_ids, num_clients
+            )[1]
     empty = [j for j, p in enumerate(parts) if p.shape[0] == 0]
     if empty:
         raise FedsimError(

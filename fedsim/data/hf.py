@@ -235,7 +235,7 @@ def _columns(train: Any, test: Any, column: str, key: str, data: Any, path: str)
 
 
 def _ids(train: Any, data: Any, path: str) -> np.ndarray | None:
-    if data.partition_by is None or data.partition != "natural":
+    if data.partition_by is None or data.partition not in ("natural", "grouped_natural"):
         return None
     _column(train, data.partition_by, "partition_by", path)
     return _array(train, data.partition_by)

@@ -6,7 +6,8 @@ index arrays into the training set. Nothing here touches a global random state.
 
 fedsim's own: :func:`iid`, :func:`dirichlet` (the FedMA authors' hetero-dir recipe). With the
 semantics of Flower Datasets 0.6 (``flwr_datasets.partitioner``, so that a Flower user can
-reproduce a split): :func:`natural_id` (``NaturalIdPartitioner``), :func:`flwr_dirichlet`
+reproduce a split): :func:`natural_id` (``NaturalIdPartitioner``), :func:`grouped_natural_id`
+(``GroupedNaturalIdPartitioner``), :func:`flwr_dirichlet`
 (``DirichletPartitioner``), :func:`shard` (``ShardPartitioner``), :func:`pathological`
 (``PathologicalPartitioner``) and :func:`size_skewed` (``LinearPartitioner``,
 ``SquarePartitioner``, ``ExponentialPartitioner``, and a power law through
@@ -307,6 +308,85 @@ def natural_id(ids: np.ndarray, num_clients: int | None = None) -> tuple[list[np
     starts = ends - np.bincount(inverse, minlength=names.shape[0])
     parts = [order[starts[j] : ends[j]].astype(np.int64) for j in range(m)]
     return parts, names[:m]
+
+
+#: ``data.group_mode`` values of :func:`grouped_natural_id` (Flower's names, its spelling).
+GROUP_MODES = ("allow-smaller", "allow-bigger", "drop-reminder", "strict")
+
+
+def grouped_natural_id(
+    ids: np.ndarray,
+    group_size: int,
+    mode: str = "allow-smaller",
+    sort_ids: bool = False,
+    num_clients: int | None = None,
+) -> tuple[list[np.ndarray], list[str]]:
+    """Clients that are groups of ``group_size`` natural ids (cross-silo: an organisation of users),
+    as Flower Datasets' ``GroupedNaturalIdPartitioner``.
+
+    The distinct ids, in order of first appearance (``sort_ids``: sorted), are cut into
+    ``floor(M / group_size)`` consecutive groups (M distinct ids); the remainder r = M mod
+    group_size is handled by ``mode``: ``allow-smaller`` adds a last group of r ids (and with
+    group_size > M makes one group of all), ``allow-bigger`` spreads them over the first groups
+    (``np.array_split``), ``drop-reminder`` leaves their examples unused (capped), ``strict``
+    refuses r > 0. ``num_clients = G`` keeps the first G groups (capped); None keeps all. Nothing
+    is random.
+
+    Args:
+        ids: ``(N,)`` natural ids.
+        group_size: ids per group >= 1.
+        mode: one of :data:`GROUP_MODES`.
+        sort_ids: sort the distinct ids before grouping.
+        num_clients: G, at most the number of groups; None: all of them.
+
+    Returns:
+        ``(parts, names)``: G sorted ``(n_j,)`` int64 index arrays, pairwise disjoint, and each
+        group's ids joined by ``+``.
+
+    Raises:
+        FedsimError: group_size < 1, an unknown mode, group_size > M outside ``allow-smaller``,
+            r > 0 in ``strict``, or G outside [1, groups].
+    """
+    ids = np.asarray(ids)
+    if int(group_size) < 1:
+        raise FedsimError(f"data.group_size must be >= 1 (got {group_size}); use e.g. 10 ids per client")
+    if mode not in GROUP_MODES:
+        raise FedsimError(f"unknown data.group_mode {mode!r}; use one of {', '.join(GROUP_MODES)}")
+    names, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
+    order = np.arange(names.shape[0]) if sort_ids else np.argsort(first, kind="stable")
+    m, size = order.shape[0], int(group_size)
+    if mode != "allow-smaller" and size > m:
+        raise FedsimError(
+            f"data.group_size={size} exceeds the {m} distinct ids; lower it or set data.group_mode: allow-smaller"
+        )
+    count, rest = divmod(m, size)
+    if count == 0:  # allow-smaller with one group of every id
+        count, rest = 1, 0
+    if mode == "strict" and rest:
+        raise FedsimError(
+            f"data.group_mode=strict but {m} ids do not divide into groups of {size} (remainder {rest}); "
+            "choose a divisor of the id count or another data.group_mode"
+        )
+    if mode == "allow-bigger" or mode == "strict":
+        groups = np.array_split(order, count)
+    else:
+        groups = np.array_split(order[: count * size], count)
+        if mode == "allow-smaller" and rest:
+            groups.append(order[-rest:])
+    g = len(groups) if num_clients is None else int(num_clients)
+    if not 1 <= g <= len(groups):
+        raise FedsimError(
+            f"data.num_clients={num_clients} but the ids make {len(groups)} groups; use at most "
+            f"{len(groups)} clients, or null for all of them"
+        )
+    by_id = np.argsort(inverse, kind="stable")
+    ends = np.cumsum(np.bincount(inverse, minlength=m))
+    starts = ends - np.bincount(inverse, minlength=m)
+    parts = [
+        np.sort(np.concatenate([by_id[starts[i] : ends[i]] for i in grp])).astype(np.int64)
+        for grp in groups[:g]
+    ]
+    return parts, ["+".join(str(names[i]) for i in grp) for grp in groups[:g]]
 
 
 def flwr_dirichlet(
@@ -667,6 +747,15 @@ def _natural(labels, ids, num_clients, rng, o):
             "(e.g. writer_id), or use another data.partition"
         )
     return natural_id(ids, num_clients)[0]
+
+
+@register_partitioner("grouped_natural")
+def _grouped_natural(labels, ids, num_clients, rng, o):
+    if ids is None or o.group_size is None:
+        raise FedsimError(
+            "data.partition=grouped_natural needs data.partition_by (the id column) and data.group_size"
+        )
+    return grouped_natural_id(ids, o.group_size, o.group_mode, o.sort_unique_ids, num_clients)[0]
 
 
 @register_partitioner("flwr_dirichlet")

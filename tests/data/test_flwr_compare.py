@@ -2,7 +2,7 @@
 
 Index for index (the same example sets per client, client by client), given a Flower partitioner
 seeded with s and fedsim's function given ``np.random.default_rng(s)`` on the same row order:
-natural_id, flwr_dirichlet (with and without self_balancing), shard (every way of sizing shards),
+natural_id, grouped_natural_id (every mode, sorted or not), flwr_dirichlet (with and without self_balancing), shard (every way of sizing shards),
 pathological (all three class-assignment modes). The size partitioners (linear, square,
 exponential, power law through IdToSizeFncPartitioner) and iid cut rows in order, so Flower's are
 applied after ``Dataset.shuffle(seed=s)`` (what its FederatedDataset does) and match fedsim's,
@@ -116,3 +116,15 @@ def test_natural_id_matches_flower(table):
     ours, names = F.natural_id(ids)
     _same(theirs, ours)
     assert list(p.partition_id_to_natural_id.values()) == names.tolist()
+
+
+@pytest.mark.parametrize("mode", F.GROUP_MODES)
+@pytest.mark.parametrize("sort_ids", [False, True])
+def test_grouped_natural_id_matches_flower(table, mode, sort_ids):
+    _, ids, ds = table
+    size = 5 if mode == "strict" else 4  # 15 writers
+    p = P.GroupedNaturalIdPartitioner("writer", size, mode, sort_ids)
+    theirs = _flwr(p, ds)
+    ours, names = F.grouped_natural_id(ids, size, mode, sort_ids)
+    _same(theirs, ours)
+    assert ["+".join(g) for g in p.partition_id_to_natural_ids.values()] == names

@@ -23,6 +23,7 @@ CASES = {
     "iid": ({}, True),
     "dirichlet": ({}, True),
     "natural": ({"num_clients": None}, True),
+    "grouped_natural": ({"num_clients": None, "group_size": 3, "group_mode": "drop-reminder"}, False),
     "flwr_dirichlet": ({"alpha": 1.0, "self_balancing": True}, True),
     "shard": ({"shards_per_client": 2, "shard_size": 50}, False),
     "pathological": ({"classes_per_client": 2}, False),
@@ -47,7 +48,9 @@ def test_every_registered_partitioner_has_a_contract_case():
 def test_partitioner_contract(name):
     parts = _run(name)
     opts, complete = CASES[name]
-    want_j = len(np.unique(IDS)) if name == "natural" else opts.get("num_clients", J)
+    want_j = {"natural": 20, "grouped_natural": 6}.get(
+        name, opts.get("num_clients", J)
+    )  # 20 ids, 6 groups of 3
     assert len(parts) == want_j
     for p in parts:
         assert p.dtype == np.int64 and p.ndim == 1 and p.shape[0] > 0
@@ -61,7 +64,7 @@ def test_partitioner_contract(name):
     np.testing.assert_array_equal(counts.sum(axis=1), [p.shape[0] for p in parts])
     again = _run(name)
     assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))  # same seed, same split
-    if name not in ("natural",):
+    if name not in ("natural", "grouped_natural"):  # nothing random
         other = _run(name, seed=1)
         assert any(not np.array_equal(a, b) for a, b in zip(parts, other, strict=True))
 
@@ -77,6 +80,27 @@ def test_natural_id_is_one_client_per_sorted_id_and_caps_at_num_clients():
         F.natural_id(ids, 4)
     with pytest.raises(FedsimError, match="partition_by"):
         F.natural_id(np.array(["x", "x"]))
+
+
+def test_grouped_natural_id_modes_on_seven_ids_in_groups_of_three():
+    ids = np.array(list("gabcdefg"))  # distinct in order of first appearance: g a b c d e f
+    sizes = {
+        "allow-smaller": ["g+a+b", "c+d+e", "f"],
+        "allow-bigger": ["g+a+b+c", "d+e+f"],
+        "drop-reminder": ["g+a+b", "c+d+e"],
+    }
+    for mode, want in sizes.items():
+        parts, names = F.grouped_natural_id(ids, 3, mode)
+        assert names == want, mode
+        for p, name in zip(parts, names, strict=True):
+            assert sorted(ids[p]) == sorted(c for c in ids if c in name.split("+"))
+    assert F.grouped_natural_id(ids, 3, sort_ids=True)[1] == ["a+b+c", "d+e+f", "g"]
+    assert F.grouped_natural_id(ids, 3, num_clients=2)[1] == ["g+a+b", "c+d+e"]
+    assert F.grouped_natural_id(ids, 9)[1] == ["g+a+b+c+d+e+f"]  # allow-smaller: one group of all
+    with pytest.raises(FedsimError, match="strict"):
+        F.grouped_natural_id(ids, 3, "strict")
+    with pytest.raises(FedsimError, match="exceeds the 7 distinct ids"):
+        F.grouped_natural_id(ids, 9, "allow-bigger")
 
 
 def test_shard_gives_each_client_two_single_class_shards():
