@@ -60,11 +60,13 @@ class DataConfig(_Strict):
     alpha: float = Field(0.5, description="Dirichlet concentration (partition: dirichlet)")
     num_clients: int | None = Field(
         10,
-        description="J, the number of simulated clients; with partition natural on an id column, the "
-        "first J ids in sorted order, and null takes every id",
+        description="J, the number of simulated clients; with partition natural (grouped_natural) on an id "
+        "column, the first J ids in sorted order (the first J groups), and null takes them all",
     )
     data_dir: str | None = Field(
-        None, description="where downloadable datasets live (MNIST, CIFAR); null: the default cache"
+        None,
+        description="where dataset files live (MNIST, CIFAR in torchvision's layout; Fashion-MNIST's IDX "
+        "files); null: Fashion-MNIST from Debian's dataset-fashion-mnist package",
     )
     download: bool = Field(False, description="download a missing dataset (needs the network)")
     train_fraction: float = Field(
@@ -105,7 +107,8 @@ class DataConfig(_Strict):
     )
     partition_by: str | None = Field(
         None,
-        description="hf and registered datasets: the natural-id column of partition natural (e.g. writer_id)",
+        description="hf and registered datasets: the natural-id column of partition natural and "
+        "grouped_natural (e.g. writer_id)",
     )
     group_size: int | None = Field(
         None, description="grouped_natural: natural ids per client (Flower's GroupedNaturalIdPartitioner)"
@@ -903,7 +906,10 @@ def _validate_data_options(d: DataConfig) -> None:
         )
     if d.partition == "power_law" and not d.power_law_exponent > 0:
         raise FedsimError(f"data.power_law_exponent must be > 0 (got {d.power_law_exponent}); use e.g. 1.5")
-    if d.examples_per_client is not None and d.partition not in ("iid", "dirichlet", "natural"):
+    capped = d.partition in ("iid", "dirichlet") or (
+        d.partition == "natural" and d.dataset in ("shakespeare", "synthetic")
+    )
+    if d.examples_per_client is not None and not capped:
         raise FedsimError(
             f"data.examples_per_client works with partition iid, dirichlet, and natural on shakespeare "
             f"or synthetic (got {d.partition!r}); unset it"

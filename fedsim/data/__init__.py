@@ -216,7 +216,11 @@ def load_federated(
     if options is None:
         from fedsim.config import DataConfig
 
-        options = DataConfig(dataset=dataset, partition=partition, num_clients=num_clients)
+        options = DataConfig(
+            dataset=dataset,
+            partition=partition,
+            num_clients=None if num_clients is None else int(num_clients),
+        )
     options = options.model_copy(
         update={
             "alpha": alpha,

@@ -29,6 +29,16 @@ def _parse(**data):
         ({"partition": "power_law", "power_law_exponent": 0.0}, "data.power_law_exponent"),
         ({"partition": "flwr_dirichlet", "alpha": 0.0}, "data.alpha"),
         ({"partition": "linear", "examples_per_client": 5}, "data.examples_per_client"),
+        (
+            {
+                "dataset": "hf",
+                "path": "x/y",
+                "partition": "natural",
+                "partition_by": "w",
+                "examples_per_client": 5,
+            },
+            "data.examples_per_client",
+        ),
         ({"dataset": "hf", "partition": "iid"}, "data.path"),
         ({"dataset": "hf", "path": "x/y", "partition": "natural"}, "data.partition_by"),
         ({"partition": "dirichlet", "min_partition_size": -1}, "data.min_partition_size"),
