@@ -67,6 +67,11 @@ def open_dataset(path: str) -> Any:
     except FedsimError:
         raise
     except Exception as err:  # datasets raises many types (ConnectionError, FileNotFoundError...)
+        if local.is_dir():
+            raise FedsimError(
+                f"could not read data.path {path} as a save_to_disk or Parquet directory "
+                f"({_one_line(err)}); point it at one"
+            ) from None
         raise FedsimError(
             f"could not load Hugging Face dataset {path!r} ({_one_line(err)}); on a machine with the "
             f"network run: python -c \"import datasets; datasets.load_dataset('{path}')"

@@ -174,6 +174,10 @@ def test_a_missing_dataset_offline_is_one_line_saying_how_to_get_it(monkeypatch,
     assert "\n" not in str(err.value)
     with pytest.raises(FedsimError, match="not a directory"):
         _load(_data(tmp_path / "absent"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FedsimError, match="as a save_to_disk or Parquet directory") as err:
+        _load(_data(tmp_path / "empty"))
+    assert "\n" not in str(err.value)
 
 
 def _experiment(path, out_name, runs):
