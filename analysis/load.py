@@ -313,3 +313,29 @@ def write_bytes(fs: pafs.FileSystem, path: str, data: bytes, shown: str) -> None
         raise AnalysisError(
             f"cannot write {shown} ({_first_line(err)}); pass --out with a writable directory"
         ) from None
+
+
+#: The partition file fedsim writes into an experiment directory (fedsim.io.partition_log).
+PARTITION_FILE = "partition.parquet"
+_PARTITION_COLUMNS = {"client", "client_name", "label", "examples"}
+
+
+def read_partition(path: str | os.PathLike) -> pd.DataFrame | None:
+    """The ``partition.parquet`` of one experiment directory (one row per client and class it
+    holds: ``client``, ``client_name``, ``label``, ``examples``), or None where there is none
+    (directories written before fedsim logged partitions, dry runs).
+
+    Raises:
+        AnalysisError: the file exists but is unreadable or lacks those columns.
+    """
+    loc = _locate(path)
+    where = f"{loc.name}/{PARTITION_FILE}"
+    try:
+        if loc.fs.get_file_info(_join(loc, PARTITION_FILE)).type != pafs.FileType.File:
+            return None
+        table = ds.dataset(_join(loc, PARTITION_FILE), filesystem=loc.fs, format="parquet").to_table()
+    except (pa.ArrowException, OSError) as err:
+        raise AnalysisError(f"{where} is not a readable Parquet file ({_first_line(err)}); {_HINT}") from None
+    if not _PARTITION_COLUMNS <= set(table.column_names):
+        raise AnalysisError(f"{where} lacks the columns {', '.join(sorted(_PARTITION_COLUMNS))}; {_HINT}")
+    return table.to_pandas()

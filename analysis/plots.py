@@ -235,6 +235,38 @@ def plot_cost(df: pd.DataFrame, unit: str = "auto", title: str | None = None) ->
     return fig
 
 
+def plot_partition(partition: pd.DataFrame, title: str | None = None) -> Figure:
+    """The data heterogeneity of a run: clients by classes, and the clients' sizes.
+
+    Left: each client's training examples per class as a share of its own examples (a heatmap,
+    clients as rows in client order, classes as columns; white: none). Right: the clients' sizes
+    (training examples), one bar per client. The label-skew pictures of Hsu, Qi and Brown (2019)
+    and of Flower Datasets' ``plot_label_distributions`` have this shape.
+
+    Args:
+        partition: :func:`analysis.load.read_partition`'s frame (``client``, ``label``,
+            ``examples``).
+        title: optional figure title.
+    """
+    clients = int(partition["client"].max()) + 1
+    classes = int(partition["label"].max()) + 1
+    counts = np.zeros((clients, classes), dtype=np.float64)
+    counts[partition["client"].to_numpy(), partition["label"].to_numpy()] = partition["examples"].to_numpy()
+    sizes = counts.sum(axis=1)
+    share = np.where(counts > 0, counts / np.maximum(sizes, 1)[:, None], np.nan)
+    fig = _figure(10.0, min(2.0 + 0.18 * clients, 9.0))
+    left, right = fig.subplots(1, 2, width_ratios=[3, 1], sharey=True)
+    image = left.imshow(share, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0.0, vmax=1.0)
+    left.set_xlabel("class")
+    left.set_ylabel("client")
+    fig.colorbar(image, ax=left, label="share of the client's examples")
+    right.barh(np.arange(clients), sizes, color="0.4", height=1.0 if clients > 50 else 0.8)
+    right.set_xlabel("training examples")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
 def figure_bytes(fig: Figure, fmt: str) -> bytes:
     """The figure encoded as ``fmt`` ("png" at 150 dpi, or "svg" with text kept as text).
 

@@ -7,6 +7,8 @@ Writes into DIR (default ``<first RUN_DIR>/report``):
   against simulated time when some run has a virtual clock (a ``system:`` section), and against
   cumulative client updates when some run is asynchronous (FedBuff, FedAsync);
 * ``cost.png`` / ``.svg``: final/best accuracy, GB up/down (and TMACs when logged) per run;
+* ``partition.png`` / ``.svg`` (``partition-<i>`` for several directories): clients by classes and
+  the clients' sizes, from each directory's ``partition.parquet``, where it has one;
 * ``summary.md``: the summary table, a table of client outcomes when some client was not
   aggregated (dropped or over-selected), per-seed means when runs repeat, and the figures;
 
@@ -36,7 +38,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from analysis.errors import AnalysisError, MixedRunsWarning
-from analysis.load import _locate, load_runs, read_tables, write_bytes
+from analysis.load import _locate, load_runs, read_partition, read_tables, write_bytes
 from analysis.tables import (
     KEYS,
     _is_dry,
@@ -350,7 +352,7 @@ def write_report(
     outcomes = _outcome_table(paths, full)
     timed = "sim_s" in full.columns  # some run has a virtual clock
     asynchronous = "updates" in full.columns  # some run is asynchronous
-    from analysis.plots import figure_bytes, plot_convergence, plot_cost  # imports matplotlib (slow)
+    from analysis.plots import figure_bytes, plot_convergence, plot_cost, plot_partition  # matplotlib (slow)
 
     loc = _out_location([os.fspath(p) for p in paths], out)
     title = ", ".join(dict.fromkeys(df["experiment"].dropna())) if "experiment" in df.columns else None
@@ -358,6 +360,9 @@ def write_report(
         "convergence": plot_convergence(df, unit="MB", target=target, title=title),
         "cost": plot_cost(df, title=title),
     }
+    partitions = _partitions(df)
+    for stem, (where, part) in partitions.items():
+        figures[stem] = plot_partition(part, title=f"partition of {where.rsplit('/', 1)[-1]}")
     files = []
     for stem, fig in figures.items():
         for fmt in ("png", "svg"):
@@ -435,6 +440,16 @@ def write_report(
         "Vector versions: `convergence.svg`, `cost.svg`.",
         "",
     ]
+    for stem, (where, part) in partitions.items():
+        md += [
+            f"### Partition of `{where}`",
+            "",
+            partition_summary(part),
+            "Left: each client's examples per class as a share of its own; right: its training examples.",
+            "",
+            f"![{stem}]({stem}.png)",
+            "",
+        ]
     write_bytes(loc.fs, f"{loc.path}/summary.md", "\n".join(md).encode(), f"{loc.name}/summary.md")
     files.insert(0, f"{loc.name}/summary.md")
     return Report(
@@ -447,6 +462,30 @@ def write_report(
         dry_run_dirs=dry_dirs,
         seeds_warning=problem,
         outcomes=outcomes,
+    )
+
+
+def _partitions(df: pd.DataFrame) -> dict[str, tuple[str, pd.DataFrame]]:
+    """Figure stem -> (experiment directory, its partition.parquet frame), for the directories
+    that have one: ``partition`` for one, ``partition-1``, ``partition-2``... for several."""
+    found = []
+    for where in dict.fromkeys(df["experiment_dir"]):
+        part = read_partition(where)
+        if part is not None and len(part):
+            found.append((where, part))
+    if len(found) == 1:
+        return {"partition": found[0]}
+    return {f"partition-{i}": item for i, item in enumerate(found, start=1)}
+
+
+def partition_summary(part: pd.DataFrame) -> str:
+    """One Markdown line: clients, their sizes (min, median, max) and classes per client."""
+    sizes = part.groupby("client")["examples"].sum()
+    classes = part.groupby("client")["label"].nunique()
+    return (
+        f"{sizes.shape[0]} clients, {int(sizes.sum()):,} training examples; examples per client "
+        f"min {int(sizes.min()):,}, median {float(sizes.median()):,.0f}, max {int(sizes.max()):,}; "
+        f"classes per client min {int(classes.min())}, mean {float(classes.mean()):.1f}, max {int(classes.max())}.\n"
     )
 
 

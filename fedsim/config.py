@@ -33,16 +33,40 @@ class DataConfig(_Strict):
     """``data:`` section. Sizes are in examples."""
 
     dataset: str = Field(
-        "digits", description="built-in dataset: digits, shakespeare, synthetic, mnist, cifar10, cifar100"
+        "digits",
+        description="digits, shakespeare, synthetic, mnist, fashion_mnist, cifar10, cifar100, hf (a Hugging "
+        "Face dataset, see path), or a name registered with fedsim.data.register_dataset",
     )
-    partition: Literal["iid", "dirichlet", "natural", "bias"] = Field(
+    partition: Literal[
+        "iid",
         "dirichlet",
-        description="how examples are split over clients (natural: Shakespeare roles; bias: FedMA's data-bias split)",
+        "natural",
+        "bias",
+        "grouped_natural",
+        "flwr_dirichlet",
+        "shard",
+        "pathological",
+        "linear",
+        "square",
+        "exponential",
+        "power_law",
+    ] = Field(
+        "dirichlet",
+        description="how examples are split over clients: iid; dirichlet (the FedMA authors' hetero-dir); "
+        "natural (one client per id: Shakespeare roles, or the partition_by column); bias (FedMA's "
+        "data-bias split); grouped_natural, flwr_dirichlet, shard, pathological, linear, square, exponential, power_law "
+        "(Flower Datasets' partitioners, docs/data.md)",
     )
     alpha: float = Field(0.5, description="Dirichlet concentration (partition: dirichlet)")
-    num_clients: int = Field(10, description="J, the number of simulated clients")
+    num_clients: int | None = Field(
+        10,
+        description="J, the number of simulated clients; with partition natural (grouped_natural) on an id "
+        "column, the first J ids in sorted order (the first J groups), and null takes them all",
+    )
     data_dir: str | None = Field(
-        None, description="where downloadable datasets live (MNIST, CIFAR); null: the default cache"
+        None,
+        description="where dataset files live (MNIST, CIFAR in torchvision's layout; Fashion-MNIST's IDX "
+        "files); null: Fashion-MNIST from Debian's dataset-fashion-mnist package",
     )
     download: bool = Field(False, description="download a missing dataset (needs the network)")
     train_fraction: float = Field(
@@ -58,6 +82,73 @@ class DataConfig(_Strict):
     )
     synthetic_alpha: float = Field(1.0, description="synthetic: std of the per-client model shift u_k")
     synthetic_beta: float = Field(1.0, description="synthetic: std of the per-client feature shift B_k")
+    path: str | None = Field(
+        None,
+        description="hf: a Hub dataset name (e.g. flwrlabs/femnist), or offline a save_to_disk directory "
+        "or a directory of Parquet files",
+    )
+    train_split: str = Field("train", description="hf: the split clients train on")
+    test_split: str | None = Field(
+        None,
+        description="hf: the split the server evaluates on; null: each client keeps train_fraction of its "
+        "examples for training and the rest joins the test set, as LEAF does",
+    )
+    image_column: str | None = Field(
+        None, description="hf: the image column (PIL images or encoded bytes); null: 'image' or 'img'"
+    )
+    text_column: str | None = Field(
+        None,
+        description="hf: a column of fixed-length strings (flwrlabs/shakespeare: x), tokenised per "
+        "character with LEAF's 80-symbol vocabulary instead of reading images",
+    )
+    label_column: str = Field(
+        "label",
+        description="hf: the class-label column, integers (or single characters with text_column)",
+    )
+    partition_by: str | None = Field(
+        None,
+        description="hf and registered datasets: the natural-id column of partition natural and "
+        "grouped_natural (e.g. writer_id)",
+    )
+    group_size: int | None = Field(
+        None, description="grouped_natural: natural ids per client (Flower's GroupedNaturalIdPartitioner)"
+    )
+    group_mode: Literal["allow-smaller", "allow-bigger", "drop-reminder", "strict"] = Field(
+        "allow-smaller",
+        description="grouped_natural: what happens to the ids left over (Flower's names: a smaller last "
+        "group, bigger first groups, dropped, or an error)",
+    )
+    sort_unique_ids: bool = Field(
+        False,
+        description="grouped_natural: group the ids in sorted order instead of order of first appearance",
+    )
+    min_partition_size: int = Field(
+        10,
+        description="dirichlet, flwr_dirichlet: redraw until every client holds at least this many examples",
+    )
+    self_balancing: bool = Field(
+        False,
+        description="flwr_dirichlet: give no more of a class to clients above the average size (Flower's option)",
+    )
+    shards_per_client: int | None = Field(
+        None, description="shard: shards dealt to each client (McMahan et al.: 2); null: from shard_size"
+    )
+    shard_size: int | None = Field(
+        None, description="shard: examples per shard; null: N / (num_clients * shards_per_client)"
+    )
+    keep_incomplete_shard: bool = Field(
+        False,
+        description="shard: also deal the last, shorter shard (ignored when shards_per_client and shard_size are both set)",
+    )
+    classes_per_client: int | None = Field(None, description="pathological: classes each client holds (k)")
+    class_assignment_mode: Literal["random", "deterministic", "first-deterministic"] = Field(
+        "random",
+        description="pathological: how classes are given to clients (random: k drawn per client; "
+        "deterministic: j..j+k-1; first-deterministic: j, then random)",
+    )
+    power_law_exponent: float = Field(
+        1.5, description="power_law: client j = 1..J holds a share proportional to j ** this"
+    )
 
 
 class ModelConfig(_Strict):
@@ -695,7 +786,10 @@ class FedMAConfig(RunConfig):
                 f"config key '{where}.growth_budget' must be >= 1 or null (got {self.growth_budget}); "
                 "the authors use 700"
             )
-        if experiment.engine.clients_per_round != experiment.data.num_clients:
+        if (
+            experiment.data.num_clients is not None
+            and experiment.engine.clients_per_round != experiment.data.num_clients
+        ):
             raise FedsimError(
                 f"{self.algorithm} matches every client's model: set engine.clients_per_round to "
                 f"data.num_clients ({experiment.data.num_clients})"
@@ -810,7 +904,7 @@ class AsyncConfig(RunConfig):
             )
         if self.concurrency < 1:
             raise FedsimError(f"config key '{where}.concurrency' must be >= 1 (got {self.concurrency})")
-        if self.concurrency > experiment.data.num_clients:
+        if experiment.data.num_clients is not None and self.concurrency > experiment.data.num_clients:
             raise FedsimError(
                 f"config key '{where}.concurrency' ({self.concurrency}) is larger than data.num_clients "
                 f"({experiment.data.num_clients}); a client trains one update at a time"
@@ -1171,13 +1265,20 @@ def validate(cfg: ExperimentConfig) -> None:
         raise FedsimError(
             f"data.alpha must be > 0 (got {d.alpha}); use a positive Dirichlet alpha such as 0.5"
         )
-    if d.num_clients < 1:
+    if d.num_clients is None and d.partition not in ("natural", "grouped_natural"):
+        raise FedsimError(
+            f"data.num_clients is null, which only data.partition natural and grouped_natural allow "
+            f"(got {d.partition!r}); "
+            "set data.num_clients to a count"
+        )
+    if d.num_clients is not None and d.num_clients < 1:
         raise FedsimError(f"data.num_clients must be >= 1 (got {d.num_clients})")
     if not 0 < d.train_fraction < 1:
         raise FedsimError(f"data.train_fraction must be between 0 and 1 (got {d.train_fraction})")
+    _validate_data_options(d)
     if e.clients_per_round < 1:
         raise FedsimError(f"engine.clients_per_round must be >= 1 (got {e.clients_per_round})")
-    if e.clients_per_round > d.num_clients:
+    if d.num_clients is not None and e.clients_per_round > d.num_clients:
         raise FedsimError(
             f"engine.clients_per_round ({e.clients_per_round}) is larger than data.num_clients "
             f"({d.num_clients}); lower clients_per_round or add clients"
@@ -1382,6 +1483,68 @@ def _check_system(sysc: SystemConfig) -> None:
         raise FedsimError(
             f"config key 'system.server_macs_per_s' must be > 0 multiply-accumulates per second or null "
             f"(got {sysc.server_macs_per_s})"
+        )
+
+
+def _validate_data_options(d: DataConfig) -> None:
+    """Checks of the ``data:`` keys that only some datasets and partitions read.
+
+    Raises:
+        FedsimError: the first problem found, naming the key and the fix.
+    """
+    if d.min_partition_size < 0:
+        raise FedsimError(f"data.min_partition_size must be >= 0 (got {d.min_partition_size})")
+    for key in ("shards_per_client", "shard_size", "classes_per_client"):
+        value = getattr(d, key)
+        if value is not None and value < 1:
+            raise FedsimError(f"data.{key} must be >= 1 or null (got {value})")
+    if d.partition == "flwr_dirichlet" and not d.alpha > 0:
+        raise FedsimError(
+            f"data.alpha must be > 0 (got {d.alpha}); use a positive Dirichlet alpha such as 0.5"
+        )
+    if d.partition == "shard":
+        if d.shards_per_client is None and d.shard_size is None:
+            raise FedsimError(
+                "data.partition=shard needs data.shards_per_client or data.shard_size; set e.g. "
+                "data.shards_per_client: 2 (McMahan et al.'s two shards per client)"
+            )
+        if d.keep_incomplete_shard and d.shards_per_client is not None and d.shard_size is not None:
+            raise FedsimError(
+                "data.keep_incomplete_shard needs data.shards_per_client or data.shard_size null "
+                "(with both set every shard is complete); unset one of them"
+            )
+    if d.partition == "pathological" and d.classes_per_client is None:
+        raise FedsimError(
+            "data.partition=pathological needs data.classes_per_client; set it, e.g. 2 (McMahan et al.)"
+        )
+    if d.partition == "power_law" and not d.power_law_exponent > 0:
+        raise FedsimError(f"data.power_law_exponent must be > 0 (got {d.power_law_exponent}); use e.g. 1.5")
+    capped = d.partition in ("iid", "dirichlet") or (
+        d.partition == "natural" and d.dataset in ("shakespeare", "synthetic")
+    )
+    if d.examples_per_client is not None and not capped:
+        raise FedsimError(
+            f"data.examples_per_client works with partition iid, dirichlet, and natural on shakespeare "
+            f"or synthetic (got {d.partition!r}); unset it"
+        )
+    if d.dataset == "hf" and not d.path:
+        raise FedsimError(
+            "data.dataset=hf needs data.path: a Hub name such as flwrlabs/femnist, or a local "
+            "save_to_disk or Parquet directory"
+        )
+    if d.partition == "grouped_natural" and (d.group_size is None or d.group_size < 1):
+        raise FedsimError(
+            f"data.partition=grouped_natural needs data.group_size >= 1 (got {d.group_size}); set the "
+            "number of natural ids per client"
+        )
+    if (
+        d.partition in ("natural", "grouped_natural")
+        and d.dataset not in ("shakespeare", "synthetic")
+        and not d.partition_by
+    ):
+        raise FedsimError(
+            f"data.partition={d.partition} on {d.dataset!r} needs data.partition_by, the column of client "
+            "ids (e.g. writer_id)"
         )
 
 

@@ -56,21 +56,42 @@ class DatasetFacts:
 
 
 def _facts() -> dict[str, DatasetFacts]:
-    from fedsim.data import digits, shakespeare, synthetic
+    from fedsim.data import digits, fashion_mnist, shakespeare, synthetic
     from fedsim.data.vision import VISION
 
     vision_n = {"mnist": 60_000, "cifar10": 50_000, "cifar100": 50_000}
     facts = {"digits": DatasetFacts(1_438, tuple(digits.INPUT_SHAPE), digits.NUM_CLASSES)}
     for name, n in vision_n.items():
         facts[name] = DatasetFacts(n, tuple(VISION[name].input_shape), VISION[name].num_classes)
+    facts["fashion_mnist"] = DatasetFacts(60_000, fashion_mnist.INPUT_SHAPE, fashion_mnist.NUM_CLASSES)
     facts["shakespeare"] = DatasetFacts(None, (shakespeare.SEQ_LEN,), shakespeare.NUM_CLASSES)
     facts["synthetic"] = DatasetFacts(None, tuple(synthetic.INPUT_SHAPE), synthetic.NUM_CLASSES)
     return facts
 
 
 #: Built-in datasets -> facts: digits (1,438 training images after fedsim's fixed stratified 80/20
-#: split), MNIST (60,000), CIFAR-10 and CIFAR-100 (50,000 each), Shakespeare and Synthetic.
+#: split), MNIST and Fashion-MNIST (60,000), CIFAR-10 and CIFAR-100 (50,000 each), Shakespeare and
+#: Synthetic. ``hf`` and registered datasets are known only by reading them: no dry run.
 DATASET_FACTS: dict[str, DatasetFacts] = _facts()
+
+
+def _known(dataset: str) -> DatasetFacts:
+    """The facts of a built-in dataset.
+
+    Raises:
+        FedsimError: ``hf`` or a registered dataset (known only by reading it), or an unknown name.
+    """
+    if dataset in DATASET_FACTS:
+        return DATASET_FACTS[dataset]
+    from fedsim.data import DATASETS
+    from fedsim.data.registry import DATASET_LOADERS
+
+    if dataset in DATASETS or dataset in DATASET_LOADERS:
+        raise FedsimError(
+            f"--dry-run knows the sizes of {', '.join(DATASET_FACTS)} without reading them, not of "
+            f"data.dataset={dataset}; run without --dry-run, or dry-run a built-in dataset of its shape"
+        )
+    raise FedsimError(f"unknown data.dataset {dataset!r}; use one of {', '.join(DATASET_FACTS)}")
 
 
 @dataclass(frozen=True)
@@ -102,7 +123,9 @@ def client_sizes(cfg: ExperimentConfig) -> ClientSizes:
     * iid: N split into J shards differing by at most one (exact); with
       ``data.examples_per_client`` e: e each (exact);
     * dirichlet: e each with ``examples_per_client`` (exact), else a uniform estimate N // J
-      (the remainder spread one each over the first clients, so the total is exact);
+      (the remainder spread one each over the first clients, so the total is exact), as for
+      flwr_dirichlet, shard and pathological;
+    * linear, square, exponential, power_law: the size law's sizes (exact);
     * bias (CIFAR, two clients): half the classes each, N / 2 (exact: CIFAR is class-balanced);
     * shakespeare: the J largest eligible roles' training windows, capped by
       ``examples_per_client`` (exact; the bundled plays are parsed, nothing is downloaded);
@@ -113,7 +136,7 @@ def client_sizes(cfg: ExperimentConfig) -> ClientSizes:
             J * examples_per_client > N, or too few Shakespeare roles.
     """
     from fedsim.data import _validate
-    from fedsim.data.partition import _check_clients, _check_examples_per_client
+    from fedsim.data.partition import SIZE_LAWS, _check_clients, _check_examples_per_client, size_skewed
 
     d = cfg.data
     _validate(d.dataset, d.partition, d.num_clients, d.alpha, d.examples_per_client)
@@ -125,6 +148,11 @@ def client_sizes(cfg: ExperimentConfig) -> ClientSizes:
         return ClientSizes(synthetic_sizes(cfg.seed, j, epc), True, f"exact: {how}")
     if d.dataset == "shakespeare":
         return _shakespeare_sizes(cfg)
+    _known(d.dataset)
+    if d.partition in ("natural", "grouped_natural"):
+        raise FedsimError(
+            f"data.partition={d.partition} needs natural ids but {d.dataset} has none; use another data.partition"
+        )
     n = DATASET_FACTS[d.dataset].train_examples
     _check_clients(n, j)
     if epc is not None:
@@ -140,11 +168,16 @@ def client_sizes(cfg: ExperimentConfig) -> ClientSizes:
         return ClientSizes(
             np.full(2, n // 2, dtype=np.int64), True, f"exact: half of {n:,} class-balanced examples each"
         )
+    if d.partition in SIZE_LAWS:
+        parts = size_skewed(n, j, np.random.default_rng(0), d.partition, d.power_law_exponent)
+        return ClientSizes(
+            np.array([p.shape[0] for p in parts], dtype=np.int64), True, f"exact: {d.partition} size skew"
+        )
     return ClientSizes(
         _even_split(n, j),
         False,
-        f"uniform estimate: N // J = {n:,} // {j} = {n // j:,} each (Dirichlet sizes "
-        "vary; set data.examples_per_client for exact sizes)",
+        f"uniform estimate: N // J = {n:,} // {j} = {n // j:,} each ({d.partition} sizes "
+        "vary; set data.examples_per_client for exact sizes where the partition allows it)",
     )
 
 
@@ -344,9 +377,7 @@ def project_experiment(cfg: ExperimentConfig) -> tuple[ClientSizes, list[DryRun]
     from fedsim.rng import sample_cohort
     from fedsim.wire import secagg
 
-    facts = DATASET_FACTS.get(cfg.data.dataset)
-    if facts is None:
-        raise FedsimError(f"unknown data.dataset {cfg.data.dataset!r}; use one of {', '.join(DATASET_FACTS)}")
+    facts = _known(cfg.data.dataset)
     sizes = client_sizes(cfg)
     model = _build(cfg, facts)
     j, k = cfg.data.num_clients, cfg.engine.clients_per_round
@@ -455,7 +486,7 @@ def _timed(
     from fedsim.engine.timing import RunClock, bytes_down
     from fedsim.system.world import build_world
 
-    world = build_world(cfg.system, cfg.data.num_clients, cfg.seed)
+    world = build_world(cfg.system, len(sizes.sizes), cfg.seed)
     timer = RunClock(cfg, run, rule, algo, sizes.sizes.tolist(), 0, tuple(facts.input_shape), world)
     state = algo.init_state(P.clone(model.state_dict()))
     seen: set[int] = set()

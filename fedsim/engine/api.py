@@ -59,7 +59,26 @@ def load_data(cfg: ExperimentConfig) -> FederatedDataset:
         examples_per_client=d.examples_per_client,
         synthetic_alpha=d.synthetic_alpha,
         synthetic_beta=d.synthetic_beta,
+        options=d,
     )
+
+
+def with_dataset_clients(cfg: ExperimentConfig, dataset: FederatedDataset) -> ExperimentConfig:
+    """``cfg`` with ``data.num_clients`` set to the dataset's client count where it was null
+    (``partition: natural`` on an id column takes every id), checked again as a whole; ``cfg``
+    itself otherwise.
+
+    Raises:
+        FedsimError: a check that needs the count fails (e.g. clients_per_round above it).
+    """
+    if cfg.data.num_clients is not None:
+        return cfg
+    from fedsim.config import validate
+
+    data = cfg.data.model_copy(update={"num_clients": dataset.num_clients})
+    resolved = cfg.model_copy(update={"data": data})
+    validate(resolved)
+    return resolved
 
 
 def check_fit(cfg: ExperimentConfig, dataset: FederatedDataset) -> None:
@@ -67,12 +86,14 @@ def check_fit(cfg: ExperimentConfig, dataset: FederatedDataset) -> None:
 
     Raises:
         FedsimError: a model that does not fit the dataset's inputs, an algorithm that cannot run
-            on it (e.g. FedMA on a model without matchable layers), an unreadable device or
-            availability trace, a deadline no client can meet.
+            on it (e.g. FedMA on a model without matchable layers), a check of
+            :func:`with_dataset_clients`, an unreadable device or availability trace, a deadline
+            no client can meet.
     """
     from fedsim.engine.client import make_algorithm
     from fedsim.models import build_model
 
+    cfg = with_dataset_clients(cfg, dataset)
     build_model(
         cfg.model.name,
         num_classes=dataset.num_classes,
@@ -496,16 +517,22 @@ def execute(
 
     With the Ray backend, the dataset is put in the object store once, and a driver actor pinned to
     this node (so a local run directory is on this machine's disk; a URI is reachable from any
-    node) runs the loop and streams events. ``run_dir`` is a local path or a URI.
+    node) runs the loop and streams events. ``run_dir`` is a local path or a URI. A new (not
+    resumed) experiment first writes ``config.yaml`` (``data.num_clients`` resolved by
+    :func:`with_dataset_clients`) and ``partition.parquet`` (:mod:`fedsim.io.partition_log`).
 
     Raises:
         FedsimError: bad input detected inside the driver.
         RuntimeError: a client's local training failed (the message names client and round).
     """
+    cfg = with_dataset_clients(cfg, dataset)
     if not resume:
+        from fedsim.io.partition_log import write_partition
+
         storage.write_bytes(
             storage.join(run_dir, "config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode()
         )
+        write_partition(run_dir, dataset)
     if cfg.engine.backend == "sequential":
         from fedsim.engine.backends import SequentialBackend
         from fedsim.engine.loop import run_experiment

@@ -278,6 +278,8 @@ def test_report_defaults_to_the_first_run_dir(runs, tmp_path, capsys):
         "convergence.svg",
         "cost.png",
         "cost.svg",
+        "partition.png",  # the experiment directory's partition.parquet, drawn
+        "partition.svg",
         "summary.md",
     ]
     assert f"report: {copy / 'report' / 'summary.md'}" in capsys.readouterr().out

@@ -109,6 +109,7 @@ def test_parquet_files_have_the_fixed_schema_and_no_temporaries(sequential_run):
         "checkpoints",
         "clients.parquet",
         "config.yaml",
+        "partition.parquet",
         "rounds.parquet",
         "runs.parquet",
     ]
