@@ -321,7 +321,12 @@ def test_a_trial_whose_worker_is_killed_completes_with_the_clean_result(ray_loca
                 except Exception:  # replaced atomically, but may vanish between checks
                     pass
             if pid and written:
-                os.kill(pid, signal.SIGKILL)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:  # a worker of another Ray on this machine that ended: next
+                    earlier.add(pid)
+                    pid = None
+                    continue
                 killed.append(pid)
                 return
             time.sleep(0.02)
