@@ -2,7 +2,9 @@
 
 Every function takes an explicit ``numpy.random.Generator`` (build it with
 ``fedsim.rng.numpy_rng(seed, "partition")``) and returns ``J`` sorted, disjoint ``(n_j,)`` int64
-index arrays into the training set. Nothing here touches a global random state.
+index arrays into the training set; :func:`hetero_dir`, which must draw exactly as the FedMA
+authors' code, builds its own legacy ``RandomState`` from the seed instead. Nothing here touches
+a global random state.
 """
 
 from __future__ import annotations
