@@ -259,11 +259,27 @@ def test_fedma_classifier_is_the_authors_class_weighted_average():
 
 
 def test_fedma_global_model_is_the_matched_layers_and_the_classifier():
-    ref = load("fedma_lenet.npz")
-    for s, name in enumerate(LAYERS):
-        for key in (f"{name}.weight", f"{name}.bias"):
-            np.testing.assert_array_equal(ref[f"step{s}/global/{key}"], ref[f"global/{key}"])
-    assert isinstance(lenet_experiment("fedma"), FedMA) and issubclass(PFNM, FedMA)
+    """fedsim's assembly of the pass's result (matched layers + class-weighted classifier, at the
+    matched widths) from the authors' matched layers and retrained classifiers gives their model."""
+    ref, fix = load("fedma_lenet.npz"), load("lenet_local.npz")
+    algo = lenet_experiment("fedma", **AUTHORS)
+    layers = [{k: torch.from_numpy(ref[f"step{s}/global/{n}.{t}"]) for t in ("weight", "bias") for k in [f"{n}.{t}"]}
+              for s, n in enumerate(LAYERS)]  # fmt: skip
+    keys = ("fc2.weight", "fc2.bias")
+    results = [
+        result(
+            j,
+            {**{k: torch.from_numpy(ref[f"final{j}/{k}"]) for k in keys}, CLASS_COUNTS: torch.as_tensor(c)},
+            1,
+        )
+        for j, c in enumerate(fix["class_counts"])
+    ]
+    params, widths = algo._assemble(layers, [P.from_numpy(r.upload) for r in results], results)
+    assert list(params) == list(KEYS)
+    assert widths == {n: ref[f"global/{n}.bias"].shape[0] for n in LAYERS}
+    for k in KEYS:
+        close(params[k], ref[f"global/{k}"], k)
+    assert isinstance(algo, FedMA) and issubclass(PFNM, FedMA)
 
 
 # ---------------------------------------------------------------------------- FedAvg
