@@ -40,6 +40,7 @@ class DataConfig(_Strict):
     partition: Literal[
         "iid",
         "dirichlet",
+        "hetero_dir",
         "natural",
         "bias",
         "grouped_natural",
@@ -52,12 +53,15 @@ class DataConfig(_Strict):
         "power_law",
     ] = Field(
         "dirichlet",
-        description="how examples are split over clients: iid; dirichlet (the FedMA authors' hetero-dir); "
+        description="how examples are split over clients: iid; dirichlet (the FedMA authors' hetero-dir recipe); "
+        "hetero_dir (that recipe drawn as the authors' code draws it, index for index); "
         "natural (one client per id: Shakespeare roles, or the partition_by column); bias (FedMA's "
         "data-bias split); grouped_natural, flwr_dirichlet, shard, pathological, linear, square, exponential, power_law "
         "(Flower Datasets' partitioners, docs/data.md)",
     )
-    alpha: float = Field(0.5, description="Dirichlet concentration (partition: dirichlet)")
+    alpha: float = Field(
+        0.5, description="Dirichlet concentration (partition: dirichlet, hetero_dir, flwr_dirichlet)"
+    )
     num_clients: int | None = Field(
         10,
         description="J, the number of simulated clients; with partition natural (grouped_natural) on an id "
@@ -156,7 +160,7 @@ class ModelConfig(_Strict):
 
     name: str = Field(
         "digits_cnn",
-        description="model name (digits_cnn, lenet, vgg9, char_lstm, resnet8, resnet18, logreg, moon_cnn, <model>+moon)",
+        description="model name (digits_cnn, lenet, lenet_fedma, vgg9, char_lstm, resnet8, resnet18, logreg, moon_cnn, <model>+moon)",
     )
     widths: dict[str, int] | None = Field(
         None, description="hidden-layer unit counts by layer name; null: the model's defaults"
@@ -747,6 +751,10 @@ class FedMAConfig(RunConfig):
     * ``match_outgoing``: match the last hidden layer's neurons with their classifier weights
       appended to the atom (PFNM's authors' code); FedMA's authors' code matches incoming weights
       only (false).
+    * ``prior_mean_order``: ``paper`` puts the bias prior mean 0.1 on each layer's bias;
+      ``authors`` reproduces IBM/FedMA's CNN code, which builds every later layer's atoms as
+      [weights, bias] but its prior-mean vector as [bias, weights] (matching/pfnm.py,
+      layer_wise_group_descent, lines 880-888 and 904-918; the first layer, lines 850-854, is right).
     """
 
     every_client: ClassVar[bool] = True
@@ -774,6 +782,10 @@ class FedMAConfig(RunConfig):
     """Global embedding and LSTM input neurons: mean of the matched clients' or the MAP estimate."""
     match_outgoing: bool = False
     """Match the last hidden layer with its classifier weights appended (PFNM's code)."""
+    prior_mean_order: Literal["paper", "authors"] = "paper"
+    """Where a matched CNN or linear layer's 0.1 bias prior mean sits: ``paper``: on the bias
+    coordinate of every layer; ``authors``: as IBM/FedMA's code, on the first matched layer's bias
+    but on the FIRST WEIGHT coordinate of every later layer (docs/algorithms.md section 4)."""
 
     def check(self, where: str, experiment: ExperimentConfig) -> None:
         for key in ("sigma2", "sigma0_2", "gamma"):
@@ -1261,7 +1273,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _check_name(cfg.name, "name")
     if cfg.seed < 0:
         raise FedsimError(f"config key 'seed' must be >= 0 (got {cfg.seed}); use a non-negative integer")
-    if d.partition == "dirichlet" and not d.alpha > 0:
+    if d.partition in ("dirichlet", "hetero_dir") and not d.alpha > 0:
         raise FedsimError(
             f"data.alpha must be > 0 (got {d.alpha}); use a positive Dirichlet alpha such as 0.5"
         )

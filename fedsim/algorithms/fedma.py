@@ -69,7 +69,12 @@ def _tensors_of(layer: MatchLayer) -> tuple[str, ...]:
 
 
 def match_layer(
-    uploads: list[P.Params], layer: MatchLayer, cfg: FedMAConfig, seed: int, outgoing: bool = False
+    uploads: list[P.Params],
+    layer: MatchLayer,
+    cfg: FedMAConfig,
+    seed: int,
+    outgoing: bool = False,
+    first: bool = True,
 ) -> tuple[P.Params, list[np.ndarray]]:
     """Match one layer across clients: BBP-MAP over the clients' atoms (docs/algorithms.md section 2).
 
@@ -84,6 +89,10 @@ def match_layer(
             authors weigh them by the client's share of each class instead; fedsim's matcher takes
             one precision for every client). They only steer the assignment: the returned tensors
             are the layer's own.
+        first: whether this is the model's first matched layer. Under ``prior_mean_order:
+            authors`` every later linear or conv layer gets the FedMA authors' prior mean: 0.1 on
+            its first weight coordinate and 0 on its bias (IBM/FedMA matching/pfnm.py,
+            layer_wise_group_descent, lines 887-888 and 917-918).
 
     Returns:
         (global tensors of the layer with L units, J int64 assignments of lengths L_j). A global
@@ -96,6 +105,8 @@ def match_layer(
     atoms = [layer_atoms(u, layer) for u in uploads]
     D = atoms[0].shape[1]
     prior = atom_prior_mean(layer, D)
+    if cfg.prior_mean_order == "authors" and not first and layer.kind in ("linear", "conv2d") and layer.bias:
+        prior = np.roll(prior, 1)  # [w..., b] -> [b, w...]: 0.1 moves from the bias to weight 0
     if outgoing:
         extra = [outgoing_atoms(u, layer) for u in uploads]
         atoms = [torch.cat([a, e.to(a.dtype)], 1) for a, e in zip(atoms, extra)]
@@ -204,7 +215,7 @@ class FedMA(Algorithm):
         if not self.layers:
             raise FedsimError(
                 f"model {experiment.model.name!r} has no matchable layers; {self.name} needs one "
-                "of lenet, vgg9, char_lstm, digits_cnn"
+                "of lenet, lenet_fedma, vgg9, char_lstm, digits_cnn"
             )
         self.N = len(self.layers) + 1
         rule = self.cfg.classifier_retrain
@@ -305,7 +316,7 @@ class FedMA(Algorithm):
             s = replace(s, assign={}, layers={})
         if k < self.N - 1:
             seed = seed_for(self.experiment.seed, "matching", plan.round, k)
-            tensors, assigns = match_layer(uploads, self.layers[k], self.cfg, seed, self._outgoing(k))
+            tensors, assigns = match_layer(uploads, self.layers[k], self.cfg, seed, self._outgoing(k), k == 0)
             assign = {r.client_id: [*s.assign.get(r.client_id, []), a] for r, a in zip(results, assigns)}
             return ServerState(
                 params=state.params, algo_state=replace(s, layers={**s.layers, k: tensors}, assign=assign)
@@ -408,7 +419,7 @@ class PFNM(FedMA):
         matched = []
         for k, layer in enumerate(self.layers):
             seed = seed_for(self.experiment.seed, "matching", plan.round, k)
-            tensors, assigns = match_layer(uploads, layer, self.cfg, seed, self._outgoing(k))
+            tensors, assigns = match_layer(uploads, layer, self.cfg, seed, self._outgoing(k), k == 0)
             L = n_units(tensors, layer)
             uploads = [permute_next_input(u, layer, a, L) for u, a in zip(uploads, assigns)]
             matched.append(tensors)

@@ -11,7 +11,9 @@ Partitions (:data:`PARTITIONS`): the registered partitioners of :mod:`fedsim.dat
 (``iid``, ``dirichlet``, ``natural`` on an id column, and Flower Datasets' ``grouped_natural``, ``flwr_dirichlet``,
 ``shard``, ``pathological``, ``linear``, ``square``, ``exponential``, ``power_law``); ``natural``
 (one client per role) for Shakespeare and for synthetic (each client holds its own generated data);
-``bias`` (FedMA's two-client grey-image experiment, :mod:`fedsim.data.bias`) for CIFAR.
+``bias`` (FedMA's two-client grey-image experiment, :mod:`fedsim.data.bias`) for CIFAR;
+``hetero_dir`` (the FedMA authors' Dirichlet draw, index for index,
+:func:`fedsim.data.partition.hetero_dir`) for datasets with class labels.
 """
 
 from __future__ import annotations
@@ -24,13 +26,13 @@ from typing import Any
 import numpy as np
 
 from fedsim.data.base import FederatedDataset, Split
-from fedsim.data.partition import PARTITIONERS, class_counts, grouped_natural_id, natural_id
+from fedsim.data.partition import PARTITIONERS, class_counts, grouped_natural_id, hetero_dir, natural_id
 from fedsim.data.registry import DATASET_LOADERS, DataArrays, find_loader, register_dataset, to_splits
 from fedsim.errors import FedsimError
 from fedsim.rng import numpy_rng
 
 DATASETS = ("digits", "shakespeare", "fashion_mnist", "mnist", "cifar10", "cifar100", "synthetic", "hf")
-PARTITIONS = ("bias", *PARTITIONERS)
+PARTITIONS = ("bias", "hetero_dir", *PARTITIONERS)
 
 __all__ = [
     "DATASETS",
@@ -109,7 +111,12 @@ def _validate(dataset, partition, num_clients, alpha, examples_per_client) -> No
         pass  # every natural id
     elif not _is_int(num_clients) or num_clients < 1:
         raise FedsimError(f"data.num_clients must be an integer >= 1 (got {num_clients!r}); use e.g. 10")
-    if partition in ("dirichlet", "flwr_dirichlet"):
+    if partition == "hetero_dir" and examples_per_client is not None:
+        raise FedsimError(
+            "data.partition=hetero_dir is the FedMA authors' draw, which has no per-client size; "
+            "unset data.examples_per_client or use data.partition: dirichlet"
+        )
+    if partition in ("dirichlet", "flwr_dirichlet", "hetero_dir"):
         ok = isinstance(alpha, (int, float, np.floating)) and not isinstance(alpha, bool)
         if not ok or not math.isfinite(alpha) or alpha <= 0:
             raise FedsimError(
@@ -181,7 +188,7 @@ def load_federated(
             ``options.partition_by``; ``bias``: CIFAR with two clients).
         num_clients: J >= 1, at most the number of training examples; None with ``natural`` on
             an id column: one client per id.
-        alpha: Dirichlet concentration > 0, used by ``dirichlet`` and ``flwr_dirichlet``.
+        alpha: Dirichlet concentration > 0, used by ``dirichlet``, ``hetero_dir`` and ``flwr_dirichlet``.
         data_dir: folder of the dataset files (mnist, cifar10, cifar100, fashion_mnist).
         seed: experiment seed; the ``"partition"`` stream is drawn from (and the ``"data"`` stream
             for synthetic data and capped Shakespeare clients, and per-client test splits).
@@ -264,7 +271,9 @@ def load_federated(
         )
     rng = numpy_rng(seed, "partition")
     names: list[str] = []
-    if partition == "bias":
+    if partition == "hetero_dir":
+        parts = hetero_dir(train.y, num_clients, float(alpha), seed, num_classes)
+    elif partition == "bias":
         from fedsim.data.bias import bias_partition
         from fedsim.data.vision import VISION
 

@@ -2,7 +2,9 @@
 
 Every function takes an explicit ``numpy.random.Generator`` (build it with
 ``fedsim.rng.numpy_rng(seed, "partition")``) and returns ``J`` sorted, disjoint ``(n_j,)`` int64
-index arrays into the training set. Nothing here touches a global random state.
+index arrays into the training set; :func:`hetero_dir`, which must draw exactly as the FedMA
+authors' code, builds its own legacy ``RandomState`` from the seed instead. Nothing else here
+touches a global random state.
 
 fedsim's own: :func:`iid`, :func:`dirichlet` (the FedMA authors' hetero-dir recipe). With the
 semantics of Flower Datasets 0.6 (``flwr_datasets.partitioner``, so that a Flower user can
@@ -101,7 +103,7 @@ def _hetero_dir_draw(
     classes: np.ndarray,
     num_clients: int,
     alpha: float,
-    rng: np.random.Generator,
+    rng: np.random.Generator | np.random.RandomState,
 ) -> list[np.ndarray] | None:
     """One draw of the FedMA hetero-dir recipe; None if a class put all its mass on full clients."""
     n = labels.shape[0]
@@ -228,6 +230,56 @@ def dirichlet(
             return parts
     raise FedsimError(
         f"no Dirichlet draw in {MAX_REDRAWS} tries gave all {num_clients} clients >= {min_size} "
+        f"examples (alpha={alpha}); use fewer clients or a larger data.alpha"
+    )
+
+
+def hetero_dir(
+    labels: np.ndarray, num_clients: int, alpha: float, seed: int, num_classes: int, min_size: int = 10
+) -> list[np.ndarray]:
+    """The FedMA authors' "hetero-dir" partition, draw for draw: the same clients as their code.
+
+    The recipe of :func:`dirichlet` (per class k = 0..K-1: shuffle, p ~ Dir(alpha * 1_J), p_j = 0
+    for clients holding >= N/J, cut at floor(cumsum(p) * n_k); whole redraws until every client
+    holds >= ``min_size``), with the authors' random source instead of the ``partition`` stream:
+    numpy's legacy ``RandomState(seed)``, which draws exactly as their global ``np.random`` after
+    ``np.random.seed(seed)`` (IBM/FedMA ``main.py`` lines 1523-1532; the recipe is
+    ``utils.py``, ``partition_data``, lines 95-117). Every class 0..K-1 takes its shuffle and its
+    Dirichlet draw even when it has no example, as their fixed ``K`` loop does. Their final
+    shuffle of each client's indices changes no set, so it is left out; the indices are sorted.
+    Given the same labels in the same order (for MNIST, torchvision's training-set order, as
+    theirs) and the same seed, client j holds exactly their client j's examples.
+
+    Args:
+        labels: ``(N,)`` integer labels in ``[0, num_classes)``.
+        num_clients: J >= 1.
+        alpha: Dirichlet concentration > 0 (the authors: 0.5).
+        seed: the experiment's ``seed`` (the authors' code seeds with 0).
+        num_classes: K, the dataset's number of classes (the authors' code: 10).
+        min_size: smallest client accepted (the authors: 10).
+
+    Returns:
+        J sorted ``(n_j,)`` int64 index arrays, pairwise disjoint, whose union is ``0..N-1``.
+
+    Raises:
+        FedsimError: alpha <= 0, J < 1, J > N, J * min_size > N, or no draw within
+            :data:`MAX_REDRAWS` gave every client ``min_size`` examples (the authors' loop would
+            not end).
+    """
+    labels = np.asarray(labels)
+    n = int(labels.shape[0])
+    if not (np.isfinite(alpha) and float(alpha) > 0.0):
+        raise FedsimError(f"data.alpha must be > 0 (got {alpha}); use a positive Dirichlet alpha such as 0.5")
+    _check_clients(n, num_clients)
+    if int(num_clients) * int(min_size) > n:
+        raise FedsimError(f"{num_clients} clients cannot each hold >= {min_size} of {n} examples; use fewer")
+    rng = np.random.RandomState(int(seed))
+    for _ in range(MAX_REDRAWS):
+        parts = _hetero_dir_draw(labels, np.arange(int(num_classes)), int(num_clients), float(alpha), rng)
+        if parts is not None and min(p.shape[0] for p in parts) >= int(min_size):
+            return parts
+    raise FedsimError(
+        f"no hetero-dir draw in {MAX_REDRAWS} tries gave all {num_clients} clients >= {min_size} "
         f"examples (alpha={alpha}); use fewer clients or a larger data.alpha"
     )
 

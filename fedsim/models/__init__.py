@@ -16,7 +16,7 @@ from fedsim.models._common import probe_forward
 from fedsim.models.base import FedModel, LayerGroup, MatchLayer
 from fedsim.models.char_lstm import CharLSTM
 from fedsim.models.digits_cnn import DigitsCNN
-from fedsim.models.lenet import LeNet
+from fedsim.models.lenet import LeNet, LeNetFedMA
 from fedsim.models.logreg import LogReg
 from fedsim.models.moon import MOON_SUFFIX, MoonCNN, ProjectionHeadModel, with_projection_head
 from fedsim.models.resnet import ResNet8, ResNet18
@@ -30,6 +30,7 @@ __all__ = [
     "FedModel",
     "LayerGroup",
     "LeNet",
+    "LeNetFedMA",
     "LogReg",
     "MatchLayer",
     "MoonCNN",
@@ -46,6 +47,7 @@ __all__ = [
 #: Model name (as in the config's ``model.name``) -> class.
 MODELS: dict[str, type[FedModel]] = {
     "lenet": LeNet,
+    "lenet_fedma": LeNetFedMA,
     "vgg9": VGG9,
     "char_lstm": CharLSTM,
     "digits_cnn": DigitsCNN,

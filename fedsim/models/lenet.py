@@ -2,8 +2,13 @@
 
 Architecture (default widths): conv1 1->20 5x5, ReLU, maxpool 2, conv2 20->50 5x5, ReLU,
 maxpool 2, channel-major flatten 50*4*4 = 800, fc1 800->500, ReLU, fc2 500->num_classes;
-431,080 parameters for 10 classes. The authors' code applies no ReLU between fc1 and fc2 (and
-pools before the ReLU, which is equivalent); fedsim keeps the ReLU after fc1, the usual LeNet.
+431,080 parameters for 10 classes.
+
+Two models: ``lenet`` keeps the ReLU after fc1 (the usual LeNet); ``lenet_fedma`` is the network
+exactly as the FedMA authors' code defines it (IBM/FedMA ``model.py``, ``LeNet`` lines 202-220 and
+``LeNetContainer`` lines 223-242): each conv is followed by max-pooling and then ReLU (the same
+values as ReLU then pooling), and fc1 feeds fc2 with NO nonlinearity in between. The parameters,
+their names and the matchable layers are the same in both.
 """
 
 from __future__ import annotations
@@ -81,3 +86,21 @@ class LeNet(FedModel):
     def classifier(self) -> tuple[str, str]:
         """``("fc2.weight", "fc2.bias")``."""
         return ("fc2.weight", "fc2.bias")
+
+
+class LeNetFedMA(LeNet):
+    """LeNet exactly as the FedMA authors' code defines it: no ReLU between fc1 and fc2.
+
+    IBM/FedMA ``model.py``, ``LeNet`` (lines 202-220) and ``LeNetContainer`` (lines 223-242, the
+    class their matching code builds at the matched widths): conv1, max-pool 2, ReLU, conv2,
+    max-pool 2, ReLU, flatten, fc1, fc2. Same parameters, widths and matchable layers as
+    :class:`LeNet`; input ``(B, 1, 28, 28)`` float32, output ``(B, num_classes)`` float32 logits.
+    """
+
+    NAME = "lenet_fedma"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, 1, 28, 28) float32 -> logits (B, num_classes) float32."""
+        x = F.relu(F.max_pool2d(self.conv1(x), 2))  # (B, conv1, 12, 12)
+        x = F.relu(F.max_pool2d(self.conv2(x), 2))  # (B, conv2, 4, 4)
+        return self.fc2(self.fc1(x.flatten(1)))  # fc1 is affine: no ReLU, as the authors'

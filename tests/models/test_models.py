@@ -17,6 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 DEFAULT_SETUP = {
     "logreg": (10, (60,)),
     "lenet": (10, (1, 28, 28)),
+    "lenet_fedma": (10, (1, 28, 28)),
     "vgg9": (10, (3, 32, 32)),
     "char_lstm": (80, (80,)),
     "digits_cnn": (10, (1, 8, 8)),
@@ -25,12 +26,13 @@ DEFAULT_SETUP = {
     "moon_cnn": (10, (3, 32, 32)),
 }
 # Models FedMA can match (the others return no match layers: BatchNorm/residual nets, MOON heads).
-MATCHABLE = ("lenet", "vgg9", "char_lstm", "digits_cnn")
+MATCHABLE = ("lenet", "lenet_fedma", "vgg9", "char_lstm", "digits_cnn")
 
 # Non-default widths (small, odd, so that no dimension coincides by accident).
 SMALL = {
     "logreg": ({}, 3, (60,)),
     "lenet": ({"conv1": 7, "conv2": 11, "fc1": 13}, 5, (1, 28, 28)),
+    "lenet_fedma": ({"conv1": 7, "conv2": 11, "fc1": 13}, 5, (1, 28, 28)),
     "vgg9": (
         {"conv1": 3, "conv2": 5, "conv3": 4, "conv4": 6, "conv5": 7, "conv6": 9, "fc1": 10, "fc2": 11},
         7,
@@ -83,6 +85,7 @@ def test_parameter_counts_match_the_papers():
         # conv1 1*20*25+20=520, conv2 20*50*25+50=25,050, fc1 800*500+500=400,500,
         # fc2 500*10+10=5,010
         "lenet": 431_080,
+        "lenet_fedma": 431_080,  # the same parameters; only the forward differs
         # convs 3*32*9+32=896, 32*64*9+64=18,496, 64*128*9+128=73,856, 128*128*9+128=147,584,
         # 128*256*9+256=295,168, 256*256*9+256=590,080; fc1 4096*512+512=2,097,664,
         # fc2 512*512+512=262,656, fc3 512*10+10=5,130
@@ -103,7 +106,7 @@ def test_parameter_counts_match_the_papers():
 
 
 def closed_form_params(name: str, w: dict[str, int], c: int) -> int:
-    if name == "lenet":
+    if name in ("lenet", "lenet_fedma"):
         return (
             w["conv1"] * 25
             + w["conv1"]
@@ -382,6 +385,22 @@ def test_forward_macs_lenet_matches_hand_count():
     # fc1: 800*500 = 400,000; fc2: 500*10 = 5,000 -> total 2,293,000
     model = build("lenet")
     assert forward_macs(model, (1, 28, 28)) == 2_293_000
+
+
+def test_lenet_fedma_is_the_authors_lenet_with_no_relu_after_fc1():
+    """IBM/FedMA model.py, LeNet: conv, pool, ReLU (twice), flatten, fc1, fc2 with nothing between
+    fc1 and fc2; the same parameters as ``lenet``, whose only difference is that ReLU."""
+    ours, usual = build("lenet_fedma", seed=3), build("lenet", seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), usual.state_dict().values()))
+    x = example(ours, (1, 28, 28), batch=4)
+    h = torch.relu(nn.functional.max_pool2d(nn.functional.conv2d(x, ours.conv1.weight, ours.conv1.bias), 2))
+    h = torch.relu(nn.functional.max_pool2d(nn.functional.conv2d(h, ours.conv2.weight, ours.conv2.bias), 2))
+    z = h.reshape(4, -1) @ ours.fc1.weight.T + ours.fc1.bias
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), z @ ours.fc2.weight.T + ours.fc2.bias)
+        torch.testing.assert_close(usual(x), z.relu() @ ours.fc2.weight.T + ours.fc2.bias)
+    assert (z < 0).any()  # so the two models differ on x
+    assert forward_macs(ours, (1, 28, 28)) == 2_293_000
 
 
 def test_forward_macs_lstm_and_digits_match_hand_count():
