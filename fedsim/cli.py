@@ -78,14 +78,13 @@ def _summary(events: list[dict]) -> object:
 
 
 def _interrupted(run_dir: str | os.PathLike | None, created: bool, err: KeyboardInterrupt) -> int:
-    """After SIGINT or SIGTERM stopped ``fedsim run`` (the driver and workers already stopped):
-    shut down the local Ray this command started, mark the runs left ``running`` as
-    ``interrupted`` in runs.parquet, and say in one line what was kept and the ``--resume``
-    command. A run directory this command created is removed when no round completed in it
+    """After SIGINT or SIGTERM stopped ``fedsim run`` (the driver and workers already stopped,
+    :func:`fedsim.engine.api.stop_actors`; :func:`main` stops a local Ray): mark the runs left
+    ``running`` as ``interrupted`` in runs.parquet, and say in one line what was kept and the
+    ``--resume`` command. A run directory this command created is removed when no round completed in it
     (nothing there could be resumed). Returns the exit code, 128 + the signal (130, 143)."""
     from fedsim.engine import api
 
-    api.stop_ray()
     name = interrupt.signal_name(err)
     if run_dir is None:
         print(f"fedsim: stopped by {name}; nothing was written", file=sys.stderr)
@@ -164,7 +163,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             # Ray first, then the check that imports torch: a process holding torch takes
             # about 1.3 s longer to start Ray (docs/performance.md)
             api.start_ray(cfg)
-            interrupt.install()  # Ray's start replaced the SIGTERM handler
             api.check_fit(cfg, dataset)
         print(
             f"fedsim: experiment {cfg.name!r}: {len(cfg.runs)} run(s), {dataset.num_clients} clients of "
@@ -284,24 +282,27 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedsim`` console script; returns the process exit code.
 
-    Called as the command (``argv`` None) after a stop signal killed the local Ray it started,
-    it exits here with ``os._exit``: everything is written and Ray's processes are gone, and
-    Ray's ``atexit`` shutdown would wait seconds for the dead raylet."""
+    Called as the command (``argv`` None), a command that started its own local Ray ends by
+    killing Ray's processes (:func:`fedsim.engine.api.stop_ray`) and exiting with ``os._exit``:
+    everything is written by then, and Ray's ``atexit`` shutdown would spend seconds on a graceful
+    stop (a second per process whose SIGTERM fedsim blocks, see
+    :func:`fedsim.engine.api.start_ray`). An in-process caller (a test) keeps its Ray, unless a
+    stop signal killed it: then Ray is shut down for it."""
     args = build_parser().parse_args(argv)
-    code = 1
     try:
         code = _main(args)
     finally:
         api = sys.modules.get("fedsim.engine.api")  # loaded by every command that starts Ray
-        if api is not None and api.killed_ray():
-            api._killed_ray = False
-            if argv is None:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
+        if api is not None and api.killed_ray() and argv is not None:
             import ray
 
-            ray.shutdown()  # in-process callers (tests) get a usable state back
+            ray.shutdown()  # an in-process caller gets a usable state back
+            api._killed_ray = False
+    if argv is None and api is not None and (api.owns_local_ray() or api.killed_ray()):
+        api.stop_ray()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     return code
 
 

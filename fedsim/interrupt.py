@@ -9,9 +9,9 @@ that cleanup runs exits at once with the same code (Ray's own processes, started
 ``PR_SET_PDEATHSIG``, die with this process).
 
 Ray replaces the SIGTERM handler when it starts (``ray.init`` sets one that exits with code 15,
-and its C++ core worker one that prints a stack dump and aborts), so :func:`install` is called
-again after Ray is up (by :mod:`fedsim.cli`, after :func:`fedsim.engine.api.start_ray`). The CLI
-runs each command inside :func:`handled`.
+and its C++ core worker one that prints a stack dump and aborts);
+:func:`fedsim.engine.api.start_ray` puts the handler back. The CLI runs each command inside
+:func:`handled`.
 """
 
 from __future__ import annotations

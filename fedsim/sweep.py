@@ -996,7 +996,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     check_trials(the_plan)
     first = next(iter(the_plan.configs.values()))
     api.start_ray(first)  # trials run as Tune trials on Ray whatever their backend (sequential: in the trial)
-    interrupt.install()  # Ray's start replaced the SIGTERM handler
     created = False
     if not args.resume:
         sweep_dir = api.new_run_dir(args.out or first.output_dir, f"{the_plan.name}-sweep")
@@ -1018,7 +1017,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         complete, index, stopped = False, None, err
     if not complete:
         api.quiet_ray()
-        api.stop_ray()  # the trials' drivers and workers stop with it (a cluster: with this job)
+        if api.owns_local_ray():  # the trials' drivers stop with it (on a cluster: when this job ends)
+            api.stop_ray()
         name = interrupt.signal_name(stopped)
         for t in the_plan.trials:
             api.mark_interrupted(

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -212,6 +215,31 @@ def check_ray_target(cfg: ExperimentConfig, num_cpus: int | None = None) -> None
         check_local_pool(cfg, {"CPU": _local_cpus(num_cpus)})
 
 
+@contextmanager
+def _signals_kept(shield: bool) -> Iterator[None]:
+    """Around ``ray.init``: the SIGTERM handler that was there before is put back after it (Ray
+    sets its own, and its C++ core worker one that dumps a stack and aborts), and with
+    ``shield`` the local Ray's processes are started with SIGTERM blocked (a signal mask is
+    inherited by child processes; Ray blocks SIGINT in them the same way), so a SIGTERM sent to
+    the whole process group (Slurm's ``scancel``, ``kill -TERM -PGID``) reaches only this
+    process. Otherwise it would stop the raylet at once, and a driver whose raylet dies exits with
+    code 1 before it can stop the run cleanly. This process then stops Ray itself
+    (:func:`stop_ray`); Ray's processes also die with it (``PR_SET_PDEATHSIG``). Outside the
+    main thread nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.getsignal(signal.SIGTERM)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}) if shield else None
+    try:
+        yield
+    finally:
+        if callable(before):
+            signal.signal(signal.SIGTERM, before)
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a SIGTERM held meanwhile arrives now
+
+
 def start_ray(cfg: ExperimentConfig, num_cpus: int | None = None) -> None:
     """Connect to Ray (``engine.ray_address``, ``RAY_ADDRESS`` as set by Ray Jobs, or a new local
     instance) and check that the cluster can host the requested workers.
@@ -243,16 +271,17 @@ def start_ray(cfg: ExperimentConfig, num_cpus: int | None = None) -> None:
             if started_here
             else {}
         )
-        ray.init(
-            # "local": a new instance even where Ray's record of a cluster (ray_current_cluster in
-            # its temp directory) survives a cluster that died without `ray stop`; with None, Ray
-            # would try to join that cluster (and refuse _system_config when it does)
-            address="local" if started_here else cfg.engine.ray_address,
-            include_dashboard=False,
-            logging_level=logging.ERROR,
-            configure_logging=True,
-            **local,
-        )
+        with _signals_kept(shield=started_here):
+            ray.init(
+                # "local": a new instance even where Ray's record of a cluster (ray_current_cluster
+                # in its temp directory) survives a cluster that died without `ray stop`; with
+                # None, Ray would try to join that cluster (and refuse _system_config when it does)
+                address="local" if started_here else cfg.engine.ray_address,
+                include_dashboard=False,
+                logging_level=logging.ERROR,
+                configure_logging=True,
+                **local,
+            )
         _started_ray = ray.get_runtime_context().gcs_address if started_here else None
     gpus = ray.cluster_resources().get("GPU", 0.0)
     if cfg.engine.gpus_per_worker > 0 and gpus == 0 and started_here:  # a cluster may still add GPU nodes
@@ -615,10 +644,11 @@ def quiet_ray() -> None:
     after a stop signal sent to the whole process group they print tracebacks of their own
     SIGTERM, which are not the user's business; fedsim's line says what happened."""
     try:
-        from ray._private.worker import global_worker_stdstream_dispatcher
+        from ray._private.worker import global_worker, global_worker_stdstream_dispatcher
 
         global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")
-    except Exception:  # a private name (Ray 2.40-2.60); without it the output stays
+        global_worker.threads_stopped.set()  # the thread that prints the raylet's error messages
+    except Exception:  # private names (Ray 2.40-2.60); without them the output stays
         pass
 
 
@@ -633,14 +663,14 @@ def _pid(actor_self: Any) -> int:
 
 def stop_actors(driver: Any, workers: list, driver_pid: Any = None) -> None:
     """Kill the driver actor and the pool (started by this process, so owned by it); with
-    ``driver_pid`` (an object ref of the driver's process id), also kill the driver's process
-    and wait until it has ended, so that it writes nothing more to the run directory and
+    ``driver_pid`` (an object ref of the driver's process id), also wait until the driver's
+    process has ended, so that it writes nothing more to the run directory and
     :func:`mark_interrupted` can rewrite runs.parquet.
 
-    ``ray.kill`` alone only asks the GCS for the kill, and when a signal was sent to the whole
-    process group the local GCS is already gone, so the driver would go on. Its process is on this
-    node (:func:`_driver_placement`) and is killed directly: its writes are atomic, so a kill at
-    any moment loses no completed round. Errors are ignored (Ray may be going down)."""
+    ``ray.kill`` only asks for the kill. The driver's process is on this node
+    (:func:`_driver_placement`); if it has not ended after :data:`STOP_TIMEOUT_S` (Ray could not
+    deliver the kill) it is killed directly: its writes are atomic, so a kill at any moment loses
+    no completed round. Errors are ignored (Ray may be going down)."""
     import psutil
     import ray
 
@@ -654,19 +684,24 @@ def stop_actors(driver: Any, workers: list, driver_pid: Any = None) -> None:
     try:
         proc = psutil.Process(ray.get(driver_pid, timeout=1.0))
         if proc.name().startswith("ray::"):  # still the actor's process, not a reused pid
-            proc.kill()
-            proc.wait(timeout=STOP_TIMEOUT_S)
+            try:
+                proc.wait(timeout=STOP_TIMEOUT_S)
+            except psutil.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=STOP_TIMEOUT_S)
     except Exception:  # no pid (the driver never started), or its process already ended
         pass
 
 
 def stop_ray() -> bool:
-    """Stop the Ray that this process uses, after a stop signal.
+    """Stop the Ray that this process uses: at the end of a command, or after a stop signal.
 
     A local instance that :func:`start_ray` started is killed at once, with every process it
     started (GCS, raylet, agents, workers: this process's descendants, killed with SIGKILL and
-    waited for), instead of ``ray.shutdown()``'s graceful stop, which waits seconds for a raylet
-    that the signal may already have stopped. From a cluster, this process only disconnects.
+    waited for), instead of ``ray.shutdown()``'s graceful stop, which gives each process a second
+    to react to a SIGTERM that :func:`start_ray` blocked in them. Nothing is lost: the run's
+    tables and checkpoints are written by then, and Ray's shared memory is unlinked as it is
+    created. From a cluster, this process only disconnects (a job's actors stop with it).
 
     Returns:
         True when a local instance was killed (:func:`killed_ray`).
@@ -677,10 +712,12 @@ def stop_ray() -> bool:
     global _started_ray
     if not ray.is_initialized():
         return False
-    if _started_ray is None or ray.get_runtime_context().gcs_address != _started_ray:
+    if _started_ray is None:  # connected to a cluster (or to a Ray this process did not start)
         ray.shutdown()
         return False
+    quiet_ray()
     procs = psutil.Process().children(recursive=True)
+    procs.sort(key=lambda p: _name(p) not in ("raylet", "gcs_server"))  # first: none reports the rest
     for p in procs:
         try:
             p.kill()
@@ -693,7 +730,22 @@ def stop_ray() -> bool:
     return True
 
 
+def _name(proc: Any) -> str:
+    """A process's name, or "" once it has ended."""
+    try:
+        return proc.name()
+    except Exception:  # psutil.NoSuchProcess
+        return ""
+
+
 _killed_ray = False  # stop_ray killed the local instance; Ray in this process is unusable
+
+
+def owns_local_ray() -> bool:
+    """Whether this process is connected to a local Ray instance that :func:`start_ray` started."""
+    import ray
+
+    return _started_ray is not None and ray.is_initialized()
 
 
 def killed_ray() -> bool:
