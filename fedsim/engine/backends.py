@@ -249,9 +249,11 @@ class RayBackend(_RoundBackend):
     returns its clients' results together: one Ray round trip per worker and round instead of one
     per client (see :meth:`_batches`).
 
-    Faults: when a worker process dies (preemption, OOM kill), its clients are retried on a fresh
-    worker, up to ``engine.max_attempts`` attempts per client and round; the result is identical
-    because a client's work depends only on (seed, round, client) and what it received. A round
+    Faults: when a worker process dies (preemption, OOM kill, its node lost), its clients are
+    retried on the first worker free, up to ``engine.max_attempts`` attempts per client and
+    round; the result is identical because a client's work depends only on (seed, round, client)
+    and what it received. A replacement worker is started, and joins the pool once it has
+    started (:meth:`_replace`), so a run never waits for resources that a lost node took with it. A round
     that passes ``engine.round_timeout_s`` follows ``engine.timeout_policy``: ``wait`` (keep
     waiting), ``drop`` (aggregate the clients that finished; late ones are recorded as dropped and
     their workers replaced) or ``fail`` (stop the run with a message). A round's deadline counts
