@@ -246,7 +246,7 @@ def load_runs(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> pd.Data
             and any newer column such as ``flops`` when present;
         * ``cum_wall_seconds`` (float, seconds): running sum of ``wall_seconds`` within the run;
         * from runs.parquet: ``experiment``, ``seed``, ``status`` (running / finished / diverged /
-            failed / dry_run), ``dry_run`` (bool: a ``fedsim run --dry-run`` projection, whose rounds
+            failed / interrupted / dry_run), ``dry_run`` (bool: a ``fedsim run --dry-run`` projection, whose rounds
             carry projected bytes and flops but no accuracy; False where an older runs.parquet has no
             such column), ``message``, ``started_at``, ``finished_at``, ``fedsim_version``,
             ``config_json`` (the run's full config as written, seed and name included);

@@ -5,9 +5,10 @@ built-in digits experiment when CONFIG is omitted), shows a progress bar per run
 summary table and the run directory. Bad input prints one line ``fedsim: error: ...`` on stderr and
 exits with code 2, with no traceback and no output directory left behind. ``--dry-run`` trains
 nothing: it prints and writes the projected schedule, bytes and compute (:mod:`fedsim.dryrun`);
-``--resume RUN_DIR`` continues an interrupted experiment from its checkpoints. Ctrl-C keeps a run
-directory in which a round completed (and names the ``--resume`` command) and removes one in which
-none did.
+``--resume RUN_DIR`` continues an interrupted experiment from its checkpoints. Ctrl-C (SIGINT) or
+SIGTERM stops a run within a round (exit 130 or 143; :mod:`fedsim.interrupt`): a run directory in
+which a round completed is kept, its unfinished runs marked ``interrupted``, and one line names the
+``--resume`` command; one in which none did is removed. A second signal exits at once.
 
 ``fedsim sweep CONFIG --grid KEY=V1,V2 [--seeds 0,1] [--max-concurrent N]`` runs one experiment per
 grid cell and seed as Ray Tune trials (:mod:`fedsim.sweep`); ``--resume SWEEP_DIR`` continues one.
@@ -23,6 +24,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from fedsim import interrupt
 from fedsim.errors import FedsimError
 
 EXIT_BAD_INPUT = 2
@@ -75,23 +77,28 @@ def _summary(events: list[dict]) -> object:
     return pd.DataFrame(list(rows.values()))
 
 
-def _interrupted(run_dir: str | os.PathLike | None, created: bool) -> int:
-    """Say what a Ctrl-C left behind; a run directory this command created is removed when no
-    round completed in it (nothing there could be resumed). Returns the exit code 130."""
+def _interrupted(run_dir: str | os.PathLike | None, created: bool, err: KeyboardInterrupt) -> int:
+    """After SIGINT or SIGTERM stopped ``fedsim run`` (the driver and workers already stopped,
+    :func:`fedsim.engine.api.stop_actors`; :func:`main` stops a local Ray): mark the runs left
+    ``running`` as ``interrupted`` in runs.parquet, and say in one line what was kept and the
+    ``--resume`` command. A run directory this command created is removed when no round completed in it
+    (nothing there could be resumed). Returns the exit code, 128 + the signal (130, 143)."""
     from fedsim.engine import api
 
+    name = interrupt.signal_name(err)
     if run_dir is None:
-        print("fedsim: interrupted; nothing was written", file=sys.stderr)
+        print(f"fedsim: stopped by {name}; nothing was written", file=sys.stderr)
     elif created and api.completed_rounds(run_dir) == 0:
         api.remove_run_dir(run_dir)
-        print(f"fedsim: interrupted before any round completed; removed {run_dir}", file=sys.stderr)
+        print(f"fedsim: stopped by {name} before any round completed; removed {run_dir}", file=sys.stderr)
     else:
+        resume = f"fedsim run --resume {run_dir}"
+        api.mark_interrupted(run_dir, f"stopped by {name}; continue with '{resume}'")
         print(
-            f"fedsim: interrupted; completed rounds are in {run_dir}; continue with "
-            f"'fedsim run --resume {run_dir}'",
+            f"fedsim: stopped by {name}; completed rounds are in {run_dir}; continue with '{resume}'",
             file=sys.stderr,
         )
-    return 130
+    return interrupt.exit_code(err)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -185,12 +192,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                 bar.close()
                 if e["status"] != "finished":
                     print(f"fedsim: run {e['run']!r} {e['status']}: {e['message']}", file=sys.stderr)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # SIGINT or SIGTERM (fedsim.interrupt)
+        if cfg.engine.backend == "ray":
+            api.quiet_ray()
         if bar is not None:
             bar.close()
         if stream is not None:  # stop the driver (and its writes) before judging what it left
             stream.close()
-        return _interrupted(run_dir, created)
+        return _interrupted(run_dir, created, err)
     except BaseException:
         if created:  # e.g. Ray could not start: leave no empty run directory behind
             api.remove_if_empty(run_dir)
@@ -271,16 +280,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``fedsim`` console script; returns the process exit code."""
+    """Entry point of the ``fedsim`` console script; returns the process exit code.
+
+    Called as the command (``argv`` None), a command that started its own local Ray ends by
+    killing Ray's processes (:func:`fedsim.engine.api.stop_ray`) and exiting with ``os._exit``:
+    everything is written by then, and Ray's ``atexit`` shutdown would spend seconds on a graceful
+    stop (a second per process whose SIGTERM fedsim blocks, see
+    :func:`fedsim.engine.api.start_ray`). An in-process caller (a test) keeps its Ray, unless a
+    stop signal killed it: then Ray is shut down for it."""
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = _main(args)
+    finally:
+        api = sys.modules.get("fedsim.engine.api")  # loaded by every command that starts Ray
+        if api is not None and api.killed_ray() and argv is not None:
+            import ray
+
+            ray.shutdown()  # an in-process caller gets a usable state back
+            api._killed_ray = False
+    if argv is None and api is not None and (api.owns_local_ray() or api.killed_ray()):
+        api.stop_ray()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _main(args: argparse.Namespace) -> int:
+    try:
+        with interrupt.handled():  # SIGTERM stops a command as Ctrl-C does (exit 143, 130)
+            return args.func(args)
     except FedsimError as err:
         print(f"fedsim: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:  # fedsim run says what it kept (cmd_run); elsewhere nothing is half-written
-        print("fedsim: interrupted", file=sys.stderr)
-        return 130
+    except (
+        KeyboardInterrupt
+    ) as err:  # fedsim run says what it kept (cmd_run); elsewhere nothing is half-written
+        print(f"fedsim: stopped by {interrupt.signal_name(err)}", file=sys.stderr)
+        return interrupt.exit_code(err)
     except RuntimeError as err:
         if os.environ.get("FEDSIM_DEBUG"):
             raise

@@ -44,6 +44,7 @@ from typing import Any
 
 import yaml
 
+from fedsim import interrupt
 from fedsim.errors import FedsimError
 
 INDEX = "sweep.parquet"
@@ -463,7 +464,7 @@ def experiment_status(run_dir: str | os.PathLike) -> tuple[str, str]:
     bad = [r for r in rows if r["status"] != "finished"]
     status = (
         "failed"
-        if not rows or any(r["status"] in ("failed", "running") for r in rows)
+        if not rows or any(r["status"] in ("failed", "running", "interrupted") for r in rows)
         else "diverged"
         if bad
         else "finished"
@@ -941,7 +942,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """``fedsim sweep``: validate every trial, then run them (exit 0: every trial finished; 1: some
-    failed or diverged; 2: bad input, nothing written; 130: interrupted).
+    failed or diverged; 2: bad input, nothing written; 130 or 143: stopped by SIGINT or SIGTERM).
 
     Raises:
         FedsimError: bad input (the CLI prints it as one line and exits 2).
@@ -1009,27 +1010,36 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         f"{len(the_plan.seeds)} seed(s)){cap}; {'resuming' if args.resume else 'writing'} {sweep_dir}",
         file=sys.stderr,
     )
+    stopped: BaseException = KeyboardInterrupt()
     try:
         index, complete = execute_sweep(the_plan, sweep_dir, progress=not args.no_progress, previous=previous)
-    except KeyboardInterrupt:
-        complete = False
-        index = None
+    except KeyboardInterrupt as err:  # SIGINT or SIGTERM (fedsim.interrupt)
+        complete, index, stopped = False, None, err
     if not complete:
+        api.quiet_ray()
+        if api.owns_local_ray():  # the trials' drivers stop with it (on a cluster: when this job ends)
+            api.stop_ray()
+        name = interrupt.signal_name(stopped)
+        for t in the_plan.trials:
+            api.mark_interrupted(
+                storage.join(sweep_dir, t.trial_id),
+                f"stopped by {name}; continue with 'fedsim sweep --resume {sweep_dir}'",
+            )
         if created and not any(
             api.completed_rounds(storage.join(sweep_dir, t.trial_id)) for t in the_plan.trials
         ):
             api.remove_run_dir(sweep_dir)
             print(
-                f"fedsim: interrupted before any trial completed a round; removed {sweep_dir}",
+                f"fedsim: stopped by {name} before any trial completed a round; removed {sweep_dir}",
                 file=sys.stderr,
             )
         else:
             print(
-                f"fedsim: interrupted; ended trials and completed rounds are in {sweep_dir}; continue with "
-                f"'fedsim sweep --resume {sweep_dir}'",
+                f"fedsim: stopped by {name}; ended trials and completed rounds are in {sweep_dir}; "
+                f"continue with 'fedsim sweep --resume {sweep_dir}'",
                 file=sys.stderr,
             )
-        return 130
+        return interrupt.exit_code(stopped)
     table = _summary(index, sweep_dir)
     formats = {c: _fmt for c in table.columns if c.startswith("acc:")}
     formats["wall_s"] = lambda v: "-" if v is None or v != v else f"{v:.1f}"

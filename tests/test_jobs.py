@@ -33,6 +33,7 @@ import pytest
 import yaml
 
 from fedsim import config
+from fedsim.engine.api import completed_rounds
 from fedsim.engine.pool import pool_size
 from fedsim.errors import FedsimError
 from fedsim.submit import EXCLUDES, build_submission, connect
@@ -264,6 +265,58 @@ def test_missing_token_is_one_line_naming_ray_auth_mode(ray_head, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("fedsim: error:"), r.stderr
     assert "RAY_AUTH_MODE=token" in lines[0] and ray_head["address"] in lines[0]
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.cluster
+def test_ray_job_stop_marks_the_run_interrupted_and_its_log_names_the_resume_command(ray_head, tmp_path):
+    out = tmp_path / "out"
+    long = [
+        a
+        if a != TINY[1]
+        else "runs=[{algorithm: fedavg, rounds: 300, local_epochs: 2, lr: 0.05, batch_size: 16}]"
+        for a in TINY
+    ]
+    r = _fedsim(
+        "submit",
+        "jobs/digits.yaml",
+        "--address",
+        ray_head["address"],
+        *long,
+        "--out",
+        str(out),
+        "--no-follow",
+        env=ray_head["env"],
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    job_id = re.search(r"submitted job (\S+)", r.stderr).group(1)
+    deadline = time.monotonic() + 300
+    while not any(completed_rounds(d) for d in out.glob("*")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    (run_dir,) = out.iterdir()
+    ray = [str(BIN / "ray"), "job"]
+    stop = subprocess.run(
+        [*ray, "stop", job_id, "--address", ray_head["address"]],
+        env=ray_head["env"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert stop.returncode == 0, stop.stderr
+    logs = subprocess.run(
+        [*ray, "logs", job_id, "--address", ray_head["address"]],
+        env=ray_head["env"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    resume = f"fedsim run --resume {run_dir}"
+    assert f"fedsim: stopped by SIGTERM; completed rounds are in {run_dir}; continue with '{resume}'" in logs
+    runs = pd.read_parquet(run_dir / "runs.parquet")
+    assert runs[["status", "message"]].values.tolist() == [
+        ["interrupted", f"stopped by SIGTERM; continue with '{resume}'"]
+    ]
+    assert 1 <= len(pd.read_parquet(run_dir / "rounds.parquet")) < 300
 
 
 def test_unreachable_address_names_the_address_and_the_fix():

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator
-from datetime import datetime
+from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -120,7 +123,32 @@ def _starts_local_ray(cfg: ExperimentConfig) -> bool:
     ``RAY_ADDRESS``, Ray not yet initialized in this process)."""
     import ray
 
-    return cfg.engine.ray_address is None and "RAY_ADDRESS" not in os.environ and not ray.is_initialized()
+    return cfg.engine.ray_address is None and not os.environ.get("RAY_ADDRESS") and not ray.is_initialized()
+
+
+def _target_address(cfg: ExperimentConfig) -> tuple[str, str] | None:
+    """(address, where it came from) of the cluster :func:`start_ray` would connect to:
+    ``engine.ray_address``, else ``RAY_ADDRESS``; ``auto`` resolved to the cluster that
+    ``ray start`` last recorded on this machine (Ray's ``ray_current_cluster`` file). None when a
+    new local instance is started."""
+    address, source = cfg.engine.ray_address, "engine.ray_address"
+    if address is None and os.environ.get("RAY_ADDRESS"):
+        address, source = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+    if address is None:
+        return None
+    if address == "auto":
+        try:
+            from ray._private.utils import read_ray_address  # Ray's reader of ray_current_cluster
+        except ImportError:  # a private helper: without it Ray reports the address itself
+            return None
+        recorded = read_ray_address()
+        if recorded is None:
+            raise FedsimError(
+                f"{source} is 'auto' but no cluster started with `ray start` is recorded on this "
+                "machine; start one with `ray start --head`, or pass its address"
+            )
+        return recorded, f"{source} ('auto': the cluster `ray start` recorded)"
+    return address, source
 
 
 def _local_cpus(num_cpus: int | None) -> float:
@@ -193,20 +221,50 @@ def check_ray_target(cfg: ExperimentConfig, num_cpus: int | None = None) -> None
     """
     import socket
 
-    address = cfg.engine.ray_address
-    target = _host_port(address) if address is not None else None
+    found = _target_address(cfg)
+    target = _host_port(found[0]) if found is not None else None
     if target is not None:
+        address, source = found
         try:
             socket.create_connection(target, timeout=CONNECT_TIMEOUT_S).close()
         except OSError as err:
             why = err.strerror or type(err).__name__
+            fix = (
+                "unset RAY_ADDRESS for a local Ray"
+                if source == "RAY_ADDRESS"
+                else "set engine.ray_address: null for a local Ray"
+            )
             raise FedsimError(
-                f"nothing accepts connections at engine.ray_address {address!r} ({why}); start "
-                "the cluster (`ray start --head` prints its address) and pass that, or set "
-                "engine.ray_address: null for a local Ray"
+                f"nothing accepts connections at {source} {address!r} ({why}); start the cluster "
+                f"(`ray start --head` prints its address) and pass that, or {fix}"
             ) from None
     if _starts_local_ray(cfg):
         check_local_pool(cfg, {"CPU": _local_cpus(num_cpus)})
+
+
+@contextmanager
+def _signals_kept(shield: bool) -> Iterator[None]:
+    """Around ``ray.init``: the SIGTERM handler that was there before is put back after it (Ray
+    sets its own, and its C++ core worker one that dumps a stack and aborts), and with
+    ``shield`` the local Ray's processes are started with SIGTERM blocked (a signal mask is
+    inherited by child processes; Ray blocks SIGINT in them the same way), so a SIGTERM sent to
+    the whole process group (Slurm's ``scancel``, ``kill -TERM -PGID``) reaches only this
+    process. Otherwise it would stop the raylet at once, and a driver whose raylet dies exits with
+    code 1 before it can stop the run cleanly. This process then stops Ray itself
+    (:func:`stop_ray`); Ray's processes also die with it (``PR_SET_PDEATHSIG``). Outside the
+    main thread nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.getsignal(signal.SIGTERM)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}) if shield else None
+    try:
+        yield
+    finally:
+        if callable(before):
+            signal.signal(signal.SIGTERM, before)
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a SIGTERM held meanwhile arrives now
 
 
 def start_ray(cfg: ExperimentConfig, num_cpus: int | None = None) -> None:
@@ -240,13 +298,17 @@ def start_ray(cfg: ExperimentConfig, num_cpus: int | None = None) -> None:
             if started_here
             else {}
         )
-        ray.init(
-            address=cfg.engine.ray_address,
-            include_dashboard=False,
-            logging_level=logging.ERROR,
-            configure_logging=True,
-            **local,
-        )
+        with _signals_kept(shield=started_here):
+            ray.init(
+                # "local": a new instance even where Ray's record of a cluster (ray_current_cluster
+                # in its temp directory) survives a cluster that died without `ray stop`; with
+                # None, Ray would try to join that cluster (and refuse _system_config when it does)
+                address="local" if started_here else cfg.engine.ray_address,
+                include_dashboard=False,
+                logging_level=logging.ERROR,
+                configure_logging=True,
+                **local,
+            )
         _started_ray = ray.get_runtime_context().gcs_address if started_here else None
     gpus = ray.cluster_resources().get("GPU", 0.0)
     if cfg.engine.gpus_per_worker > 0 and gpus == 0 and started_here:  # a cluster may still add GPU nodes
@@ -384,11 +446,52 @@ def _runs_rows(run_dir: str | Path) -> list[dict[str, Any]] | None:
         return None
 
 
+RESUMABLE = ("running", "interrupted")
+"""runs.parquet statuses that ``--resume`` continues: ``running`` (the process died without a
+word: killed, or its machine lost) and ``interrupted`` (stopped by hand, :func:`mark_interrupted`);
+finished, diverged and failed runs are kept as they are."""
+
+
 def unfinished_runs(run_dir: str | Path, cfg: ExperimentConfig) -> list[str]:
     """Labels of the runs of ``cfg`` that ``fedsim run --resume run_dir`` would train: those with
-    no runs row yet or with status ``running`` (finished, diverged and failed runs are kept)."""
-    ended = {r["run_id"] for r in _runs_rows(run_dir) or [] if r.get("status") != "running"}
+    no runs row yet or with a :data:`RESUMABLE` status."""
+    ended = {r["run_id"] for r in _runs_rows(run_dir) or [] if r.get("status") not in RESUMABLE}
     return [run.label for run in cfg.runs if run.label not in ended]
+
+
+def mark_interrupted(run_dir: str | Path, message: str) -> list[str]:
+    """Mark the runs of ``run_dir`` still ``running`` as ``interrupted``, with ``message`` and the
+    time in ``finished_at`` (runs.parquet rewritten atomically; rounds and clients untouched).
+    Call it only once nothing else writes to ``run_dir`` (the driver is dead).
+
+    Returns:
+        The run ids marked (none when the directory holds no complete tables).
+    """
+    from fedsim.io.runlog import RunLog
+
+    try:
+        log = RunLog.read(run_dir)
+    except (OSError, ValueError):  # stopped before its first round: no tables to mark
+        return []
+    marked = [r["run_id"] for r in log.rows["runs"] if r["status"] == "running"]
+    for run_id in marked:
+        log.update_run(run_id, status="interrupted", message=message, finished_at=datetime.now(timezone.utc))
+    if marked:
+        log.flush()
+    return marked
+
+
+def _reopen(run_dir: str | Path) -> None:
+    """Before a resume: runs marked ``interrupted`` are ``running`` again (message and
+    ``finished_at`` cleared), as the round loop expects of a run it continues."""
+    from fedsim.io.runlog import RunLog
+
+    log = RunLog.read(run_dir)
+    stopped = [r["run_id"] for r in log.rows["runs"] if r["status"] == "interrupted"]
+    for run_id in stopped:
+        log.update_run(run_id, status="running", message=None, finished_at=None)
+    if stopped:
+        log.flush()
 
 
 def open_for_resume(
@@ -533,6 +636,8 @@ def execute(
             storage.join(run_dir, "config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode()
         )
         write_partition(run_dir, dataset)
+    else:
+        _reopen(run_dir)
     if cfg.engine.backend == "sequential":
         from fedsim.engine.backends import SequentialBackend
         from fedsim.engine.loop import run_experiment
@@ -550,6 +655,7 @@ def execute(
     box = [ray.put(dataset)]
     workers = pool.start_workers(cfg, box[0])  # they import torch while the driver starts
     driver = _driver_class().options(scheduling_strategy=_driver_placement()).remote()
+    driver_pid = driver.__ray_call__.remote(_pid)  # runs before the loop: known if it is stopped
     try:
         for ref in driver.run.options(num_returns="streaming").remote(
             cfg, box, str(run_dir), resume, workers, inline_bytes
@@ -560,7 +666,123 @@ def execute(
                 if isinstance(err.cause, (FedsimError, RuntimeError)):
                     raise err.cause from None
                 raise
-    finally:
-        ray.kill(driver)
-        for w in workers:  # started here, so owned here: stop them even if the driver died
-            ray.kill(w)
+    except BaseException:  # stopped (a signal, the generator closed) or failed: wait for the driver
+        stop_actors(driver, workers, driver_pid)
+        raise
+    stop_actors(driver, workers)  # the loop has ended: nothing to wait for
+
+
+def quiet_ray() -> None:
+    """Stop printing what Ray's processes write (Ray forwards their output to this process):
+    after a stop signal sent to the whole process group they print tracebacks of their own
+    SIGTERM, which are not the user's business; fedsim's line says what happened."""
+    try:
+        from ray._private.worker import global_worker, global_worker_stdstream_dispatcher
+
+        global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")
+        global_worker.threads_stopped.set()  # the thread that prints the raylet's error messages
+    except Exception:  # private names (Ray 2.40-2.60); without them the output stays
+        pass
+
+
+STOP_TIMEOUT_S = 10.0
+"""Seconds :func:`stop_actors` and :func:`stop_ray` wait for killed processes to end."""
+
+
+def _pid(actor_self: Any) -> int:
+    """The process id of the actor whose ``self`` is ``actor_self`` (through ``__ray_call__``)."""
+    return os.getpid()
+
+
+def stop_actors(driver: Any, workers: list, driver_pid: Any = None) -> None:
+    """Kill the driver actor and the pool (started by this process, so owned by it); with
+    ``driver_pid`` (an object ref of the driver's process id), also wait until the driver's
+    process has ended, so that it writes nothing more to the run directory and
+    :func:`mark_interrupted` can rewrite runs.parquet.
+
+    ``ray.kill`` only asks for the kill. The driver's process is on this node
+    (:func:`_driver_placement`); if it has not ended after :data:`STOP_TIMEOUT_S` (Ray could not
+    deliver the kill) it is killed directly: its writes are atomic, so a kill at any moment loses
+    no completed round. Errors are ignored (Ray may be going down)."""
+    import psutil
+    import ray
+
+    for a in (driver, *workers):
+        try:
+            ray.kill(a)
+        except Exception:
+            pass
+    if driver_pid is None:
+        return
+    try:
+        proc = psutil.Process(ray.get(driver_pid, timeout=1.0))
+        if proc.name().startswith("ray::"):  # still the actor's process, not a reused pid
+            try:
+                proc.wait(timeout=STOP_TIMEOUT_S)
+            except psutil.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=STOP_TIMEOUT_S)
+    except Exception:  # no pid (the driver never started), or its process already ended
+        pass
+
+
+def stop_ray() -> bool:
+    """Stop the Ray that this process uses: at the end of a command, or after a stop signal.
+
+    A local instance that :func:`start_ray` started is killed at once, with every process it
+    started (GCS, raylet, agents, workers: this process's descendants, killed with SIGKILL and
+    waited for), instead of ``ray.shutdown()``'s graceful stop, which gives each process a second
+    to react to a SIGTERM that :func:`start_ray` blocked in them. Nothing is lost: the run's
+    tables and checkpoints are written by then, and Ray's shared memory is unlinked as it is
+    created. From a cluster, this process only disconnects (a job's actors stop with it).
+
+    Returns:
+        True when a local instance was killed (:func:`killed_ray`).
+    """
+    import psutil
+    import ray
+
+    global _started_ray
+    if not ray.is_initialized():
+        return False
+    if _started_ray is None:  # connected to a cluster (or to a Ray this process did not start)
+        ray.shutdown()
+        return False
+    quiet_ray()
+    procs = psutil.Process().children(recursive=True)
+    procs.sort(key=lambda p: _name(p) not in ("raylet", "gcs_server"))  # first: none reports the rest
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=STOP_TIMEOUT_S)
+    _started_ray = None
+    global _killed_ray
+    _killed_ray = True
+    return True
+
+
+def _name(proc: Any) -> str:
+    """A process's name, or "" once it has ended."""
+    try:
+        return proc.name()
+    except Exception:  # psutil.NoSuchProcess
+        return ""
+
+
+_killed_ray = False  # stop_ray killed the local instance; Ray in this process is unusable
+
+
+def owns_local_ray() -> bool:
+    """Whether this process is connected to a local Ray instance that :func:`start_ray` started."""
+    import ray
+
+    return _started_ray is not None and ray.is_initialized()
+
+
+def killed_ray() -> bool:
+    """Whether :func:`stop_ray` killed the local Ray instance of this process (then Ray's
+    ``atexit`` shutdown would wait seconds for its dead raylet: a command exits with ``os._exit``,
+    an in-process caller calls ``ray.shutdown()``)."""
+    return _killed_ray

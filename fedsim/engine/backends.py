@@ -256,9 +256,11 @@ class RayBackend(_RoundBackend):
     returns its clients' results together: one Ray round trip per worker and round instead of one
     per client (see :meth:`_batches`).
 
-    Faults: when a worker process dies (preemption, OOM kill), its clients are retried on a fresh
-    worker, up to ``engine.max_attempts`` attempts per client and round; the result is identical
-    because a client's work depends only on (seed, round, client) and what it received. A round
+    Faults: when a worker process dies (preemption, OOM kill, its node lost), its clients are
+    retried on the first worker free, up to ``engine.max_attempts`` attempts per client and
+    round; the result is identical because a client's work depends only on (seed, round, client)
+    and what it received. A replacement worker is started, and joins the pool once it has
+    started (:meth:`_replace`), so a run never waits for resources that a lost node took with it. A round
     that passes ``engine.round_timeout_s`` follows ``engine.timeout_policy``: ``wait`` (keep
     waiting), ``drop`` (aggregate the clients that finished; late ones are recorded as dropped and
     their workers replaced) or ``fail`` (stop the run with a message). A round's deadline counts
@@ -292,6 +294,9 @@ class RayBackend(_RoundBackend):
         self._names: dict[str, str] = {}
         self._replaced: dict[str, Any] = {}
         self._started: set[str] = set()  # actor ids of workers known to have finished starting
+        # replacements not yet known to have started (actor id -> the ref of their pid() call):
+        # no call is sent to one until it has, see _dispatch
+        self._joining: dict[str, Any] = {}
         self._worker_cls = make_worker_class()
         self._sizes = None if client_sizes is None else list(client_sizes)
         self._inline_bytes = int(inline_bytes)
@@ -319,14 +324,31 @@ class RayBackend(_RoundBackend):
             self._started.update(w._actor_id.hex() for w in new)
 
     def _replace(self, worker: Any) -> Any:
-        """A fresh worker in place of ``worker`` (the same one for every call about one worker)."""
+        """A fresh worker in place of ``worker`` (the same one for every call about one worker).
+
+        The replacement asks for the same resources, which may never come: the lost worker's node
+        may be gone with its CPUs (a spot instance) while the other workers hold the rest. So it
+        joins the pool only once it has started (:meth:`_dispatch`); until then the surviving
+        workers take its share of the work, and a run never waits on it."""
         key = worker._actor_id.hex()
         if key not in self._replaced:
             self._ray.kill(worker, no_restart=True)
             self.workers = [w for w in self.workers if w._actor_id.hex() != key]
-            self._replaced[key] = self._spawn()
-            self.workers.append(self._replaced[key])
+            new = self._replaced[key] = self._spawn()
+            self._joining[new._actor_id.hex()] = new.pid.remote()
+            self.workers.append(new)
         return self._replaced[key]
+
+    def _joined(self, worker: Any) -> bool:
+        """Whether ``worker`` may be sent calls: a worker of the first pool (its calls wait in its
+        queue while it starts), or a replacement that has started (or died trying)."""
+        ref = self._joining.get(worker._actor_id.hex())
+        if ref is None:
+            return True
+        if not self._ray.wait([ref], timeout=0)[0]:
+            return False
+        del self._joining[worker._actor_id.hex()]
+        return True
 
     def broadcast(self, received: dict[str, Any]) -> Any:
         """The round's downlink as the round's calls carry it: the arrays themselves when
@@ -384,8 +406,13 @@ class RayBackend(_RoundBackend):
         return live
 
     def _dispatch(self, live: _RoundInFlight) -> None:
-        while live.queue and live.idle:
-            worker, batch = live.idle.pop(0), live.queue.pop(0)
+        """Send queued batches to free call slots, first come first served, skipping replacements
+        that have not started (:meth:`_joined`)."""
+        while live.queue:
+            slot = next((i for i, w in enumerate(live.idle) if self._joined(w)), None)
+            if slot is None:
+                return
+            worker, batch = live.idle.pop(slot), live.queue.pop(0)
             ref = worker.run.remote(
                 live.run,
                 [live.tasks[i] for i in batch],
@@ -412,7 +439,13 @@ class RayBackend(_RoundBackend):
                 if live.deadline is None or e.timeout_policy == "wait"
                 else max(0.0, live.deadline - time.monotonic())
             )
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s)
+            # a replacement that starts while batches wait for a free slot can take one
+            starting = {
+                self._joining[k]: k for k in {w._actor_id.hex() for w in live.idle} & set(self._joining)
+            }
+            done, _ = ray.wait([*pending, *(starting if queue else ())], num_returns=1, timeout=wait_s)
+            if done and done[0] in starting:
+                continue  # _dispatch sends it a batch
             if not done:  # past the round's deadline
                 late = sorted(
                     {tasks[i].client_id for _, b, _ in pending.values() for i in b}
@@ -437,7 +470,9 @@ class RayBackend(_RoundBackend):
                 worker, batch, _ = pending.pop(ref)
                 try:
                     out = ray.get(ref)
-                except ray.exceptions.RayActorError:  # the worker process died: retry elsewhere
+                except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError):
+                    # the worker died (its process, or its node with the results it held): retry
+                    # the batch on the first worker free, the replacement or a surviving one
                     t = tasks[batch[0]]
                     if t.attempt + 1 >= e.max_attempts:
                         raise RuntimeError(
@@ -448,6 +483,7 @@ class RayBackend(_RoundBackend):
                     for i in batch:
                         tasks[i] = replace(tasks[i], attempt=tasks[i].attempt + 1)
                     queue.insert(0, batch)
+                    live.idle = [w for w in live.idle if w is not worker]  # its other call slots
                     live.idle.insert(0, self._replace(worker))
                     if live.deadline is not None:  # the replacement's start does not make its clients late
                         t0 = time.monotonic()

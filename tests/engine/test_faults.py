@@ -310,6 +310,23 @@ def test_a_client_retried_after_its_worker_died_mid_round_is_not_late_for_the_re
         backend.close()
 
 
+def test_a_replacement_that_cannot_be_placed_never_holds_up_a_round(ray_local):
+    # The lost worker's node is gone with its resources: the replacement asks for a resource no
+    # node has any more ("lost_node"; the first pool was started without it), so it never starts.
+    engine = {"clients_per_round": 3, "num_workers": 2, "worker_resources": {"lost_node": 1}}
+    cfg, backend, _ = _stand_in_backend(engine)
+    try:  # client 5 kills its worker on its first attempt
+        results = _round(cfg, backend, 0, (4, 5, 6))
+        assert [(x.client_id, x.attempt) for x in results] == [(4, 0), (5, 1), (6, 0)]
+        assert [x.upload["w"].tolist() for x in results] == [[4.0] * 3, [5.0] * 3, [6.0] * 3]
+        (replacement,) = [w for w in backend.workers if w._actor_id.hex() in backend._joining]
+        results = _round(cfg, backend, 1, (2, 3, 4))  # the next round runs on the survivor alone
+        assert [(x.client_id, x.attempt) for x in results] == [(2, 0), (3, 0), (4, 0)]
+        assert not backend._joined(replacement)  # still waiting for resources
+    finally:
+        backend.close()
+
+
 def test_wait_policy_keeps_a_late_client_and_its_worker(ray_local):
     wait = {"clients_per_round": 3, "num_workers": 2, "round_timeout_s": 1, "timeout_policy": "wait"}
     cfg, backend, pool = _stand_in_backend(wait, late_s=3.0)
