@@ -484,7 +484,15 @@ def _run_async(
             yield event
         unwritten = Aggregated(row, rows, due, progress)
         rows, last_t, t0 = [], sim_time, time.perf_counter()
-    if unwritten is not None:  # the last step taken: a completed step is never lost
+    yield from _finish(recorder, log, run, unwritten, status, message)
+
+
+def _finish(
+    recorder: _Recorder, log: RunLog, run: RunConfig, unwritten: Aggregated | None, status: str, message: str
+) -> Iterator[dict]:
+    """End a run: write its last round (or server step), which is never lost, then its status;
+    yields that round's event and the run's end event."""
+    if unwritten is not None:
         event = recorder.commit(unwritten)
         if event is None:
             status, message = "diverged", _diverged(unwritten.row.round)
@@ -660,12 +668,4 @@ def _run_one(
             **round_wire_columns(results),
         )
         unwritten = Aggregated(row, results, due, at)
-    if unwritten is not None:  # the run's last round
-        event = recorder.commit(unwritten)
-        if event is None:
-            status, message = "diverged", _diverged(unwritten.row.round)
-        else:
-            yield event
-    log.update_run(run.label, status=status, message=message, finished_at=_now())
-    log.flush()
-    yield {"kind": "end", "run": run.label, "status": status, "message": message}
+    yield from _finish(recorder, log, run, unwritten, status, message)
