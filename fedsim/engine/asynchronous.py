@@ -110,7 +110,6 @@ class AsyncEngine:
         self.sim_version = 0  # server steps the simulation has taken
         self.sim_count = 0  # updates in the simulated buffer
         self.has_state: set[int] = set()  # clients with stored state in the simulation (MOON)
-        self.exhausted = False  # no client will ever be online again
         # the server side
         self.models: dict[int, P.Params] = {}
 
@@ -194,7 +193,6 @@ class AsyncEngine:
         """Simulate one event; False when nothing can happen any more."""
         ev = self._next_event()
         if ev is None:
-            self.exhausted = True
             return False
         t, kind, f = ev
         if kind == DISPATCH:
@@ -219,10 +217,6 @@ class AsyncEngine:
     def pending(self) -> list[Flight]:
         """Every update the server has not consumed: arrived in the simulation, then in flight."""
         return list(self.arrived) + self.flights
-
-    def train(self, backend: Any, state: ServerState, version: int, store: dict[int, Any]) -> None:
-        """:meth:`submit` then :meth:`collect`."""
-        self.collect(backend, self.submit(backend, state, version, store))
 
     def submit(self, backend: Any, state: ServerState, version: int, store: dict[int, Any]) -> list:
         """Train every pending update whose model version the server has (<= ``version``): first

@@ -48,6 +48,7 @@ from fedsim.io import checkpoint
 from fedsim.io.runlog import RunLog
 from fedsim.models import build_model
 from fedsim.rng import numpy_rng, sample_cohort, torch_rng  # noqa: F401  (re-exported)
+from fedsim.system import clock
 from fedsim.system.world import World, build_world
 from fedsim.wire import (
     decode_broadcast,
@@ -379,20 +380,22 @@ def _run_async(
     dataset: FederatedDataset,
     backend: Any,
     log: RunLog,
-    world: World | None,
+    timer: RunClock | None,
     at: Progress,
     recorder: _Recorder,
     steps: int,
 ) -> Iterator[dict]:
     """An asynchronous run (FedBuff, FedAsync): events on the virtual clock
     (:mod:`fedsim.engine.asynchronous`) until ``steps`` server steps; each step is a row of
-    rounds.parquet, each arrival a row of clients.parquet. Without a ``system:`` section every
-    client gets the default device and is always online."""
+    rounds.parquet, each arrival a row of clients.parquet. ``timer``: the run's clock (its rule is
+    sync, config.validate sees to it); None without a ``system:`` section, when every client gets
+    the default device and is always online."""
     from fedsim.config import RoundRule, SystemConfig
     from fedsim.engine.asynchronous import AsyncEngine
 
-    world = world or build_world(SystemConfig(), dataset.num_clients, cfg.seed)
-    timer = RunClock.of(cfg, run, RoundRule(), algo, dataset, world)
+    if timer is None:
+        world = build_world(SystemConfig(), dataset.num_clients, cfg.seed)
+        timer = RunClock.of(cfg, run, RoundRule(), algo, dataset, world)
     eng = AsyncEngine(cfg, run, algo, timer, dataset.num_clients)
     if at.events is not None:
         eng.restore(at.events)
@@ -408,7 +411,7 @@ def _run_async(
         if f is None:
             status, message = "failed", "no client is ever online again; check system.availability"
             break
-        if f.outcome != "dropped_offline" and f.result is None:
+        if f.outcome != clock.DROPPED_OFFLINE and f.result is None:
             calls = eng.submit(backend, state, version, store)
             if unwritten is not None:  # evaluate and write the last step while they train
                 event, unwritten = recorder.commit(unwritten), None
@@ -434,7 +437,7 @@ def _run_async(
         t = f.event_s
         version += 1
         eng.keep(version, state.params)
-        used = [r for r in rows if r.outcome == "aggregated"]
+        used = [r for r in rows if r.outcome == clock.AGGREGATED]
         up, down = sum(r.bytes_up for r in rows), sum(r.bytes_down for r in rows)
         cum_up, cum_down = cum_up + up, cum_down + down
         every_s = run.eval_every_s
@@ -545,7 +548,7 @@ def _run_one(
     yield from _logged_rounds(log, run, rounds)
     recorder = _Recorder(cfg, run, algo, dataset, backend, log, rounds)
     if getattr(algo, "asynchronous", False):
-        yield from _run_async(cfg, run, algo, dataset, backend, log, world, at, recorder, rounds)
+        yield from _run_async(cfg, run, algo, dataset, backend, log, timer, at, recorder, rounds)
         return
     status, message = "finished", ""
     unwritten: Aggregated | None = None  # the previous round, written while this one trains

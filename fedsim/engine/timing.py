@@ -46,9 +46,6 @@ class Schedule:
     times: clock.RoundTimes
     projections: dict[int, Projection]
 
-    def decision(self, client: int) -> clock.Decision:
-        return next(d for d in self.times.decisions if d.client_id == client)
-
     @property
     def trained(self) -> list[clock.Decision]:
         """The decisions of the clients that train (those the round aggregates), cohort order."""
@@ -136,7 +133,7 @@ class RunClock:
         """
         f, run, rule = self.forward(), self.run, self.rule
         up = self.algo.upload_nbytes(state, plan)
-        cands, proj = [], {}
+        cands, proj, partial_macs = [], {}, {}
         for c, down, back in zip(plan.cohort, bytes_down, returning):
             dev, n = self.world.device(c), self.sizes[c]
             per_example = self.algo.training_passes(plan, back) * f
@@ -147,8 +144,8 @@ class RunClock:
                 s = clock.steps_that_fit(
                     dev, rule.deadline_s, down, up, n, run.batch_size, total, per_example
                 )
-                partial_macs = clock.examples_in_steps(n, run.batch_size, s) * per_example
-                partial = (s, clock.duration(dev, down, partial_macs, up))
+                partial_macs[c] = clock.examples_in_steps(n, run.batch_size, s) * per_example
+                partial = (s, clock.duration(dev, down, partial_macs[c], up))
             d = clock.duration(dev, down, macs, up)
             offline = self.world.availability.offline_at(c, start_s)
             cands.append(clock.Candidate(c, start_s, d, offline, partial))
@@ -159,13 +156,9 @@ class RunClock:
             times = clock.overselect_round(start_s, self.cfg.engine.clients_per_round, cands)
         else:
             times = clock.sync_round(start_s, cands)
-        for dec in times.decisions:  # partial work: the projection of the steps it will take
+        for dec in times.decisions:  # partial work: the MACs of the steps it will take
             if dec.max_steps is not None:
-                n = self.sizes[dec.client_id]
-                per_example = self.algo.training_passes(plan, returning[plan.cohort.index(dec.client_id)]) * f
-                p = proj[dec.client_id]
-                examples = clock.examples_in_steps(n, run.batch_size, dec.max_steps)
-                proj[dec.client_id] = replace(p, macs=examples * per_example)
+                proj[dec.client_id] = replace(proj[dec.client_id], macs=partial_macs[dec.client_id])
         return Schedule(times, proj)
 
     def complete(
@@ -219,26 +212,25 @@ class RunClock:
         """A round of a run that needs every client, timed from its logged bytes and MACs: each
         client dispatched at its first online window long enough for its work. Returns (results
         with their times, the time its last client arrives)."""
-        out, cands = [], []
+        cands = []
         for x in results:
-            if x.dropped:  # wall-clock timeout: no time on the simulated clock
-                out.append(replace(x, outcome=clock.DROPPED_TIMEOUT))
-                continue
-            d = clock.duration(self.world.device(x.client_id), x.bytes_down, x.macs, x.bytes_up)
-            cands.append(
-                clock.Candidate(x.client_id, self.world.first_fit(x.client_id, start_s, d), d, math.inf)
-            )
+            if not x.dropped:  # a wall-clock timeout has no time on the simulated clock
+                d = clock.duration(self.world.device(x.client_id), x.bytes_down, x.macs, x.bytes_up)
+                start = self.world.first_fit(x.client_id, start_s, d)
+                cands.append(clock.Candidate(x.client_id, start, d, math.inf))
         times = clock.sync_round(start_s, cands)
         by_id = {d.client_id: d for d in times.decisions}
         done = []
         for x in results:
-            if x.dropped:
-                done.append(next(o for o in out if o.client_id == x.client_id))
-                continue
-            dec = by_id[x.client_id]
-            done.append(
-                replace(x, outcome=dec.outcome, sim_dispatch_s=dec.dispatch_s, sim_arrival_s=dec.arrival_s)
-            )
+            dec = by_id.get(x.client_id)
+            if dec is None:
+                done.append(replace(x, outcome=clock.DROPPED_TIMEOUT))
+            else:
+                done.append(
+                    replace(
+                        x, outcome=dec.outcome, sim_dispatch_s=dec.dispatch_s, sim_arrival_s=dec.arrival_s
+                    )
+                )
         return done, times.end_s
 
     def server_seconds(self, kept: list[ClientResult], evaluated: bool) -> float:
