@@ -483,7 +483,7 @@ def _timed(
     every client it dispatched). Evaluation time on the server is left out (the test set's size
     is not read)."""
     from fedsim import params as P
-    from fedsim.engine.timing import RunClock, bytes_down
+    from fedsim.engine.timing import RunClock, bytes_down, downlinks
     from fedsim.system.world import build_world
 
     world = build_world(cfg.system, len(sizes.sizes), cfg.seed)
@@ -494,15 +494,14 @@ def _timed(
     for row in rows:
         cohort, start = timer.cohort(row.round, t)
         plan = algo.plan_round(state, row.round, cohort)
-        broadcast = P.to_numpy(algo.downlink(state, plan))
-        own = [algo.client_downlink(state, plan, c) for c in plan.cohort]
-        own = [None if d is None else P.to_numpy(d) for d in own]
+        broadcast, own = downlinks(algo, state, plan)
         sched = timer.project(
             state, plan, start, bytes_down(plan, broadcast, own), [c in seen for c in plan.cohort]
         )
         kept = [d.client_id for d in sched.trained]
         seen.update(kept)
         up = sum(sched.projections[c].bytes_up for c in kept)
+        down = sum(p.bytes_down for p in sched.projections.values())
         scalars = up // 4  # float32 uploads
         t = sched.times.end_s + timer.server_seconds_for(scalars, False)
         out.append(
@@ -512,9 +511,9 @@ def _timed(
                 layer=row.layer,
                 group_name=row.group_name,
                 bytes_up=up,
-                bytes_down=sum(p.bytes_down for p in sched.projections.values()),
+                bytes_down=down,
                 bytes_up_raw=up,  # no codec runs on the clock (config.validate)
-                bytes_down_raw=sum(p.bytes_down for p in sched.projections.values()),
+                bytes_down_raw=down,
                 flops=sum(sched.projections[c].macs for c in kept),
                 clients=len(kept),
                 trainable_params=row.trainable_params,

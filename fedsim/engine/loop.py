@@ -560,10 +560,8 @@ def _run_one(
         else:
             cohort = sample_cohort(cfg.seed, r, dataset.num_clients, cfg.engine.clients_per_round)
         plan = algo.plan_round(at.state, r, cohort)
-        broadcast = P.to_numpy(algo.downlink(at.state, plan))
+        broadcast, own = timing.downlinks(algo, at.state, plan)  # own: per-client extras
         sent = encode_broadcast(run, cfg.seed, r, broadcast)  # broadcast itself without a downlink codec
-        own = [algo.client_downlink(at.state, plan, c) for c in plan.cohort]  # per-client extras
-        own = [None if d is None else P.to_numpy(d) for d in own]
         timed = timer is not None and not plan.pooled  # pooled training crosses no wire: no time
         schedule = None
         if timed and timer.projects:  # times known before training: train only whom the rule keeps

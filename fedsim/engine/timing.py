@@ -19,6 +19,8 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
+
 from fedsim import params as P
 from fedsim.accounting import forward_cost
 from fedsim.algorithms import Algorithm, ClientResult, RoundPlan, ServerState
@@ -248,6 +250,15 @@ class RunClock:
         return macs / speed
 
 
+def downlinks(
+    algo: Algorithm, state: ServerState, plan: RoundPlan
+) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray] | None]]:
+    """What the server sends in ``plan``: (the broadcast, name -> numpy array; each cohort client's
+    own extra tensors, or None), as the round loop sends them and the clock bills them."""
+    own = [algo.client_downlink(state, plan, c) for c in plan.cohort]
+    return P.to_numpy(algo.downlink(state, plan)), [None if d is None else P.to_numpy(d) for d in own]
+
+
 def bytes_down(plan: RoundPlan, broadcast: dict[str, Any], own: list[dict[str, Any] | None]) -> list[int]:
     """Each cohort client's download in bytes, as its worker counts it (the broadcast merged with
     its own extra tensors; 0 in a pooled round)."""
@@ -275,9 +286,7 @@ def check_deadlines(cfg: ExperimentConfig, dataset: FederatedDataset, world: Wor
         algo = ALGORITHMS[run.algorithm](run, cfg, dataset.num_classes, tuple(dataset.input_shape))
         state = algo.init_state(P.clone(algo.reference_model().state_dict()))
         plan = algo.plan_round(state, 0, tuple(range(dataset.num_clients)))
-        broadcast = P.to_numpy(algo.downlink(state, plan))
-        own = [algo.client_downlink(state, plan, c) for c in plan.cohort]
-        own = [None if d is None else P.to_numpy(d) for d in own]
+        broadcast, own = downlinks(algo, state, plan)
         timer = RunClock.of(cfg, run, rule, algo, dataset, always)
         sched = timer.project(state, plan, 0.0, bytes_down(plan, broadcast, own), [False] * len(own))
         if not sched.trained:
