@@ -368,6 +368,12 @@ class CodecConfig(_Strict):
         None, description="topk / randk: share of each tensor's values sent, in (0, 1] (required)"
     )
     rank: int | None = Field(None, description="powersgd: rank r of the factors, >= 1 (required)")
+    rotation: bool = Field(
+        False,
+        exclude_if=lambda v: not v,  # a codec without rotation dumps (config_json) as before
+        description="quantize / qsgd: quantise a randomised Hadamard rotation of each tensor "
+        "(Suresh et al. 2017), zero-padded to a power of two",
+    )
     error_feedback: bool = Field(
         False,
         description="keep what the codec lost in the client's state and add it to the next upload "
@@ -424,6 +430,10 @@ class CodecConfig(_Strict):
             if value < lo or (hi is not None and value > hi):
                 span = f"{lo}..{hi}" if hi is not None else f">= {lo}"
                 raise FedsimError(f"config key '{where}.{key}' must be {span} (got {value})")
+        if self.rotation and self.codec not in ("quantize", "qsgd"):
+            raise FedsimError(
+                f"config key '{where}.rotation' applies to codecs quantize and qsgd only; remove it"
+            )
         if self.error_feedback and not CODECS[self.codec].biased:
             raise FedsimError(
                 f"config key '{where}.error_feedback': codec {self.codec} is unbiased and needs no "
@@ -1331,13 +1341,12 @@ def validate(cfg: ExperimentConfig) -> None:
             )
         if r.system is not None:
             _check_rule(r.system, f"runs.{i}.system")
-        timed = cfg.system is not None or isinstance(r, AsyncConfig)
         wire = [k for k in ("uplink", "downlink", "secure_aggregation") if getattr(r, k, None) is not None]
-        if timed and wire:
+        if isinstance(r, AsyncConfig) and wire:
             raise FedsimError(
-                f"config key 'runs.{i}.{wire[0]}': the virtual clock does not yet time encoded or "
-                "secure-aggregation traffic; remove the system: section (and use a synchronous "
-                f"algorithm) or remove {wire[0]}"
+                f"config key 'runs.{i}.{wire[0]}': asynchronous runs do not take codecs or secure "
+                f"aggregation yet (each update would be decoded against the model version it "
+                f"trained from); remove {wire[0]} or use a synchronous algorithm"
             )
         rule = cfg.round_rule(r)
         if rule is not None and r.every_client and rule.mode != "sync":

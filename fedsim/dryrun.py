@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -375,7 +374,6 @@ def project_experiment(cfg: ExperimentConfig) -> tuple[ClientSizes, list[DryRun]
     from fedsim.algorithms import ALGORITHMS
     from fedsim.algorithms.base import WireFacts
     from fedsim.rng import sample_cohort
-    from fedsim.wire import secagg
 
     facts = _known(cfg.data.dataset)
     sizes = client_sizes(cfg)
@@ -403,21 +401,14 @@ def project_experiment(cfg: ExperimentConfig) -> tuple[ClientSizes, list[DryRun]
             share_bn_stats=run.bn_stats == "shared",
         )
         proj = raw = algo.projected_rounds(model, facts.input_shape, **common)
-        encoded, protocol = wire, (0, 0)  # protocol: secure aggregation's bytes per client (up, down)
-        size = None
-        if run.uplink is not None:
-            size = partial(codecs.upload_bytes, codecs.codec_for(run.uplink))
-        elif run.secure_aggregation is not None:
-            sa = run.secure_aggregation
-            size = partial(secagg.masked_bytes, ring=secagg.ring_bits(sa.bits, k))
-            protocol = secagg.protocol_bytes(sa.protocol, sa.neighbours, k)
-        if size is not None:
-            proj = algo.projected_rounds(model, facts.input_shape, upload_bytes=size, **common)
-            encoded = replace(wire, upload_bytes=size)
-        if run.downlink is not None:
-            encoded = replace(
-                encoded, download_bytes=partial(codecs.upload_bytes, codecs.codec_for(run.downlink))
-            )
+        sizes_k = codecs.wire_sizes(run, k)
+        encoded = wire
+        protocol = (sizes_k.protocol_up, sizes_k.protocol_down)  # secure aggregation's, per client
+        if sizes_k.upload is not None:
+            proj = algo.projected_rounds(model, facts.input_shape, upload_bytes=sizes_k.upload, **common)
+            encoded = replace(wire, upload_bytes=sizes_k.upload)
+        if sizes_k.download is not None:
+            encoded = replace(encoded, download_bytes=sizes_k.download)
         rows = []
         seen: set[int] = set()  # clients that trained before: MOON's returning clients
         for rp, rp_raw in zip(proj.rounds, raw.rounds):
@@ -483,7 +474,7 @@ def _timed(
     every client it dispatched). Evaluation time on the server is left out (the test set's size
     is not read)."""
     from fedsim import params as P
-    from fedsim.engine.timing import RunClock, bytes_down, downlinks
+    from fedsim.engine.timing import RunClock, downlinks
     from fedsim.system.world import build_world
 
     world = build_world(cfg.system, len(sizes.sizes), cfg.seed)
@@ -495,14 +486,15 @@ def _timed(
         cohort, start = timer.cohort(row.round, t)
         plan = algo.plan_round(state, row.round, cohort)
         broadcast, own = downlinks(algo, state, plan)
-        sched = timer.project(
-            state, plan, start, bytes_down(plan, broadcast, own), [c in seen for c in plan.cohort]
-        )
+        sched = timer.project(state, plan, start, broadcast, own, [c in seen for c in plan.cohort])
         kept = [d.client_id for d in sched.trained]
         seen.update(kept)
-        up = sum(sched.projections[c].bytes_up for c in kept)
-        down = sum(p.bytes_down for p in sched.projections.values())
-        scalars = up // 4  # float32 uploads
+        proj = sched.projections
+        up = sum(proj[c].bytes_up for c in kept)
+        up_raw = sum(proj[c].bytes_up_raw for c in kept)
+        down = sum(p.bytes_down if c in kept else p.untrained_down for c, p in proj.items())
+        secagg = sum(proj[c].protocol_up + proj[c].protocol_down for c in kept)
+        scalars = up_raw // 4  # float32 uploads
         t = sched.times.end_s + timer.server_seconds_for(scalars, False)
         out.append(
             RoundRow(
@@ -512,8 +504,9 @@ def _timed(
                 group_name=row.group_name,
                 bytes_up=up,
                 bytes_down=down,
-                bytes_up_raw=up,  # no codec runs on the clock (config.validate)
-                bytes_down_raw=down,
+                bytes_up_raw=up_raw,
+                bytes_down_raw=sum(p.bytes_down_raw for p in proj.values()),
+                bytes_secagg=secagg,
                 flops=sum(sched.projections[c].macs for c in kept),
                 clients=len(kept),
                 trainable_params=row.trainable_params,

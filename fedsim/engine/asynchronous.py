@@ -147,8 +147,8 @@ class AsyncEngine:
         cohort = tuple(int(c) for c in np.sort(eligible[pick]))
         # the plan and the projection depend on the model's shapes only, not on its values
         plan = self.algo.plan_round(state, self.sim_version, cohort)
-        downs = timing.bytes_down(plan, *timing.downlinks(self.algo, state, plan))
-        sched = self.timer.project(state, plan, t, downs, [c in self.has_state for c in cohort])
+        broadcast, own = timing.downlinks(self.algo, state, plan)
+        sched = self.timer.project(state, plan, t, broadcast, own, [c in self.has_state for c in cohort])
         for dec in sched.times.decisions:
             event = dec.arrival_s
             if dec.outcome == clock.DROPPED_OFFLINE:

@@ -566,11 +566,7 @@ def _run_one(
         schedule = None
         if timed and timer.projects:  # times known before training: train only whom the rule keeps
             schedule = timer.project(
-                at.state,
-                plan,
-                start,
-                timing.bytes_down(plan, broadcast, own),
-                [c in at.store for c in plan.cohort],
+                at.state, plan, start, broadcast, own, [c in at.store for c in plan.cohort]
             )
             steps = {d.client_id: d.max_steps for d in schedule.trained}
             picked = [i for i, c in enumerate(plan.cohort) if c in steps]

@@ -16,6 +16,7 @@ dispatched when it next comes online for long enough (:meth:`fedsim.system.world
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -33,12 +34,31 @@ from fedsim.system.world import World
 
 @dataclass(frozen=True)
 class Projection:
-    """One client's projected traffic and compute: bytes down and up, training
-    multiply-accumulates (of the steps it will take)."""
+    """One client's projected traffic and compute, as the engine will log them.
+
+    Attributes:
+        bytes_down / bytes_up: bytes on the wire (encoded under a codec; with secure
+            aggregation's protocol messages, which are ``protocol_down`` of ``bytes_down``).
+        macs: training multiply-accumulates of the steps it will take.
+        bytes_down_raw / bytes_up_raw: what they take uncompressed (numel x element size).
+        protocol_down / protocol_up: secure aggregation's messages in ``bytes_down`` /
+            ``bytes_up`` (0 without it); a client the rule does not train is billed its download
+            without them.
+    """
 
     bytes_down: int
     bytes_up: int
     macs: int
+    bytes_down_raw: int = 0
+    bytes_up_raw: int = 0
+    protocol_down: int = 0
+    protocol_up: int = 0
+
+    @property
+    def untrained_down(self) -> int:
+        """Bytes billed to a client the rule does not train: its download without secure
+        aggregation's messages."""
+        return self.bytes_down - self.protocol_down
 
 
 @dataclass(frozen=True)
@@ -124,19 +144,32 @@ class RunClock:
         state: ServerState,
         plan: RoundPlan,
         start_s: float,
-        bytes_down: list[int],
+        broadcast: dict[str, np.ndarray],
+        own: list[dict[str, np.ndarray] | None],
         returning: list[bool],
     ) -> Schedule:
-        """Time every client of ``plan.cohort`` before training and apply the round rule.
+        """Time every client of ``plan.cohort`` before training and apply the round rule. Bytes
+        are those on the wire: under an uplink or downlink codec the encoded lengths, under
+        secure aggregation the masked vector plus the protocol's messages
+        (:func:`fedsim.wire.wire_sizes`); a client's time is the formula applied to them.
 
         Args:
-            bytes_down: each cohort client's download, bytes (cohort order).
-            returning: whether each has stored state (MOON's frozen passes).
+            broadcast, own: what the server sends (:func:`downlinks`).
+            returning: whether each cohort client has stored state (MOON's frozen passes).
         """
+        from fedsim.wire import wire_sizes
+
         f, run, rule = self.forward(), self.run, self.rule
-        up = self.algo.upload_nbytes(state, plan)
+        sizes = wire_sizes(run, len(plan.cohort))
+        up_raw = self.algo.upload_nbytes(state, plan)
+        up = up_raw if sizes.upload is None else self.algo.upload_nbytes(state, plan, sizes.upload)
+        up += sizes.protocol_up
+        raw_down = bytes_down(plan, broadcast, own)
+        sent_down = bytes_down(plan, broadcast, own, sizes.download)
+        extra = 0 if plan.pooled else sizes.protocol_down
         cands, proj, partial_macs = [], {}, {}
-        for c, down, back in zip(plan.cohort, bytes_down, returning):
+        for c, down_sent, down_raw, back in zip(plan.cohort, sent_down, raw_down, returning):
+            down = down_sent + extra
             dev, n = self.world.device(c), self.sizes[c]
             per_example = self.algo.training_passes(plan, back) * f
             macs = n * plan.local_epochs * per_example
@@ -151,7 +184,7 @@ class RunClock:
             d = clock.duration(dev, down, macs, up)
             offline = self.world.availability.offline_at(c, start_s)
             cands.append(clock.Candidate(c, start_s, d, offline, partial))
-            proj[c] = Projection(down, up, macs)
+            proj[c] = Projection(down, up, macs, down_raw, up_raw, extra, sizes.protocol_up)
         if rule.mode == "deadline":
             times = clock.deadline_round(start_s, rule.deadline_s, cands)
         elif rule.mode == "overselect":
@@ -188,7 +221,8 @@ class RunClock:
                         n_examples=self.sizes[dec.client_id],
                         train_loss=float("nan"),
                         bytes_up=0,
-                        bytes_down=p.bytes_down,
+                        bytes_down=p.untrained_down,
+                        bytes_down_raw=p.bytes_down_raw,
                         seconds=0.0,
                         dropped=True,
                         outcome=dec.outcome,
@@ -259,12 +293,22 @@ def downlinks(
     return P.to_numpy(algo.downlink(state, plan)), [None if d is None else P.to_numpy(d) for d in own]
 
 
-def bytes_down(plan: RoundPlan, broadcast: dict[str, Any], own: list[dict[str, Any] | None]) -> list[int]:
-    """Each cohort client's download in bytes, as its worker counts it (the broadcast merged with
-    its own extra tensors; 0 in a pooled round)."""
+def bytes_down(
+    plan: RoundPlan,
+    broadcast: dict[str, Any],
+    own: list[dict[str, Any] | None],
+    size: Callable[[dict[str, Any]], int] | None = None,
+) -> list[int]:
+    """Each cohort client's download in bytes, as the engine logs it: the broadcast merged with
+    its own extra tensors (numel x element size), or under a downlink codec ``size`` (its
+    encoded length, :attr:`fedsim.wire.WireSizes.download`) of the broadcast plus the extras
+    uncompressed (only FedMA and PFNM send extras, and they take no codec); 0 in a pooled round."""
     if plan.pooled:
         return [0] * len(own)
-    return [P.nbytes({**broadcast, **(d or {})}) for d in own]
+    if size is None:
+        return [P.nbytes({**broadcast, **(d or {})}) for d in own]
+    sent = size(broadcast)
+    return [sent + P.nbytes(d or {}) for d in own]
 
 
 def check_deadlines(cfg: ExperimentConfig, dataset: FederatedDataset, world: World) -> None:
@@ -288,7 +332,7 @@ def check_deadlines(cfg: ExperimentConfig, dataset: FederatedDataset, world: Wor
         plan = algo.plan_round(state, 0, tuple(range(dataset.num_clients)))
         broadcast, own = downlinks(algo, state, plan)
         timer = RunClock.of(cfg, run, rule, algo, dataset, always)
-        sched = timer.project(state, plan, 0.0, bytes_down(plan, broadcast, own), [False] * len(own))
+        sched = timer.project(state, plan, 0.0, broadcast, own, [False] * len(own))
         if not sched.trained:
             key = f"runs.{i}.system.deadline_s" if run.system is not None else "system.deadline_s"
             fastest = min(d.arrival_s for d in sched.times.decisions)

@@ -7,6 +7,7 @@ numpy only (no torch, no Ray), so the config check and the dry run can use it.
 from fedsim.wire.codecs import CODECS, Codec, make_codec, register_codec
 from fedsim.wire.transport import (
     REFUSED,
+    WireSizes,
     codec_for,
     decode_broadcast,
     decode_results,
@@ -19,12 +20,14 @@ from fedsim.wire.transport import (
     round_wire_columns,
     upload_bytes,
     wire_columns,
+    wire_sizes,
 )
 
 __all__ = [
     "CODECS",
     "REFUSED",
     "Codec",
+    "WireSizes",
     "codec_for",
     "decode_broadcast",
     "decode_results",
@@ -39,4 +42,5 @@ __all__ = [
     "round_wire_columns",
     "upload_bytes",
     "wire_columns",
+    "wire_sizes",
 ]

@@ -21,13 +21,15 @@ fp16       H + 2d                                                  -            
 bf16       H + 2d                                                  -            cast
 quantize   H + 8 + ceil(d b / 8)                                   yes          no
 qsgd       H + 4 + ceil(d (1 + ceil(log2(s + 1))) / 8)             yes          no
+(rotated)  the same with d' for d, plus an 8-byte seed             yes          no
 topk       H + 1 + 4k + min(ceil(d / 8), ceil(k w / 8))            -            yes
 randk      H + 8 + 4k                                              yes          no
 sign       H + 4 + ceil(d / 8)                                     -            yes
 powersgd   H + 4 r' (n + m) for an n x m matrix, H + 4d otherwise  -            yes
 =========  ======================================================  ===========  =========
 
-with k = ceil(f d) for a fraction f, w = max(1, ceil(log2 d)) and r' = min(r, n, m). Error
+with k = ceil(f d) for a fraction f, w = max(1, ceil(log2 d)), r' = min(r, n, m) and, for
+quantize and qsgd with ``rotation``, d' = 2^ceil(log2 d). Error
 feedback (:mod:`fedsim.wire.transport`) applies to the biased codecs.
 """
 
@@ -61,15 +63,29 @@ def register_codec(cls: type[Codec]) -> type[Codec]:
 # ---------------------------------------------------------------------------- bit packing
 
 
+def _group_shifts(width: int) -> np.ndarray:
+    """Bit offsets of eight ``width``-bit values in a uint64, the first value most significant."""
+    return np.arange(7, -1, -1, dtype=np.uint64) * np.uint64(width)
+
+
 def pack_uint(q: np.ndarray, width: int) -> bytes:
     """Pack non-negative integers below 2**width (1 <= width <= 32), each as ``width`` bits, most
     significant first, into ceil(len(q) width / 8) bytes (numpy's packbits order; for width 8 and 16
-    the same bytes as uint8 / big-endian uint16)."""
+    the same bytes as uint8 / big-endian uint16). Widths 2..7 pack eight values at a time into
+    the low ``width`` bytes of a big-endian uint64, the same bytes about ten times faster than
+    packing a (d, width) bit array."""
     q = np.asarray(q).reshape(-1)
     if width == 8:
         return q.astype(np.uint8).tobytes()
     if width == 16:
         return q.astype(">u2").tobytes()
+    if 2 <= width <= 7:  # eight values fill ``width`` bytes of one big-endian uint64
+        n = q.size
+        groups = np.zeros((-(-n // 8), 8), np.uint64)
+        groups.reshape(-1)[:n] = q
+        words = np.bitwise_or.reduce(groups << _group_shifts(width), axis=1)
+        tail = words.astype(">u8").view(np.uint8).reshape(-1, 8)[:, 8 - width :]
+        return tail.reshape(-1)[: packed_bytes(n, width)].tobytes()
     shifts = np.arange(width - 1, -1, -1, dtype=np.uint32)
     bits = ((q.astype(np.uint32)[:, None] >> shifts) & 1).astype(np.uint8)  # (d, width)
     return np.packbits(bits, axis=None).tobytes()
@@ -81,6 +97,15 @@ def unpack_uint(data: bytes | memoryview, count: int, width: int) -> np.ndarray:
         return np.frombuffer(data, np.uint8, count).astype(np.uint32)
     if width == 16:
         return np.frombuffer(data, ">u2", count).astype(np.uint32)
+    if 2 <= width <= 7:
+        groups = -(-count // 8)
+        flat = np.zeros(groups * width, np.uint8)
+        body = np.frombuffer(data, np.uint8, packed_bytes(count, width))
+        flat[: body.size] = body
+        words = np.zeros((groups, 8), np.uint8)
+        words[:, 8 - width :] = flat.reshape(groups, width)
+        values = (words.view(">u8") >> _group_shifts(width)) & np.uint64((1 << width) - 1)
+        return values.reshape(-1)[:count].astype(np.uint32)
     bits = np.unpackbits(np.frombuffer(data, np.uint8), count=count * width).reshape(count, width)
     shifts = np.arange(width - 1, -1, -1, dtype=np.uint32)
     return (bits.astype(np.uint32) << shifts).sum(axis=1, dtype=np.uint32)
@@ -111,6 +136,47 @@ def read_header(data: bytes | memoryview) -> tuple[int, tuple[int, ...], memoryv
         raise ValueError(f"an encoded tensor's header takes {h} bytes (got {len(view)})")
     shape = struct.unpack(f"<{ndim}I", view[2:h]) if ndim else ()
     return code, tuple(shape), view[h:]
+
+
+def rotated_length(d: int) -> int:
+    """d' = 2^ceil(log2 d): the length a tensor of d values is zero-padded to for the randomised
+    Hadamard rotation (0 for an empty tensor)."""
+    return 0 if d == 0 else 1 << (d - 1).bit_length()
+
+
+def hadamard(a: np.ndarray) -> np.ndarray:
+    """H a for the d x d Walsh-Hadamard matrix H (Sylvester's order, entries +-1, H H = d I) and
+    a float64 vector ``a`` of d = 2^m values, in d log2 d additions (the fast transform)."""
+    n, h = a.size, 1
+    a = np.asarray(a, dtype=np.float64)
+    while h < n:
+        pairs = a.reshape(-1, 2, h)
+        a = np.stack((pairs[:, 0] + pairs[:, 1], pairs[:, 0] - pairs[:, 1]), axis=1)
+        h *= 2
+    return a.reshape(n)
+
+
+def _signs(seed: int, n: int) -> np.ndarray:
+    return np.where(np.random.default_rng(seed).random(n) < 0.5, -1.0, 1.0)
+
+
+def rotate(x: np.ndarray, seed: int) -> np.ndarray:
+    """R x = H D x / sqrt(d') for ``x`` (d values) zero-padded to d' = :func:`rotated_length`,
+    D a diagonal of random signs drawn from ``seed``: the randomised Hadamard rotation of Suresh
+    et al. (ICML 2017, "Distributed Mean Estimation with Limited Communication", section 4), an
+    orthogonal map that spreads a vector's mass evenly over its coordinates so that its range,
+    and a quantiser's error, shrink. Returns float64 ``(d',)``."""
+    n = rotated_length(x.size)
+    padded = np.zeros(n)
+    padded[: x.size] = x
+    return hadamard(_signs(seed, n) * padded) / math.sqrt(n) if n else padded
+
+
+def unrotate(y: np.ndarray, seed: int, d: int) -> np.ndarray:
+    """R^-1 y = D H y / sqrt(d') (R is orthogonal), its first ``d`` values: the inverse of
+    :func:`rotate`. Returns float64 ``(d,)``."""
+    n = y.size
+    return (_signs(seed, n) * hadamard(y) / math.sqrt(n))[:d] if n else np.zeros(d)
 
 
 class Codec:
@@ -243,10 +309,13 @@ class Quantize(Codec):
     rounds up with probability equal to its fractional position; Alistarh et al. 2017's
     stochastic rounding on a per-tensor affine grid, as FLSim's scalar quantisation and FedJAX's
     uniform quantisation). H + 8 + ceil(d b / 8) bytes: the minimum and the step as float32, and
-    b bits per value.
+    b bits per value. With ``rotation`` the values quantised are those of the randomised
+    Hadamard rotation (:func:`rotate`; Suresh et al. 2017's stochastic rotated quantisation):
+    H + 8 + 8 + ceil(d' b / 8) bytes, the rotation's 64-bit seed first, d' = 2^ceil(log2 d).
 
     Args:
         bits: b, 1..16.
+        rotation: rotate before quantising, and back after decoding.
 
     Raises:
         ValueError: ``bits`` outside 1..16.
@@ -254,15 +323,24 @@ class Quantize(Codec):
 
     name, code, unbiased, biased = "quantize", 3, True, False
 
-    def __init__(self, bits: int):
+    def __init__(self, bits: int, rotation: bool = False):
         if not 1 <= bits <= 16:
             raise ValueError(f"quantize needs bits in 1..16 (got {bits})")
-        self.bits = bits
+        self.bits, self.rotation = bits, rotation
 
     def payload_bytes(self, shape, dtype):
-        return 8 + packed_bytes(math.prod(shape), self.bits)
+        d = math.prod(shape)
+        if self.rotation:
+            return 8 + 8 + packed_bytes(rotated_length(d), self.bits)
+        return 8 + packed_bytes(d, self.bits)
 
     def payload(self, x, shape, rng, warm):
+        if self.rotation:
+            seed = int(rng.integers(0, 2**63))
+            return struct.pack("<Q", seed) + self._quantize(rotate(x, seed).astype(np.float32), rng)
+        return self._quantize(x, rng)
+
+    def _quantize(self, x, rng):
         top = (1 << self.bits) - 1
         lo = np.float32(x.min()) if x.size else np.float32(0)
         hi = np.float32(x.max()) if x.size else np.float32(0)
@@ -275,9 +353,15 @@ class Quantize(Codec):
         return struct.pack("<ff", lo, step) + pack_uint(q.astype(np.uint32), self.bits)
 
     def unpayload(self, body, shape, d):
+        if self.rotation:
+            (seed,) = struct.unpack("<Q", body[:8])
+            return unrotate(self._dequantize(body[8:], rotated_length(d)), seed, d).astype(np.float32)
+        return self._dequantize(body, d).astype(np.float32)
+
+    def _dequantize(self, body, d):
         lo, step = struct.unpack("<ff", body[:8])
         q = unpack_uint(body[8:], d, self.bits)
-        return (np.float64(lo) + q * np.float64(step)).astype(np.float32)
+        return np.float64(lo) + q * np.float64(step)
 
 
 @register_codec
@@ -286,10 +370,13 @@ class QSGD(Codec):
     xi_i = l + 1 with probability |v_i| s / ||v||_2 - l, else l (l = floor(|v_i| s / ||v||_2)), so
     E Q_s(v) = v. Fixed-width coding (the paper's Elias coding is not used): the norm as float32
     and, per value, a sign bit and the level in ceil(log2(s + 1)) bits:
-    H + 4 + ceil(d (1 + ceil(log2(s + 1))) / 8) bytes.
+    H + 4 + ceil(d (1 + ceil(log2(s + 1))) / 8) bytes. With ``rotation``, QSGD of the randomised
+    Hadamard rotation (:func:`rotate`, Suresh et al. 2017): H + 8 + 4 + ceil(d' (1 + ceil(log2(s
+    + 1))) / 8) bytes, the rotation's 64-bit seed first, d' = 2^ceil(log2 d).
 
     Args:
         levels: s, 1..65535.
+        rotation: rotate before quantising, and back after decoding.
 
     Raises:
         ValueError: ``levels`` outside 1..65535.
@@ -297,16 +384,25 @@ class QSGD(Codec):
 
     name, code, unbiased, biased = "qsgd", 4, True, False
 
-    def __init__(self, levels: int):
+    def __init__(self, levels: int, rotation: bool = False):
         if not 1 <= levels <= 65535:
             raise ValueError(f"qsgd needs levels in 1..65535 (got {levels})")
-        self.levels = levels
+        self.levels, self.rotation = levels, rotation
         self.width = max(1, math.ceil(math.log2(levels + 1)))
 
     def payload_bytes(self, shape, dtype):
-        return 4 + packed_bytes(math.prod(shape), 1 + self.width)
+        d = math.prod(shape)
+        if self.rotation:
+            return 8 + 4 + packed_bytes(rotated_length(d), 1 + self.width)
+        return 4 + packed_bytes(d, 1 + self.width)
 
     def payload(self, x, shape, rng, warm):
+        if self.rotation:
+            seed = int(rng.integers(0, 2**63))
+            return struct.pack("<Q", seed) + self._quantize(rotate(x, seed).astype(np.float32), rng)
+        return self._quantize(x, rng)
+
+    def _quantize(self, x, rng):
         norm = np.float32(np.linalg.norm(x.astype(np.float64))) if x.size else np.float32(0)
         if norm > 0:
             r = np.abs(x.astype(np.float64)) / np.float64(norm) * self.levels
@@ -318,11 +414,17 @@ class QSGD(Codec):
         return struct.pack("<f", norm) + pack_uint(sign | level, 1 + self.width)
 
     def unpayload(self, body, shape, d):
+        if self.rotation:
+            (seed,) = struct.unpack("<Q", body[:8])
+            return unrotate(self._dequantize(body[8:], rotated_length(d)), seed, d).astype(np.float32)
+        return self._dequantize(body, d).astype(np.float32)
+
+    def _dequantize(self, body, d):
         (norm,) = struct.unpack("<f", body[:4])
         v = unpack_uint(body[4:], d, 1 + self.width)
         level = (v & ((1 << self.width) - 1)).astype(np.float64)
         sign = 1.0 - 2.0 * (v >> self.width)
-        return (np.float64(norm) * sign * level / self.levels).astype(np.float32)
+        return np.float64(norm) * sign * level / self.levels
 
 
 def kept(d: int, fraction: float) -> int:
@@ -525,7 +627,8 @@ class PowerSGD(Codec):
 
 
 def make_codec(name: str, **params: Any) -> Codec:
-    """The codec ``name`` with its parameters (``bits``, ``levels``, ``fraction``, ``rank``).
+    """The codec ``name`` with its parameters (``bits``, ``levels``, ``fraction``, ``rank``,
+    ``rotation``).
 
     Raises:
         KeyError: no codec of that name.

@@ -23,8 +23,8 @@ Bytes on the uplink are the sum of the encoded messages' lengths (each with its 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -55,6 +55,8 @@ def codec_for(cfg: CodecConfig) -> Codec:
     params = {
         k: getattr(cfg, k) for k in ("bits", "levels", "fraction", "rank") if getattr(cfg, k) is not None
     }
+    if cfg.rotation:
+        params["rotation"] = True
     return make_codec(cfg.codec, **params)
 
 
@@ -168,6 +170,46 @@ def upload_bytes(codec: Codec, tensors: Mapping[str, Any]) -> int:
         dtype = np.dtype(str(v.dtype).replace("torch.", ""))
         total += codec.size(shape) if np.issubdtype(dtype, np.floating) else RAW.size(shape, dtype)
     return total
+
+
+@dataclass(frozen=True)
+class WireSizes:
+    """What one client's messages take on the wire under a run's codecs and secure aggregation,
+    from shapes alone: the projection the dry run and the virtual clock use, equal to the lengths
+    the engine logs (a test checks projected == logged == encoded length).
+
+    Attributes:
+        upload: bytes of an upload of the given tensors (name -> array or tensor): the uplink
+            codec's encoded length (:func:`upload_bytes`) or secure aggregation's masked vector
+            (:func:`fedsim.wire.secagg.masked_bytes`); None: numel x element size.
+        download: bytes of the broadcast of the given tensors under the downlink codec; None:
+            numel x element size.
+        protocol_up / protocol_down: secure aggregation's messages besides the masked vector, bytes
+            per client and round (:func:`fedsim.wire.secagg.protocol_bytes`; 0 without it).
+    """
+
+    upload: Callable[[Mapping[str, Any]], int] | None = None
+    download: Callable[[Mapping[str, Any]], int] | None = None
+    protocol_up: int = 0
+    protocol_down: int = 0
+
+
+def wire_sizes(run: RunConfig, n: int) -> WireSizes:
+    """The :class:`WireSizes` of ``run`` in a cohort of ``n`` clients (secure aggregation's ring
+    width and neighbour count depend on n)."""
+    from functools import partial
+
+    from fedsim.wire import secagg
+
+    upload, proto = None, (0, 0)
+    if run.uplink is not None:
+        upload = partial(upload_bytes, codec_for(run.uplink))
+    elif run.secure_aggregation is not None:
+        sa = run.secure_aggregation
+        upload = partial(secagg.masked_bytes, ring=secagg.ring_bits(sa.bits, n))
+        proto = secagg.protocol_bytes(sa.protocol, sa.neighbours, n)
+    download = None if run.downlink is None else partial(upload_bytes, codec_for(run.downlink))
+    return WireSizes(upload, download, *proto)
 
 
 # ------------------------------------------------------------------------ the engine's calls

@@ -113,12 +113,17 @@ def test_bf16_is_the_plain_cast():
     assert np.isnan(codec("bf16").decode(codec("bf16").encode(np.array([np.nan], np.float32))))[0]
 
 
-@pytest.mark.parametrize("width", [1, 3, 5, 8, 13, 16, 17])
-def test_bit_packing_round_trips(width):
-    q = np.random.default_rng(width).integers(0, 2**width, size=37).astype(np.uint32)
+@pytest.mark.parametrize("width", [1, 2, 3, 4, 5, 7, 8, 13, 16, 17])
+@pytest.mark.parametrize("count", [1, 8, 37])
+def test_bit_packing_is_numpys_msb_first_bit_stream_and_round_trips(width, count):
+    q = np.random.default_rng(width).integers(0, 2**width, size=count).astype(np.uint32)
     data = pack_uint(q, width)
-    assert len(data) == math.ceil(37 * width / 8)
-    np.testing.assert_array_equal(unpack_uint(data, 37, width), q)
+    assert len(data) == math.ceil(count * width / 8)
+    # the bit stream written by hand: each value's bits, most significant first, zero-padded
+    stream = "".join(format(int(v), f"0{width}b") for v in q)
+    stream += "0" * (-len(stream) % 8)
+    assert data == bytes(int(stream[i : i + 8], 2) for i in range(0, len(stream), 8))
+    np.testing.assert_array_equal(unpack_uint(data, count, width), q)
 
 
 def test_topk_keeps_the_largest_magnitudes_exactly():
@@ -211,3 +216,73 @@ def test_quantize_rounds_to_neighbouring_grid_points():
 def test_out_of_range_parameters_raise(name, params):
     with pytest.raises(ValueError):
         make_codec(name, **params)
+
+
+# ------------------------------------------------------- randomised Hadamard rotation (Suresh et al.)
+
+ROTATED = {"quantize": {"bits": 3, "rotation": True}, "qsgd": {"levels": 5, "rotation": True}}
+
+
+@pytest.mark.parametrize("n", [1, 2, 8, 64])
+def test_fast_hadamard_is_the_sylvester_matrix_product(n):
+    from scipy.linalg import hadamard as sylvester
+
+    from fedsim.wire.codecs import hadamard
+
+    a = np.random.default_rng(n).standard_normal(n)
+    np.testing.assert_allclose(hadamard(a), sylvester(n) @ a, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("d", [1, 5, 8, 100])
+def test_rotation_is_orthogonal_and_inverted_by_unrotate(d):
+    from fedsim.wire.codecs import rotate, unrotate
+
+    x = np.random.default_rng(d).standard_normal(d)
+    y = rotate(x, seed=11)
+    assert y.size == 2 ** math.ceil(math.log2(d))
+    assert np.linalg.norm(y) == pytest.approx(np.linalg.norm(x), rel=1e-12)
+    np.testing.assert_allclose(unrotate(y, 11, d), x, rtol=0, atol=1e-12)
+    assert d == 1 or not np.allclose(rotate(x, seed=12), y)  # the seed draws the signs
+
+
+@pytest.mark.parametrize("name", sorted(ROTATED))
+@pytest.mark.parametrize("shape", SHAPES)
+def test_rotated_encoding_length_is_the_padded_formula(name, shape):
+    """H + 8 (the seed) + the codec's payload for d' = 2^ceil(log2 d) values (docs/compression.md)."""
+    d = math.prod(shape)
+    dp = 0 if d == 0 else 2 ** math.ceil(math.log2(d))
+    h = 2 + 4 * len(shape)
+    width = 3 if name == "quantize" else 1 + math.ceil(math.log2(5 + 1))
+    scale = 8 if name == "quantize" else 4
+    expected = h + 8 + scale + math.ceil(dp * width / 8)
+    c = make_codec(name, **ROTATED[name])
+    data = c.encode(sample(shape), np.random.default_rng(0))
+    assert len(data) == expected == c.size(shape)
+    assert c.decode(data).shape == shape
+
+
+@pytest.mark.parametrize("name", sorted(ROTATED))
+def test_rotated_codecs_are_unbiased(name):
+    """As test_stochastic_codecs_are_unbiased: 4000 decodings, every coordinate within 5 standard
+    errors of x (the rotation's signs are drawn afresh each time, from the encoding's generator)."""
+    x = sample((40,), seed=7)
+    c = make_codec(name, **ROTATED[name])
+    n = 4000
+    draws = np.stack([c.decode(c.encode(x, np.random.default_rng(i))) for i in range(n)]).astype(np.float64)
+    se = draws.std(axis=0) / np.sqrt(n)
+    assert np.all(np.abs(draws.mean(axis=0) - x) <= 5 * se + 1e-6)
+
+
+def test_rotation_lowers_the_quantisation_error_of_a_spiky_vector():
+    """Suresh et al. 2017's point: one large coordinate stretches the quantisation grid of every
+    other; after the rotation the range, and so the mean squared error, is much smaller."""
+    x = sample((1024,), seed=3) * 0.01
+    x[17] = 5.0
+    plain, rotated = make_codec("quantize", bits=4), make_codec("quantize", bits=4, rotation=True)
+
+    def mse(c):
+        return np.mean(
+            [np.mean((c.decode(c.encode(x, np.random.default_rng(i))) - x) ** 2) for i in range(20)]
+        )
+
+    assert mse(rotated) < mse(plain) / 10

@@ -103,6 +103,10 @@ def test_powersgd_keeps_its_factors_without_error_feedback():
         ({"codec": "sign", "bits": 4}, r"uplink.bits' does not apply to codec sign"),
         ({"codec": "quantize", "bits": 4, "error_feedback": True}, r"unbiased"),
         ({"codec": "gzip"}, r"uplink.codec'"),
+        (
+            {"codec": "topk", "fraction": 0.1, "rotation": True},
+            r"uplink.rotation' applies to codecs quantize",
+        ),
     ],
 )
 def test_bad_codec_settings_are_one_line_errors(uplink, match):
@@ -193,7 +197,8 @@ def test_without_a_codec_the_engine_passes_results_through_untouched():
 
 def test_dry_run_projects_the_logged_encoded_bytes(tmp_path):
     """Projected == logged for the encoded and the raw bytes, for full rounds (FedAvg), partial
-    rounds (FedPart: only the active group is encoded) and SCAFFOLD's control-variate deltas."""
+    rounds (FedPart: only the active group is encoded, here rotated), SCAFFOLD's control-variate
+    deltas and a rotated 8-bit downlink."""
     from fedsim import dryrun
     from fedsim.io.runlog import RunLog
 
@@ -209,14 +214,14 @@ def test_dry_run_projects_the_logged_encoded_bytes(tmp_path):
             "lr": 0.05,
             "warmup_rounds": 1,
             "rounds_per_group": 1,
-            "uplink": {"codec": "quantize", "bits": 4},
+            "uplink": {"codec": "quantize", "bits": 4, "rotation": True},
         },
         {"algorithm": "scaffold", "rounds": 2, "uplink": {"codec": "sign"}, "downlink": {"codec": "bf16"}},
         {
             "algorithm": "fedavg",
             "name": "down",
             "rounds": 2,
-            "downlink": {"codec": "quantize", "bits": 8},
+            "downlink": {"codec": "quantize", "bits": 8, "rotation": True},
             "uplink": {"codec": "fp16"},
         },
     ]
