@@ -35,6 +35,7 @@ feedback (:mod:`fedsim.wire.transport`) applies to the biased codecs.
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from typing import Any, ClassVar
@@ -146,14 +147,31 @@ def rotated_length(d: int) -> int:
 
 def hadamard(a: np.ndarray) -> np.ndarray:
     """H a for the d x d Walsh-Hadamard matrix H (Sylvester's order, entries +-1, H H = d I) and
-    a float64 vector ``a`` of d = 2^m values, in d log2 d additions (the fast transform)."""
-    n, h = a.size, 1
-    a = np.asarray(a, dtype=np.float64)
+    a float64 vector ``a`` of d = 2^m values, in O(d log2 d) additions (the fast transform): each
+    block of 16 consecutive values times the 16 x 16 matrix, then the butterflies of the longer
+    strides, in place."""
+    a = np.array(a, dtype=np.float64).reshape(-1)
+    n = a.size
+    block = min(n, 16)
+    if block > 1:  # the butterflies of strides 1..8, as one small product per block
+        a = np.einsum("ij,kj->ki", _sylvester(block), a.reshape(-1, block)).reshape(n)
+    h = block
     while h < n:
         pairs = a.reshape(-1, 2, h)
-        a = np.stack((pairs[:, 0] + pairs[:, 1], pairs[:, 0] - pairs[:, 1]), axis=1)
+        first = pairs[:, 0].copy()
+        pairs[:, 0] += pairs[:, 1]
+        np.subtract(first, pairs[:, 1], out=pairs[:, 1])
         h *= 2
-    return a.reshape(n)
+    return a
+
+
+@functools.cache
+def _sylvester(n: int) -> np.ndarray:
+    """The n x n Walsh-Hadamard matrix (n a power of two), float64 (cached; not to be written)."""
+    h = np.ones((1, 1))
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h
 
 
 def _signs(seed: int, n: int) -> np.ndarray:
@@ -403,9 +421,10 @@ class QSGD(Codec):
         return self._quantize(x, rng)
 
     def _quantize(self, x, rng):
-        norm = np.float32(np.linalg.norm(x.astype(np.float64))) if x.size else np.float32(0)
+        x64 = x.astype(np.float64)
+        norm = np.float32(np.sqrt(np.sum(x64 * x64)))  # not np.linalg.norm: BLAS threads cost ms here
         if norm > 0:
-            r = np.abs(x.astype(np.float64)) / np.float64(norm) * self.levels
+            r = np.abs(x64) / np.float64(norm) * self.levels
             low = np.floor(r)
             level = np.minimum(low + (rng.random(x.size) < r - low), self.levels).astype(np.uint32)
         else:
