@@ -76,7 +76,8 @@ def _real_run_dir(root: Path) -> Path:
     return next(out.iterdir())
 
 
-# (id, argv after "fedsim run" -- may use {tmp}, {mnist}, {file}, {notrun}, {run}, {badyaml}, {list}), needle
+# (id, argv after "fedsim run" -- may use {tmp}, {mnist}, {file}, {notrun}, {run}, {badyaml}, {list};
+# a literal brace is doubled, as str.format reads them), needle
 CASES = [
     ("unknown-dataset", ["--set", "data.dataset=imagenet"], "imagenet"),
     ("unknown-model", ["--set", "model.name=resnet1000"], "resnet1000"),
@@ -142,6 +143,18 @@ CASES = [
     ("resume-not-a-run", ["--resume", "{notrun}"], "not a fedsim run directory"),
     ("resume-other-config", ["--resume", "{run}", "--set", "seed=99"], "different experiment config"),
     ("unknown-flag", ["--bogus-flag"], "bogus"),
+    ("codec-bits-17", ["--set", "runs.0.uplink={{codec: quantize, bits: 17}}"], "runs.0.uplink.bits"),
+    (
+        "codec-fraction-1.5",
+        ["--set", "runs.0.uplink={{codec: topk, fraction: 1.5}}"],
+        "runs.0.uplink.fraction",
+    ),
+    ("codec-rank-0", ["--set", "runs.0.uplink={{codec: powersgd, rank: 0}}"], "runs.0.uplink.rank"),
+    (
+        "codec-on-fedmedian",
+        ["--set", "runs.0.algorithm=fedmedian", "--set", "runs.0.uplink={{codec: sign}}"],
+        "cannot serve fedmedian",
+    ),
 ]
 
 
