@@ -169,6 +169,8 @@ def authors(
         flat = M.pdm_prepare_full_weights_cnn(nets)
         first = averaged(flat, sizes)
         print(f"{seed},fedavg_1,{_accuracy(global_net(first), test_dl):.4f},0", flush=True)
+        if fedprox:  # their FedProx starts from the same average (main.py:1636-1649): its round 1 is FedAvg's
+            print(f"{seed},fedprox_1,{_accuracy(global_net(first), test_dl):.4f},0", flush=True)
         for name, fn in (("fedavg_4", M.fedavg_comm), ("fedprox_4", M.fedprox_comm))[: 1 + fedprox]:
             t = time.time()
             acc = _accuracy(global_net(comm(fn, first, 3, sizes)), test_dl)
@@ -194,7 +196,7 @@ def main() -> None:
     a.add_argument("--clients", type=int, default=8)
     a.add_argument("--epochs", type=int, default=5, help="local epochs")
     a.add_argument("--retrain-epochs", type=int, default=5)
-    a.add_argument("--fedprox", action="store_true", help="also FedProx for 4 rounds")
+    a.add_argument("--fedprox", action="store_true", help="also FedProx at 1 and 4 rounds (mu 0.001)")
     ns = ap.parse_args()
     if ns.cmd == "prepare":
         prepare(ns.out)
