@@ -102,7 +102,6 @@ def authors(
     epochs: int,
     retrain: int,
     fedprox: bool,
-    first_round_only: bool = False,
 ) -> None:
     """Run the authors' pipeline for each seed and print CSV rows (seed, method, accuracy, seconds)."""
     data = data.resolve()
@@ -187,8 +186,6 @@ def authors(
         print(f"{seed},fedavg_1,{_accuracy(global_net(first), test_dl):.4f},0", flush=True)
         if fedprox:  # their FedProx starts from the same average (main.py:1636-1649): its round 1 is FedAvg's
             print(f"{seed},fedprox_1,{_accuracy(global_net(first), test_dl):.4f},0", flush=True)
-        if first_round_only:
-            continue
         for name, fn in (("fedavg_4", M.fedavg_comm), ("fedprox_4", M.fedprox_comm))[: 1 + fedprox]:
             t = time.time()
             acc = _accuracy(global_net(comm(fn, first, 3, sizes)), test_dl)
@@ -345,9 +342,6 @@ def main() -> None:
     a.add_argument("--epochs", type=int, default=5, help="local epochs")
     a.add_argument("--retrain-epochs", type=int, default=5)
     a.add_argument("--fedprox", action="store_true", help="also FedProx at 1 and 4 rounds (mu 0.001)")
-    a.add_argument(
-        "--first-round-only", action="store_true", help="stop after the local models' rows and round 1"
-    )
     st = sub.add_parser("step", help="local training on identical inputs, theirs against fedsim's")
     st.add_argument("checkout", help="a checkout of github.com/IBM/FedMA (commit 4b586a5)")
     st.add_argument("data", type=Path, help="the folder 'prepare' wrote")
@@ -371,10 +365,7 @@ def main() -> None:
         table(ns.authors_csv, ns.fedsim_csv)
     else:
         torch.set_num_threads(1)
-        authors(
-            ns.checkout, ns.data, ns.seeds, ns.clients, ns.epochs, ns.retrain_epochs, ns.fedprox,
-            ns.first_round_only,
-        )  # fmt: skip
+        authors(ns.checkout, ns.data, ns.seeds, ns.clients, ns.epochs, ns.retrain_epochs, ns.fedprox)
 
 
 if __name__ == "__main__":
