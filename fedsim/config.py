@@ -577,6 +577,14 @@ class FullNetworkConfig(RunConfig):
 
     init: Literal["shared", "independent"] = "shared"
     """Round 0's start: the server's initial model (shared) or each client's own initialisation."""
+    independent_weight_decay: float | None = Field(
+        None,
+        exclude_if=lambda v: v is None,  # a run without it dumps (config_json) as before
+        description="L2 weight decay of round 0's local training under init: independent (>= 0); "
+        "null: the run's weight_decay. The FedMA authors' code trains the independent local models "
+        "without weight decay and applies 1e-4 only from round 1 on (IBM/FedMA main.py:109 and :777): "
+        "independent_weight_decay: 0 with weight_decay: 0.0001",
+    )
 
 
 class FedProxConfig(FullNetworkConfig):
@@ -782,6 +790,13 @@ class FedMAConfig(RunConfig):
     """BBP-MAP refinement sweeps over the clients (>= 0; 0: one greedy pass)."""
     retrain_epochs: int | None = None
     """Epochs of the layer-wise retraining; null: ``local_epochs``."""
+    retrain_lr: float | None = Field(
+        None,
+        exclude_if=lambda v: v is None,  # a run without it dumps (config_json) as before
+        description="learning rate of the layer-wise retraining (> 0; the classifier rule appendix_a "
+        "uses a tenth of it); null: lr. The authors' --retrain_lr (IBM/FedMA main.py:54, used at "
+        ":656 and :658); every script of theirs sets it equal to --lr",
+    )
     max_global_neurons: int | None = None
     """Hard cap on a matched layer's global neurons (>= the largest client layer); null: no cap."""
     growth_budget: int | None = None
@@ -803,6 +818,10 @@ class FedMAConfig(RunConfig):
                 raise FedsimError(f"config key '{where}.{key}' must be > 0 (got {getattr(self, key)})")
         if self.iterations < 0:
             raise FedsimError(f"config key '{where}.iterations' must be >= 0 (got {self.iterations})")
+        if self.retrain_lr is not None and not self.retrain_lr > 0:
+            raise FedsimError(
+                f"config key '{where}.retrain_lr' must be > 0 or null (null: the run's lr; got {self.retrain_lr})"
+            )
         if self.growth_budget is not None and self.growth_budget < 1:
             raise FedsimError(
                 f"config key '{where}.growth_budget' must be >= 1 or null (got {self.growth_budget}); "
@@ -1367,6 +1386,16 @@ def validate(cfg: ExperimentConfig) -> None:
         for key in ("momentum", "weight_decay"):
             if not getattr(r, key) >= 0:
                 raise FedsimError(f"config key 'runs.{i}.{key}' must be >= 0 (got {getattr(r, key)})")
+        if isinstance(r, FullNetworkConfig) and r.independent_weight_decay is not None:
+            if not r.independent_weight_decay >= 0:
+                raise FedsimError(
+                    f"config key 'runs.{i}.independent_weight_decay' must be >= 0 (got {r.independent_weight_decay})"
+                )
+            if r.init != "independent":
+                raise FedsimError(
+                    f"config key 'runs.{i}.independent_weight_decay' applies only with init: independent; "
+                    "set runs.{i}.init: independent or remove it".replace("{i}", str(i))
+                )
         if r.name is not None:
             _check_name(r.name, f"runs.{i}.name")
         if r.uplink is not None:

@@ -432,14 +432,18 @@ class Algorithm:
     def plan_round(self, state: ServerState, round: int, cohort: tuple[int, ...]) -> RoundPlan:
         """The plan of ``round`` for the engine-sampled ``cohort`` (same cohort for every algorithm)."""
         c = self.cfg
+        own_init = self.starts_from_own_init(round)
+        # round 0 under init: independent may train without the run's weight decay, as the FedMA
+        # authors' local models (IBM/FedMA main.py:109; independent_weight_decay)
+        own_wd = getattr(c, "independent_weight_decay", None)
         return RoundPlan(
             round=round,
             cohort=cohort,
             local_epochs=c.local_epochs,
             lr=c.lr,
             momentum=c.momentum,
-            weight_decay=c.weight_decay,
-            own_init=self.starts_from_own_init(round),
+            weight_decay=own_wd if own_init and own_wd is not None else c.weight_decay,
+            own_init=own_init,
         )
 
     def downlink(self, state: ServerState, plan: RoundPlan) -> P.Params:

@@ -12,10 +12,12 @@ rounds, each a row of rounds.parquet (``phase``/``layer`` columns). With ``p, k 
 * 0 < k < N-1: the server has sent global layer k-1 and each client its assignment a_j (int32 per
   local neuron). The client puts the global layer in place of its own, moves its layer k's input
   axis to global positions (zero-padded), freezes layers 0..k-1, retrains layers k.. for
-  ``retrain_epochs`` and uploads layer k, which the server matches.
+  ``retrain_epochs`` at ``retrain_lr`` (null: ``lr``; the authors' ``--retrain_lr``) and uploads
+  layer k, which the server matches.
 * k = N-1: as above, but only the classifier is left to train, with weight decay 1e-4 and, under
-  ``classifier_retrain: appendix_a`` (the default for CNNs), lr / 10 and 3x the epochs (paper,
-  Appendix A), or under ``plain`` (the default for LSTMs) the run's lr and the retrain epochs. The client uploads the classifier and its class counts; the
+  ``classifier_retrain: appendix_a`` (the default for CNNs), retrain_lr / 10 and 3x the epochs
+  (paper, Appendix A), or under ``plain`` (the default for LSTMs) retrain_lr and the retrain
+  epochs. The client uploads the classifier and its class counts; the
   server averages class k's column weighted by n_jk / sum_j n_jk (a class absent everywhere gets
   the plain mean). The global model (matched layers + classifier) is evaluated.
 
@@ -247,6 +249,7 @@ class FedMA(Algorithm):
         c = self.cfg
         k = round % self.N
         retrain = c.retrain_epochs or c.local_epochs
+        retrain_lr = c.lr if c.retrain_lr is None else c.retrain_lr  # IBM/FedMA main.py:54, --retrain_lr
         if k == 0:
             return RoundPlan(
                 round=round,
@@ -266,7 +269,7 @@ class FedMA(Algorithm):
                 round=round,
                 cohort=cohort,
                 local_epochs=retrain,
-                lr=c.lr,
+                lr=retrain_lr,
                 momentum=c.momentum,
                 weight_decay=0.0,
                 phase="match",
@@ -276,9 +279,9 @@ class FedMA(Algorithm):
                 evaluate=False,
             )
         if self.classifier_rule == "appendix_a":  # paper App. A; IBM/FedMA main.py, local_retrain
-            epochs, lr = 3 * retrain, c.lr / 10
-        else:  # IBM/FedMA language_modeling/lstm_fedma_with_comm.py: the decoder at the run's lr
-            epochs, lr = retrain, c.lr
+            epochs, lr = 3 * retrain, retrain_lr / 10
+        else:  # IBM/FedMA language_modeling/lstm_fedma_with_comm.py: the decoder at its one lr
+            epochs, lr = retrain, retrain_lr
         return RoundPlan(
             round=round,
             cohort=cohort,

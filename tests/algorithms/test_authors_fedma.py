@@ -28,6 +28,7 @@ from fedsim.algorithms import fedma as fedma_module
 from fedsim.algorithms.fedma import CLASS_COUNTS, PFNM, FedMA, average_classifier, match_layer
 from fedsim.data import load_federated
 from fedsim.data.partition import hetero_dir
+from fedsim.errors import FedsimError
 from fedsim.matching import permute_units
 from tests.helpers import result, tiny_experiment
 
@@ -298,3 +299,47 @@ def test_fedavg_first_round_from_independent_inits_is_the_authors_average():
         close(out[k], fix[f"fedavg/{k}"], k)
     uniform = P.weighted_mean([r.upload for r in results], [1] * J)
     assert not np.allclose(uniform["fc2.bias"].numpy(), fix["fedavg/fc2.bias"], rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedprox"])
+def test_independent_weight_decay_trains_round_0_as_the_authors_local_models(algorithm):
+    """``independent_weight_decay: 0`` with ``weight_decay: 1e-4``: round 0 (the independent local
+    models) trains with the weight decay of the authors' ``train_net`` (recorded from the optimiser
+    it built: 0), every later round with the run's 1e-4 (their ``local_retrain_fedavg`` and
+    ``local_retrain_fedprox``, IBM/FedMA main.py:777 and :891); without the key round 0 keeps 1e-4."""
+    fix = load("lenet_local.npz")
+    authors_round0 = fix["local_opt"][2]
+    assert authors_round0 == 0.0
+    run = {"init": "independent", "rounds": 4, "weight_decay": 1e-4, "lr": 0.01, "momentum": 0.9}
+    algo = lenet_experiment(algorithm, independent_weight_decay=0.0, **run)
+    state = algo.init_state({})
+    plans = [algo.plan_round(state, r, tuple(range(J))) for r in range(4)]
+    assert plans[0].own_init and plans[0].weight_decay == authors_round0
+    assert [p.weight_decay for p in plans[1:]] == [1e-4] * 3
+    default = lenet_experiment(algorithm, **run).plan_round(state, 0, tuple(range(J)))
+    assert default.own_init and default.weight_decay == 1e-4
+
+
+def test_independent_weight_decay_is_checked():
+    with pytest.raises(FedsimError, match=r"runs\.0\.independent_weight_decay.*init: independent"):
+        lenet_experiment("fedavg", independent_weight_decay=0.0)
+    with pytest.raises(FedsimError, match=r"runs\.0\.independent_weight_decay' must be >= 0"):
+        lenet_experiment("fedavg", init="independent", independent_weight_decay=-1.0)
+
+
+def test_fedma_retrain_lr_is_the_authors_retrain_lr():
+    """``retrain_lr`` (the authors' ``--retrain_lr``) sets the lr of the layer-wise retraining and,
+    divided by 10, of the classifier's (main.py:656 and :658), while round 0's local training keeps
+    ``lr`` (their ``train_net`` uses ``--lr``): with lr 0.05 and retrain_lr 0.01, the retraining
+    plans carry the optimiser settings the fixture recorded from their code run with retrain lr
+    0.01."""
+    ref = load("fedma_lenet.npz")
+    algo = lenet_experiment("fedma", local_epochs=2, retrain_epochs=1, lr=0.05, retrain_lr=0.01)
+    state = algo.init_state({})
+    assert algo.plan_round(state, 0, tuple(range(J))).lr == 0.05
+    for k in (1, 2, 3):
+        plan = algo.plan_round(state, k, tuple(range(J)))
+        got = [plan.lr, plan.momentum, plan.weight_decay, plan.local_epochs]
+        assert got == pytest.approx(ref[f"step{k - 1}/retrain0/opt"]), f"round {k}"
+    with pytest.raises(FedsimError, match=r"runs\.0\.retrain_lr' must be > 0"):
+        lenet_experiment("fedma", retrain_lr=0.0)
