@@ -1394,7 +1394,7 @@ def validate(cfg: ExperimentConfig) -> None:
             if r.init != "independent":
                 raise FedsimError(
                     f"config key 'runs.{i}.independent_weight_decay' applies only with init: independent; "
-                    "set runs.{i}.init: independent or remove it".replace("{i}", str(i))
+                    f"set runs.{i}.init: independent or remove it"
                 )
         if r.name is not None:
             _check_name(r.name, f"runs.{i}.name")
