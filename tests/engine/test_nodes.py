@@ -1,7 +1,13 @@
-"""Several Ray nodes on this machine (``ray.cluster_utils.Cluster``: a head and two nodes of 1 CPU,
-each with its own raylet and object store), and one of them lost mid-run with every process on
-it. Slow (a minute on 2 cores): deselected by default, run with ``pytest -m slow``. The fast
-stand-in for the same fault is
+"""Several Ray nodes on this machine (``ray.cluster_utils.Cluster``: a head and more nodes, each
+with its own raylet and object store, started in a subprocess with its own Ray temp directory):
+the workers spread over the nodes, a node lost mid-run with every process on it, a node added
+mid-run, and the node holding the driver lost. Every run's tables must equal the sequential
+backend's (which equals a single-node Ray run's:
+``tests/engine/test_engine.py::test_ray_backend_equals_sequential_backend``), apart from the
+``worker`` and ``attempt`` columns.
+
+The placement test runs by default (about 20 s on 2 cores); the others are slow (deselected by
+default, run with ``pytest -m slow``). The fast stand-in for a lost node is
 ``tests/engine/test_faults.py::test_a_replacement_that_cannot_be_placed_never_holds_up_a_round``."""
 
 from __future__ import annotations
@@ -21,68 +27,117 @@ from fedsim.engine import api
 from tests.helpers import WIDTHS, run_all, tables
 
 ROOT = Path(__file__).resolve().parents[2]
-ROUNDS = 12
-LOST_AFTER = 3  # the node goes once round 3's event arrives (a later round is in flight)
 
-EXPERIMENT = {
-    "name": "nodes",
-    "seed": 1,
-    "data": {"dataset": "digits", "partition": "iid", "num_clients": 30},
-    "model": {"name": "digits_cnn", "widths": WIDTHS},
-    "engine": {"backend": "ray", "clients_per_round": 10, "num_workers": 3},
-    "runs": [{"algorithm": "fedavg", "rounds": ROUNDS, "local_epochs": 2, "lr": 0.05, "batch_size": 10}],
-}
 
+def experiment(rounds: int, epochs: int = 1, num_workers: int | str = 3) -> dict:
+    """FedAvg on digits, 30 clients, 10 a round, over ``num_workers`` workers of 1 CPU."""
+    return {
+        "name": "nodes",
+        "seed": 1,
+        "data": {"dataset": "digits", "partition": "iid", "num_clients": 30},
+        "model": {"name": "digits_cnn", "widths": WIDTHS},
+        "engine": {"backend": "ray", "clients_per_round": 10, "num_workers": num_workers},
+        "runs": [
+            {"algorithm": "fedavg", "rounds": rounds, "local_epochs": epochs, "lr": 0.05, "batch_size": 10}
+        ],
+    }
+
+
+# Runs an experiment on a local multi-node cluster. argv[1] is a JSON plan: "head" and "nodes"
+# (CPUs of the head and of each other node), "experiment", "out" (the runs directory), and
+# optionally "at_round" with "action": "remove" (node 1 lost, its raylet and every process on it),
+# "add" (a node of 1 CPU added, as an autoscaler would) or "lose_driver" (the node running the
+# driver lost, with this process, which runs on it). Prints one RESULT line.
 SCRIPT = """
-import json, sys
+import json, os, sys
 import ray
 from ray.cluster_utils import Cluster
 from fedsim import config
-from fedsim.engine import api
+from fedsim.engine import api, pool
 
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 80 << 20})
-nodes = [cluster.add_node(num_cpus=1, object_store_memory=80 << 20) for _ in range(2)]
+plan = json.loads(sys.argv[1])
+store = 80 << 20
+lean = {"object_store_memory": store, "include_log_monitor": False}  # fewer processes: a faster start
+cluster = Cluster(
+    initialize_head=True, head_node_args={"num_cpus": plan["head"], "include_dashboard": False, **lean}
+)
+nodes = [cluster.add_node(num_cpus=n, **lean) for n in plan["nodes"]]
 cluster.connect()
-cfg = config.parse(json.loads(sys.argv[1]))
-run_dir = api.new_run_dir(sys.argv[2], cfg.name)
-lost = None
+started = []
+start_workers = pool.start_workers
+pool.start_workers = lambda *a: started.extend(start_workers(*a)) or started  # to ask where they run
+cfg = config.parse(plan["experiment"])
+run_dir = api.new_run_dir(plan["out"], cfg.name)
+out = {"run_dir": str(run_dir), "driver": ray.get_runtime_context().get_node_id()}
 for e in api.execute(cfg, api.prepare(cfg), run_dir):
-    if e["kind"] == "round" and e["round"] == int(sys.argv[3]):
-        lost = nodes[0].node_id
-        cluster.remove_node(nodes[0], allow_graceful=False)  # its raylet and every process on it
-print("RESULT", json.dumps({"run_dir": str(run_dir), "lost": lost}), flush=True)
+    if e["kind"] != "round":
+        continue
+    if "worker_nodes" not in out:
+        out["worker_nodes"] = ray.get([w.node_id.remote() for w in started])
+    if e["round"] == plan.get("at_round"):
+        if plan["action"] == "remove":
+            out["lost"] = nodes[0].node_id
+            cluster.remove_node(nodes[0], allow_graceful=False)
+        elif plan["action"] == "add":
+            out["added"] = cluster.add_node(num_cpus=1, **lean).node_id
+        elif plan["action"] == "lose_driver":
+            (node,) = [n for n in cluster.list_all_nodes() if n.node_id == out["driver"]]
+            print("RESULT", json.dumps(out), flush=True)
+            cluster.remove_node(node, allow_graceful=False)
+            for n in cluster.list_all_nodes():  # the rest of this test's cluster, not a part of the test
+                cluster.remove_node(n, allow_graceful=False)
+            os._exit(137)  # this process was on the lost node
+print("RESULT", json.dumps(out), flush=True)
 ray.shutdown()
 cluster.shutdown()
 """
 
 
-@pytest.mark.slow
-def test_a_node_lost_mid_run_loses_no_round_and_gives_the_uninterrupted_tables(tmp_path):
-    with tempfile.TemporaryDirectory(prefix="fs31n-", dir="/tmp") as ray_tmp:  # Ray's sockets: short path
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        env.update(RAY_TMPDIR=ray_tmp, PYTHONPATH=str(ROOT))  # Cluster records itself there
-        r = subprocess.run(
-            [sys.executable, "-c", SCRIPT, json.dumps(EXPERIMENT), str(tmp_path / "runs"), str(LOST_AFTER)],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-    assert r.returncode == 0, r.stderr[-3000:]
-    (line,) = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]  # Ray prints too
-    out = json.loads(line.removeprefix("RESULT "))
-    assert out["lost"]  # the node was removed (its workers' clients are retried, below)
-    lost = tables(Path(out["run_dir"]))
-
-    cfg = config.parse(EXPERIMENT)
-    run_all(cfg, api.prepare(cfg), tmp_path / "clean")  # the sequential backend: same results
-    clean = tables(tmp_path / "clean")
-    assert lost["rounds"]["round"].tolist() == list(range(ROUNDS))  # none lost, none twice
-    for name in ("runs", "rounds"):
-        pd.testing.assert_frame_equal(lost[name], clean[name], check_dtype=False, obj=name)
-    pd.testing.assert_frame_equal(
-        lost["clients"].drop(columns="attempt"), clean["clients"].drop(columns="attempt"), check_dtype=False
+def on_cluster(plan: dict, ray_tmp: str, expect_rc: int = 0) -> dict:
+    """Run :data:`SCRIPT` with ``plan`` in a subprocess whose Ray files go under ``ray_tmp``; its
+    RESULT mapping."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=ray_tmp, PYTHONPATH=str(ROOT))  # Cluster records itself there
+    r = subprocess.run(
+        [sys.executable, "-c", SCRIPT, json.dumps(plan)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
-    retried = lost["clients"][lost["clients"].attempt > 0]
-    assert len(retried) > 0 and retried["round"].min() > LOST_AFTER  # retried on a surviving worker
+    assert r.returncode == expect_rc, r.stderr[-3000:]
+    (line,) = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]  # Ray prints too
+    return json.loads(line.removeprefix("RESULT "))
+
+
+@pytest.fixture
+def ray_tmp():
+    """A private Ray temp directory for a test's cluster (a short path: Ray's sockets live there)."""
+    with tempfile.TemporaryDirectory(prefix="fs31n-", dir="/tmp") as d:
+        yield d
+
+
+def sequential_tables(raw: dict, out: Path) -> dict[str, pd.DataFrame]:
+    """The tables of ``raw`` run on the sequential backend."""
+    cfg = config.parse({**raw, "engine": {**raw["engine"], "backend": "sequential"}})
+    run_all(cfg, api.prepare(cfg), out)
+    return tables(out)
+
+
+def assert_same_tables(got: dict, want: dict) -> None:
+    """The runs, rounds and clients tables agree, apart from ``worker`` (dropped by
+    :func:`tests.helpers.tables`) and ``attempt``."""
+    assert got["rounds"]["round"].tolist() == want["rounds"]["round"].tolist()  # none lost, none twice
+    for name in ("runs", "rounds", "clients"):
+        a, b = (t[name].drop(columns=["attempt", "config_json"], errors="ignore") for t in (got, want))
+        pd.testing.assert_frame_equal(a, b, check_dtype=False, obj=name)
+
+
+def test_workers_spread_over_the_nodes_and_the_tables_equal_a_single_node_run(tmp_path, ray_tmp):
+    # Three nodes of 3 CPUs: Ray's default policy would put two workers on the head (the local
+    # node takes work until half its CPUs are in use); SPREAD puts one on each.
+    raw = experiment(rounds=3)
+    out = on_cluster({"head": 3, "nodes": [3, 3], "experiment": raw, "out": str(tmp_path / "runs")}, ray_tmp)
+    assert len(set(out["worker_nodes"])) == 3, out
+    assert_same_tables(tables(Path(out["run_dir"])), sequential_tables(raw, tmp_path / "seq"))
