@@ -45,9 +45,10 @@ def experiment(rounds: int, epochs: int = 1, num_workers: int | str = 3) -> dict
 
 # Runs an experiment on a local multi-node cluster. argv[1] is a JSON plan: "head" and "nodes"
 # (CPUs of the head and of each other node), "experiment", "out" (the runs directory), and
-# optionally "at_round" with "action": "remove" (node 1 lost, its raylet and every process on it),
-# "add" (a node of 1 CPU added, as an autoscaler would) or "lose_driver" (the node running the
-# driver lost, with this process, which runs on it). Prints one RESULT line.
+# optionally "at_round" (-1: at the run's start event) with "action": "remove" (node 1 lost, its
+# raylet and every process on it), "add" (a node of 1 CPU added, as an autoscaler would) or
+# "lose_driver" (the node running the driver lost, with this process, which runs on it: exit
+# 137). Prints one RESULT line.
 SCRIPT = """
 import json, os, sys
 import ray
@@ -62,6 +63,7 @@ cluster = Cluster(
     initialize_head=True, head_node_args={"num_cpus": plan["head"], "include_dashboard": False, **lean}
 )
 nodes = [cluster.add_node(num_cpus=n, **lean) for n in plan["nodes"]]
+os.environ["RAY_ADDRESS"] = cluster.address  # never another cluster of this machine
 cluster.connect()
 started = []
 start_workers = pool.start_workers
@@ -70,22 +72,22 @@ cfg = config.parse(plan["experiment"])
 run_dir = api.new_run_dir(plan["out"], cfg.name)
 out = {"run_dir": str(run_dir), "driver": ray.get_runtime_context().get_node_id()}
 for e in api.execute(cfg, api.prepare(cfg), run_dir):
-    if e["kind"] != "round":
+    if e["kind"] not in ("start", "round"):
         continue
     if "worker_nodes" not in out:
         out["worker_nodes"] = ray.get([w.node_id.remote() for w in started])
-    if e["round"] == plan.get("at_round"):
+    if e.get("round", -1) == plan.get("at_round"):
         if plan["action"] == "remove":
             out["lost"] = nodes[0].node_id
             cluster.remove_node(nodes[0], allow_graceful=False)
         elif plan["action"] == "add":
             out["added"] = cluster.add_node(num_cpus=1, **lean).node_id
         elif plan["action"] == "lose_driver":
-            (node,) = [n for n in cluster.list_all_nodes() if n.node_id == out["driver"]]
             print("RESULT", json.dumps(out), flush=True)
-            cluster.remove_node(node, allow_graceful=False)
-            for n in cluster.list_all_nodes():  # the rest of this test's cluster, not a part of the test
-                cluster.remove_node(n, allow_graceful=False)
+            lost = [n for n in cluster.list_all_nodes() if n.node_id == out["driver"]]
+            rest = [n for n in cluster.list_all_nodes() if n.node_id != out["driver"]]
+            for n in lost + rest:  # the driver's node; then the rest of this test's cluster
+                n.kill_all_processes(check_alive=False, allow_graceful=False, wait=True)
             os._exit(137)  # this process was on the lost node
 print("RESULT", json.dumps(out), flush=True)
 ray.shutdown()
@@ -141,3 +143,56 @@ def test_workers_spread_over_the_nodes_and_the_tables_equal_a_single_node_run(tm
     out = on_cluster({"head": 3, "nodes": [3, 3], "experiment": raw, "out": str(tmp_path / "runs")}, ray_tmp)
     assert len(set(out["worker_nodes"])) == 3, out
     assert_same_tables(tables(Path(out["run_dir"])), sequential_tables(raw, tmp_path / "seq"))
+
+
+LOST_AFTER = 3  # the node goes once round 3's event arrives (a later round is in flight)
+
+
+@pytest.mark.slow
+def test_a_node_lost_mid_run_loses_no_round_and_gives_the_uninterrupted_tables(tmp_path, ray_tmp):
+    raw = experiment(rounds=12, epochs=2)  # a head and two nodes of 1 CPU, a worker on each
+    plan = {"head": 1, "nodes": [1, 1], "experiment": raw, "out": str(tmp_path / "runs")}
+    out = on_cluster({**plan, "at_round": LOST_AFTER, "action": "remove"}, ray_tmp)
+    assert out["lost"] in out["worker_nodes"]  # the node was removed with a worker on it
+    lost = tables(Path(out["run_dir"]))
+    assert_same_tables(lost, sequential_tables(raw, tmp_path / "seq"))
+    retried = lost["clients"][lost["clients"].attempt > 0]
+    assert len(retried) > 0 and retried["round"].min() > LOST_AFTER  # retried on a surviving worker
+
+
+@pytest.mark.slow
+def test_a_node_added_mid_run_grows_an_auto_pool_and_changes_no_result(tmp_path, ray_tmp):
+    # A head and a node of 1 CPU: 2 workers; a node of 1 CPU added once the run has started.
+    # Rounds of a few tens of milliseconds, enough of them for the node to register and a third
+    # worker to start (seconds) long before the end.
+    raw = experiment(rounds=200, num_workers="auto")
+    raw["engine"].update(eval_every=50, checkpoint_every=50)
+    plan = {"head": 1, "nodes": [1], "experiment": raw, "out": str(tmp_path / "runs")}
+    out = on_cluster({**plan, "at_round": -1, "action": "add"}, ray_tmp)
+    assert len(out["worker_nodes"]) == 2 and out["added"]
+    workers = pd.read_parquet(Path(out["run_dir"]) / "clients.parquet").groupby("round")["worker"].unique()
+    assert set(workers.iloc[0]) == {"worker-0", "worker-1"}
+    assert "worker-2" in set(workers.iloc[-1])  # a third worker: it needs the added node's CPU
+    assert_same_tables(tables(Path(out["run_dir"])), sequential_tables(raw, tmp_path / "seq"))
+
+
+@pytest.mark.slow
+def test_the_driver_node_lost_then_fedsim_run_resume_gives_the_uninterrupted_tables(tmp_path, ray_tmp):
+    raw = experiment(rounds=8, num_workers="auto")  # 3 workers here, 2 on the resuming machine
+    raw["engine"]["checkpoint_every"] = 2
+    plan = {"head": 1, "nodes": [1, 1], "experiment": raw, "out": str(tmp_path / "runs")}
+    out = on_cluster({**plan, "at_round": 4, "action": "lose_driver"}, ray_tmp, expect_rc=137)
+    run_dir = Path(out["run_dir"])
+    assert pd.read_parquet(run_dir / "rounds.parquet")["round"].max() < 7  # it stopped mid-run
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=ray_tmp, PYTHONPATH=str(ROOT))  # a new local Ray, on another machine
+    r = subprocess.run(
+        [sys.executable, "-m", "fedsim.cli", "run", "--resume", str(run_dir), "--no-progress"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_tables(tables(run_dir), sequential_tables(raw, tmp_path / "seq"))
