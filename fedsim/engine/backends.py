@@ -34,9 +34,9 @@ from fedsim.engine.pool import (
     in_placement_group,
     make_worker_class,
     pool_size,
+    room_for,
     spawn_worker,
     start_workers,
-    workers_fit,
 )
 from fedsim.errors import FedsimError
 from fedsim.wire import decode_broadcast, encode_results
@@ -280,7 +280,7 @@ class RayBackend(_RoundBackend):
     takes seconds, and counting it would drop, or fail, the first round's clients, those retried
     after a worker died, and those of each round after a replacement. A replacement whose
     resources the cluster no longer has (its node lost) is not waited for: the deadline counts
-    again once the cluster's resources no longer fit the pool (:meth:`_wait_joining`).
+    again once the resources for the pool are gone (:meth:`_wait_joining`).
 
     Placement and growth: the workers are spread over the nodes (:func:`fedsim.engine.pool.spawn_worker`).
     With ``engine.num_workers: auto`` (outside a sweep trial's placement group) the pool grows
@@ -371,14 +371,13 @@ class RayBackend(_RoundBackend):
         return self._replaced[key]
 
     def _wait_joining(self, worker: Any, poll_s: float = 1.0) -> None:
-        """Block until ``worker``, a replacement, has started, but only while the cluster's
-        resources fit the whole pool (:func:`fedsim.engine.pool.workers_fit`): once they no
-        longer do (its node lost, and Ray has noticed), it may never start, and the caller
-        goes on. Checked every ``poll_s`` seconds."""
-        ray = self._ray
+        """Block until ``worker``, a replacement, has started, but only while the resources for
+        the whole pool are there (:func:`fedsim.engine.pool.room_for`): once they are not (its
+        node lost, and Ray has noticed), it may never start, and the caller goes on. Checked
+        every ``poll_s`` seconds."""
         ref = self._joining.get(worker._actor_id.hex())
-        while ref is not None and not ray.wait([ref], timeout=poll_s)[0]:
-            if workers_fit(self.experiment, ray.cluster_resources()) < len(self.workers):
+        while ref is not None and not self._ray.wait([ref], timeout=poll_s)[0]:
+            if not room_for(self.experiment, len(self.workers)):
                 return
 
     def _grow(self) -> None:

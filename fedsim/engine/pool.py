@@ -68,6 +68,21 @@ def in_placement_group() -> bool:
     return get_current_placement_group() is not None
 
 
+def room_for(experiment: ExperimentConfig, workers: int) -> bool:
+    """Whether the resources for a pool of ``workers`` ClientWorkers are there now: inside a
+    placement group (a ``fedsim sweep`` trial), whether every bundle of the group is placed (Ray
+    re-places a lost node's bundles, the group ``RESCHEDULING`` meanwhile); elsewhere, whether the
+    cluster's resources fit them (:func:`workers_fit`). A lost node's CPUs leave the totals once
+    Ray has noticed the node gone (seconds)."""
+    import ray
+    from ray.util.placement_group import get_current_placement_group, placement_group_table
+
+    group = get_current_placement_group()
+    if group is not None:
+        return placement_group_table(group).get("state") == "CREATED"
+    return workers_fit(experiment, ray.cluster_resources()) >= workers
+
+
 def make_worker_class():
     """The ClientWorker actor class (defined on first use: ``ray`` is imported only then)."""
     import ray
