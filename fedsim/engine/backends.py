@@ -215,7 +215,7 @@ def sends_inline(nbytes: int, calls: int, inline_bytes: int) -> bool:
 TASKS_IN_FLIGHT = 2  # per worker, when every client is its own call (timeout_policy: drop)
 GROW_CHECK_S = 1.0
 """Seconds between two looks at the cluster's resources for nodes added mid-run (``num_workers:
-auto``; :meth:`RayBackend._grow`): a look is one request to Ray's GCS, a millisecond or two."""
+auto``; :meth:`RayBackend._grow`): a look (``ray.cluster_resources()``) took 0.3 ms on a local Ray."""
 
 
 @dataclass

@@ -1,13 +1,14 @@
 """Several Ray nodes on this machine (``ray.cluster_utils.Cluster``: a head and more nodes, each
 with its own raylet and object store, started in a subprocess with its own Ray temp directory):
 the workers spread over the nodes, a node lost mid-run with every process on it, a node added
-mid-run, and the node holding the driver lost. Every run's tables must equal the sequential
-backend's (which equals a single-node Ray run's:
+mid-run, the node holding the driver lost, and a sweep losing a node. Every run's tables must
+equal the sequential backend's (which equals a single-node Ray run's:
 ``tests/engine/test_engine.py::test_ray_backend_equals_sequential_backend``), apart from the
 ``worker`` and ``attempt`` columns.
 
-The placement test runs by default (about 20 s on 2 cores); the others are slow (deselected by
-default, run with ``pytest -m slow``). The fast stand-in for a lost node is
+The placement test runs by default (48 s on 2 cores shared with other jobs, load average 10);
+the others are slow (deselected by default, run with ``pytest -m slow``; 4 minutes together there).
+The fast stand-in for a lost node is
 ``tests/engine/test_faults.py::test_a_replacement_that_cannot_be_placed_never_holds_up_a_round``."""
 
 from __future__ import annotations
