@@ -6,8 +6,9 @@ equal the sequential backend's (which equals a single-node Ray run's:
 ``tests/engine/test_engine.py::test_ray_backend_equals_sequential_backend``), apart from the
 ``worker`` and ``attempt`` columns.
 
-The placement test runs by default (48 s on 2 cores shared with other jobs, load average 10);
-the others are slow (deselected by default, run with ``pytest -m slow``; 4 minutes together there).
+The placement test runs by default (27 s on 2 cores shared with other jobs at load average 4,
+48 s at 10); the others are slow (deselected by default, run with ``pytest -m slow``; 3 minutes
+together at load average 4, 4 at 10).
 The fast stand-in for a lost node is
 ``tests/engine/test_faults.py::test_a_replacement_that_cannot_be_placed_never_holds_up_a_round``."""
 
@@ -46,10 +47,11 @@ def experiment(rounds: int, epochs: int = 1, num_workers: int | str = 3) -> dict
 
 # Runs an experiment on a local multi-node cluster. argv[1] is a JSON plan: "head" and "nodes"
 # (CPUs of the head and of each other node), "experiment", "out" (the runs directory), and
-# optionally "at_round" (-1: at the run's start event) with "action": "remove" (node 1 lost, its
-# raylet and every process on it), "add" (a node of 1 CPU added, as an autoscaler would) or
-# "lose_driver" (the node running the driver lost, with this process, which runs on it: exit
-# 137). Prints one RESULT line.
+# optionally "at_round" (a round, after its event arrives, or "pool": once the pool's workers are
+# started, before the run's first round) with "action": "remove" (node 1 lost, its raylet and
+# every process on it), "add" (a node of 1 CPU added, as an autoscaler would) or "lose_driver"
+# (the node running the driver lost, with this process, which runs on it: exit 137). Prints one
+# RESULT line.
 SCRIPT = """
 import json, os, sys
 import ray
@@ -66,30 +68,45 @@ cluster = Cluster(
 nodes = [cluster.add_node(num_cpus=n, **lean) for n in plan["nodes"]]
 os.environ["RAY_ADDRESS"] = cluster.address  # never another cluster of this machine
 cluster.connect()
-started = []
-start_workers = pool.start_workers
-pool.start_workers = lambda *a: started.extend(start_workers(*a)) or started  # to ask where they run
 cfg = config.parse(plan["experiment"])
 run_dir = api.new_run_dir(plan["out"], cfg.name)
 out = {"run_dir": str(run_dir), "driver": ray.get_runtime_context().get_node_id()}
+
+
+def act():
+    if plan["action"] == "remove":
+        out["lost"] = nodes[0].node_id
+        cluster.remove_node(nodes[0], allow_graceful=False)
+    elif plan["action"] == "add":
+        out["added"] = cluster.add_node(num_cpus=1, **lean).node_id
+    elif plan["action"] == "lose_driver":
+        print("RESULT", json.dumps(out), flush=True)
+        lost = [n for n in cluster.list_all_nodes() if n.node_id == out["driver"]]
+        rest = [n for n in cluster.list_all_nodes() if n.node_id != out["driver"]]
+        for n in lost + rest:  # the driver's node; then the rest of this test's cluster
+            n.kill_all_processes(check_alive=False, allow_graceful=False, wait=True)
+        os._exit(137)  # this process was on the lost node
+
+
+started = []
+start_workers = pool.start_workers
+
+
+def start_then_act(*args):  # the pool's workers, kept to ask where they run
+    started.extend(start_workers(*args))
+    if plan.get("at_round") == "pool":
+        act()
+    return started
+
+
+pool.start_workers = start_then_act
 for e in api.execute(cfg, api.prepare(cfg), run_dir):
-    if e["kind"] not in ("start", "round"):
+    if e["kind"] != "round":
         continue
     if "worker_nodes" not in out:
         out["worker_nodes"] = ray.get([w.node_id.remote() for w in started])
-    if e.get("round", -1) == plan.get("at_round"):
-        if plan["action"] == "remove":
-            out["lost"] = nodes[0].node_id
-            cluster.remove_node(nodes[0], allow_graceful=False)
-        elif plan["action"] == "add":
-            out["added"] = cluster.add_node(num_cpus=1, **lean).node_id
-        elif plan["action"] == "lose_driver":
-            print("RESULT", json.dumps(out), flush=True)
-            lost = [n for n in cluster.list_all_nodes() if n.node_id == out["driver"]]
-            rest = [n for n in cluster.list_all_nodes() if n.node_id != out["driver"]]
-            for n in lost + rest:  # the driver's node; then the rest of this test's cluster
-                n.kill_all_processes(check_alive=False, allow_graceful=False, wait=True)
-            os._exit(137)  # this process was on the lost node
+    if e["round"] == plan.get("at_round"):
+        act()
 print("RESULT", json.dumps(out), flush=True)
 ray.shutdown()
 cluster.shutdown()
@@ -163,13 +180,13 @@ def test_a_node_lost_mid_run_loses_no_round_and_gives_the_uninterrupted_tables(t
 
 @pytest.mark.slow
 def test_a_node_added_mid_run_grows_an_auto_pool_and_changes_no_result(tmp_path, ray_tmp):
-    # A head and a node of 1 CPU: 2 workers; a node of 1 CPU added once the run has started.
+    # A head and a node of 1 CPU: 2 workers; a node of 1 CPU added once they are started.
     # Rounds of a few tens of milliseconds, enough of them for the node to register and a third
-    # worker to start (seconds) long before the end.
-    raw = experiment(rounds=200, num_workers="auto")
+    # worker to start (seconds) long before the end (it joined at round 96 of 300 here).
+    raw = experiment(rounds=300, num_workers="auto")
     raw["engine"].update(eval_every=50, checkpoint_every=50)
     plan = {"head": 1, "nodes": [1], "experiment": raw, "out": str(tmp_path / "runs")}
-    out = on_cluster({**plan, "at_round": -1, "action": "add"}, ray_tmp)
+    out = on_cluster({**plan, "at_round": "pool", "action": "add"}, ray_tmp)
     assert len(out["worker_nodes"]) == 2 and out["added"]
     workers = pd.read_parquet(Path(out["run_dir"]) / "clients.parquet").groupby("round")["worker"].unique()
     assert set(workers.iloc[0]) == {"worker-0", "worker-1"}
