@@ -63,6 +63,12 @@ list of the trial's ``--set`` strings)."""
 ENDED = ("finished", "diverged", "failed")
 """Trial statuses that ``--resume`` keeps."""
 
+TRIAL_RESTARTS = 2
+"""Times a trial whose process died (its node lost with it, or the process killed: Ray Tune
+reports the trial's actor dead) is started again; it resumes from the checkpoints of its
+experiment directory (:func:`run_trial`). A trial's own failures (bad input, a client's training
+failing) are results, never restarted."""
+
 DRIVER_CPUS = 0.0
 """CPUs of a trial's driver bundle. fedsim's driver actor asks Ray for none (``fedsim run``'s
 does not either: it is niced and overlaps its evaluation with the workers' training, see
@@ -686,6 +692,9 @@ def _progress_callback(index: Index, plan: Plan, bar, done: dict[str, float]):
                 r.get("wall_seconds"),
             )
 
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            say(f"fedsim: {trial.config['trial_id']}'s process died; starting it again from its checkpoints")
+
         def on_trial_error(self, iteration, trials, trial, **info):
             err = trial.get_error()
             text = (
@@ -818,7 +827,7 @@ def execute_sweep(
             verbose=0,
             log_to_file=False,
             callbacks=[_progress_callback(index, plan, bar, done)],
-            failure_config=tune.FailureConfig(max_failures=0),
+            failure_config=tune.FailureConfig(max_failures=TRIAL_RESTARTS),
         ),
     )
     tune_logger = logging.getLogger("ray.tune")

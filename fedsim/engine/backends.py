@@ -29,7 +29,15 @@ from fedsim.algorithms import ClientResult, ClientTask
 from fedsim.config import ExperimentConfig, RunConfig
 from fedsim.data.base import FederatedDataset
 from fedsim.engine.client import ClientRunner, set_threads
-from fedsim.engine.pool import RAY_INLINE_BYTES, make_worker_class, spawn_worker, start_workers
+from fedsim.engine.pool import (
+    RAY_INLINE_BYTES,
+    in_placement_group,
+    make_worker_class,
+    pool_size,
+    room_for,
+    spawn_worker,
+    start_workers,
+)
 from fedsim.errors import FedsimError
 from fedsim.wire import decode_broadcast, encode_results
 
@@ -205,6 +213,9 @@ def sends_inline(nbytes: int, calls: int, inline_bytes: int) -> bool:
 
 
 TASKS_IN_FLIGHT = 2  # per worker, when every client is its own call (timeout_policy: drop)
+GROW_CHECK_S = 1.0
+"""Seconds between two looks at the cluster's resources for nodes added mid-run (``num_workers:
+auto``; :meth:`RayBackend._grow`): a look (``ray.cluster_resources()``) took 0.3 ms on a local Ray."""
 
 
 @dataclass
@@ -267,7 +278,18 @@ class RayBackend(_RoundBackend):
     from when every worker of the pool has started, and moves back by the time a worker that
     replaces a dead one takes to start: a worker's start (importing torch, reading the dataset)
     takes seconds, and counting it would drop, or fail, the first round's clients, those retried
-    after a worker died, and those of each round after a replacement.
+    after a worker died, and those of each round after a replacement. A replacement whose
+    resources the cluster no longer has (its node lost) is not waited for: the deadline counts
+    again once the resources for the pool are gone (:meth:`_wait_joining`).
+
+    Placement and growth: the workers are spread over the nodes (:func:`fedsim.engine.pool.spawn_worker`).
+    With ``engine.num_workers: auto`` (outside a sweep trial's placement group) the pool grows
+    when the cluster does, as when an autoscaler adds a node mid-run: before a round, at most
+    every :data:`GROW_CHECK_S` seconds, the workers that the cluster's resources fit now
+    (:func:`fedsim.engine.pool.pool_size`) and the pool lacks are started, and each joins the
+    pool once it has started, like a replacement. The pool never shrinks: a lost node's workers
+    are replaced, and their replacements wait for resources. Which worker trains a client changes
+    no result.
     """
 
     name = "ray"
@@ -297,6 +319,9 @@ class RayBackend(_RoundBackend):
         # replacements not yet known to have started (actor id -> the ref of their pid() call):
         # no call is sent to one until it has, see _dispatch
         self._joining: dict[str, Any] = {}
+        e = experiment.engine
+        self._may_grow = e.num_workers == "auto" and not in_placement_group()
+        self._grown_at = time.monotonic()  # the pool was sized from the cluster's resources just now
         self._worker_cls = make_worker_class()
         self._sizes = None if client_sizes is None else list(client_sizes)
         self._inline_bytes = int(inline_bytes)
@@ -316,9 +341,15 @@ class RayBackend(_RoundBackend):
         return w
 
     def _wait_started(self) -> None:
-        """Block until every worker of the pool has finished starting (its constructor returned,
-        or it died: a dead worker's calls then fail and are retried as usual)."""
-        new = [w for w in self.workers if w._actor_id.hex() not in self._started]
+        """Block until every worker of the first pool has finished starting (its constructor
+        returned, or it died: a dead worker's calls then fail and are retried as usual).
+        Replacements and added workers are not waited for: they get no call before they have
+        started (:meth:`_joined`)."""
+        new = [
+            w
+            for w in self.workers
+            if w._actor_id.hex() not in self._started and w._actor_id.hex() not in self._joining
+        ]
         if new:
             self._ray.wait([w.pid.remote() for w in new], num_returns=len(new))
             self._started.update(w._actor_id.hex() for w in new)
@@ -338,6 +369,28 @@ class RayBackend(_RoundBackend):
             self._joining[new._actor_id.hex()] = new.pid.remote()
             self.workers.append(new)
         return self._replaced[key]
+
+    def _wait_joining(self, worker: Any, poll_s: float = 1.0) -> None:
+        """Block until ``worker``, a replacement, has started, but only while the resources for
+        the whole pool are there (:func:`fedsim.engine.pool.room_for`): once they are not (its
+        node lost, and Ray has noticed), it may never start, and the caller goes on. Checked
+        every ``poll_s`` seconds."""
+        ref = self._joining.get(worker._actor_id.hex())
+        while ref is not None and not self._ray.wait([ref], timeout=poll_s)[0]:
+            if not room_for(self.experiment, len(self.workers)):
+                return
+
+    def _grow(self) -> None:
+        """Start the workers that the cluster fits now and the pool lacks (``num_workers: auto``;
+        a node added mid-run); each joins the pool once it has started (:meth:`_joined`). Looks
+        at most every :data:`GROW_CHECK_S` seconds."""
+        if not self._may_grow or time.monotonic() - self._grown_at < GROW_CHECK_S:
+            return
+        self._grown_at = time.monotonic()
+        for _ in range(pool_size(self.experiment, self._ray.cluster_resources()) - len(self.workers)):
+            new = self._spawn()
+            self._joining[new._actor_id.hex()] = new.pid.remote()
+            self.workers.append(new)
 
     def _joined(self, worker: Any) -> bool:
         """Whether ``worker`` may be sent calls: a worker of the first pool (its calls wait in its
@@ -381,12 +434,13 @@ class RayBackend(_RoundBackend):
         if self._call_per_client():
             return [[i] for i in range(len(tasks))], TASKS_IN_FLIGHT
         costs = [float(self._sizes[t.client_id]) if self._sizes is not None else 1.0 for t in tasks]
-        return balance(costs, len(self.workers)), 1
+        return balance(costs, sum(self._joined(w) for w in self.workers)), 1
 
     def submit(
         self, run: RunConfig, tasks: list[ClientTask], handle: Any, states: list[Any], extras: list[Any]
     ) -> _RoundInFlight:
         """Start a round's calls on the pool; :meth:`collect` waits for them."""
+        self._grow()
         queue, slots = self._batches(tasks)
         e = self.experiment.engine
         if e.round_timeout_s is not None:  # the deadline is for training, not for workers starting
@@ -487,7 +541,7 @@ class RayBackend(_RoundBackend):
                     live.idle.insert(0, self._replace(worker))
                     if live.deadline is not None:  # the replacement's start does not make its clients late
                         t0 = time.monotonic()
-                        self._wait_started()
+                        self._wait_joining(live.idle[0])
                         live.deadline += time.monotonic() - t0
                     continue
                 except ray.exceptions.RayTaskError as err:

@@ -30,10 +30,26 @@ object store (its create, seal, get and release). A cluster keeps its own settin
 (``ray start --system-config``; see docs/performance.md, which also has the measurements)."""
 
 
+def workers_fit(experiment: ExperimentConfig, resources: dict[str, float]) -> int:
+    """How many ClientWorker actors ``resources`` hold: the CPUs over ``engine.cpus_per_worker``,
+    the GPUs over ``engine.gpus_per_worker`` (when > 0) and each ``engine.worker_resources``
+    amount, whichever fits fewest (no cap; may be 0).
+
+    Args:
+        resources: ``ray.cluster_resources()``-style totals, e.g. ``{"CPU": 2.0, "GPU": 1.0}``.
+    """
+    e = experiment.engine
+    fit = math.floor(resources.get("CPU", 1.0) / e.cpus_per_worker + 1e-9)
+    if e.gpus_per_worker > 0:
+        fit = min(fit, math.floor(resources.get("GPU", 0.0) / e.gpus_per_worker + 1e-9))
+    for key, amount in (e.worker_resources or {}).items():  # custom placement resources
+        fit = min(fit, math.floor(resources.get(key, 0.0) / amount + 1e-9))
+    return fit
+
+
 def pool_size(experiment: ExperimentConfig, resources: dict[str, float]) -> int:
     """Number of ClientWorker actors: ``engine.num_workers``, or with ``auto`` as many as the
-    cluster's CPUs (or GPU fractions, when ``gpus_per_worker > 0``, and ``worker_resources``) fit,
-    capped at the cohort size.
+    cluster's resources fit (:func:`workers_fit`), at least 1 and at most the cohort size.
 
     Args:
         resources: ``ray.cluster_resources()``-style totals, e.g. ``{"CPU": 2.0, "GPU": 1.0}``.
@@ -41,12 +57,30 @@ def pool_size(experiment: ExperimentConfig, resources: dict[str, float]) -> int:
     e = experiment.engine
     if e.num_workers != "auto":
         return int(e.num_workers)
-    fit = math.floor(resources.get("CPU", 1.0) / e.cpus_per_worker + 1e-9)
-    if e.gpus_per_worker > 0:
-        fit = min(fit, math.floor(resources.get("GPU", 0.0) / e.gpus_per_worker + 1e-9))
-    for key, amount in (e.worker_resources or {}).items():  # custom placement resources
-        fit = min(fit, math.floor(resources.get(key, 0.0) / amount + 1e-9))
-    return max(1, min(fit, e.clients_per_round))
+    return max(1, min(workers_fit(experiment, resources), e.clients_per_round))
+
+
+def in_placement_group() -> bool:
+    """Whether this process runs inside a Ray placement group (a ``fedsim sweep`` trial), whose
+    bundles then hold the pool's workers."""
+    from ray.util.placement_group import get_current_placement_group
+
+    return get_current_placement_group() is not None
+
+
+def room_for(experiment: ExperimentConfig, workers: int) -> bool:
+    """Whether the resources for a pool of ``workers`` ClientWorkers are there now: inside a
+    placement group (a ``fedsim sweep`` trial), whether every bundle of the group is placed (Ray
+    re-places a lost node's bundles, the group ``RESCHEDULING`` meanwhile); elsewhere, whether the
+    cluster's resources fit them (:func:`workers_fit`). A lost node's CPUs leave the totals once
+    Ray has noticed the node gone (seconds)."""
+    import ray
+    from ray.util.placement_group import get_current_placement_group, placement_group_table
+
+    group = get_current_placement_group()
+    if group is not None:
+        return placement_group_table(group).get("state") == "CREATED"
+    return workers_fit(experiment, ray.cluster_resources()) >= workers
 
 
 def make_worker_class():
@@ -91,16 +125,35 @@ def make_worker_class():
         def pid(self) -> int:
             return os.getpid()
 
+        def node_id(self) -> str:
+            """The hex id of the Ray node this worker runs on."""
+            return ray.get_runtime_context().get_node_id()
+
     return ClientWorker
 
 
 def spawn_worker(worker_cls: Any, experiment: ExperimentConfig, dataset_ref: Any, name: str) -> Any:
     """One ClientWorker actor named ``name`` with the experiment's CPUs, GPU fraction and
-    placement resources."""
+    placement resources.
+
+    Placement rule: the workers are spread over the cluster's nodes with Ray's ``SPREAD``
+    strategy (best effort: the nodes in turn, the next one with the resources free; Ray's
+    ``src/ray/raylet/scheduling/policy/spread_scheduling_policy.cc``), so that every node's
+    CPUs and object store are used and a node lost takes as few workers as possible; Ray's
+    default would fill the local node first. The driver stays on the node of the process that
+    started the run
+    (:func:`fedsim.engine.api.execute`). Inside a placement group (a ``fedsim sweep`` trial) the
+    group's bundles decide instead: the worker is left to the group, which captures it.
+    """
     e = experiment.engine
-    return worker_cls.options(
-        num_cpus=e.cpus_per_worker, num_gpus=e.gpus_per_worker, resources=dict(e.worker_resources or {})
-    ).remote(experiment, [dataset_ref], name)
+    options: dict[str, Any] = {
+        "num_cpus": e.cpus_per_worker,
+        "num_gpus": e.gpus_per_worker,
+        "resources": dict(e.worker_resources or {}),
+    }
+    if not in_placement_group():
+        options["scheduling_strategy"] = "SPREAD"
+    return worker_cls.options(**options).remote(experiment, [dataset_ref], name)
 
 
 def start_workers(experiment: ExperimentConfig, dataset_ref: Any) -> list[Any]:

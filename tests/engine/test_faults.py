@@ -327,6 +327,37 @@ def test_a_replacement_that_cannot_be_placed_never_holds_up_a_round(ray_local):
         backend.close()
 
 
+@pytest.mark.timeout(120, method="thread")  # before the fix it waited for ever, in ray.wait
+def test_a_round_timeout_never_waits_for_a_replacement_that_cannot_be_placed(ray_local):
+    # As above, under a round deadline: the replacement's start is not counted against the
+    # deadline, but once the cluster no longer has its resources it is not waited for either.
+    engine = {
+        "clients_per_round": 3,
+        "num_workers": 2,
+        "worker_resources": {"lost_node": 1},
+        "round_timeout_s": 30,
+        "timeout_policy": "fail",
+    }
+    cfg, backend, _ = _stand_in_backend(engine)
+    try:  # client 5 kills its worker on its first attempt
+        t0 = time.monotonic()
+        results = _round(cfg, backend, 0, (4, 5, 6))
+        assert [(x.client_id, x.attempt, x.dropped) for x in results] == [
+            (4, 0, False),
+            (5, 1, False),
+            (6, 0, False),
+        ]
+        results = _round(cfg, backend, 1, (2, 3, 4))  # the next round runs on the survivor alone
+        assert [(x.client_id, x.attempt, x.dropped) for x in results] == [
+            (2, 0, False),
+            (3, 0, False),
+            (4, 0, False),
+        ]
+        assert time.monotonic() - t0 < 30  # no deadline was reached
+    finally:
+        backend.close()
+
+
 def test_wait_policy_keeps_a_late_client_and_its_worker(ray_local):
     wait = {"clients_per_round": 3, "num_workers": 2, "round_timeout_s": 1, "timeout_policy": "wait"}
     cfg, backend, pool = _stand_in_backend(wait, late_s=3.0)
