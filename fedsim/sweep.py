@@ -20,7 +20,8 @@ Execution: a ``ray.tune.Tuner`` over ``tune.grid_search`` of the trial ids, with
 trainable (:func:`run_trial`) that runs the experiment through :mod:`fedsim.engine.api`
 (``prepare`` then ``execute``) as ``fedsim run`` does. Each trial reserves a placement group
 (:func:`trial_bundles`): one bundle for the trial's driver (0 CPUs: fedsim's driver actor asks for
-none, as under ``fedsim run``) and one per ClientWorker of the pool. Ray Tune starts the trainable
+none, as under ``fedsim run``; Ray Tune drops such an empty bundle and places the trainable, with
+no resources, at the first worker bundle's index) and one per ClientWorker of the pool. Ray Tune starts the trainable
 inside that group with ``placement_group_capture_child_tasks``, so the pool that ``execute``
 starts from the trainable lands in the group's bundles. Trials run as many at a time as the
 cluster fits (``--max-concurrent`` caps it). The driver actor joins the group too
