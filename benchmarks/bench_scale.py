@@ -33,10 +33,11 @@ the same Synthetic(1, 1) logistic regression, by default 1,000 clients and a coh
 prints, per node count:
 
 * client tasks per second: cohort x (R - 1) / seconds of rounds 2..R;
-* bytes moved between nodes: the sum over the raylets of the bytes their object managers
-  received from other nodes (Ray's ``debug_state.txt``, rewritten every second here), i.e.
-  objects pulled between object stores (the dataset, and any argument or result over the inline
-  limit); objects that travel inside a call's message are not counted there. Beside it, the
+* bytes moved between nodes: the sum over the nodes of the bytes their object managers received
+  from other nodes (Ray's ``ray_object_manager_bytes{Type="Received"}`` counter, read from each
+  node's metrics endpoint), i.e. objects pulled between object stores (the dataset, and any
+  argument or result over the inline limit); objects that travel inside a call's message are
+  not counted there. Beside it, the
   bytes fedsim logs for the clients (``clients.parquet`` ``bytes_down`` + ``bytes_up``: what
   the simulated clients send and receive) and the share of the workers not on the head node;
 * the driver's memory: the peak RSS and PSS of the driver actor's process (``ray::Driver``), and
@@ -52,10 +53,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -166,6 +169,9 @@ def one(num_clients: int, rounds: int, epc: int | None, heterogeneous: bool = Fa
 NODE_STORE_BYTES = 256 << 20
 """Object store of each node of the ``--nodes`` cluster (bytes)."""
 
+METRICS_INTERVAL_MS = 1000
+"""How often each node of the ``--nodes`` cluster reports its metrics (Ray's default: 10 s)."""
+
 
 class DriverSampler(Poller):
     """Peak RSS and PSS (bytes) of this process and of the driver actor's process (``ray::Driver``,
@@ -193,23 +199,30 @@ class DriverSampler(Poller):
             self.peak[f"{who}_pss"] = max(self.peak[f"{who}_pss"], m.pss)
 
 
-def bytes_received(session_dir: str) -> int:
-    """Bytes the object managers of every raylet of the session received from other nodes: the
-    "- bytes received:" lines of each node's ``debug_state.txt`` (Ray writes one per raylet, in
-    its node's log directory, every ``debug_dump_period_milliseconds``)."""
-    total = 0
-    for f in Path(session_dir).glob("**/debug_state*.txt"):
-        for line in f.read_text(errors="replace").splitlines():
-            if line.strip().startswith("- bytes received:"):
-                total += int(line.split(":")[1].strip().split()[0])
-    return total
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a node's metrics endpoint)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def bytes_received(metrics_ports: list[int]) -> int:
+    """Bytes the object managers of the nodes received from other nodes: the sum of Ray's
+    ``ray_object_manager_bytes{Type="Received"}`` counters, read from each node's Prometheus
+    endpoint (its ``metrics_export_port``)."""
+    total = 0.0
+    for port in metrics_ports:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        for line in text.splitlines():
+            if line.startswith("ray_object_manager_bytes{") and 'Type="Received"' in line:
+                total += float(line.rsplit(" ", 1)[1])
+    return int(total)
 
 
 def one_cluster(num_clients: int, rounds: int, epc: int | None, nodes: int, cpus: int, cohort: int) -> dict:
     """Measure ``num_clients`` clients on a local ``nodes``-node cluster of ``cpus`` CPUs in all."""
     import pandas as pd
     import ray
-    from _common import ray_session_dir
     from ray.cluster_utils import Cluster
 
     from fedsim.engine import api
@@ -217,28 +230,28 @@ def one_cluster(num_clients: int, rounds: int, epc: int | None, nodes: int, cpus
     if cpus % nodes:
         raise SystemExit(f"bench_scale: --cluster-cpus {cpus} does not split evenly over {nodes} nodes")
     per_node = cpus // nodes
-    dump = {"debug_dump_period_milliseconds": 1000}
+    ports = [free_port() for _ in range(nodes)]
+    node = {"num_cpus": per_node, "object_store_memory": NODE_STORE_BYTES}
     cluster = Cluster(
         initialize_head=True,
         head_node_args={
-            "num_cpus": per_node,
-            "object_store_memory": NODE_STORE_BYTES,
-            "_system_config": dump,
+            **node,
+            "metrics_export_port": ports[0],
+            "_system_config": {"metrics_report_interval_ms": METRICS_INTERVAL_MS},
         },
     )
-    for _ in range(nodes - 1):
-        cluster.add_node(num_cpus=per_node, object_store_memory=NODE_STORE_BYTES)
+    for port in ports[1:]:
+        cluster.add_node(**node, metrics_export_port=port)
     cluster.wait_for_nodes()
     cfg = experiment(num_clients, rounds, epc, cohort=cohort, ray_address=cluster.address)
     ds = api.load_data(cfg)
     with TreeSampler(interval=0.5) as tree, DriverSampler() as drv:
         api.start_ray(cfg)
-        session = ray_session_dir()
         with tempfile.TemporaryDirectory() as out:
             t = timed_fedsim_run(cfg, ds, out)
             clients = pd.read_parquet(Path(t["run_dir"]) / "clients.parquet")
-    time.sleep(2.5)  # two more dumps of every raylet's debug state
-    moved = bytes_received(session)
+    time.sleep(3 * METRICS_INTERVAL_MS / 1000)  # every node's counters reported again
+    moved = bytes_received(ports)
     ray.shutdown()
     cluster.shutdown()
     rounds_s = t["t_round"][-1] - t["t_round"][0]
