@@ -294,10 +294,11 @@ def main_nodes(args: argparse.Namespace) -> None:
                 sys.exit(f"bench_scale: {n} clients on {nodes} node(s) failed:\n{proc.stderr[-3000:]}")
             r = json.loads(lines[-1][len("RESULT ") :])
             print(
-                f"{r['nodes']} node(s), {args.cluster_cpus} CPUs, {r['workers']} workers | {r['clients']:,} clients, "
-                f"cohort {r['cohort']} | {r['tasks_per_s']:6.1f} client tasks/s, {r['s_per_round']:.3f} s/round "
-                f"(round 0 done {r['to_round0_s']:.1f} s after start) | between nodes: "
-                f"{r['object_bytes_between_nodes'] / 1e6:.2f} MB of objects (dataset {r['dataset_bytes'] / 1e6:.2f} MB); "
+                f"{r['nodes']} node(s), {args.cluster_cpus} CPUs, {r['workers']} workers | "
+                f"{r['clients']:,} clients, cohort {r['cohort']} | {r['tasks_per_s']:6.1f} client tasks/s, "
+                f"{r['s_per_round']:.3f} s/round (round 0 done {r['to_round0_s']:.1f} s after start) | "
+                f"between nodes: {r['object_bytes_between_nodes'] / 1e6:.2f} MB of objects "
+                f"(dataset {r['dataset_bytes'] / 1e6:.2f} MB); "
                 f"fedsim-logged client bytes {r['fedsim_client_bytes'] / 1e6:.2f} MB, "
                 f"{r['remote_share']:.0%} of workers off the head | driver actor peak RSS "
                 f"{mb(r['driver_rss'])} PSS {mb(r['driver_pss'])}, submitter RSS {mb(r['submitter_rss'])}, "

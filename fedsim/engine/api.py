@@ -634,8 +634,9 @@ def execute(
     this node (so a local run directory is on this machine's disk; a URI is reachable from any
     node) first checks that the model and algorithms fit the dataset (:func:`check_fit`, so this
     process never imports torch), then runs the loop and streams events. ``run_dir`` is a local
-    path or a URI. A new (not resumed) experiment first writes ``config.yaml`` (``data.num_clients`` resolved by
-    :func:`with_dataset_clients`) and ``partition.parquet`` (:mod:`fedsim.io.partition_log`).
+    path or a URI. A new (not resumed) experiment first writes ``config.yaml``
+    (``data.num_clients`` resolved by :func:`with_dataset_clients`) and ``partition.parquet``
+    (:mod:`fedsim.io.partition_log`).
 
     Raises:
         FedsimError: bad input detected inside the driver (with the Ray backend, a failed
