@@ -111,8 +111,8 @@ def load_data(workload: str):
 def cifar_data():
     """CIFAR-shaped synthetic data: 1,000 clients x 50 train images and 1,000 test images, float32
     (N, 3, 32, 32), label y's pattern (``CIFAR_SIGNAL`` x a fixed standard normal 3 x 4 x 4 image,
-    each value repeated over an 8 x 8 block) added to standard normal noise; labels int64 uniform over 10 classes; client j holds images
-    50 j .. 50 j + 49."""
+    each value repeated over an 8 x 8 block) added to standard normal noise; labels int64 uniform
+    over 10 classes; client j holds images 50 j .. 50 j + 49."""
     from fedsim.data.base import FederatedDataset, Split
 
     clients = WORKLOADS["cifar"]["clients"]
@@ -323,9 +323,9 @@ def report(workload: str, rounds: int, repeats: int, results: dict[str, list[dic
         return median([r[key] for r in results[fw]])
 
     print(
-        f"workload {workload}: FedAvg, {w['model']}, {w['clients']} clients, cohort {w['cohort']}, {rounds} rounds, "
-        f"{EPOCHS} epoch, batch {BATCH}, lr {LR}; medians of {repeats} run(s); 1-min load average "
-        f"{load[0]:.1f} before, {load[1]:.1f} after"
+        f"workload {workload}: FedAvg, {w['model']}, {w['clients']} clients, cohort {w['cohort']}, "
+        f"{rounds} rounds, {EPOCHS} epoch, batch {BATCH}, lr {LR}; medians of {repeats} run(s); "
+        f"1-min load average {load[0]:.1f} before, {load[1]:.1f} after"
     )
     print(
         f"{'':13s} {'wall':>8s} {'start-up+r1':>12s} {'rounds 2..R':>12s} {'p50/round':>10s} "
