@@ -160,18 +160,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not args.resume:
             run_dir, created = api.new_run_dir(args.out or cfg.output_dir, cfg.name), True
         if cfg.engine.backend == "ray":
-            # Ray first, then the check that imports torch: a process holding torch takes
-            # about 1.3 s longer to start Ray (docs/performance.md)
+            # the model and algorithms are checked in the driver actor (api.execute), before
+            # anything is written: this process never imports torch (docs/performance.md)
             api.start_ray(cfg)
-            api.check_fit(cfg, dataset)
-        print(
-            f"fedsim: experiment {cfg.name!r}: {len(cfg.runs)} run(s), {dataset.num_clients} clients of "
-            f"{dataset.name}, {cfg.engine.clients_per_round} per round, backend {cfg.engine.backend}; "
-            f"{'resuming' if args.resume else 'writing'} {run_dir}",
-            file=sys.stderr,
-        )
         stream = api.execute(cfg, dataset, run_dir, resume=bool(args.resume))
         for e in stream:
+            if not events:  # the checks have passed
+                print(
+                    f"fedsim: experiment {cfg.name!r}: {len(cfg.runs)} run(s), {dataset.num_clients} clients "
+                    f"of {dataset.name}, {cfg.engine.clients_per_round} per round, backend "
+                    f"{cfg.engine.backend}; {'resuming' if args.resume else 'writing'} {run_dir}",
+                    file=sys.stderr,
+                )
             events.append(e)
             if e["kind"] == "start":
                 bar = tqdm(

@@ -61,8 +61,10 @@ def test_default_experiment_reaches_90_percent_and_prints_the_summary(tmp_path):
     }
 
 
-def test_run_with_ray_backend_and_overrides_writes_three_tables(tmp_path):
-    r = fedsim(
+def test_run_with_ray_backend_and_overrides_writes_three_tables_without_torch_in_its_process(tmp_path):
+    # the command's own process never imports torch (the driver actor checks the model's fit);
+    # it is run as main(argv), so that the process can say what it imported once the run ended
+    argv = [
         "run",
         "jobs/digits.yaml",
         "--set",
@@ -73,8 +75,24 @@ def test_run_with_ray_backend_and_overrides_writes_three_tables(tmp_path):
         "engine.clients_per_round=2",
         "--out",
         str(tmp_path),
+    ]
+    code = (
+        "import sys\n"
+        "from fedsim.cli import main\n"
+        f"code = main({argv!r})\n"
+        "print('torch imported:', 'torch' in sys.modules)\n"
+        "sys.exit(code)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert r.returncode == 0, r.stderr
+    assert "torch imported: False" in r.stdout
     run_dir = only_dir(tmp_path)
     rounds = pd.read_parquet(run_dir / "rounds.parquet")
     assert rounds.groupby("run_id")["round"].max().to_dict() == {"fedavg": 1, "fedprox": 0}

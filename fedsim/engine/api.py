@@ -112,6 +112,14 @@ def check_fit(cfg: ExperimentConfig, dataset: FederatedDataset) -> None:
         check_deadlines(cfg, dataset, build_world(cfg.system, dataset.num_clients, cfg.seed))
 
 
+WORKER_PRELOAD = ["torch"]
+"""Modules every Python worker process of a local Ray that :func:`start_ray` starts imports as it
+starts (Ray's ``preload_python_modules``), before it is given an actor: Ray prestarts a worker
+per CPU as soon as it is up, so the driver actor's and the ClientWorkers' torch import (about
+1.3 CPU-seconds each) overlaps the rest of Ray's start instead of following it
+(docs/performance.md, "Start-up"). Only torch, which is installed wherever fedsim is: fedsim's
+own modules are imported when an actor starts, from the ``sys.path`` of its job."""
+
 _started_ray: str | None = None  # GCS address of the local Ray instance start_ray started, if any
 
 CONNECT_TIMEOUT_S = 3.0
@@ -293,11 +301,10 @@ def start_ray(cfg: ExperimentConfig, num_cpus: int | None = None) -> None:
         # call that made them, instead of through the object store (Ray's default: 100 KiB).
         from fedsim.engine.pool import LOCAL_INLINE_BYTES
 
-        local = (
-            {"num_cpus": num_cpus, "_system_config": {"max_direct_call_object_size": LOCAL_INLINE_BYTES}}
-            if started_here
-            else {}
-        )
+        # Its worker processes import WORKER_PRELOAD as they start, while Ray and this process
+        # still start up, instead of when the driver actor and the workers are created.
+        system = {"max_direct_call_object_size": LOCAL_INLINE_BYTES, "preload_python_modules": WORKER_PRELOAD}
+        local = {"num_cpus": num_cpus, "_system_config": system} if started_here else {}
         with _signals_kept(shield=started_here):
             ray.init(
                 # "local": a new instance even where Ray's record of a cluster (ray_current_cluster
@@ -587,6 +594,11 @@ def _driver_class():
     class Driver:
         """The Ray actor that owns the round loop of an experiment."""
 
+        def check(self, cfg: ExperimentConfig, box: list) -> None:
+            """:func:`check_fit` here, where torch is needed anyway, so that the submitting
+            process never imports it (FedsimError as :func:`check_fit`)."""
+            check_fit(cfg, ray.get(box[0]))
+
         def run(
             self,
             cfg: ExperimentConfig,
@@ -620,28 +632,23 @@ def execute(
 
     With the Ray backend, the dataset is put in the object store once, and a driver actor pinned to
     this node (so a local run directory is on this machine's disk; a URI is reachable from any
-    node) runs the loop and streams events. ``run_dir`` is a local path or a URI. A new (not
-    resumed) experiment first writes ``config.yaml`` (``data.num_clients`` resolved by
-    :func:`with_dataset_clients`) and ``partition.parquet`` (:mod:`fedsim.io.partition_log`).
+    node) first checks that the model and algorithms fit the dataset (:func:`check_fit`, so this
+    process never imports torch), then runs the loop and streams events. ``run_dir`` is a local
+    path or a URI. A new (not resumed) experiment first writes ``config.yaml``
+    (``data.num_clients`` resolved by :func:`with_dataset_clients`) and ``partition.parquet``
+    (:mod:`fedsim.io.partition_log`).
 
     Raises:
-        FedsimError: bad input detected inside the driver.
+        FedsimError: bad input detected inside the driver (with the Ray backend, a failed
+            :func:`check_fit`, before anything is written).
         RuntimeError: a client's local training failed (the message names client and round).
     """
     cfg = with_dataset_clients(cfg, dataset)
-    if not resume:
-        from fedsim.io.partition_log import write_partition
-
-        storage.write_bytes(
-            storage.join(run_dir, "config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode()
-        )
-        write_partition(run_dir, dataset)
-    else:
-        _reopen(run_dir)
     if cfg.engine.backend == "sequential":
         from fedsim.engine.backends import SequentialBackend
         from fedsim.engine.loop import run_experiment
 
+        _begin(cfg, dataset, run_dir, resume)
         yield from run_experiment(cfg, dataset, str(run_dir), SequentialBackend(cfg, dataset), resume)
         return
     import ray
@@ -656,20 +663,40 @@ def execute(
     workers = pool.start_workers(cfg, box[0])  # they import torch while the driver starts
     driver = _driver_class().options(scheduling_strategy=_driver_placement()).remote()
     driver_pid = driver.__ray_call__.remote(_pid)  # runs before the loop: known if it is stopped
+
+    def get(ref: Any) -> Any:
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as err:
+            if isinstance(err.cause, (FedsimError, RuntimeError)):
+                raise err.cause from None
+            raise
+
     try:
+        get(driver.check.remote(cfg, box))  # the model and algorithms fit: nothing written before
+        _begin(cfg, dataset, run_dir, resume)
         for ref in driver.run.options(num_returns="streaming").remote(
             cfg, box, str(run_dir), resume, workers, inline_bytes
         ):
-            try:
-                yield ray.get(ref)
-            except ray.exceptions.RayTaskError as err:
-                if isinstance(err.cause, (FedsimError, RuntimeError)):
-                    raise err.cause from None
-                raise
+            yield get(ref)
     except BaseException:  # stopped (a signal, the generator closed) or failed: wait for the driver
         stop_actors(driver, workers, driver_pid)
         raise
     stop_actors(driver, workers)  # the loop has ended: nothing to wait for
+
+
+def _begin(cfg: ExperimentConfig, dataset: FederatedDataset, run_dir: str | Path, resume: bool) -> None:
+    """What :func:`execute` writes before the first round: a new experiment's ``config.yaml`` and
+    ``partition.parquet``; a resumed one's interrupted runs reopened (:func:`_reopen`)."""
+    if resume:
+        _reopen(run_dir)
+        return
+    from fedsim.io.partition_log import write_partition
+
+    storage.write_bytes(
+        storage.join(run_dir, "config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode()
+    )
+    write_partition(run_dir, dataset)
 
 
 def quiet_ray() -> None:
