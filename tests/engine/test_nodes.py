@@ -168,7 +168,10 @@ LOST_AFTER = 3  # the node goes once round 3's event arrives (a later round is i
 
 @pytest.mark.slow
 def test_a_node_lost_mid_run_loses_no_round_and_gives_the_uninterrupted_tables(tmp_path, ray_tmp):
-    raw = experiment(rounds=12, epochs=2)  # a head and two nodes of 1 CPU, a worker on each
+    # A head and two nodes of 1 CPU, a worker on each. Enough rounds that the run is still going
+    # when the node is gone: the driver streams events ahead of this process, and on a quiet
+    # machine 12 rounds ended before the removal took effect (nothing was left to retry).
+    raw = experiment(rounds=60, epochs=2)
     plan = {"head": 1, "nodes": [1, 1], "experiment": raw, "out": str(tmp_path / "runs")}
     out = on_cluster({**plan, "at_round": LOST_AFTER, "action": "remove"}, ray_tmp)
     assert out["lost"] in out["worker_nodes"]  # the node was removed with a worker on it
