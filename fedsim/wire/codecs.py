@@ -321,8 +321,42 @@ class BF16(Codec):
         return (np.frombuffer(body, "<u2", d).astype(np.uint32) << 16).view(np.float32)
 
 
+class _Quantiser(Codec):
+    """A quantiser of a flat float32 vector (:meth:`_quantize` / :meth:`_dequantize`, whose
+    message for d values is :meth:`_body_bytes` long), optionally of its randomised Hadamard
+    rotation (:func:`rotate`, Suresh et al. 2017): the rotation's 64-bit seed, then the
+    quantiser's message for the d' = 2^ceil(log2 d) rotated values."""
+
+    rotation: bool = False
+
+    def _body_bytes(self, d: int) -> int:
+        raise NotImplementedError
+
+    def _quantize(self, x: np.ndarray, rng: np.random.Generator) -> bytes:
+        raise NotImplementedError
+
+    def _dequantize(self, body: memoryview, d: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def payload_bytes(self, shape, dtype):
+        d = math.prod(shape)
+        return 8 + self._body_bytes(rotated_length(d)) if self.rotation else self._body_bytes(d)
+
+    def payload(self, x, shape, rng, warm):
+        if self.rotation:
+            seed = int(rng.integers(0, 2**63))
+            return struct.pack("<Q", seed) + self._quantize(rotate(x, seed).astype(np.float32), rng)
+        return self._quantize(x, rng)
+
+    def unpayload(self, body, shape, d):
+        if self.rotation:
+            (seed,) = struct.unpack("<Q", body[:8])
+            return unrotate(self._dequantize(body[8:], rotated_length(d)), seed, d).astype(np.float32)
+        return self._dequantize(body, d).astype(np.float32)
+
+
 @register_codec
-class Quantize(Codec):
+class Quantize(_Quantiser):
     """Stochastic uniform quantisation to 2**b levels over [min x, max x] (unbiased: each value
     rounds up with probability equal to its fractional position; Alistarh et al. 2017's
     stochastic rounding on a per-tensor affine grid, as FLSim's scalar quantisation and FedJAX's
@@ -346,17 +380,8 @@ class Quantize(Codec):
             raise ValueError(f"quantize needs bits in 1..16 (got {bits})")
         self.bits, self.rotation = bits, rotation
 
-    def payload_bytes(self, shape, dtype):
-        d = math.prod(shape)
-        if self.rotation:
-            return 8 + 8 + packed_bytes(rotated_length(d), self.bits)
+    def _body_bytes(self, d):
         return 8 + packed_bytes(d, self.bits)
-
-    def payload(self, x, shape, rng, warm):
-        if self.rotation:
-            seed = int(rng.integers(0, 2**63))
-            return struct.pack("<Q", seed) + self._quantize(rotate(x, seed).astype(np.float32), rng)
-        return self._quantize(x, rng)
 
     def _quantize(self, x, rng):
         top = (1 << self.bits) - 1
@@ -370,12 +395,6 @@ class Quantize(Codec):
             q = np.zeros(x.size)
         return struct.pack("<ff", lo, step) + pack_uint(q.astype(np.uint32), self.bits)
 
-    def unpayload(self, body, shape, d):
-        if self.rotation:
-            (seed,) = struct.unpack("<Q", body[:8])
-            return unrotate(self._dequantize(body[8:], rotated_length(d)), seed, d).astype(np.float32)
-        return self._dequantize(body, d).astype(np.float32)
-
     def _dequantize(self, body, d):
         lo, step = struct.unpack("<ff", body[:8])
         q = unpack_uint(body[8:], d, self.bits)
@@ -383,7 +402,7 @@ class Quantize(Codec):
 
 
 @register_codec
-class QSGD(Codec):
+class QSGD(_Quantiser):
     """QSGD (Alistarh et al., NeurIPS 2017, section 3.1): Q_s(v_i) = ||v||_2 sign(v_i) xi_i / s,
     xi_i = l + 1 with probability |v_i| s / ||v||_2 - l, else l (l = floor(|v_i| s / ||v||_2)), so
     E Q_s(v) = v. Fixed-width coding (the paper's Elias coding is not used): the norm as float32
@@ -408,17 +427,8 @@ class QSGD(Codec):
         self.levels, self.rotation = levels, rotation
         self.width = max(1, math.ceil(math.log2(levels + 1)))
 
-    def payload_bytes(self, shape, dtype):
-        d = math.prod(shape)
-        if self.rotation:
-            return 8 + 4 + packed_bytes(rotated_length(d), 1 + self.width)
+    def _body_bytes(self, d):
         return 4 + packed_bytes(d, 1 + self.width)
-
-    def payload(self, x, shape, rng, warm):
-        if self.rotation:
-            seed = int(rng.integers(0, 2**63))
-            return struct.pack("<Q", seed) + self._quantize(rotate(x, seed).astype(np.float32), rng)
-        return self._quantize(x, rng)
 
     def _quantize(self, x, rng):
         x64 = x.astype(np.float64)
@@ -431,12 +441,6 @@ class QSGD(Codec):
             level = np.zeros(x.size, dtype=np.uint32)
         sign = (x < 0).astype(np.uint32) << self.width
         return struct.pack("<f", norm) + pack_uint(sign | level, 1 + self.width)
-
-    def unpayload(self, body, shape, d):
-        if self.rotation:
-            (seed,) = struct.unpack("<Q", body[:8])
-            return unrotate(self._dequantize(body[8:], rotated_length(d)), seed, d).astype(np.float32)
-        return self._dequantize(body, d).astype(np.float32)
 
     def _dequantize(self, body, d):
         (norm,) = struct.unpack("<f", body[:4])
