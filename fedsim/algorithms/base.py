@@ -489,18 +489,16 @@ class Algorithm:
         return sum(w.numel() for w in model.parameters())
 
     # ---- the virtual clock (fedsim.system.clock) -----------------------------------------------
-    def upload_nbytes(
-        self, state: ServerState, plan: RoundPlan, size: Callable[[P.Params], int] = P.nbytes
-    ) -> int:
-        """Bytes one client of ``plan`` uploads, known before it trains: ``size`` (numel x element
-        size, or an uplink codec's encoded length, :attr:`fedsim.wire.WireSizes.upload`) of the
-        plan's upload keys of the model at the global widths, without the BatchNorm statistics
-        under ``bn_stats: local``; what :meth:`local_update` returns has exactly these tensors.
-        The clock projects a client's time with it, and the engine checks the logged bytes
-        against it."""
+    def upload_tensors(self, state: ServerState, plan: RoundPlan) -> P.Params:
+        """What one client of ``plan`` uploads, known before it trains (name -> tensor; only the
+        shapes and dtypes mean anything): the plan's upload keys of the model at the global
+        widths, without the BatchNorm statistics under ``bn_stats: local``; what
+        :meth:`local_update` returns has exactly these tensors. The clock projects a client's
+        bytes from them (numel x element size, or a codec's encoded length), and the engine
+        checks the logged bytes against that."""
         ref = self.reference_model(self.model_widths(state))
         upload, _ = self._upload_and_bn(plan, ref.state_dict())
-        return size(upload)
+        return upload
 
     def training_passes(self, plan: RoundPlan, returning: bool) -> int:
         """Forward-pass costs per example and local epoch of a client's training: 3 for a full

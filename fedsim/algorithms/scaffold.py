@@ -137,13 +137,12 @@ class Scaffold(Algorithm):
         c = {k: torch.zeros_like(params[k]) for k in stepped_keys(params)}
         return ServerState(params=state.params, algo_state=ScaffoldState(c))
 
-    def upload_nbytes(self, state: ServerState, plan: RoundPlan, size=P.nbytes) -> int:
-        """FedAvg's upload plus Delta c_i (one tensor per key of c), except in an ``own_init`` round;
-        ``size`` as :meth:`Algorithm.upload_nbytes` (a codec encodes Delta c_i tensor by tensor too)."""
-        base = super().upload_nbytes(state, plan, size)
+    def upload_tensors(self, state: ServerState, plan: RoundPlan) -> P.Params:
+        """FedAvg's upload plus Delta c_i (one tensor per key of c), except in an ``own_init`` round."""
+        base = super().upload_tensors(state, plan)
         if plan.own_init:
             return base
-        return base + size({DC_PREFIX + k: v for k, v in state.algo_state.c.items()})
+        return {**base, **{DC_PREFIX + k: v for k, v in state.algo_state.c.items()}}
 
     def downlink(self, state: ServerState, plan: RoundPlan) -> P.Params:
         """The global state_dict and c (nothing in an ``own_init`` round)."""

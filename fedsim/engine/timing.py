@@ -3,7 +3,7 @@ when each client arrives, and the simulated time at which the round's model is r
 
 For a run whose clients can be projected (every algorithm but those that need every client), a
 client's bytes and multiply-accumulates are known before it trains: its download is what the
-server sends it, its upload the plan's tensors (:meth:`Algorithm.upload_nbytes`), its compute
+server sends it, its upload the plan's tensors (:meth:`Algorithm.upload_tensors`), its compute
 examples x epochs x passes x F. The round rule (sync, deadline, over-selection) decides from these
 times alone, so clients that will be dropped or left unused are never trained, and a client under
 partial work trains exactly the steps that fit. After training, every logged byte and MAC is
@@ -161,9 +161,9 @@ class RunClock:
 
         f, run, rule = self.forward(), self.run, self.rule
         sizes = wire_sizes(run, len(plan.cohort))
-        up_raw = self.algo.upload_nbytes(state, plan)
-        up = up_raw if sizes.upload is None else self.algo.upload_nbytes(state, plan, sizes.upload)
-        up += sizes.protocol_up
+        upload = self.algo.upload_tensors(state, plan)
+        up_raw = P.nbytes(upload)
+        up = (up_raw if sizes.upload is None else sizes.upload(upload)) + sizes.protocol_up
         raw_down = bytes_down(plan, broadcast, own)
         sent_down = bytes_down(plan, broadcast, own, sizes.download)
         extra = 0 if plan.pooled else sizes.protocol_down
@@ -236,7 +236,7 @@ class RunClock:
                     f"client {x.client_id} in round {plan.round} logged (bytes down, bytes up, MACs) = "
                     f"{(x.bytes_down, x.bytes_up, x.macs)} but the clock projected "
                     f"{(p.bytes_down, p.bytes_up, p.macs)} for {self.run.algorithm}; this is a fedsim bug "
-                    "(Algorithm.upload_nbytes or training_passes); run it with system mode sync meanwhile"
+                    "(Algorithm.upload_tensors or training_passes); run it with system mode sync meanwhile"
                 )
             outcome = clock.DROPPED_TIMEOUT if x.dropped else dec.outcome
             out.append(
