@@ -113,18 +113,20 @@ cluster.shutdown()
 """
 
 
-def on_cluster(plan: dict, ray_tmp: str, expect_rc: int = 0) -> dict:
-    """Run :data:`SCRIPT` with ``plan`` in a subprocess whose Ray files go under ``ray_tmp``; its
-    RESULT mapping."""
+def on_cluster(
+    plan: dict, ray_tmp: str, expect_rc: int = 0, script: str = SCRIPT, timeout: int = 600
+) -> dict:
+    """Run ``script`` (:data:`SCRIPT`, or :data:`SWEEP_SCRIPT`) with ``plan`` in a subprocess
+    whose Ray files go under ``ray_tmp``; its RESULT mapping."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_TMPDIR=ray_tmp, PYTHONPATH=str(ROOT))  # Cluster records itself there
     r = subprocess.run(
-        [sys.executable, "-c", SCRIPT, json.dumps(plan)],
+        [sys.executable, "-c", script, json.dumps(plan)],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
     )
     assert r.returncode == expect_rc, r.stderr[-3000:]
     (line,) = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]  # Ray prints too
@@ -276,19 +278,7 @@ def test_a_sweep_whose_trials_span_the_nodes_survives_a_node_lost(tmp_path, ray_
     raw = experiment(rounds=12, epochs=2, num_workers=1)  # trials of one worker: two at a time,
     # on two of the three nodes of 1 CPU
     plan = {"experiment": raw, "grid": "runs.0.lr=0.05,0.1", "out": str(tmp_path / "out")}
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_TMPDIR=ray_tmp, PYTHONPATH=str(ROOT))
-    r = subprocess.run(
-        [sys.executable, "-c", SWEEP_SCRIPT, json.dumps(plan)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    (line,) = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
-    out = json.loads(line.removeprefix("RESULT "))
+    out = on_cluster(plan, ray_tmp, script=SWEEP_SCRIPT, timeout=900)
     assert out["lost"], out
     assert out["rc"] == 0, out["stderr"]
     # A trial's trainable (and its driver) runs in bundle 0 of its placement group, the first
