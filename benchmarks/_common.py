@@ -154,6 +154,22 @@ def timed_fedsim_run(cfg, dataset, out_dir) -> dict:
     return out
 
 
+def fedsim_child_result(cfg, dataset, t0: float) -> dict:
+    """A bench_vs_* child's result for one fedsim run of ``cfg`` on ``dataset`` (in a temporary
+    directory, :func:`timed_fedsim_run`): ``t0`` (perf_counter when its imports were done),
+    ``round_ends`` (perf_counter at each round's event), ``t_end`` and the final ``accuracy``."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as out:
+        t = timed_fedsim_run(cfg, dataset, out)
+    return {
+        "t0": t0,
+        "round_ends": t["t_round"],
+        "t_end": time.perf_counter(),
+        "accuracy": t["rounds"][-1]["test_accuracy"],
+    }
+
+
 def median(xs) -> float:
     return float(statistics.median(xs))
 

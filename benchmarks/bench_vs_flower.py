@@ -51,7 +51,7 @@ import tempfile
 import time
 
 import numpy as np
-from _common import TreeSampler, mb, median, timed_fedsim_run
+from _common import TreeSampler, fedsim_child_result, mb, median
 
 SEED, CLIENTS, COHORT, EPC = 0, 100, 10, 14
 LR, BATCH, EPOCHS = 0.05, 16, 1
@@ -129,14 +129,7 @@ def run_fedsim(rounds: int, cpus: int, vectorize: str = "auto") -> dict:
     )
     dataset = load_data()
     api.start_ray(cfg, num_cpus=cpus)  # a local Ray as `fedsim run` starts it
-    with tempfile.TemporaryDirectory() as out:
-        t = timed_fedsim_run(cfg, dataset, out)
-    return {
-        "t0": t0,
-        "round_ends": t["t_round"],
-        "t_end": time.perf_counter(),
-        "accuracy": t["rounds"][-1]["test_accuracy"],
-    }
+    return fedsim_child_result(cfg, dataset, t0)
 
 
 # ---------------------------------------------------------------- Flower

@@ -57,7 +57,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import TreeSampler, mb, median, timed_fedsim_run
+from _common import TreeSampler, fedsim_child_result, mb, median
 
 SEED, LR, BATCH, EPOCHS = 0, 0.05, 10, 1
 WORKLOADS = {
@@ -167,14 +167,7 @@ def run_fedsim(workload: str, rounds: int, backend: str) -> dict:
     dataset = load_data(workload)
     if backend == "ray":
         api.start_ray(cfg, num_cpus=2)  # a local Ray as `fedsim run` starts it
-    with tempfile.TemporaryDirectory() as out:
-        t = timed_fedsim_run(cfg, dataset, out)
-    return {
-        "t0": t0,
-        "round_ends": t["t_round"],
-        "t_end": time.perf_counter(),
-        "accuracy": t["rounds"][-1]["test_accuracy"],
-    }
+    return fedsim_child_result(cfg, dataset, t0)
 
 
 # ---------------------------------------------------------------- pfl
