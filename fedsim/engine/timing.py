@@ -165,7 +165,7 @@ class RunClock:
         up_raw = P.nbytes(upload)
         up = (up_raw if sizes.upload is None else sizes.upload(upload)) + sizes.protocol_up
         raw_down = bytes_down(plan, broadcast, own)
-        sent_down = bytes_down(plan, broadcast, own, sizes.download)
+        sent_down = raw_down if sizes.download is None else bytes_down(plan, broadcast, own, sizes.download)
         extra = 0 if plan.pooled else sizes.protocol_down
         cands, proj, partial_macs = [], {}, {}
         for c, down_sent, down_raw, back in zip(plan.cohort, sent_down, raw_down, returning):
